@@ -1,0 +1,1 @@
+"""Analyses: redundancy, misalignment, method comparison and failure diagnosis over recordings."""

@@ -1,0 +1,189 @@
+"""The adapter interface: everything the workbench needs to know about one model family.
+
+An adapter wraps a loaded ``transformers`` model and its processor. It says where the visual
+tokens sit (``layout``), where the decoder and vision-tower layers are, whether the tower has a
+[CLS] token and which tower layer feeds the projector, and runs a sample. Nothing outside
+``workbench/models/`` branches on the model family.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+from PIL import Image
+from transformers import BatchFeature
+
+from workbench.layout import VisualLayout
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    logprob: float  # sum of the generated tokens' log-probabilities (end-of-sequence excluded)
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """One sample turned into model inputs, with the layout of its visual tokens."""
+
+    inputs: BatchFeature
+    layout: VisualLayout
+    prompt: str
+    image_size: tuple[int, int]  # (width, height) of the original image
+
+
+def encoder_layers(tower: torch.nn.Module):
+    """The layer list of a CLIP/SigLIP-style tower, whichever wrapper transformers puts around it."""
+    for path in ("encoder.layers", "vision_model.encoder.layers"):
+        module = tower
+        try:
+            for part in path.split("."):
+                module = getattr(module, part)
+            return module
+        except AttributeError:
+            continue
+    raise AttributeError(f"no encoder layers found in {type(tower).__name__}")
+
+
+class _StopForward(Exception):
+    pass
+
+
+class ModelAdapter(ABC):
+    """Base class; subclasses name the HF ``architectures`` they serve and implement ``layout``."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = ""
+
+    def __init__(self, model: torch.nn.Module, processor, name: str = ""):
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        tokenizer = self.tokenizer
+        tokenizer.padding_side = "left"  # batched generation appends after the prompt
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    # --- structure -------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @abstractmethod
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (embeddings, layers, final norm) that receives ``inputs_embeds``."""
+
+    @abstractmethod
+    def vision_tower(self) -> torch.nn.Module:
+        ...
+
+    @abstractmethod
+    def decoder_layers(self) -> Sequence[torch.nn.Module]:
+        ...
+
+    @abstractmethod
+    def vision_layers(self) -> Sequence[torch.nn.Module]:
+        ...
+
+    def decoder_attention(self, layer: int) -> torch.nn.Module:
+        """The self-attention module of decoder layer ``layer`` (its q/k/v/o projections)."""
+        return self.decoder_layers()[layer].self_attn
+
+    def vision_attention(self, layer: int) -> torch.nn.Module:
+        """The self-attention module of vision-tower layer ``layer``."""
+        return self.vision_layers()[layer].self_attn
+
+    @property
+    @abstractmethod
+    def has_cls_token(self) -> bool:
+        ...
+
+    @property
+    @abstractmethod
+    def projector_feed_layer(self) -> int:
+        """Index into the tower's ``hidden_states`` (0 = embeddings, i = after layer i) that feeds
+        the projector, normalised to be non-negative."""
+
+    # --- inputs ----------------------------------------------------------------------------------
+    def prompt(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def processor_inputs(self, images: list[Image.Image], prompts: list[str]) -> BatchFeature:
+        return self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+    def prepare(self, image: Image.Image, question: str) -> PreparedInput:
+        image = image.convert("RGB")
+        prompt = self.prompt(question)
+        inputs = self.processor_inputs([image], [prompt]).to(self.device)
+        return PreparedInput(inputs, self.layout(inputs, [image.size]), prompt, image.size)
+
+    @abstractmethod
+    def layout(self, inputs: BatchFeature, image_sizes: list[tuple[int, int]]) -> VisualLayout:
+        """Layout of the first sequence in ``inputs``; ``image_sizes`` are (width, height)."""
+
+    def image_token_positions(self, inputs: BatchFeature, row: int = 0) -> torch.Tensor:
+        token_id = self.model.config.image_token_id
+        return (inputs["input_ids"][row] == token_id).nonzero().flatten().cpu()
+
+    # --- running ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def llm_input_embeddings(self, inputs: BatchFeature) -> torch.Tensor:
+        """The embeddings the decoder receives (text embeddings with the visual features merged in).
+
+        Captured at the decoder's call and the forward stopped there, so it is the model's own
+        merging code, whatever the family, at the cost of the vision tower only.
+        """
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured["embeds"] = kwargs.get("inputs_embeds")
+            raise _StopForward
+
+        handle = self.language_model().register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(**inputs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if captured.get("embeds") is None:
+            raise RuntimeError(f"{type(self).__name__}: the decoder was not called with inputs_embeds")
+        return captured["embeds"]
+
+    @torch.no_grad()
+    def answer_batch(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 8) -> list[Answer]:
+        prompts = [self.prompt(q) for q in questions]
+        inputs = self.processor_inputs([im.convert("RGB") for im in images], prompts).to(self.device)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                  output_scores=True, return_dict_in_generate=True)
+        new = out.sequences[:, inputs["input_ids"].shape[1]:]
+        scores = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+        eos = set(self._eos_ids())
+        answers = []
+        for ids, logp in zip(new.tolist(), scores.tolist()):
+            kept = []
+            for t in ids:
+                if t in eos or t == self.tokenizer.pad_token_id:
+                    break
+                kept.append(t)
+            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+            answers.append(Answer(text, float(sum(logp[: len(kept)])), tuple(kept)))
+        return answers
+
+    def answer(self, image: Image.Image, question: str, max_new_tokens: int = 8) -> Answer:
+        return self.answer_batch([image], [question], max_new_tokens)[0]
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]

@@ -1,0 +1,3 @@
+"""Imports every family module so that each registers its adapter."""
+
+from workbench.models import llava  # noqa: F401

@@ -1,0 +1,71 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``), and the shipped model, which is one.
+
+One image becomes one square grid of patches: CLIP resizes the shortest edge and centre-crops, the
+tower's [CLS] output is dropped (``vision_feature_select_strategy="default"``) or kept ("full").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from workbench.layout import TokenGroup, VisualLayout, grid_cells
+from workbench.models.base import ModelAdapter, encoder_layers
+from workbench.models.geometry import shortest_edge_then_crop
+from workbench.models.registry import register
+
+
+def _size_value(size: dict, *keys: str) -> int:
+    for key in keys:
+        if key in size and size[key]:
+            return int(size[key])
+    raise ValueError(f"image processor size {size} has none of {keys}")
+
+
+@register
+class LlavaAdapter(ModelAdapter):
+    architectures = ("LlavaForConditionalGeneration",)
+    family = "llava"
+
+    def language_model(self):
+        return self.model.model.language_model
+
+    def vision_tower(self):
+        return self.model.model.vision_tower
+
+    def decoder_layers(self):
+        return self.language_model().layers
+
+    def vision_layers(self):
+        return encoder_layers(self.vision_tower())
+
+    @property
+    def has_cls_token(self) -> bool:
+        return type(self.vision_tower()).__name__.startswith("CLIP")
+
+    @property
+    def projector_feed_layer(self) -> int:
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError(f"multi-layer vision_feature_layer {layer} is not supported")
+        return layer % (len(self.vision_layers()) + 1)
+
+    def layout(self, inputs, image_sizes):
+        width, height = image_sizes[0]
+        ip = self.processor.image_processor
+        crop = ip.crop_size or ip.size
+        crop_w, crop_h = _size_value(crop, "width", "shortest_edge"), _size_value(crop, "height", "shortest_edge")
+        view = shortest_edge_then_crop(width, height, _size_value(ip.size, "shortest_edge", "height"), crop_w, crop_h)
+        patch = self.model.config.vision_config.patch_size
+        rows, cols = crop_h // patch, crop_w // patch
+        positions = self.image_token_positions(inputs)
+        separators = np.zeros(0, dtype=np.int64)
+        if self.model.config.vision_feature_select_strategy == "full":  # the [CLS] output comes first
+            separators, positions = positions[:1].numpy(), positions[1:]
+        if len(positions) != rows * cols:
+            raise ValueError(f"{len(positions)} image tokens in the prompt, expected {rows}x{cols}")
+        return VisualLayout(
+            positions=positions.numpy(), group=np.zeros(rows * cols, dtype=np.int64), cell=grid_cells(rows, cols),
+            boxes=view.patch_boxes(rows, cols, patch, patch, width, height),
+            groups=(TokenGroup("image 0", 0, rows, cols),), image_sizes=(image_sizes[0],),
+            sequence_length=int(inputs["input_ids"].shape[1]), separators=separators,
+        )

@@ -1,0 +1,1 @@
+"""The shipped model: a small LLaVA trained from scratch on grounded synthetic scenes."""
