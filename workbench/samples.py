@@ -163,6 +163,19 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def write_atomically_bytes(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then move the result over ``path`` (e.g. ``frame.write_parquet``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_dataset(samples: Iterable[Sample], path: str | Path) -> Path:
     path = Path(path)
     lines = [json.dumps(sample_to_row(s, path.parent)) for s in samples]

@@ -9,7 +9,7 @@ tokens sit (``layout``), where the decoder and vision-tower layers are, whether 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import torch
@@ -24,6 +24,23 @@ class Answer:
     text: str
     logprob: float  # sum of the generated tokens' log-probabilities (end-of-sequence excluded)
     token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LLMInputs:
+    """What the wrapper hands the decoder stack for one forward, captured at the decoder's call.
+
+    ``position_ids`` is [B, L] for 1-D RoPE or [3|4, B, L] for M-RoPE (Qwen2-VL); when the wrapper
+    passes None the decoder numbers tokens ``0..L-1`` itself, which is what is stored here, so a
+    caller can always re-run the decoder with explicit positions. ``attention_mask`` is the 2-D
+    padding mask [B, L] (ones where the wrapper passed none). ``extra`` holds any other keyword
+    the wrapper passed on (caches and output flags left out).
+    """
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,18 +151,34 @@ class ModelAdapter(ABC):
         token_id = self.model.config.image_token_id
         return (inputs["input_ids"][row] == token_id).nonzero().flatten().cpu()
 
+    def decoder_rotary(self) -> torch.nn.Module:
+        """The decoder's rotary-embedding module: ``rotary(x, position_ids) -> (cos, sin)``."""
+        rotary = getattr(self.language_model(), "rotary_emb", None)
+        if rotary is None:
+            raise AttributeError(f"{type(self).__name__}: no rotary_emb on the decoder stack")
+        return rotary
+
+    def output_head(self) -> torch.nn.Module:
+        """The LM head that turns the decoder's final hidden states into vocabulary logits."""
+        return self.model.get_output_embeddings()
+
+    def token_embeddings(self) -> torch.nn.Module:
+        """The decoder's token-embedding table (what the wrapper applies to ``input_ids``)."""
+        return self.model.get_input_embeddings()
+
     # --- running ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def llm_input_embeddings(self, inputs: BatchFeature) -> torch.Tensor:
-        """The embeddings the decoder receives (text embeddings with the visual features merged in).
+    def llm_inputs(self, inputs: BatchFeature) -> LLMInputs:
+        """What the decoder receives: the embeddings (text with the visual features merged in), the
+        padding mask and the position ids (3-D M-RoPE ones included).
 
         Captured at the decoder's call and the forward stopped there, so it is the model's own
-        merging code, whatever the family, at the cost of the vision tower only.
+        merging and position code, whatever the family, at the cost of the vision tower only.
         """
         captured = {}
 
         def grab(module, args, kwargs):
-            captured["embeds"] = kwargs.get("inputs_embeds")
+            captured.update(kwargs)
             raise _StopForward
 
         handle = self.language_model().register_forward_pre_hook(grab, with_kwargs=True)
@@ -155,9 +188,29 @@ class ModelAdapter(ABC):
             pass
         finally:
             handle.remove()
-        if captured.get("embeds") is None:
+        embeds = captured.pop("inputs_embeds", None)
+        if embeds is None:
             raise RuntimeError(f"{type(self).__name__}: the decoder was not called with inputs_embeds")
-        return captured["embeds"]
+        batch, length = embeds.shape[:2]
+        mask = captured.pop("attention_mask", None)
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        elif mask.dim() != 2:
+            raise RuntimeError(f"{type(self).__name__}: the decoder got a {mask.dim()}-D attention mask; "
+                               "expected the 2-D padding mask")
+        positions = captured.pop("position_ids", None)
+        if positions is None:  # the decoder's own default for a fresh sequence
+            positions = torch.arange(length, device=embeds.device).unsqueeze(0).expand(batch, -1)
+        for name in ("input_ids", "past_key_values", "use_cache", "return_dict", "output_attentions",
+                     "output_hidden_states", "cache_position", "logits_to_keep"):
+            captured.pop(name, None)
+        extra = {k: v for k, v in captured.items() if v is not None}
+        return LLMInputs(embeds, mask, positions, extra)
+
+    @torch.no_grad()
+    def llm_input_embeddings(self, inputs: BatchFeature) -> torch.Tensor:
+        """The embeddings the decoder receives (text embeddings with the visual features merged in)."""
+        return self.llm_inputs(inputs).inputs_embeds
 
     @torch.no_grad()
     def answer_batch(self, images: list[Image.Image], questions: list[str], max_new_tokens: int = 8) -> list[Answer]:

@@ -10,15 +10,8 @@ import numpy as np
 
 from workbench.layout import TokenGroup, VisualLayout, grid_cells
 from workbench.models.base import ModelAdapter, encoder_layers
-from workbench.models.geometry import shortest_edge_then_crop
+from workbench.models.geometry import resize_and_crop
 from workbench.models.registry import register
-
-
-def _size_value(size: dict, *keys: str) -> int:
-    for key in keys:
-        if key in size and size[key]:
-            return int(size[key])
-    raise ValueError(f"image processor size {size} has none of {keys}")
 
 
 @register
@@ -51,18 +44,16 @@ class LlavaAdapter(ModelAdapter):
 
     def layout(self, inputs, image_sizes):
         width, height = image_sizes[0]
-        ip = self.processor.image_processor
-        crop = ip.crop_size or ip.size
-        crop_w, crop_h = _size_value(crop, "width", "shortest_edge"), _size_value(crop, "height", "shortest_edge")
-        view = shortest_edge_then_crop(width, height, _size_value(ip.size, "shortest_edge", "height"), crop_w, crop_h)
+        view, out_w, out_h = resize_and_crop(self.processor.image_processor, width, height)
         patch = self.model.config.vision_config.patch_size
-        rows, cols = crop_h // patch, crop_w // patch
+        rows, cols = out_h // patch, out_w // patch
         positions = self.image_token_positions(inputs)
         separators = np.zeros(0, dtype=np.int64)
-        if self.model.config.vision_feature_select_strategy == "full":  # the [CLS] output comes first
-            separators, positions = positions[:1].numpy(), positions[1:]
+        if self.model.config.vision_feature_select_strategy == "full" and self.has_cls_token:
+            separators, positions = positions[:1].numpy(), positions[1:]  # the [CLS] output comes first
         if len(positions) != rows * cols:
-            raise ValueError(f"{len(positions)} image tokens in the prompt, expected {rows}x{cols}")
+            raise ValueError(f"{len(positions)} image tokens in the prompt, expected {rows}x{cols} "
+                             "(one image per sequence is supported)")
         return VisualLayout(
             positions=positions.numpy(), group=np.zeros(rows * cols, dtype=np.int64), cell=grid_cells(rows, cols),
             boxes=view.patch_boxes(rows, cols, patch, patch, width, height),

@@ -61,6 +61,13 @@ def load(name_or_path: str = SHIPPED_MODEL, device: str = "cpu", dtype: torch.dt
     cls = adapter_class(architecture)
     try:
         processor = AutoProcessor.from_pretrained(name, **common)
+    except (OSError, ValueError) as e:
+        raise _not_available(name, e, allow_download) from None
+    except ImportError as e:
+        # e.g. Qwen2-VL / OneVision / SmolVLM processors bring a video processor that needs
+        # torchvision, and SmolVLM's needs num2words.
+        raise ModelNotAvailable(f"the processor of {name!r} needs a package that is not installed: {e}") from None
+    try:
         model = AutoModelForImageTextToText.from_pretrained(
             name, dtype=dtype or "auto", attn_implementation=attn_implementation, **common)
     except (OSError, ValueError) as e:

@@ -44,6 +44,7 @@ class TrainConfig:
     up_to_two_objects_until: int = 1200
     max_objects: int = 4
     aux_weight: float = 1.0
+    aux_targets: tuple[str, ...] = ("colour", "shape", "size", "pair", "cell")
     seed: int = 0
     eval_every: int = 500
     eval_scenes: int = 300
@@ -71,19 +72,33 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     pixel_values: torch.Tensor
-    patch_targets: torch.Tensor  # [B, N, 3]: colour, shape, size of the object under each patch (0 = none)
+    patch_targets: torch.Tensor  # [B, N, T]: the config's aux_targets for each patch (0 = no object)
 
 
-def patch_targets(scene: Scene, patch: int = PATCH_SIZE) -> np.ndarray:
-    """Per patch, the attributes of the object covering most of it (>= a quarter), else 0."""
+# What the auxiliary heads predict for the object under each patch, and how many classes each has
+# (class 0 = no object). Colour, shape and size alone leave two things to the decoder that a
+# pretrained tower's features carry: which colour goes with which shape ("pair", for binding) and
+# where the object is ("cell").
+AUX_TARGETS = {
+    "colour": (len(COLOURS), lambda o: list(COLOURS).index(o.colour)),
+    "shape": (len(SHAPES), lambda o: SHAPES.index(o.shape)),
+    "size": (len(SIZES), lambda o: list(SIZES).index(o.size)),
+    "pair": (len(COLOURS) * len(SHAPES), lambda o: list(COLOURS).index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)),
+    "cell": (9, lambda o: o.cell[0] * 3 + o.cell[1]),
+}
+
+
+def patch_targets(scene: Scene, names=tuple(AUX_TARGETS), patch: int = PATCH_SIZE) -> np.ndarray:
+    """[N, len(names)]: per patch, the class (1-based) of the object covering most of it
+    (at least a quarter of the patch), else 0."""
     n = scene.size // patch
     labels = scene.labels.reshape(n, patch, n, patch).transpose(0, 2, 1, 3).reshape(n * n, patch * patch)
     counts = np.stack([(labels == k).sum(1) for k in range(len(scene.objects) + 1)], axis=1)
     counts[:, 0] = 0
     owner = np.where(counts.max(1) >= patch * patch // 4, counts.argmax(1), 0)
-    table = np.zeros((len(scene.objects) + 1, 3), dtype=np.int64)
+    table = np.zeros((len(scene.objects) + 1, len(names)), dtype=np.int64)
     for k, obj in enumerate(scene.objects, start=1):
-        table[k] = (list(COLOURS).index(obj.colour) + 1, SHAPES.index(obj.shape) + 1, list(SIZES).index(obj.size) + 1)
+        table[k] = [AUX_TARGETS[name][1](obj) + 1 for name in names]
     return table[owner]
 
 
@@ -136,17 +151,19 @@ class BatchMaker:
             labels[i, : len(lab)] = torch.tensor(lab)
             mask[i, : len(ids)] = 1
         pixels = self.processor.image_processor([s.image for s in scenes], return_tensors="pt").pixel_values
-        targets = torch.from_numpy(np.stack([patch_targets(s) for s in scenes]))
+        targets = torch.from_numpy(np.stack([patch_targets(s, self.config.aux_targets) for s in scenes]))
         return Batch(input_ids, mask, labels, pixels, targets)
 
 
 class AuxiliaryHeads(torch.nn.Module):
-    def __init__(self, width: int):
+    """Linear heads on the projected visual tokens, one per auxiliary target; not saved."""
+
+    def __init__(self, width: int, names: tuple[str, ...]):
         super().__init__()
-        self.heads = torch.nn.ModuleList(
-            [torch.nn.Linear(width, len(COLOURS) + 1), torch.nn.Linear(width, len(SHAPES) + 1),
-             torch.nn.Linear(width, len(SIZES) + 1)]
-        )
+        unknown = set(names) - set(AUX_TARGETS)
+        if unknown:
+            raise ValueError(f"unknown auxiliary targets {sorted(unknown)}; known: {list(AUX_TARGETS)}")
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(width, AUX_TARGETS[n][0] + 1) for n in names])
 
     def loss(self, visual: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return sum(F.cross_entropy(h(visual).flatten(0, 1), targets[..., i].flatten()) for i, h in enumerate(self.heads))
@@ -204,7 +221,7 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> list[dic
     torch.set_num_threads(config.threads)
     processor = build_processor()
     model = build_model(processor, seed=config.seed)
-    heads = AuxiliaryHeads(model.config.text_config.hidden_size)
+    heads = AuxiliaryHeads(model.config.text_config.hidden_size, config.aux_targets)
     torch.manual_seed(config.seed)
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
@@ -220,7 +237,8 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> list[dic
         batch = maker.make(step, config.batch_size, [config.seed, step], config.questions_per_image)
         out = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask)
         lm = answer_loss(out.logits, batch.labels)
-        aux = heads.loss(out.image_hidden_states.reshape(len(batch.input_ids), NUM_VISUAL_TOKENS, -1), batch.patch_targets)
+        visual = out.image_hidden_states.reshape(len(batch.input_ids), NUM_VISUAL_TOKENS, -1)
+        aux = heads.loss(visual, batch.patch_targets)
         loss = lm + config.aux_weight * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,428 @@
+"""Shared capture machinery: what an attention call saw, which rows to score, and the masks.
+
+Every probe that needs attention reads it from an ``AttentionCall``: the query, key and value
+tensors exactly as the model hands them to its attention function (``attention_interface`` in
+``transformers``), caught with nnsight's ``.source`` (see ``workbench/recorder.py``). At that point
+RoPE / M-RoPE is already applied, so recomputing ``softmax(q k^T * scaling + mask)`` for a few
+rows gives the model's own probabilities without eager attention and without
+``output_attentions``. GQA key/value heads are repeated here the way ``repeat_kv`` does.
+
+Only the rows asked for are computed (rows x all keys); whole-matrix passes are done in row chunks
+whose size is bounded by a byte budget, so no [heads, S, S] tensor is ever held at once.
+
+Masks follow the semantics of ``transformers``' SDPA path: a boolean mask keeps ``True``, a float
+mask is added to the logits, and with no mask the call is causal when the module says so and there
+is more than one query (``is_causal`` with top-left alignment, as ``scaled_dot_product_attention``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterator, Mapping
+
+import torch
+
+STACKS = ("tower", "llm")  # in the order a VLM runs them
+KEY_CATEGORIES = ("visual", "text", "system", "sink")  # columns of the attention-mass signals
+
+DEFAULT_CHUNK_BYTES = 32 * 2**20
+
+
+class CaptureError(RuntimeError):
+    """The model's attention call is of a kind the probes cannot reproduce."""
+
+
+# --- the attention call ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One sequence (``view``) of one attention call: q/k/v as the attention function got them.
+
+    ``query`` [H, Sq, d] with RoPE applied; ``key`` [H, Sk, d] and ``value`` [H, Sk, dv] with the
+    GQA heads already repeated; ``mask`` additive float32 [1|H, Sq, Sk] (``-inf`` where masked) or
+    None; ``causal`` applies when there is no mask. ``query_norope``/``key_norope``: the same
+    before the rotary embedding (equal to ``query``/``key`` when the module applies none).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scaling: float
+    mask: torch.Tensor | None = None
+    causal: bool = False
+    query_norope: torch.Tensor | None = None
+    key_norope: torch.Tensor | None = None
+
+    @property
+    def heads(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def n_queries(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def n_keys(self) -> int:
+        return self.key.shape[1]
+
+    def logits(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
+        """Masked, scaled logits [H, R, Sk] (float32) for query ``rows``, computed like eager
+        attention: the product in the model's dtype, then scaling, then the mask."""
+        q, k = (self.query, self.key) if rope else (self.query_norope, self.key_norope)
+        if q is None or k is None:
+            raise CaptureError("this call was captured without its pre-RoPE query and key")
+        rows = rows.to(q.device)
+        scores = (torch.matmul(q[:, rows], k.transpose(-1, -2)) * self.scaling).float()
+        return scores + self.row_mask(rows)
+
+    def row_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """Additive mask [1|H, R, Sk] for query ``rows`` (zeros when nothing is masked)."""
+        if self.mask is not None:
+            return self.mask[:, rows.to(self.mask.device)]
+        out = torch.zeros(1, len(rows), self.n_keys, device=self.query.device)
+        if self.causal:
+            keys = torch.arange(self.n_keys, device=out.device)
+            out[0].masked_fill_(keys[None, :] > rows.to(out.device)[:, None], -math.inf)
+        return out
+
+    def probs(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
+        """Attention probabilities [H, R, Sk] (float32) of query ``rows``."""
+        # A fully masked row (a padding query) is all -inf: softmax gives NaN; it attends nowhere.
+        return torch.softmax(self.logits(rows, rope), dim=-1).nan_to_num_(0.0)
+
+    def chunks(self, rows: torch.Tensor, budget: int = DEFAULT_CHUNK_BYTES,
+               rope: bool = True) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(slice into rows, probs [H, r, Sk])`` over ``rows`` in chunks whose float32 working
+        set (logits, probabilities, a temporary) stays within ``budget`` bytes."""
+        per_row = 3 * 4 * self.heads * self.n_keys
+        step = max(1, budget // per_row)
+        for start in range(0, len(rows), step):
+            part = slice(start, min(start + step, len(rows)))
+            yield part, self.probs(rows[part], rope)
+
+
+def repeat_kv_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """[Hkv, S, d] -> [Hkv * groups, S, d], each kv head repeated for its query heads (``repeat_kv``)."""
+    return states if groups == 1 else states.repeat_interleave(groups, dim=0)
+
+
+def additive_mask(mask: torch.Tensor | None, view: int, n_keys: int) -> torch.Tensor | None:
+    """The call's mask for batch row ``view`` as additive float32 [1|H, Sq, Sk]."""
+    if mask is None:
+        return None
+    mask = mask[min(view, mask.shape[0] - 1)] if mask.dim() == 4 else mask
+    if mask.dim() == 2:
+        mask = mask[None]
+    mask = mask[..., :n_keys]
+    if mask.dtype == torch.bool:
+        zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+        return torch.where(mask, zero, torch.tensor(-math.inf, device=mask.device))
+    return mask.float()
+
+
+_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
+
+
+def attention_call(module: torch.nn.Module, calls: list[tuple[tuple, Mapping]], view: int = 0,
+                   pre_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> AttentionCall:
+    """Build the ``AttentionCall`` of batch row ``view`` from the arguments of the layer's
+    ``attention_interface(module, query, key, value, attention_mask, scaling=..., ...)`` calls.
+
+    Several calls in one layer are consecutive blocks of one sequence (a vision tower that attends
+    within each image or window, e.g. Qwen2-VL/2.5-VL): they are joined into one call whose mask
+    keeps each block to itself, which is exactly the attention the blocks computed.
+    """
+    parts = [_call_parts(module, args, kwargs, view) for args, kwargs in calls]
+    if len(parts) == 1:
+        q, k, v, scaling, mask, causal, groups = parts[0]
+    else:
+        if any(p[4] is not None or p[5] for p in parts):
+            raise CaptureError(f"{type(module).__name__}: block-wise attention calls with their own masks")
+        q, k, v = (torch.cat([p[i] for p in parts], dim=1) for i in range(3))
+        scaling, causal, groups = parts[0][3], False, parts[0][6]
+        mask = torch.full((1, q.shape[1], k.shape[1]), -math.inf, device=q.device)
+        start = 0
+        for p in parts:
+            n = p[0].shape[1]
+            mask[0, start:start + n, start:start + n] = 0.0
+            start += n
+    if pre_rope is not None:
+        q_pre = as_call_layout(pre_rope[0], _batched_shape(calls, 1, q.shape[1]))[view].detach()
+        k_pre = repeat_kv_heads(as_call_layout(pre_rope[1], _batched_shape(calls, 2, k.shape[1]))[view].detach(), groups)
+    else:
+        q_pre, k_pre = q, k
+    return AttentionCall(query=q, key=k, value=v, scaling=scaling, mask=mask, causal=causal,
+                         query_norope=q_pre, key_norope=k_pre)
+
+
+def _batched_shape(calls, index: int, length: int) -> torch.Size:
+    """The [B, H, S, d] shape the call's tensor ``index`` would have for the whole sequence."""
+    shape = calls[0][0][index].shape
+    return torch.Size((shape[0], shape[1], length, shape[3]))
+
+
+def _call_parts(module, args, kwargs, view):
+    for name in _UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise CaptureError(f"{type(module).__name__} passes {name!r} to its attention; "
+                               "the probes do not reproduce it")
+    query, key, value = (args[i] for i in (1, 2, 3))
+    mask = args[4] if len(args) > 4 else kwargs.get("attention_mask")
+    groups = query.shape[1] // key.shape[1]
+    scaling = kwargs.get("scaling")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    q = query[view].detach()
+    k = repeat_kv_heads(key[view].detach(), groups)
+    v = repeat_kv_heads(value[view].detach(), groups)
+    causal = mask is None and is_causal and q.shape[1] > 1
+    return q, k, v, scaling, additive_mask(mask, view, k.shape[1]), causal, groups
+
+
+def as_call_layout(states: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Bring a pre-RoPE tensor to the call's [B, H, S, d] layout: it is either already there, or
+    [B, S, H, d], or unbatched [S, H, d] (vision towers that run on a flat patch sequence)."""
+    if states.shape == shape:
+        return states
+    if states.dim() == 4 and states.transpose(1, 2).shape == shape:
+        return states.transpose(1, 2)
+    if states.dim() == 3 and states.transpose(0, 1).unsqueeze(0).shape == shape:
+        return states.transpose(0, 1).unsqueeze(0)
+    raise CaptureError(f"cannot match pre-RoPE states {tuple(states.shape)} to the call's {tuple(shape)}")
+
+
+# --- which tokens are which ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenRoles:
+    """Positions of one sequence by role. ``visual`` is in layout order (the order every visual
+    key index of a recording refers to); ``system`` is every other non-text, non-padding token
+    (BOS, chat-template prefix, image separators, a tower's [CLS])."""
+
+    length: int
+    visual: torch.Tensor
+    text: torch.Tensor
+    system: torch.Tensor
+    valid: torch.Tensor  # bool [S]: not padding
+    cls: int | None = None
+
+    @staticmethod
+    def for_llm(visual_positions, length: int, attention_mask: torch.Tensor | None = None) -> "TokenRoles":
+        """Text = non-visual tokens after the last visual token (the question and the answer
+        prompt); system = the rest that is not padding."""
+        visual = torch.as_tensor(visual_positions, dtype=torch.long)
+        valid = torch.ones(length, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+        is_visual = torch.zeros(length, dtype=torch.bool)
+        is_visual[visual] = True
+        after = torch.arange(length) > (visual.max() if len(visual) else -1)
+        text = (~is_visual & after & valid).nonzero().flatten()
+        system = (~is_visual & ~after & valid).nonzero().flatten()
+        return TokenRoles(length, visual, text, system, valid)
+
+    @staticmethod
+    def for_tower(length: int, has_cls: bool) -> "TokenRoles":
+        """A tower sequence: a [CLS] first when it has one, then its patches."""
+        start = 1 if has_cls else 0
+        return TokenRoles(
+            length, torch.arange(start, length), torch.zeros(0, dtype=torch.long),
+            torch.arange(start), torch.ones(length, dtype=torch.bool), 0 if has_cls else None,
+        )
+
+    def category(self, name: str, sinks: torch.Tensor) -> torch.Tensor:
+        return {"visual": self.visual, "text": self.text, "system": self.system, "sink": sinks}[name]
+
+
+@dataclass(frozen=True)
+class RowKind:
+    """A kind of query row: how to find its positions, and whether its rows are averaged."""
+
+    name: str
+    stacks: tuple[str, ...]
+    aggregate: bool
+    description: str
+
+
+ROW_KINDS: dict[str, RowKind] = {
+    kind.name: kind for kind in (
+        RowKind("last", ("llm",), False, "the last token (the one that predicts the answer)"),
+        RowKind("text", ("llm",), False, "every text token after the image"),
+        RowKind("cls", ("tower",), False, "the vision tower's [CLS] token"),
+        RowKind("visual", ("tower", "llm"), False, "the visual tokens themselves (visual->visual)"),
+        RowKind("mean", ("tower", "llm"), True, "the mean over every non-padding query row"),
+    )
+}
+
+
+def row_positions(kind: str, roles: TokenRoles, stack: str) -> torch.Tensor | None:
+    """Query positions of row kind ``kind`` in a sequence, or None where it does not apply."""
+    if kind not in ROW_KINDS:
+        raise ValueError(f"unknown row kind {kind!r}; available: {', '.join(ROW_KINDS)}")
+    if stack not in ROW_KINDS[kind].stacks:
+        return None
+    if kind == "last":
+        return roles.valid.nonzero().flatten()[-1:]
+    if kind == "text":
+        return roles.text
+    if kind == "cls":
+        return None if roles.cls is None else torch.tensor([roles.cls])
+    if kind == "visual":
+        return roles.visual
+    return roles.valid.nonzero().flatten()
+
+
+# --- one layer, as the probes see it ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FullPass:
+    """Aggregates of every query row of a layer, from one chunked sweep.
+
+    ``head_mean`` [Sq, Sk]: head-mean attention (the only full matrix ever held);
+    ``received`` [H, Sk]: per-head attention each key receives, averaged over non-padding rows.
+    """
+
+    head_mean: torch.Tensor
+    received: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """Everything captured at one layer for one sequence of one stack.
+
+    ``hidden_in``/``hidden_out`` [S, D]: the residual stream entering / leaving the layer.
+    ``rows``: the requested row kinds that apply here, with their positions.
+    ``sinks``: sink tokens of the residual stream entering the layer (massive activations).
+    ``recorded``: False on layers visited only to carry state (rollout) to a later recorded layer.
+    """
+
+    stack: str
+    layer: int
+    view: int
+    roles: TokenRoles
+    rows: Mapping[str, torch.Tensor]
+    call: AttentionCall | None = None
+    hidden_in: torch.Tensor | None = None
+    hidden_out: torch.Tensor | None = None
+    out_proj: torch.nn.Module | None = None
+    sinks: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    sink_dims: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    recorded: bool = True
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    @cached_property
+    def full_pass(self) -> FullPass:
+        call = self.call
+        valid = self.roles.valid.to(call.query.device)
+        rows = torch.arange(call.n_queries, device=call.query.device)
+        head_mean = torch.empty(call.n_queries, call.n_keys, device=call.query.device)
+        received = torch.zeros(call.heads, call.n_keys, device=call.query.device)
+        for part, probs in call.chunks(rows, self.chunk_bytes):
+            head_mean[part] = probs.mean(0)
+            received += (probs * valid[part][None, :, None]).sum(1)
+        return FullPass(head_mean, received / valid.sum().clamp(min=1))
+
+    def row_probs(self, kind: str, rope: bool = True) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Chunks of probabilities [H, r, Sk] of the rows of ``kind`` (not for aggregate kinds)."""
+        return self.call.chunks(self.rows[kind], self.chunk_bytes, rope)
+
+
+def output_projection(attention: torch.nn.Module) -> torch.nn.Linear:
+    """The attention module's output projection (heads -> hidden); the name differs by family."""
+    for name in ("o_proj", "out_proj", "proj", "dense", "c_proj"):
+        module = getattr(attention, name, None)
+        if isinstance(module, torch.nn.Linear):
+            return module
+    raise CaptureError(f"no output projection found in {type(attention).__name__}")
+
+
+def head_slices(out_proj: torch.nn.Linear, heads: int) -> torch.Tensor:
+    """The output projection's weight split by head: [H, D_out, dv] (W_O^h acts on head h's slice)."""
+    weight = out_proj.weight
+    return weight.reshape(weight.shape[0], heads, -1).permute(1, 0, 2)
+
+
+# --- where the attention call is, in nnsight's view of a module's forward ----------------------
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """The operations of one attention module's forward that the probes read (nnsight ``.source``).
+
+    ``call``: the ``attention_interface(...)`` call; ``rotary``: the rotary-embedding call whose
+    inputs are q/k before RoPE, or None. Read them inside a trace, in execution order.
+    """
+
+    envoy: object
+    call: str
+    rotary: str | None
+
+    @staticmethod
+    def of(envoy, flash: bool = False) -> "AttentionSite":
+        source = envoy.source
+        compiled = source.compiled
+        lines = compiled.source.splitlines()
+
+        def text(name: str) -> str:
+            return lines[compiled.lines[name] - 1] if 0 < compiled.lines.get(name, 0) <= len(lines) else ""
+
+        calls = [n for n in source.names if n.startswith("attention_interface_") and "attention_interface(" in text(n)]
+        if not calls:
+            raise CaptureError(f"{envoy.path}: no attention_interface(...) call in its forward; "
+                               f"operations: {', '.join(source.names)}")
+        # A forward with a flash-attention branch and an eager/SDPA branch (Qwen2-VL's vision
+        # attention) calls the interface twice in its text: the flash call comes first.
+        call = calls[0] if flash or len(calls) == 1 else calls[-1]
+        rotary = next((n for n in source.names
+                       if n.startswith("apply_") and ("rotary" in n or "rope" in n) and "(" in text(n)), None)
+        return AttentionSite(envoy, call, rotary)
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether the forward attends block by block (one call per ``cu_seqlens`` segment)."""
+        return "cu_seqlens" in inspect.signature(self.envoy._module.forward).parameters
+
+    def read(self, tracer, pre_rope: bool, outputs: bool = False) -> "SiteReading":
+        """Inside a trace, in execution order: the module's call(s) to its attention function,
+        the pre-RoPE (q, k) if asked, and the calls' outputs if asked."""
+        blocks = 1
+        if self.blockwise:
+            args, kwargs = self.envoy.inputs
+            bounds = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+            blocks = len(bounds) - 1
+        source = self.envoy.source
+        before = None
+        if pre_rope and self.rotary is not None:
+            rotary_args, rotary_kwargs = getattr(source, self.rotary).inputs
+            before = tuple(rotary_args[:2]) if len(rotary_args) >= 2 else (rotary_kwargs.get("q"), rotary_kwargs.get("k"))
+        calls, results = [], []
+        op = getattr(source, self.call)
+        if blocks == 1:
+            calls.append(op.inputs)
+            if outputs:
+                results.append(op.output)
+        else:
+            for _ in tracer.iter[0:blocks]:
+                calls.append(op.inputs)
+                if outputs:
+                    results.append(op.output)
+        return SiteReading(self.envoy._module, calls, before, results)
+
+
+@dataclass(frozen=True)
+class SiteReading:
+    """What ``AttentionSite.read`` got: the module, its attention calls' (args, kwargs), the
+    pre-RoPE (q, k) or None, and the calls' outputs when asked."""
+
+    module: torch.nn.Module
+    calls: list
+    pre_rope: tuple | None
+    outputs: list
+
+    @property
+    def batch(self) -> int:
+        return self.calls[0][0][1].shape[0]
+
+    def call(self, view: int = 0) -> AttentionCall:
+        return attention_call(self.module, self.calls, view, self.pre_rope)

@@ -1,0 +1,36 @@
+"""Arguments shared by several subcommands, and how they turn into objects."""
+
+from __future__ import annotations
+
+import argparse
+
+from workbench.models.loading import SHIPPED_MODEL
+
+DEFAULT_DATASET = "data/eval/samples.jsonl"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=SHIPPED_MODEL,
+                        help=f"hub name or local checkpoint folder (default: the shipped {SHIPPED_MODEL})")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--allow-download", action="store_true",
+                        help="let transformers fetch a checkpoint that is not available locally")
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=DEFAULT_DATASET,
+                        help=f"JSONL data set (format: workbench/samples.py; default: {DEFAULT_DATASET})")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N samples")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def load_adapter(args: argparse.Namespace):
+    from workbench.models.loading import load
+
+    return load(args.model, device=args.device, allow_download=args.allow_download)

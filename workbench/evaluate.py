@@ -1,0 +1,114 @@
+"""Answer a data set with a model and score it: accuracy per question type, the blank-image
+control, and how strongly the answer position attends to the ground-truth evidence."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from workbench.models.base import ModelAdapter
+from workbench.samples import Sample
+
+
+def normalize_answer(text: str | None) -> str:
+    """Lower-case, drop punctuation and articles, collapse spaces: "The Red." == "red"."""
+    text = re.sub(r"[^\w\s-]", " ", (text or "").lower())
+    words = [w for w in text.split() if w not in {"a", "an", "the"}]
+    return " ".join(words)
+
+
+def blank_like(image: Image.Image) -> Image.Image:
+    return Image.new("RGB", image.size, (128, 128, 128))
+
+
+def answer_dataset(adapter: ModelAdapter, samples: list[Sample], batch_size: int = 32, blank: bool = False,
+                   progress: bool = True, max_new_tokens: int = 8) -> pl.DataFrame:
+    """One row per sample: prediction, whether it matches the gold answer, its log-prob."""
+    rows = []
+    desc = "answering (blank images)" if blank else "answering"
+    with tqdm(total=len(samples), desc=desc, disable=not progress) as bar:
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start: start + batch_size]
+            images = [s.load_image() for s in chunk]
+            if blank:
+                images = [blank_like(im) for im in images]
+            answers = adapter.answer_batch(images, [s.question for s in chunk], max_new_tokens)
+            for s, a in zip(chunk, answers):
+                rows.append({"id": s.id, "question_type": s.question_type or "all", "answer": s.answer,
+                             "prediction": a.text, "logprob": a.logprob,
+                             "correct": s.answer is not None and normalize_answer(a.text) == normalize_answer(s.answer)})
+            bar.update(len(chunk))
+    return pl.DataFrame(rows)
+
+
+def accuracy_table(answers: pl.DataFrame) -> pl.DataFrame:
+    """Accuracy per question type, with an "overall" row last."""
+    per_type = (answers.group_by("question_type").agg(n=pl.len(), accuracy=pl.col("correct").mean())
+                .sort("question_type"))
+    overall = pl.DataFrame({"question_type": ["overall"], "n": [answers.height],
+                            "accuracy": [answers["correct"].mean()]}).cast(per_type.schema)
+    return pl.concat([per_type, overall])
+
+
+def majority_prior(samples: list[Sample]) -> pl.DataFrame:
+    """Accuracy of always giving each question type's most frequent answer: what a model that
+    ignores the image can reach at best by answer frequency alone."""
+    frame = pl.DataFrame({"question_type": [s.question_type or "all" for s in samples],
+                          "answer": [normalize_answer(s.answer) for s in samples]})
+    counts = frame.group_by("question_type", "answer").len()
+    top = counts.group_by("question_type").agg(top=pl.col("len").max(), n=pl.col("len").sum())
+    per_type = top.select("question_type", prior=pl.col("top") / pl.col("n")).sort("question_type")
+    overall = pl.DataFrame({"question_type": ["overall"], "prior": [float(top["top"].sum() / top["n"].sum())]})
+    return pl.concat([per_type, overall.cast(per_type.schema)])
+
+
+@dataclass(frozen=True)
+class EvidenceAttention:
+    """Head-mean attention of the last prompt token, per decoder layer, split by evidence."""
+
+    layer: int
+    evidence_share_of_visual_attention: float  # attention on evidence tokens / attention on all visual tokens
+    evidence_share_of_tokens: float  # evidence tokens / visual tokens
+    ratio: float  # the first over the second: 1 = no preference for the evidence
+
+
+@torch.no_grad()
+def evidence_attention(adapter: ModelAdapter, samples: list[Sample], progress: bool = True) -> pl.DataFrame:
+    """Per decoder layer, how much more the answer position attends to evidence than chance.
+
+    Uses eager attention probabilities (``output_attentions``) on a small model; the probes give
+    the same rows without eager attention for large ones.
+    """
+    model = adapter.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    per_layer: dict[int, list[tuple[float, float]]] = {}
+    try:
+        for s in tqdm(samples, desc="evidence attention", disable=not progress):
+            mask = s.evidence_mask()
+            if mask is None:
+                continue
+            prepared = adapter.prepare(s.load_image(), s.question)
+            evidence = prepared.layout.evidence_tokens(mask)
+            if not evidence.any():
+                continue
+            out = model(**prepared.inputs, output_attentions=True)
+            positions = torch.as_tensor(prepared.layout.positions)
+            for layer, attn in enumerate(out.attentions):
+                row = attn[0, :, -1, :].float().mean(0)[positions].numpy()  # head-mean, last query
+                share = row[evidence].sum() / max(row.sum(), 1e-12)
+                per_layer.setdefault(layer, []).append((share, evidence.mean()))
+    finally:
+        model.set_attn_implementation(previous)
+    rows = []
+    for layer, values in sorted(per_layer.items()):
+        shares, base = np.array(values).T
+        rows.append(EvidenceAttention(layer, float(shares.mean()), float(base.mean()),
+                                      float(shares.mean() / base.mean())).__dict__)
+    return pl.DataFrame(rows)

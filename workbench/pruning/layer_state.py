@@ -1,0 +1,115 @@
+"""What a method that selects inside the LLM sees before decoder layer k, after earlier pruning.
+
+The executor builds one ``LayerState`` per decoder layer during the prefill and hands it to the
+method's callback. It carries the hidden states entering the layer, which original visual tokens
+still survive and where they sit, and everything the layer will be called with, so a method can
+recompute the layer's own attention (``attention``) on the pruned sequence, as PyramidDrop,
+SparseVLM, FEATHER and VisionDrop do in their reference code.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+
+from workbench.layout import VisualLayout
+
+# Set while a LayerState re-runs its layer, so the executor's own layer hooks stand aside.
+hooks_suspended: contextvars.ContextVar[bool] = contextvars.ContextVar("hooks_suspended", default=False)
+
+_CAPTURE = "workbench_pruning_capture"
+
+
+class _Captured(Exception):
+    def __init__(self, query, key, mask, scaling):
+        super().__init__("attention inputs captured")
+        self.query, self.key, self.mask, self.scaling = query, key, mask, scaling
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    # Stop the layer at its attention call: RoPE / M-RoPE is applied, nothing after it is needed.
+    raise _Captured(query, key, attention_mask, scaling)
+
+
+AttentionInterface.register(_CAPTURE, _capture_attention)
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """The sequence entering decoder layer ``layer`` (batch size 1).
+
+    ``visual_indices``: original visual indices (layout order) still alive, in sequence order;
+    ``visual_rows``: their rows in ``hidden_states``. ``text_rows``: rows of the non-visual tokens
+    after the image (the question and the answer prompt); ``separator_rows``: the layout's
+    separators. ``position_ids``/``position_embeddings``/``attention_mask``: exactly what the
+    layer will be called with (mask None means plain causal).
+    """
+
+    layer: int
+    hidden_states: torch.Tensor  # [1, S, D]
+    visual_indices: np.ndarray  # [M] int64
+    visual_rows: torch.Tensor  # [M] int64
+    text_rows: torch.Tensor  # [T] int64
+    separator_rows: torch.Tensor  # [K] int64
+    position_ids: torch.Tensor  # [1, S] or [3, 1, S]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attention_mask: torch.Tensor | None
+    module: torch.nn.Module  # the decoder layer
+    attention_module: torch.nn.Module  # its self-attention (q/k/v/o projections)
+    layout: VisualLayout
+
+    @property
+    def n_rows(self) -> int:
+        return self.hidden_states.shape[1]
+
+    @property
+    def n_visual(self) -> int:
+        return self.layout.n_tokens
+
+    @torch.no_grad()
+    def attention(self, rows: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities [H, R, S] (float32) of query ``rows`` in this layer, recomputed
+        from the layer's own q/k (input norm, projections and rotary embedding included) on the
+        current, already pruned sequence. The layer is stopped at its attention call, so the KV
+        cache is not touched."""
+        config = self.attention_module.config
+        saved = config._attn_implementation_internal
+        token = hooks_suspended.set(True)
+        config._attn_implementation_internal = _CAPTURE
+        try:
+            self.module(self.hidden_states, attention_mask=self.attention_mask,
+                        position_embeddings=self.position_embeddings, position_ids=self.position_ids,
+                        past_key_values=None, use_cache=False)
+        except _Captured as call:
+            captured = call
+        else:
+            raise RuntimeError(f"layer {self.layer} did not call its attention function")
+        finally:
+            config._attn_implementation_internal = saved
+            hooks_suspended.reset(token)
+        return attention_probs(captured.query, captured.key, captured.mask, captured.scaling, rows)
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                    scaling: float | None, rows: torch.Tensor) -> torch.Tensor:
+    """softmax(q[rows] k^T * scaling + mask) for batch row 0, GQA heads repeated: [H, R, S]."""
+    q, k = query[0], key[0]
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    scaling = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    rows = torch.as_tensor(rows, dtype=torch.long, device=q.device)
+    logits = (torch.matmul(q[:, rows], k.transpose(-1, -2)) * scaling).float()
+    if mask is None:  # causal: a query row sees the keys up to itself
+        keys = torch.arange(k.shape[1], device=q.device)
+        logits = logits.masked_fill(keys[None, None, :] > rows[None, :, None], -math.inf)
+    else:
+        mask = mask[0][..., rows, :]
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, -math.inf)
+        else:
+            logits = logits + mask.float()
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)

@@ -1,0 +1,243 @@
+"""What a pruning method decided: which visual tokens survive each stage, what got merged, and why.
+
+A ``KeepPlan`` is pure data. Methods return one, the executor runs the model under one, the
+dashboard draws one and the analyses compare them, so it is plain values only (ints, floats,
+strings, tuples) and round-trips through ``to_dict``/``from_dict`` and JSON.
+
+Every index is into the ORIGINAL visual tokens ``0..N-1`` of the sample's ``VisualLayout`` (layout
+order), whatever stage it belongs to, so plans of different methods line up token for token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import numpy as np
+
+PRE_LLM = "pre_llm"
+POSITION_POLICIES = ("original", "reindex")
+
+# "pre_llm": on the decoder's input embeddings; an int k: on the hidden states entering decoder layer k.
+Where = Union[Literal["pre_llm"], int]
+PositionPolicy = Literal["original", "reindex"]
+
+
+class PlanError(ValueError):
+    """A plan that cannot be executed as written; the message says which stage and why."""
+
+
+def _stage_order(where: Where) -> int:
+    return -1 if where == PRE_LLM else int(where)
+
+
+def describe_where(where: Where) -> str:
+    return "before the LLM" if where == PRE_LLM else f"before decoder layer {where}"
+
+
+@dataclass(frozen=True)
+class Merge:
+    """Fold ``sources`` into ``target``: ``target <- weights[0]*target + sum(weights[i+1]*sources[i])``.
+
+    The target keeps its own sequence position; the sources are dropped by the same stage.
+    Weights are taken as given (no renormalisation): methods that average pass weights summing to 1.
+    """
+
+    target: int
+    sources: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", tuple(int(s) for s in self.sources))
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        object.__setattr__(self, "target", int(self.target))
+        if not self.sources:
+            raise PlanError(f"merge into token {self.target} has no source tokens")
+        if len(self.weights) != len(self.sources) + 1:
+            raise PlanError(f"merge into token {self.target}: {len(self.weights)} weights for "
+                            f"1 target + {len(self.sources)} sources (need one weight each)")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise PlanError(f"merge into token {self.target} has non-finite weights {self.weights}")
+        if len(set(self.sources)) != len(self.sources):
+            raise PlanError(f"merge into token {self.target} lists a source twice: {self.sources}")
+        if self.target in self.sources:
+            raise PlanError(f"merge into token {self.target} lists the target among its sources")
+
+    @staticmethod
+    def mean(target: int, sources) -> "Merge":
+        """The plain average of the target and its sources."""
+        sources = tuple(int(s) for s in sources)
+        weight = 1.0 / (len(sources) + 1)
+        return Merge(target, sources, (weight,) * (len(sources) + 1))
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "sources": list(self.sources), "weights": list(self.weights)}
+
+    @staticmethod
+    def from_dict(row: dict) -> "Merge":
+        return Merge(row["target"], tuple(row["sources"]), tuple(row["weights"]))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning step.
+
+    ``where``: ``"pre_llm"`` or decoder layer index k ("before layer k": layers < k see the tokens
+    that entered this stage, layers >= k only ``kept``).
+    ``kept``: sorted original visual indices that survive this stage.
+    ``scores``: the [N] score that ranked the tokens (NaN where a token was not scored), or None
+    for methods that rank nothing (random, uniform grid).
+    ``position``: "original" keeps every surviving token's position id (FastV); "reindex" numbers
+    the surviving sequence contiguously from 0 (PyramidDrop).
+    """
+
+    where: Where
+    kept: tuple[int, ...]
+    scores: tuple[float, ...] | None = None
+    merges: tuple[Merge, ...] = ()
+    position: PositionPolicy = "original"
+
+    def __post_init__(self):
+        if self.where != PRE_LLM:
+            if isinstance(self.where, bool) or not isinstance(self.where, (int, np.integer)):
+                raise PlanError(f"stage 'where' must be {PRE_LLM!r} or a decoder layer index, got {self.where!r}")
+            if self.where < 0:
+                raise PlanError(f"stage 'where' must be a non-negative layer index, got {self.where}")
+            object.__setattr__(self, "where", int(self.where))
+        kept = tuple(int(i) for i in self.kept)
+        if any(b <= a for a, b in zip(kept, kept[1:])):
+            raise PlanError(f"stage {describe_where(self.where)}: kept indices must be sorted and unique")
+        object.__setattr__(self, "kept", kept)
+        if self.scores is not None:
+            object.__setattr__(self, "scores", tuple(float(s) for s in self.scores))
+        object.__setattr__(self, "merges", tuple(self.merges))
+        if self.position not in POSITION_POLICIES:
+            raise PlanError(f"stage {describe_where(self.where)}: position policy must be one of "
+                            f"{POSITION_POLICIES}, got {self.position!r}")
+        kept_set = set(kept)
+        for merge in self.merges:
+            if merge.target not in kept_set:
+                raise PlanError(f"stage {describe_where(self.where)}: merge target {merge.target} is not kept")
+            if kept_set.intersection(merge.sources):
+                raise PlanError(f"stage {describe_where(self.where)}: merge sources "
+                                f"{sorted(kept_set.intersection(merge.sources))} are kept; a source must be dropped")
+
+    @property
+    def in_llm(self) -> bool:
+        return self.where != PRE_LLM
+
+    @property
+    def kept_array(self) -> np.ndarray:
+        return np.asarray(self.kept, dtype=np.int64)
+
+    @property
+    def score_array(self) -> np.ndarray | None:
+        return None if self.scores is None else np.asarray(self.scores, dtype=np.float64)
+
+    def to_dict(self) -> dict:
+        # JSON has no NaN: unscored tokens travel as null.
+        scores = None if self.scores is None else [None if math.isnan(s) else s for s in self.scores]
+        return {"where": self.where, "kept": list(self.kept), "scores": scores,
+                "merges": [m.to_dict() for m in self.merges], "position": self.position}
+
+    @staticmethod
+    def from_dict(row: dict) -> "Stage":
+        scores = row.get("scores")
+        if scores is not None:
+            scores = tuple(math.nan if s is None else s for s in scores)
+        return Stage(row["where"], tuple(row["kept"]), scores,
+                     tuple(Merge.from_dict(m) for m in row.get("merges", ())), row.get("position", "original"))
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """A method's decision for one sample: its stages in execution order.
+
+    ``budget`` is the resolved token budget the method was asked for (a count); the final kept
+    count usually equals it, but methods with thresholds or per-layer schedules may differ.
+    A plan with no stages keeps everything.
+    """
+
+    method: str
+    budget: int
+    n_visual: int
+    stages: tuple[Stage, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        object.__setattr__(self, "stages", tuple(self.stages))
+        object.__setattr__(self, "budget", int(self.budget))
+        object.__setattr__(self, "n_visual", int(self.n_visual))
+        self.validate()
+
+    def validate(self) -> None:
+        n = self.n_visual
+        if n < 0:
+            raise PlanError(f"n_visual must be >= 0, got {n}")
+        if not 0 <= self.budget <= n:
+            raise PlanError(f"budget {self.budget} is outside 0..{n} visual tokens")
+        alive = set(range(n))
+        previous = None
+        for stage in self.stages:
+            where = describe_where(stage.where)
+            if previous is not None and _stage_order(stage.where) <= _stage_order(previous.where):
+                raise PlanError(f"stage {where} comes after stage {describe_where(previous.where)}; "
+                                "stages must be in strictly increasing order (pre_llm first, then layers)")
+            bad = [i for i in stage.kept if not 0 <= i < n]
+            if bad:
+                raise PlanError(f"stage {where}: kept indices {bad[:5]} are out of range 0..{n - 1}")
+            extra = sorted(set(stage.kept) - alive)
+            if extra:
+                raise PlanError(f"stage {where}: keeps {extra[:5]} which an earlier stage dropped "
+                                "(each stage must keep a subset of the previous one)")
+            if stage.scores is not None and len(stage.scores) != n:
+                raise PlanError(f"stage {where}: {len(stage.scores)} scores for {n} visual tokens")
+            for merge in stage.merges:
+                gone = sorted(set(merge.sources) - alive)
+                if gone:
+                    raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} "
+                                    "that were already dropped (or are out of range)")
+            alive = set(stage.kept)
+            previous = stage
+
+    # --- views ---------------------------------------------------------------------------------
+    @property
+    def final_kept(self) -> tuple[int, ...]:
+        return self.stages[-1].kept if self.stages else tuple(range(self.n_visual))
+
+    def kept_at(self, where: Where) -> tuple[int, ...]:
+        """Visual tokens alive at ``where`` (after any stage at that point)."""
+        alive = tuple(range(self.n_visual))
+        for stage in self.stages:
+            if _stage_order(stage.where) > _stage_order(where):
+                break
+            alive = stage.kept
+        return alive
+
+    def stage_at(self, where: Where) -> Stage | None:
+        return next((s for s in self.stages if s.where == where), None)
+
+    @property
+    def kept_per_stage(self) -> dict:
+        return {stage.where: stage.kept for stage in self.stages}
+
+    # --- constructors --------------------------------------------------------------------------
+    @staticmethod
+    def keep_all(n: int, where: Where | None = PRE_LLM, method: str = "keep_all") -> "KeepPlan":
+        """Keeps every token; with ``where`` it has one explicit stage there (used to check that
+        the executor's pruning path reproduces the unpruned model), with None no stage at all."""
+        stages = () if where is None else (Stage(where, tuple(range(n))),)
+        return KeepPlan(method, n, n, stages)
+
+    def with_stages(self, stages) -> "KeepPlan":
+        return KeepPlan(self.method, self.budget, self.n_visual, tuple(stages))
+
+    # --- plain data ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"method": self.method, "budget": self.budget, "n_visual": self.n_visual,
+                "stages": [s.to_dict() for s in self.stages]}
+
+    @staticmethod
+    def from_dict(row: dict) -> "KeepPlan":
+        return KeepPlan(row["method"], row["budget"], row["n_visual"],
+                        tuple(Stage.from_dict(s) for s in row.get("stages", ())))

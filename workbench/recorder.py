@@ -1,0 +1,281 @@
+"""``record(adapter, prepared, request) -> Recording``: one traced forward, probes attached.
+
+The model runs once under nnsight (``NNsight(model).trace``) with SDPA attention as loaded. For
+each visited layer, in execution order, the trace reads the layer's input hidden state, the
+arguments of its ``attention_interface`` call (and of its rotary call, when pre-RoPE q/k are
+needed) through ``.source``, and the layer's output; the probes turn them into the requested
+signals at once, so nothing per layer outlives its layer but what is recorded. Saliency signals
+then run their own passes (``probes/saliency.py``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+
+import nnsight
+import polars as pl
+import torch
+
+from probes import saliency
+from probes.capture import ROW_KINDS, STACKS, AttentionSite, LayerState, TokenRoles, output_projection, row_positions
+from probes.registry import PROBES, Observation, TableRows, probes_for, signal_spec
+from probes.sinks import massive_activations
+from workbench.memory import DEFAULT_LIMIT, check_memory
+from workbench.models.base import ModelAdapter, PreparedInput
+from workbench.recording import CaptureRequest, EntryKey, Identity, Recording
+
+_TRACED: "weakref.WeakKeyDictionary[torch.nn.Module, nnsight.NNsight]" = weakref.WeakKeyDictionary()
+
+
+def traced(module: torch.nn.Module) -> nnsight.NNsight:
+    """The nnsight wrapper of ``module``, built once (building it instruments the modules)."""
+    if module not in _TRACED:
+        _TRACED[module] = nnsight.NNsight(module)
+    return _TRACED[module]
+
+
+def _first(value):
+    """A layer's hidden state from its (args, kwargs) inputs or its output (tensor or tuple)."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
+        args, kwargs = value
+        return args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def resolve_layers(asked: tuple[int, ...] | None, count: int, stack: str) -> tuple[int, ...]:
+    if asked is None:
+        return tuple(range(count))
+    out = []
+    for layer in asked:
+        if not -count <= layer < count:
+            raise ValueError(f"{stack} layer {layer} is out of range: the model has {count} {stack} layers")
+        out.append(layer % count)
+    return tuple(sorted(set(out)))
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    stack: str
+    layers: tuple  # the layer modules
+    attention: tuple  # their attention modules
+    visit: tuple[int, ...]
+    recorded: frozenset[int]
+
+
+def plan_stacks(adapter: ModelAdapter, request: CaptureRequest, all_layers: bool) -> list[StackPlan]:
+    plans = []
+    for stack in STACKS:
+        if stack not in request.stacks:
+            continue
+        layers = tuple(adapter.vision_layers() if stack == "tower" else adapter.decoder_layers())
+        attention = tuple((adapter.vision_attention if stack == "tower" else adapter.decoder_attention)(i)
+                          for i in range(len(layers)))
+        recorded = resolve_layers(request.layers_of(stack), len(layers), stack)
+        visit = tuple(range(max(recorded) + 1)) if all_layers and recorded else recorded
+        plans.append(StackPlan(stack, layers, attention, visit, frozenset(recorded)))
+    return plans
+
+
+class _Builder:
+    """Collects observations and table rows as the probes emit them."""
+
+    def __init__(self):
+        self.tensors: dict[EntryKey, torch.Tensor] = {}
+        self.per_head: set[EntryKey] = set()
+        self.tables: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.schemas: dict[str, dict] = {}
+        self.rows: dict[str, torch.Tensor] = {}
+        self.notes: list[str] = []
+
+    def add(self, item, stack: str, layer: int, view: int) -> None:
+        if isinstance(item, Observation):
+            key = EntryKey(item.signal, stack, layer, item.rows, view)
+            self.tensors[key] = item.value.detach().float().cpu().contiguous()
+            if item.per_head:
+                self.per_head.add(key)
+        elif isinstance(item, TableRows):
+            table = self.tables[item.table]
+            self.schemas[item.table] = {"stack": pl.String, "layer": pl.Int64, "view": pl.Int64, **(item.schema or {})}
+            n = len(next(iter(item.columns.values()), []))
+            for column, values in {"stack": [stack] * n, "layer": [layer] * n, "view": [view] * n,
+                                   **item.columns}.items():
+                table[column].extend(values)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def frames(self) -> dict[str, pl.DataFrame]:
+        return {name: pl.DataFrame(dict(columns), schema_overrides=self.schemas.get(name))
+                for name, columns in self.tables.items()}
+
+
+class _Session:
+    """State of one record() call inside the trace: probes, sink dimensions, token roles."""
+
+    def __init__(self, adapter: ModelAdapter, prepared: PreparedInput, request: CaptureRequest, builder: _Builder):
+        self.adapter, self.prepared, self.request, self.builder = adapter, prepared, request, builder
+        options = request.probe_options()
+        single = [s for s in request.signals if not signal_spec(s).extra_pass]
+        self.probes = [PROBES[name](wanted, options) for name, wanted in probes_for(single).items()]
+        self.captures = frozenset().union(*(p.captures() for p in self.probes)) if self.probes else frozenset()
+        self.needs_sinks = bool({"attention_mass", "sink_share", "visual_sink_score"} & set(single))
+        self.sink_dims: dict[tuple[str, int], torch.Tensor] = {}
+        flash = str(getattr(adapter.model.config, "_attn_implementation", "")).startswith("flash")
+        self.flash = flash
+
+    def roles(self, stack: str, length: int) -> TokenRoles:
+        if stack == "llm":
+            mask = self.prepared.inputs.get("attention_mask")
+            return TokenRoles.for_llm(self.prepared.layout.positions, length, None if mask is None else mask[0])
+        return TokenRoles.for_tower(length, self.adapter.has_cls_token)
+
+    def visit(self, tracer, plan: StackPlan, layer: int, envoys: dict) -> None:
+        """Read one layer inside the trace (in execution order) and run the probes on it."""
+        captures = self.captures | ({"hidden_in"} if self.needs_sinks else set())
+        layer_envoy, site = envoys["layer"][layer], envoys["site"][layer]
+        hidden_in = _first(layer_envoy.inputs) if "hidden_in" in captures else None
+        reading = None
+        if captures & {"call", "norope"}:
+            reading = site.read(tracer, pre_rope="norope" in captures)
+        hidden_out = _first(layer_envoy.output) if "hidden_out" in captures else None
+        self.observe(plan, layer, hidden_in, reading, hidden_out)
+
+    def observe(self, plan: StackPlan, layer: int, hidden_in, reading, hidden_out) -> None:
+        views = 1
+        if reading is not None:
+            views = reading.batch
+        elif hidden_in is not None and hidden_in.dim() == 3:
+            views = hidden_in.shape[0]
+        out_proj = output_projection(plan.attention[layer]) if "out_proj" in self.captures else None
+        for view in range(views):
+            call = reading.call(view) if reading is not None else None
+            h_in = _view(hidden_in, view)
+            h_out = _view(hidden_out, view)
+            length = call.n_queries if call is not None else h_in.shape[0]
+            roles = self.roles(plan.stack, length)
+            rows = {}
+            for kind in self.request.rows:
+                positions = row_positions(kind, roles, plan.stack)
+                if positions is None or not len(positions):
+                    if plan.stack in ROW_KINDS[kind].stacks:
+                        self.builder.note(f"no {kind!r} rows in the {plan.stack}: skipped")
+                    continue
+                rows[kind] = positions
+                self.builder.rows[f"{plan.stack}/{kind}/{view}"] = positions
+            sinks, dims = self.sinks(plan.stack, view, h_in, roles)
+            state = LayerState(plan.stack, layer, view, roles, rows, call, h_in, h_out, out_proj, sinks, dims,
+                               recorded=layer in plan.recorded)
+            for probe in self.probes:
+                for item in probe.observe(state):
+                    signal = item.signal if isinstance(item, Observation) else item.table
+                    if plan.stack in signal_spec(signal).stacks:
+                        self.builder.add(item, plan.stack, layer, view)
+
+    def sinks(self, stack: str, view: int, hidden: torch.Tensor | None, roles: TokenRoles):
+        empty = torch.zeros(0, dtype=torch.long)
+        if not self.needs_sinks or hidden is None:
+            return empty, empty
+        found = massive_activations(hidden, self.request.sink_ratio, self.request.sink_floor, roles.valid)
+        key = (stack, view)
+        dims = torch.unique(torch.cat([self.sink_dims.get(key, empty), found.dimensions]))
+        self.sink_dims[key] = dims
+        return found.tokens, dims
+
+
+def _view(hidden, view: int):
+    if hidden is None:
+        return None
+    return hidden[view] if hidden.dim() == 3 else hidden
+
+
+def _envoys(root: nnsight.NNsight, model: torch.nn.Module, plan: StackPlan, flash: bool) -> dict:
+    paths = {id(m): name for name, m in model.named_modules()}
+    return {
+        "layer": {i: root.get(paths[id(plan.layers[i])]) for i in plan.visit},
+        "site": {i: AttentionSite.of(root.get(paths[id(plan.attention[i])]), flash) for i in plan.visit},
+    }
+
+
+def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureRequest = CaptureRequest(), *,
+           sample_id: str = "", question: str = "", answer: str | None = None,
+           memory_limit: int | None = DEFAULT_LIMIT) -> Recording:
+    """Record ``request`` for one prepared sample: one traced forward, then any saliency passes.
+
+    ``answer``: the answer the saliency signals score (default: the model's greedy answer).
+    ``memory_limit``: bytes; the request is refused beforehand if its estimate is above it.
+    """
+    if memory_limit is not None:
+        check_memory(adapter, prepared, request, memory_limit)
+    builder = _Builder()
+    session = _Session(adapter, prepared, request, builder)
+    all_layers = any(type(p).all_layers for p in session.probes)
+    plans = plan_stacks(adapter, request, all_layers)
+    if session.probes and plans:
+        root = traced(adapter.model)
+        envoys = {plan.stack: _envoys(root, adapter.model, plan, session.flash) for plan in plans}
+        with torch.no_grad(), root.trace(**prepared.inputs, use_cache=False) as tracer:
+            for plan in plans:
+                for layer in plan.visit:
+                    session.visit(tracer, plan, layer, envoys[plan.stack])
+    answer_text = _saliency(adapter, prepared, request, builder, plans, answer)
+    identity = Identity(adapter.name, sample_id, question, prepared.prompt, answer_text)
+    return Recording(identity, request, prepared.layout, dict(builder.tensors), frozenset(builder.per_head),
+                     builder.frames(), dict(builder.rows), tuple(builder.notes))
+
+
+# --- saliency passes ----------------------------------------------------------------------------
+
+def answer_ids(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureRequest,
+               answer: str | None) -> torch.Tensor:
+    """Token ids of the answer to score: ``answer`` tokenised, or the model's greedy answer."""
+    tokenizer = adapter.tokenizer
+    if answer is not None:
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("the answer to score is empty")
+        return torch.tensor(ids)
+    with torch.no_grad():
+        out = adapter.model.generate(**prepared.inputs, max_new_tokens=request.max_answer_tokens, do_sample=False)
+    stop = set(adapter._eos_ids()) | {tokenizer.pad_token_id}
+    ids = []
+    for token in out[0, prepared.inputs["input_ids"].shape[1]:].tolist():
+        if token in stop:
+            break
+        ids.append(token)
+    return torch.tensor(ids or adapter._eos_ids()[:1])
+
+
+def _saliency(adapter, prepared, request, builder: _Builder, plans, answer: str | None) -> str | None:
+    wanted = [s for s in request.signals if signal_spec(s).extra_pass]
+    if not wanted or "llm" not in request.stacks:
+        return answer
+    ids = answer_ids(adapter, prepared, request, answer)
+    lm, head = adapter.language_model(), adapter.model.get_output_embeddings()
+    scoring = saliency.scoring_inputs(adapter.model, lm, prepared.inputs, ids.to(adapter.device),
+                                      prepared.layout.positions)
+    n = prepared.layout.n_tokens
+    if "grad_x_input" in wanted:
+        value = saliency.gradient_x_input(lm, head, scoring)
+        builder.add(Observation("grad_x_input", "answer", value[None]), "llm", -1, 0)
+    if "attention_x_gradient" in wanted:
+        plan = next(p for p in plans if p.stack == "llm")
+        layers = sorted(plan.recorded)
+        root = traced(lm)
+        paths = {id(m): name for name, m in lm.named_modules()}
+        sites = [AttentionSite.of(root.get(paths[id(plan.attention[i])])) for i in layers]
+        for layer, value in zip(layers, saliency.attention_x_gradient(root, lm, head, scoring, sites)):
+            per_head = request.per_head
+            value = value[:, None] if per_head else value.sum(0)[None]
+            builder.add(Observation("attention_x_gradient", "answer", value, per_head), "llm", layer, 0)
+    if "occlusion" in wanted:
+        for k in request.occlusion_groups:
+            groups = saliency.grid_groups(prepared.layout.cell, prepared.layout.group, k)
+            deltas = saliency.occlusion(lm, head, scoring, groups, request.batch_size)
+            value = torch.empty(n)
+            for members, delta in zip(groups, deltas):
+                value[torch.as_tensor(members, dtype=torch.long)] = delta
+            builder.add(Observation("occlusion", f"k{k}", value[None]), "llm", -1, 0)
+    return adapter.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip() if answer is None else answer
