@@ -102,13 +102,12 @@ class ModelAdapter(ABC):
     def vision_tower(self) -> torch.nn.Module:
         ...
 
-    @abstractmethod
     def decoder_layers(self) -> Sequence[torch.nn.Module]:
-        ...
+        return self.language_model().layers
 
-    @abstractmethod
     def vision_layers(self) -> Sequence[torch.nn.Module]:
-        ...
+        """The tower's layers; CLIP/SigLIP-style towers by default."""
+        return encoder_layers(self.vision_tower())
 
     def decoder_attention(self, layer: int) -> torch.nn.Module:
         """The self-attention module of decoder layer ``layer`` (its q/k/v/o projections)."""

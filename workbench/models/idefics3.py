@@ -25,7 +25,7 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import (
 )
 
 from workbench.layout import TokenGroup, VisualLayout, grid_cells
-from workbench.models.base import ModelAdapter, encoder_layers
+from workbench.models.base import ModelAdapter
 from workbench.models.geometry import resize_to
 from workbench.models.registry import register
 
@@ -40,12 +40,6 @@ class Idefics3Adapter(ModelAdapter):
 
     def vision_tower(self):
         return self.model.model.vision_model
-
-    def decoder_layers(self):
-        return self.language_model().layers
-
-    def vision_layers(self):
-        return encoder_layers(self.vision_tower())
 
     @property
     def has_cls_token(self) -> bool:

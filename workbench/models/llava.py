@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from workbench.layout import TokenGroup, VisualLayout, grid_cells
-from workbench.models.base import ModelAdapter, encoder_layers
+from workbench.models.base import ModelAdapter
 from workbench.models.geometry import resize_and_crop
 from workbench.models.registry import register
 
@@ -24,12 +24,6 @@ class LlavaAdapter(ModelAdapter):
 
     def vision_tower(self):
         return self.model.model.vision_tower
-
-    def decoder_layers(self):
-        return self.language_model().layers
-
-    def vision_layers(self):
-        return encoder_layers(self.vision_tower())
 
     @property
     def has_cls_token(self) -> bool:

@@ -31,9 +31,6 @@ class Qwen2VLAdapter(ModelAdapter):
     def vision_tower(self):
         return self.model.model.visual
 
-    def decoder_layers(self):
-        return self.language_model().layers
-
     def vision_layers(self):
         return self.vision_tower().blocks
 
