@@ -20,49 +20,41 @@ from probes.capture import KEY_CATEGORIES, ROW_KINDS, LayerState
 from probes.registry import Observation, Probe, SignalSpec, register_probe
 
 
-def category_mass(probs: torch.Tensor, state: LayerState) -> torch.Tensor:
-    """[H, R, Sk] -> [H, R, 4]: total probability on each key category."""
-    columns = [probs[..., state.roles.category(name, state.sinks).to(probs.device)].sum(-1)
-               for name in KEY_CATEGORIES]
-    return torch.stack(columns, dim=-1)
-
-
 def received(state: LayerState, rope: bool) -> torch.Tensor:
     """Per-head attention each key receives, averaged over non-padding queries: [H, Sk]."""
-    if rope:
-        return state.full_pass.received
-    call = state.call
-    valid = state.roles.valid.to(call.query.device)
-    rows = torch.arange(call.n_queries, device=call.query.device)
-    total = torch.zeros(call.heads, call.n_keys, device=call.query.device)
-    for part, probs in call.chunks(rows, state.chunk_bytes, rope=False):
-        total += (probs * valid[part][None, :, None]).sum(1)
-    return total / valid.sum().clamp(min=1)
+    return state.passes(rope).received
 
 
 def visual_rows(state: LayerState, kind: str, rope: bool, per_head: bool,
-                weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the rows of ``kind`` to the visual keys, and their category masses:
     [H, R, N] and [H, R, 4] when ``per_head``, else head means [R, N] and [R, 4].
 
-    ``weight`` [H, Sk] multiplies every row's probabilities first (``flow.kobayashi``). Heads are
-    reduced chunk by chunk, so the per-head working set stays within the chunk budget.
+    ``weighted``: each probability times its key's ``value_norms`` (``flow.kobayashi``). Head
+    means come from the layer's full sweep when it runs anyway; per-head values are computed for
+    the rows asked, in chunks, so the per-head working set stays within the chunk budget.
     """
     visual = state.roles.visual.to(state.call.query.device)
-
-    def finish(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weighted = probs if weight is None else probs * weight[:, None, :]
-        values, mass = weighted[..., visual], category_mass(weighted, state)
-        return (values, mass) if per_head else (values.mean(0), mass.mean(0))
-
+    weight = state.value_norms if weighted else None
     if ROW_KINDS[kind].aggregate:
-        return finish(received(state, rope)[:, None, :])
+        mean = received(state, rope)[:, None, :]
+        mean = mean if weight is None else mean * weight[:, None, :]
+        mean = mean if per_head else mean.mean(0)
+        return mean[..., visual], mean @ state.categories
+    if not per_head and state.sweep:
+        sweep = state.passes(rope)
+        matrix = sweep.weighted if weighted and sweep.weighted is not None else None
+        if matrix is not None or not weighted:
+            rows = (sweep.head_mean if matrix is None else matrix)[state.rows[kind].to(visual.device)]
+            return rows[:, visual], rows @ state.categories
     rows = state.rows[kind]
     heads = (state.call.heads,) if per_head else ()
     out = torch.empty(*heads, len(rows), len(visual), device=visual.device)
     mass = torch.empty(*heads, len(rows), len(KEY_CATEGORIES), device=visual.device)
     for part, probs in state.call.chunks(rows, state.chunk_bytes, rope):
-        out[..., part, :], mass[..., part, :] = finish(probs)
+        probs = probs if weight is None else probs * weight[:, None, :]
+        probs = probs if per_head else probs.mean(0)
+        out[..., part, :], mass[..., part, :] = probs[..., visual], probs @ state.categories
     return out, mass
 
 

@@ -7,8 +7,11 @@ RoPE / M-RoPE is already applied, so recomputing ``softmax(q k^T * scaling + mas
 rows gives the model's own probabilities without eager attention and without
 ``output_attentions``. GQA key/value heads are repeated here the way ``repeat_kv`` does.
 
-Only the rows asked for are computed (rows x all keys); whole-matrix passes are done in row chunks
-whose size is bounded by a byte budget, so no [heads, S, S] tensor is ever held at once.
+Only the rows asked for are computed (rows x all keys). When some signal needs every row anyway
+(rollout, "mean" or "visual" rows), one chunked sweep per layer yields head-mean matrices [S, S]
+that every head-mean signal reads; chunks are bounded by a byte budget, so no [heads, S, S] tensor
+is ever held at once. A tower that attends block by block (one call per image or window) is
+joined into one call with a block-diagonal mask.
 
 Masks follow the semantics of ``transformers``' SDPA path: a boolean mask keeps ``True``, a float
 mask is added to the logits, and with no mask the call is causal when the module says so and there
@@ -28,7 +31,7 @@ import torch
 STACKS = ("tower", "llm")  # in the order a VLM runs them
 KEY_CATEGORIES = ("visual", "text", "system", "sink")  # columns of the attention-mass signals
 
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+DEFAULT_CHUNK_BYTES = 8 * 2**20  # working-set bound of one chunk of attention rows
 
 
 class CaptureError(RuntimeError):
@@ -151,7 +154,8 @@ def attention_call(module: torch.nn.Module, calls: list[tuple[tuple, Mapping]], 
             start += n
     if pre_rope is not None:
         q_pre = as_call_layout(pre_rope[0], _batched_shape(calls, 1, q.shape[1]))[view].detach()
-        k_pre = repeat_kv_heads(as_call_layout(pre_rope[1], _batched_shape(calls, 2, k.shape[1]))[view].detach(), groups)
+        k_pre = as_call_layout(pre_rope[1], _batched_shape(calls, 2, k.shape[1]))[view].detach()
+        k_pre = repeat_kv_heads(k_pre, groups)
     else:
         q_pre, k_pre = q, k
     return AttentionCall(query=q, key=k, value=v, scaling=scaling, mask=mask, causal=causal,
@@ -280,12 +284,24 @@ def row_positions(kind: str, roles: TokenRoles, stack: str) -> torch.Tensor | No
 class FullPass:
     """Aggregates of every query row of a layer, from one chunked sweep.
 
-    ``head_mean`` [Sq, Sk]: head-mean attention (the only full matrix ever held);
-    ``received`` [H, Sk]: per-head attention each key receives, averaged over non-padding rows.
+    ``head_mean`` [Sq, Sk]: head-mean attention (the only kind of full matrix ever held);
+    ``weighted`` [Sq, Sk] or None: head mean of ``alpha_hik * w_hk`` for the layer's key weights
+    (``LayerState.value_norms``: Kobayashi's norms); ``received`` [H, Sk]: per-head attention each
+    key receives, averaged over non-padding rows.
     """
 
     head_mean: torch.Tensor
     received: torch.Tensor
+    weighted: torch.Tensor | None = None
+
+
+def value_output_norms(value: torch.Tensor, out_slices: torch.Tensor) -> torch.Tensor:
+    """||v_k^h W_O^h||_2 for every head and key: value [H, S, dv], out_slices [H, D, dv] -> [H, S].
+
+    From the per-head Gram matrix ``W_O^h^T W_O^h`` [dv, dv], so no [S, D] product is formed."""
+    gram = torch.einsum("hda,hdb->hab", out_slices.float(), out_slices.float())
+    squared = ((value.float() @ gram) * value.float()).sum(-1)
+    return squared.clamp(min=0).sqrt()
 
 
 @dataclass(frozen=True)
@@ -296,6 +312,9 @@ class LayerState:
     ``rows``: the requested row kinds that apply here, with their positions.
     ``sinks``: sink tokens of the residual stream entering the layer (massive activations).
     ``recorded``: False on layers visited only to carry state (rollout) to a later recorded layer.
+    ``sweep``: some signal needs every query row anyway (rollout, "mean" or "visual" rows), so
+    head-mean rows are read from that one sweep instead of being computed again.
+    ``weighted``: that sweep also accumulates the Kobayashi-weighted head mean.
     """
 
     stack: str
@@ -310,23 +329,49 @@ class LayerState:
     sinks: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     sink_dims: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     recorded: bool = True
+    sweep: bool = False
+    weighted: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     @cached_property
     def full_pass(self) -> FullPass:
-        call = self.call
-        valid = self.roles.valid.to(call.query.device)
-        rows = torch.arange(call.n_queries, device=call.query.device)
-        head_mean = torch.empty(call.n_queries, call.n_keys, device=call.query.device)
-        received = torch.zeros(call.heads, call.n_keys, device=call.query.device)
-        for part, probs in call.chunks(rows, self.chunk_bytes):
-            head_mean[part] = probs.mean(0)
-            received += (probs * valid[part][None, :, None]).sum(1)
-        return FullPass(head_mean, received / valid.sum().clamp(min=1))
+        return self._sweep(rope=True)
 
-    def row_probs(self, kind: str, rope: bool = True) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Chunks of probabilities [H, r, Sk] of the rows of ``kind`` (not for aggregate kinds)."""
-        return self.call.chunks(self.rows[kind], self.chunk_bytes, rope)
+    @cached_property
+    def full_pass_norope(self) -> FullPass:
+        return self._sweep(rope=False)
+
+    def passes(self, rope: bool) -> FullPass:
+        return self.full_pass if rope else self.full_pass_norope
+
+    @cached_property
+    def value_norms(self) -> torch.Tensor:
+        """||v_k^h W_O^h|| for every head and key, [H, Sk]."""
+        return value_output_norms(self.call.value, head_slices(self.out_proj, self.call.heads))
+
+    @cached_property
+    def categories(self) -> torch.Tensor:
+        """[Sk, 4] indicator of each key's categories (``KEY_CATEGORIES``), for masses as a matmul."""
+        out = torch.zeros(self.call.n_keys, len(KEY_CATEGORIES), device=self.call.query.device)
+        for column, name in enumerate(KEY_CATEGORIES):
+            out[self.roles.category(name, self.sinks).to(out.device), column] = 1.0
+        return out
+
+    def _sweep(self, rope: bool) -> FullPass:
+        call = self.call
+        device = call.query.device
+        valid = self.roles.valid.to(device)
+        every_row_valid = bool(valid.all())
+        weights = self.value_norms if self.weighted and rope else None
+        head_mean = torch.empty(call.n_queries, call.n_keys, device=device)
+        weighted = torch.empty_like(head_mean) if weights is not None else None
+        received = torch.zeros(call.heads, call.n_keys, device=device)
+        for part, probs in call.chunks(torch.arange(call.n_queries, device=device), self.chunk_bytes, rope):
+            head_mean[part] = probs.mean(0)
+            received += probs.sum(1) if every_row_valid else (probs * valid[part][None, :, None]).sum(1)
+            if weights is not None:
+                weighted[part] = (probs * weights[:, None, :]).mean(0)
+        return FullPass(head_mean, received / valid.sum().clamp(min=1), weighted)
 
 
 def output_projection(attention: torch.nn.Module) -> torch.nn.Linear:
@@ -355,11 +400,12 @@ class AttentionSite:
     """
 
     envoy: object
+    module: torch.nn.Module
     call: str
     rotary: str | None
 
     @staticmethod
-    def of(envoy, flash: bool = False) -> "AttentionSite":
+    def of(envoy, module: torch.nn.Module, flash: bool = False) -> "AttentionSite":
         source = envoy.source
         compiled = source.compiled
         lines = compiled.source.splitlines()
@@ -376,12 +422,12 @@ class AttentionSite:
         call = calls[0] if flash or len(calls) == 1 else calls[-1]
         rotary = next((n for n in source.names
                        if n.startswith("apply_") and ("rotary" in n or "rope" in n) and "(" in text(n)), None)
-        return AttentionSite(envoy, call, rotary)
+        return AttentionSite(envoy, module, call, rotary)
 
     @property
     def blockwise(self) -> bool:
         """Whether the forward attends block by block (one call per ``cu_seqlens`` segment)."""
-        return "cu_seqlens" in inspect.signature(self.envoy._module.forward).parameters
+        return "cu_seqlens" in inspect.signature(type(self.module).forward).parameters
 
     def read(self, tracer, pre_rope: bool, outputs: bool = False) -> "SiteReading":
         """Inside a trace, in execution order: the module's call(s) to its attention function,
@@ -395,7 +441,7 @@ class AttentionSite:
         before = None
         if pre_rope and self.rotary is not None:
             rotary_args, rotary_kwargs = getattr(source, self.rotary).inputs
-            before = tuple(rotary_args[:2]) if len(rotary_args) >= 2 else (rotary_kwargs.get("q"), rotary_kwargs.get("k"))
+            before = tuple(rotary_args[:2]) if len(rotary_args) >= 2 else (rotary_kwargs["q"], rotary_kwargs["k"])
         calls, results = [], []
         op = getattr(source, self.call)
         if blocks == 1:
@@ -407,7 +453,7 @@ class AttentionSite:
                 calls.append(op.inputs)
                 if outputs:
                     results.append(op.output)
-        return SiteReading(self.envoy._module, calls, before, results)
+        return SiteReading(self.module, calls, before, results)
 
 
 @dataclass(frozen=True)
@@ -426,3 +472,14 @@ class SiteReading:
 
     def call(self, view: int = 0) -> AttentionCall:
         return attention_call(self.module, self.calls, view, self.pre_rope)
+
+
+def envoys_of(root, model: torch.nn.Module, modules) -> list:
+    """The nnsight envoys of ``modules`` (submodules of ``model``) in its wrapper ``root``."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    return [root.get(paths[id(m)]) if paths[id(m)] else root for m in modules]
+
+
+def attention_sites(root, model: torch.nn.Module, modules, flash: bool = False) -> list[AttentionSite]:
+    """The ``AttentionSite`` of each attention module in ``modules``."""
+    return [AttentionSite.of(envoy, module, flash) for envoy, module in zip(envoys_of(root, model, modules), modules)]

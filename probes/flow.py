@@ -4,9 +4,9 @@ All exact given the captured q/k/v and the layer's weights; none materialises [S
 
 * ``kobayashi`` (Kobayashi et al. 2020, "Attention is not only a weight"): per head,
   ``||alpha_ij v_j^h W_O^h|| = alpha_ij ||v_j^h W_O^h||``, where ``W_O^h`` is head h's slice of the
-  output projection. The norms come from the per-head Gram matrix ``W_O^h^T W_O^h`` [dv, dv], so
-  no [S, D] product per head is formed. The head reduction is the mean of the per-head values (not
-  the norm of their sum, which is a different quantity).
+  output projection. The norms come from the per-head Gram matrix ``W_O^h^T W_O^h`` [dv, dv]
+  (``capture.value_output_norms``), so no [S, D] product per head is formed. The head reduction
+  is the mean of the per-head values (not the norm of their sum, which is a different quantity).
 * ``rollout`` (Abnar & Zuidema 2020): ``R_l = (0.5 A_l + 0.5 I) R_{l-1}`` with ``A_l`` the head-mean
   attention of layer l, starting from the identity at the stack's input. Only the columns of the
   visual sources are carried ([S, N]), so each layer costs one head-mean attention sweep.
@@ -15,10 +15,13 @@ All exact given the captured q/k/v and the layer's weights; none materialises [S
   the parts are ``p_hk = alpha_hk v_k^h W_O^h`` (v includes the value bias) plus ``x`` itself;
   ``c = max(||y||_1 - ||y - p||_1, eps)``, normalised over all parts. Recorded: the visual keys'
   parts (summed over heads unless per-head values are asked for) and the residual's share.
-* ``flowcut`` (FlowCut, Tong et al. 2025, following its released code ``compute_score``): in a
+* ``flowcut`` (FlowCut, Tong et al. 2025). The abstract only says the [CLS] token relays the
+  information flow; the formula follows the released code (PyPI ``flowcut`` 1.0.1:
+  ``utils_flowcut.compute_score`` fed by ``modeling_clip_flowcut.CLIPAttention_forward``): in a
   tower with [CLS], per patch j, ``(a_j / sum a + s_j / sum s) * ||v̄_j||_1`` with ``a`` the
   head-mean [CLS] attention row, ``s`` the head-mean of ``softmax_j(v_cls^h . v_j^h)`` (unscaled,
-  over all keys), and ``v̄`` the head-mean value vector. The layer-to-layer accumulation
+  over all keys), and ``v̄`` the head-mean value vector (the code's ``/ value.shape[-1]`` is
+  commented out; so it is here). The layer-to-layer accumulation
   (0.5 old + 0.5 new) and the adaptive pruning ratio belong to the method, not the probe.
 """
 
@@ -35,38 +38,34 @@ EPS = 1e-5  # the transparency tool's floor for a part's contribution
 
 # --- pure maths ---------------------------------------------------------------------------------
 
-def value_output_norms(value: torch.Tensor, out_slices: torch.Tensor) -> torch.Tensor:
-    """||v_k^h W_O^h||_2 for every head and key: value [H, S, dv], out_slices [H, D, dv] -> [H, S]."""
-    gram = torch.einsum("hda,hdb->hab", out_slices.float(), out_slices.float())
-    squared = ((value.float() @ gram) * value.float()).sum(-1)
-    return squared.clamp(min=0).sqrt()
-
-
 def rollout_step(carried: torch.Tensor, head_mean: torch.Tensor, residual: float = 0.5) -> torch.Tensor:
     """One rollout layer: ``((1 - residual) A + residual I) @ carried`` with ``carried`` [S, N]."""
     return (1 - residual) * (head_mean @ carried) + residual * carried
 
 
 def contributions(probs: torch.Tensor, value: torch.Tensor, out_slices: torch.Tensor,
-                  resid: torch.Tensor, whole: torch.Tensor, budget: int = 32 * 2**20
+                  resid: torch.Tensor, whole: torch.Tensor, budget: int = 8 * 2**20
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention contributions of one layer for some query rows.
 
     probs [H, R, S], value [H, S, dv], out_slices [H, D, dv], resid (x) [R, D], whole (y) [R, D].
     Returns (c [H, R, S], c_residual [R]), normalised so that for each row the sum over heads
-    and keys plus the residual's share is 1.
+    and keys plus the residual's share is 1. The per-key parts ``v_k^h W_O^h`` are formed a
+    block of keys at a time, so the working set stays within ``budget`` bytes.
     """
     heads, rows, keys = probs.shape
+    whole = whole.float()
     whole_norm = whole.abs().sum(-1)  # [R]
     parts = torch.empty(heads, rows, keys, device=probs.device)
-    step = max(1, budget // (4 * 2 * keys * whole.shape[-1]))
+    step = max(1, budget // (4 * 3 * whole.shape[-1]))
     for h in range(heads):
-        per_key = value[h].float() @ out_slices[h].float().T  # [S, D]: v_k^h W_O^h
-        for start in range(0, rows, step):
-            r = slice(start, start + step)
-            # ||y - alpha * u||_1 for every key, one row chunk at a time
-            distance = (whole[r, None, :] - probs[h, r, :, None] * per_key[None]).abs().sum(-1)
-            parts[h, r] = (whole_norm[r, None] - distance).clamp(min=EPS)
+        out_h = out_slices[h].float().T  # [dv, D]
+        for start in range(0, keys, step):
+            block = slice(start, start + step)
+            per_key = value[h, block].float() @ out_h  # [k, D]: v_k^h W_O^h
+            for r in range(rows):
+                distance = (whole[r] - probs[h, r, block, None] * per_key).abs().sum(-1)
+                parts[h, r, block] = (whole_norm[r] - distance).clamp(min=EPS)
     residual = (whole_norm - (whole - resid).abs().sum(-1)).clamp(min=EPS)
     total = parts.sum((0, 2)) + residual
     return parts / total[None, :, None], residual / total
@@ -105,9 +104,8 @@ class FlowProbe(Probe):
         visual = state.roles.visual.to(call.query.device)
         slices = head_slices(state.out_proj, call.heads) if state.out_proj is not None else None
         if "kobayashi" in self.wanted:
-            norms = value_output_norms(call.value, slices)  # [H, S]
             for kind in state.rows:
-                values, _ = visual_rows(state, kind, True, self.options.per_head, weight=norms)
+                values, _ = visual_rows(state, kind, True, self.options.per_head, weighted=True)
                 yield Observation("kobayashi", kind, values, self.options.per_head)
         if {"contribution", "contribution_residual"} & self.wanted:
             yield from self._contributions(state, slices, visual)

@@ -47,7 +47,6 @@ class ProbeOptions:
     var_tau: float = 20.0  # VAR visual-sink threshold on max |h_d| / rms(h) over sink dimensions
     occlusion_groups: tuple[int, ...] = (1,)  # k of the k x k occlusion groups
     batch_size: int = 16  # occluded forwards per batch
-    chunk_bytes: int = 32 * 2**20
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from probes.capture import AttentionSite
+from probes.capture import DEFAULT_CHUNK_BYTES, AttentionSite
 from probes.registry import Probe, SignalSpec, register_probe
 
 
@@ -134,7 +134,7 @@ def gradient_x_input(language_model, head, scoring: ScoringInputs) -> torch.Tens
 
 
 def attention_x_gradient(traced_lm, language_model, head, scoring: ScoringInputs,
-                         sites: Sequence[AttentionSite], chunk_bytes: int = 32 * 2**20) -> list[torch.Tensor]:
+                         sites: Sequence[AttentionSite], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[torch.Tensor]:
     """Per site (layer, in order): ``sum_i A_hij dL/dA_hij`` on the visual keys, [H, N].
 
     ``traced_lm``: an nnsight wrapper of ``language_model``; ``sites`` its attention sites.

@@ -5,7 +5,7 @@ module; token counts from the prepared inputs) and the request. It counts what t
 stores (every entry, float32) plus the largest working set one layer needs (a row chunk, the
 head-mean attention matrix of a full sweep, the rollout state, one head's value-output product
 for contributions), plus, for saliency, the replayed decoder's activations and autograd graph
-(approximate: activations are counted as a few hidden-size and MLP-size tensors per layer).
+(approximate: activations are counted as eight hidden-size tensors per token and layer).
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def gib(n: float) -> str:
 
 def _attention_shape(attention) -> tuple[int, int, int]:
     out = output_projection(attention)
-    head_dim = getattr(attention, "head_dim", None) or attention.config.hidden_size // attention.config.num_attention_heads
+    head_dim = getattr(attention, "head_dim", None)
+    head_dim = head_dim or attention.config.hidden_size // attention.config.num_attention_heads
     return out.in_features // head_dim, head_dim, out.out_features
 
 
@@ -121,10 +122,12 @@ def estimate(adapter, prepared, request) -> MemoryEstimate:
                 stored[what] = stored.get(what, 0) + size * shape.layers
                 layer_bytes += size
         per_layer[shape.stack] = layer_bytes
-        length, hidden = shape.length, shape.hidden
-        full_sweep = length * length * FLOAT  # head-mean attention of a layer
-        layer_work = DEFAULT_CHUNK_BYTES + full_sweep + length * shape.visual * FLOAT + 2 * length * hidden * FLOAT
-        working = max(working, layer_work)
+        length = shape.length
+        # One layer at a time: a chunk of rows, up to three [S, S] head means of the full sweeps
+        # (with RoPE, Kobayashi-weighted, without RoPE), the rollout state [S, N], a block of the
+        # contribution parts (within the chunk budget).
+        sweeps = 3 * length * length * FLOAT
+        working = max(working, 2 * DEFAULT_CHUNK_BYTES + sweeps + length * shape.visual * FLOAT * shape.views)
     saliency = [s for s in signals if s.extra_pass]
     if saliency and "llm" in request.stacks:
         llm = next(s for s in stack_shapes(adapter, prepared, request) if s.stack == "llm")
@@ -136,7 +139,8 @@ def estimate(adapter, prepared, request) -> MemoryEstimate:
             working = max(working, request.batch_size * (activations + llm.length * llm.hidden * FLOAT))
         if any(s.name == "attention_x_gradient" for s in saliency):
             heads = llm.heads if request.per_head else 1
-            stored["attention_x_gradient" + (", per head" if heads > 1 else "")] = heads * llm.visual * FLOAT * llm.layers
+            what = "attention_x_gradient" + (", per head" if heads > 1 else "")
+            stored[what] = heads * llm.visual * FLOAT * llm.layers
     total = sum(stored.values()) + working
     return MemoryEstimate(total, stored, working, per_layer)
 

@@ -19,7 +19,8 @@ import polars as pl
 import torch
 
 from probes import saliency
-from probes.capture import ROW_KINDS, STACKS, AttentionSite, LayerState, TokenRoles, output_projection, row_positions
+from probes.capture import (ROW_KINDS, STACKS, LayerState, TokenRoles, attention_sites, envoys_of, output_projection,
+                            row_positions)
 from probes.registry import PROBES, Observation, TableRows, probes_for, signal_spec
 from probes.sinks import massive_activations
 from workbench.memory import DEFAULT_LIMIT, check_memory
@@ -121,10 +122,14 @@ class _Session:
         single = [s for s in request.signals if not signal_spec(s).extra_pass]
         self.probes = [PROBES[name](wanted, options) for name, wanted in probes_for(single).items()]
         self.captures = frozenset().union(*(p.captures() for p in self.probes)) if self.probes else frozenset()
+        self.at_output = [p for p in self.probes if "hidden_out" in p.captures()]
+        self.at_call = [p for p in self.probes if "hidden_out" not in p.captures()]
         self.needs_sinks = bool({"attention_mass", "sink_share", "visual_sink_score"} & set(single))
+        # Every query row is swept anyway for these; head-mean rows are then read from that sweep.
+        self.sweep = bool({"rollout", "sink_share"} & set(single) or {"mean", "visual"} & set(request.rows))
+        self.weighted = "kobayashi" in single and self.sweep and not request.per_head
         self.sink_dims: dict[tuple[str, int], torch.Tensor] = {}
-        flash = str(getattr(adapter.model.config, "_attn_implementation", "")).startswith("flash")
-        self.flash = flash
+        self.flash = str(getattr(adapter.model.config, "_attn_implementation", "")).startswith("flash")
 
     def roles(self, stack: str, length: int) -> TokenRoles:
         if stack == "llm":
@@ -133,17 +138,24 @@ class _Session:
         return TokenRoles.for_tower(length, self.adapter.has_cls_token)
 
     def visit(self, tracer, plan: StackPlan, layer: int, envoys: dict) -> None:
-        """Read one layer inside the trace (in execution order) and run the probes on it."""
-        captures = self.captures | ({"hidden_in"} if self.needs_sinks else set())
-        layer_envoy, site = envoys["layer"][layer], envoys["site"][layer]
-        hidden_in = _first(layer_envoy.inputs) if "hidden_in" in captures else None
-        reading = None
-        if captures & {"call", "norope"}:
-            reading = site.read(tracer, pre_rope="norope" in captures)
-        hidden_out = _first(layer_envoy.output) if "hidden_out" in captures else None
-        self.observe(plan, layer, hidden_in, reading, hidden_out)
+        """Read one layer inside the trace, in execution order, and run the probes on it.
 
-    def observe(self, plan: StackPlan, layer: int, hidden_in, reading, hidden_out) -> None:
+        Probes that need only what the attention call sees run while the model waits at that
+        call, so its q/k/v are let go before the MLP (where a forward's memory peaks); probes of
+        the layer's output run once it exists.
+        """
+        layer_envoy, site = envoys["layer"][layer], envoys["site"][layer]
+        hidden_in = _first(layer_envoy.inputs) if "hidden_in" in self.captures or self.needs_sinks else None
+        if self.at_call:
+            reading = None
+            if self.captures & {"call", "norope"}:
+                reading = site.read(tracer, pre_rope="norope" in self.captures)
+            self.observe(plan, layer, self.at_call, hidden_in, reading=reading)
+            del reading
+        if self.at_output:
+            self.observe(plan, layer, self.at_output, hidden_in, hidden_out=_first(layer_envoy.output))
+
+    def observe(self, plan: StackPlan, layer: int, probes: list, hidden_in, reading=None, hidden_out=None) -> None:
         views = 1
         if reading is not None:
             views = reading.batch
@@ -165,24 +177,26 @@ class _Session:
                     continue
                 rows[kind] = positions
                 self.builder.rows[f"{plan.stack}/{kind}/{view}"] = positions
-            sinks, dims = self.sinks(plan.stack, view, h_in, roles)
-            state = LayerState(plan.stack, layer, view, roles, rows, call, h_in, h_out, out_proj, sinks, dims,
-                               recorded=layer in plan.recorded)
-            for probe in self.probes:
+            # Sinks belong to the attention phase; the output phase has no use for them.
+            sinks = self.sinks(plan.stack, view, h_in, roles) if hidden_out is None else {}
+            state = LayerState(plan.stack, layer, view, roles, rows, call, h_in, h_out, out_proj, **sinks,
+                               recorded=layer in plan.recorded, sweep=self.sweep, weighted=self.weighted)
+            for probe in probes:
                 for item in probe.observe(state):
                     signal = item.signal if isinstance(item, Observation) else item.table
                     if plan.stack in signal_spec(signal).stacks:
                         self.builder.add(item, plan.stack, layer, view)
 
-    def sinks(self, stack: str, view: int, hidden: torch.Tensor | None, roles: TokenRoles):
-        empty = torch.zeros(0, dtype=torch.long)
+    def sinks(self, stack: str, view: int, hidden: torch.Tensor | None, roles: TokenRoles) -> dict:
+        """Sink tokens of the residual stream entering the layer, and the stack's sink dimensions
+        so far (this layer's and every earlier one's), as ``LayerState`` fields."""
         if not self.needs_sinks or hidden is None:
-            return empty, empty
+            return {}
         found = massive_activations(hidden, self.request.sink_ratio, self.request.sink_floor, roles.valid)
         key = (stack, view)
-        dims = torch.unique(torch.cat([self.sink_dims.get(key, empty), found.dimensions]))
+        dims = torch.unique(torch.cat([self.sink_dims.get(key, torch.zeros(0, dtype=torch.long)), found.dimensions]))
         self.sink_dims[key] = dims
-        return found.tokens, dims
+        return {"sinks": found.tokens, "sink_dims": dims}
 
 
 def _view(hidden, view: int):
@@ -192,11 +206,9 @@ def _view(hidden, view: int):
 
 
 def _envoys(root: nnsight.NNsight, model: torch.nn.Module, plan: StackPlan, flash: bool) -> dict:
-    paths = {id(m): name for name, m in model.named_modules()}
-    return {
-        "layer": {i: root.get(paths[id(plan.layers[i])]) for i in plan.visit},
-        "site": {i: AttentionSite.of(root.get(paths[id(plan.attention[i])]), flash) for i in plan.visit},
-    }
+    layers = envoys_of(root, model, [plan.layers[i] for i in plan.visit])
+    sites = attention_sites(root, model, [plan.attention[i] for i in plan.visit], flash)
+    return {"layer": dict(zip(plan.visit, layers)), "site": dict(zip(plan.visit, sites))}
 
 
 def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureRequest = CaptureRequest(), *,
@@ -264,8 +276,7 @@ def _saliency(adapter, prepared, request, builder: _Builder, plans, answer: str 
         plan = next(p for p in plans if p.stack == "llm")
         layers = sorted(plan.recorded)
         root = traced(lm)
-        paths = {id(m): name for name, m in lm.named_modules()}
-        sites = [AttentionSite.of(root.get(paths[id(plan.attention[i])])) for i in layers]
+        sites = attention_sites(root, lm, [plan.attention[i] for i in layers])
         for layer, value in zip(layers, saliency.attention_x_gradient(root, lm, head, scoring, sites)):
             per_head = request.per_head
             value = value[:, None] if per_head else value.sum(0)[None]

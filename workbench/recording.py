@@ -216,8 +216,8 @@ class Recording:
             "entries": [{"key": k.name(), "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."),
                          "per_head": k in self.per_head} for k, v in sorted(self.tensors.items())],
             "tables": sorted(self.tables), "row_positions": sorted(self.row_positions),
-            "layout": {"groups": [asdict(g) for g in layout.groups], "image_sizes": [list(s) for s in layout.image_sizes],
-                       "sequence_length": layout.sequence_length},
+            "layout": {"groups": [asdict(g) for g in layout.groups],
+                       "image_sizes": [list(s) for s in layout.image_sizes], "sequence_length": layout.sequence_length},
             "notes": list(self.notes), "files": files,
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")

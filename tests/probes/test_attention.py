@@ -8,8 +8,8 @@ import nnsight
 import pytest
 import torch
 
-from probes.capture import ROW_KINDS, AttentionSite, TokenRoles, row_positions
-from tests.probes.conftest import eager_twin
+from probes.capture import ROW_KINDS, TokenRoles, attention_sites, row_positions
+from tests.probes.conftest import eager_twin, eval_sample
 from tests.tiny_models import QUESTION, TINY_FAMILIES, TINY_SPECS, noise_image, tiny_adapter
 from workbench.recorder import record
 from workbench.recording import CaptureRequest, EntryKey
@@ -47,8 +47,22 @@ def check(recording, references: dict, roles_of, stack: str, head_mean_recording
     return checked
 
 
-def test_shipped_architecture_matches_eager_output_attentions(shipped):
-    adapter, prepared = shipped
+@pytest.fixture(params=["untrained", "trained"])
+def shipped_model(request, shipped):
+    """The shipped architecture untrained, and the trained shipped model when it is there."""
+    if request.param == "untrained":
+        return shipped
+    from workbench.models.loading import SHIPPED_MODEL_DIR, load
+
+    if not (SHIPPED_MODEL_DIR / "model.safetensors").is_file():
+        pytest.skip("the trained shipped model is not in data/models")
+    adapter = load("shapes-vlm")
+    sample = eval_sample()
+    return adapter, adapter.prepare(sample.load_image(), sample.question)
+
+
+def test_shipped_architecture_matches_eager_output_attentions(shipped_model):
+    adapter, prepared = shipped_model
     request = CaptureRequest(signals=("attention",), rows=ALL_ROWS, per_head=True)
     per_head = record(adapter, prepared, request)
     head_mean = record(adapter, prepared, CaptureRequest(signals=("attention",), rows=ALL_ROWS))
@@ -68,9 +82,9 @@ def eager_tower_attention(adapter, prepared) -> dict:
     (blocks of a block-wise tower joined block-diagonally)."""
     eager = eager_twin(adapter.model)
     root = nnsight.NNsight(eager)
-    paths = {id(m): n for n, m in adapter.model.named_modules()}
-    count = len(adapter.vision_layers())
-    sites = [AttentionSite.of(root.get(paths[id(adapter.vision_attention(i))])) for i in range(count)]
+    paths = {id(m): name for name, m in adapter.model.named_modules()}
+    twins = [eager.get_submodule(paths[id(adapter.vision_attention(i))]) for i in range(len(adapter.vision_layers()))]
+    sites = attention_sites(root, eager, twins)
     weights = {}
     with torch.no_grad(), root.trace(**prepared.inputs) as tracer:
         for i, site in enumerate(sites):

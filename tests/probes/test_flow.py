@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from probes.capture import AttentionCall, LayerState, TokenRoles
-from probes.flow import FlowProbe, RolloutProbe, contributions, flowcut_score, rollout_step, value_output_norms
+from probes.capture import AttentionCall, LayerState, TokenRoles, value_output_norms
+from probes.flow import FlowProbe, RolloutProbe, contributions, flowcut_score, rollout_step
 from probes.registry import ProbeOptions
 
 
@@ -86,3 +86,23 @@ def test_flowcut_score_by_hand():
     e2 = math.exp(2)
     want = torch.tensor([(0.5 + e2 / (e2 + 1)) * 2, (0.5 + 1 / (e2 + 1)) * 1])
     torch.testing.assert_close(flowcut_score(uniform_call(value), 0, torch.tensor([1, 2])), want)
+
+
+def test_head_means_agree_across_computation_paths(shipped):
+    """Per-head values (chunked rows), head means read from the full sweep, and head means of the
+    rows alone (no sweep) are the same numbers."""
+    from workbench.recorder import record
+    from workbench.recording import CaptureRequest
+
+    adapter, prepared = shipped
+    signals = ("attention", "attention_norope", "attention_mass", "kobayashi")
+    common = dict(signals=signals, stacks=("llm",), layers=(1,))
+    per_head = record(adapter, prepared, CaptureRequest(rows=("last", "text", "mean"), per_head=True, **common))
+    swept = record(adapter, prepared, CaptureRequest(rows=("last", "text", "mean"), **common))
+    rows_only = record(adapter, prepared, CaptureRequest(rows=("last", "text"), **common))
+    for signal in signals:
+        for kind in ("last", "text", "mean"):
+            want = per_head.get(signal, 1, kind)
+            torch.testing.assert_close(swept.get(signal, 1, kind), want, atol=1e-6, rtol=1e-5)
+            if kind != "mean":
+                torch.testing.assert_close(rows_only.get(signal, 1, kind), want, atol=1e-6, rtol=1e-5)
