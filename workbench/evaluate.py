@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -78,34 +77,31 @@ class EvidenceAttention:
     ratio: float  # the first over the second: 1 = no preference for the evidence
 
 
-@torch.no_grad()
 def evidence_attention(adapter: ModelAdapter, samples: list[Sample], progress: bool = True) -> pl.DataFrame:
     """Per decoder layer, how much more the answer position attends to evidence than chance.
 
-    Uses eager attention probabilities (``output_attentions``) on a small model; the probes give
-    the same rows without eager attention for large ones.
+    The last row's head-mean attention over the visual keys comes from the probes (one traced
+    SDPA forward), so this runs on large models too.
     """
-    model = adapter.model
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
+    from workbench.recorder import record
+    from workbench.recording import CaptureRequest
+
+    request = CaptureRequest(signals=("attention",), rows=("last",), stacks=("llm",))
+    n_layers = len(adapter.decoder_layers())
     per_layer: dict[int, list[tuple[float, float]]] = {}
-    try:
-        for s in tqdm(samples, desc="evidence attention", disable=not progress):
-            mask = s.evidence_mask()
-            if mask is None:
-                continue
-            prepared = adapter.prepare(s.load_image(), s.question)
-            evidence = prepared.layout.evidence_tokens(mask)
-            if not evidence.any():
-                continue
-            out = model(**prepared.inputs, output_attentions=True)
-            positions = torch.as_tensor(prepared.layout.positions)
-            for layer, attn in enumerate(out.attentions):
-                row = attn[0, :, -1, :].float().mean(0)[positions].numpy()  # head-mean, last query
-                share = row[evidence].sum() / max(row.sum(), 1e-12)
-                per_layer.setdefault(layer, []).append((share, evidence.mean()))
-    finally:
-        model.set_attn_implementation(previous)
+    for s in tqdm(samples, desc="evidence attention", disable=not progress):
+        mask = s.evidence_mask()
+        if mask is None:
+            continue
+        prepared = adapter.prepare(s.load_image(), s.question)
+        evidence = prepared.layout.evidence_tokens(mask)
+        if not evidence.any():
+            continue
+        recording = record(adapter, prepared, request, sample_id=s.id, question=s.question)
+        for layer in range(n_layers):
+            row = recording.get("attention", layer, "last", "llm")[0].float().numpy()
+            share = row[evidence].sum() / max(row.sum(), 1e-12)
+            per_layer.setdefault(layer, []).append((share, evidence.mean()))
     rows = []
     for layer, values in sorted(per_layer.items()):
         shares, base = np.array(values).T

@@ -305,7 +305,6 @@ def test_bad_callback_stages_fail_clearly(shipped):
         execute(adapter, prepared, first, callback=lambda i, s: Stage(2, (0, 5)) if i == 2 else None)
 
 
-@pytest.mark.skipif("qwen2_vl" not in ALL_MODELS, reason="tiny Qwen2-VL not available")
 def test_reindex_with_mrope_positions_is_refused():
     adapter, prepared, _ = adapter_and_input("qwen2_vl")
     n = prepared.layout.n_tokens
