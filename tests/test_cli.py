@@ -26,3 +26,11 @@ def test_missing_checkpoint_is_a_clear_offline_error(capsys, tmp_path):
 def test_console_script_runs_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-m", "workbench", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "train-shapes" in out.stdout
+
+
+def test_a_file_that_is_not_an_image_is_one_line(capsys, tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("not an image")
+    assert main(["record", "--image", str(fake), "--question", "what is here ?", "--out", str(tmp_path / "rec")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot identify image file" in err and "Traceback" not in err

@@ -17,9 +17,11 @@ from workbench.errors import UserError
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from workbench.models.loading import ModelNotAvailable
     from workbench.models.registry import UnsupportedModel
+    from PIL import UnidentifiedImageError
+
     from workbench.samples import DatasetError
 
-    return UserError, ModelNotAvailable, UnsupportedModel, DatasetError, FileNotFoundError
+    return UserError, ModelNotAvailable, UnsupportedModel, DatasetError, FileNotFoundError, UnidentifiedImageError
 
 
 def build_parser() -> argparse.ArgumentParser:
