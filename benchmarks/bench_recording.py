@@ -40,20 +40,12 @@ import sys
 import time
 
 import torch
-from PIL import Image
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from workbench.models.registry import adapter_for
 from workbench.recorder import record
 from workbench.recording import SINGLE_FORWARD_SIGNALS, CaptureRequest
-from workbench.shapes_model.build import CHAT_TEMPLATE
-from workbench.shapes_model.tokenizer import build_tokenizer
 
-IMAGE, PATCH = 336, 14
-QUESTION = ("is there a red circle above the blue square and a green triangle left of the small yellow star ? "
-            "what colour is the large shape at the top left and what shape is right of the purple circle ? "
-            "how many shapes are there")
+from llava_shaped import build  # benchmarks/, next to this script
+
 REQUESTS = {
     "record (all single-forward signals)": CaptureRequest(signals=SINGLE_FORWARD_SIGNALS,
                                                           rows=("last", "text", "cls", "mean")),
@@ -61,27 +53,6 @@ REQUESTS = {
                                                        rows=("last", "text", "cls", "mean", "visual")),
 }
 PLAIN, EAGER = "plain SDPA forward", "eager, output_attentions=True"
-
-
-def build():
-    tokenizer = build_tokenizer()
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=CHAT_TEMPLATE)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                       num_attention_heads=4, image_size=IMAGE, patch_size=PATCH),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008,
-                                num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=32,
-                                pad_token_id=tokenizer.pad_token_id),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default", image_seq_length=(IMAGE // PATCH) ** 2,
-    )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    adapter = adapter_for(LlavaForConditionalGeneration(config).eval(), processor, name="llava-1.5-shaped-2-layers")
-    return adapter, adapter.prepare(Image.new("RGB", (400, 300), (120, 60, 200)), QUESTION)
 
 
 def workloads(adapter, prepared) -> dict:

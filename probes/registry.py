@@ -21,9 +21,11 @@ class SignalSpec:
     """What one signal is.
 
     ``rows``: "query" (one row per requested query row of each row kind), "graph" (the rows of
-    ``ProbeOptions.graph_rows``), "token" (one row: a value per key token), "answer" (saliency).
+    ``ProbeOptions.graph_rows``), "token" (one row: a value per key token), "answer" (saliency),
+    "feature" / "text_feature" (one row per visual / text token).
     ``keys``: what the last axis indexes: "visual" (visual tokens in layout order; a tower's patch
-    tokens), "category" (``KEY_CATEGORIES``), "one" (a single value).
+    tokens), "category" (``KEY_CATEGORIES``), "one" (a single value), "hidden" / "keys" (the
+    dimensions of the residual stream / of the heads' keys side by side).
     ``heads``: how the head axis is reduced when per-head values are not asked for: "mean",
     "sum" (parts that add up, like contributions), or "none" (no head axis exists).
     ``extra_pass``: needs passes beyond the one traced forward (a backward, occluded forwards).
@@ -112,6 +114,7 @@ def register_probe(name: str) -> Callable[[type[Probe]], type[Probe]]:
 def _import_probes() -> None:
     # Importing a probe module registers it.
     import probes.attention  # noqa: F401
+    import probes.features  # noqa: F401
     import probes.flow  # noqa: F401
     import probes.saliency  # noqa: F401
     import probes.sinks  # noqa: F401

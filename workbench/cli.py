@@ -39,11 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def single_threaded_blas() -> None:
+    """NumPy's BLAS on one thread: the analyses' matrices are small, and BLAS threads that spin
+    beside torch's on a few cores make them 20x slower (measured on 2 cores); torch keeps its own."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--allow-download" not in argv:
         # Before transformers is imported: never wait on the network unless asked.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    single_threaded_blas()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -57,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"workbench {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``workbench methods | head``): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class VisualLayout:
     image_sizes: tuple[tuple[int, int], ...]
     sequence_length: int
     separators: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    tower_owner: tuple[np.ndarray, ...] = ()
 
     def __post_init__(self):
         n = len(self.positions)
@@ -51,6 +52,11 @@ class VisualLayout:
         for g, grp in enumerate(self.groups):
             if (self.group == g).sum() != grp.rows * grp.cols:
                 raise ValueError(f"group {grp.name!r} has {(self.group == g).sum()} tokens, expected {grp.rows}x{grp.cols}")
+        owner = tuple(np.asarray(o, dtype=np.int64) for o in self.tower_owner)
+        for v, o in enumerate(owner):
+            if o.ndim != 1 or (len(o) and (o.min() < -1 or o.max() >= n)):
+                raise ValueError(f"tower_owner of view {v} must be a 1-D array of token indices in -1..{n - 1}")
+        object.__setattr__(self, "tower_owner", owner)
 
     @property
     def n_tokens(self) -> int:

@@ -99,6 +99,10 @@ def stack_shapes(adapter, prepared, request) -> list[StackShape]:
     return shapes
 
 
+# Feature signals keep one row per visual token (or, bounding it, per token of the sequence).
+FEATURE_ROW_COUNTS = {"feature": lambda shape: shape.visual, "text_feature": lambda shape: shape.length}
+
+
 def estimate(adapter, prepared, request) -> MemoryEstimate:
     stored: dict[str, int] = {}
     per_layer: dict[str, int] = {}
@@ -109,7 +113,8 @@ def estimate(adapter, prepared, request) -> MemoryEstimate:
         for spec in signals:
             if shape.stack not in spec.stacks or spec.extra_pass or spec.rows == "table":
                 continue
-            keys = {"visual": shape.visual, "category": len(KEY_CATEGORIES), "one": 1}[spec.keys]
+            keys = {"visual": shape.visual, "category": len(KEY_CATEGORIES), "one": 1, "hidden": shape.hidden,
+                    "keys": shape.heads * shape.head_dim}[spec.keys]
             heads = shape.heads if request.per_head and spec.heads != "none" else 1
             kinds = {"query": request.rows, "graph": request.graph_rows}.get(spec.rows, ("tokens",))
             for kind in kinds:
@@ -117,6 +122,8 @@ def estimate(adapter, prepared, request) -> MemoryEstimate:
                                          or (spec.rows == "graph" and ROW_KINDS[kind].aggregate)):
                     continue
                 rows = 1 if kind == "tokens" else shape.rows[kind]
+                if spec.rows in FEATURE_ROW_COUNTS:  # one row per token, not per query row
+                    rows = FEATURE_ROW_COUNTS[spec.rows](shape)
                 size = heads * rows * keys * FLOAT * shape.views
                 what = f"{spec.name} on {kind!r} rows" + (", per head" if heads > 1 else "") + f" ({shape.stack})"
                 stored[what] = stored.get(what, 0) + size * shape.layers

@@ -10,6 +10,10 @@ On disk a recording is a folder: ``tensors.safetensors`` (every tensor and the l
 index, and each file's size and SHA-256). It is written to a temporary sibling folder and renamed
 into place, and read back without pickle; any folder that is not a complete recording of this
 schema raises ``RecordingError`` with a plain message.
+
+The layout's tower map (``VisualLayout.tower_owner``) is stored as ``layout/tower_owner/<view>``
+arrays, their count as the manifest's ``layout.tower_views``. It was added without a schema bump:
+recordings written before it (no ``tower_views``) still load, with an empty (unknown) map.
 """
 
 from __future__ import annotations
@@ -203,6 +207,8 @@ class Recording:
         layout = self.layout
         for name in ("positions", "group", "cell", "boxes", "separators"):
             arrays[f"layout/{name}"] = torch.from_numpy(np.ascontiguousarray(getattr(layout, name)))
+        for view, owner in enumerate(layout.tower_owner):
+            arrays[f"layout/tower_owner/{view}"] = torch.from_numpy(np.ascontiguousarray(owner, dtype=np.int64))
         save_file(arrays, folder / TENSORS)
         (folder / "tables").mkdir()
         for name, frame in self.tables.items():
@@ -217,7 +223,8 @@ class Recording:
                          "per_head": k in self.per_head} for k, v in sorted(self.tensors.items())],
             "tables": sorted(self.tables), "row_positions": sorted(self.row_positions),
             "layout": {"groups": [asdict(g) for g in layout.groups],
-                       "image_sizes": [list(s) for s in layout.image_sizes], "sequence_length": layout.sequence_length},
+                       "image_sizes": [list(s) for s in layout.image_sizes], "sequence_length": layout.sequence_length,
+                       "tower_views": len(layout.tower_owner)},
             "notes": list(self.notes), "files": files,
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -243,6 +250,8 @@ class Recording:
                 groups=tuple(TokenGroup(**g) for g in layout_info["groups"]),
                 image_sizes=tuple(tuple(s) for s in layout_info["image_sizes"]),
                 sequence_length=layout_info["sequence_length"], separators=arrays["layout/separators"].numpy(),
+                tower_owner=tuple(arrays[f"layout/tower_owner/{v}"].numpy()
+                                  for v in range(layout_info.get("tower_views", 0))),
             )
             entries = {EntryKey.parse(e["key"]): e["per_head"] for e in manifest["entries"]}
             tensors = {key: arrays[f"entry/{key.name()}"] for key in entries}

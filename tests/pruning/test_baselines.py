@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.pruning.conftest import SHIPPED, adapter_and_input
-from workbench.layout import TokenGroup, VisualLayout, grid_boxes, grid_cells
+from tests.pruning.handmade import grid_layout
 from workbench.pruning.baselines import AveragePool, RandomPrune, UniformGrid
 from workbench.pruning.budget import resolve_budget, split_budget
 from workbench.pruning.executor import execute
@@ -14,19 +13,6 @@ from workbench.pruning.grid import grid_windows
 from workbench.pruning.method import SelectionContext
 from workbench.pruning.plan import Merge
 from workbench.pruning.registry import UnknownMethod, available_methods, create_method, method_class
-
-
-def small_layout(*shapes: tuple[int, int]) -> VisualLayout:
-    """One group per (rows, cols), tokens in sequence order after a 3-token prefix."""
-    cells, groups, group = [], [], []
-    for g, (rows, cols) in enumerate(shapes):
-        cells.append(grid_cells(rows, cols))
-        group += [g] * rows * cols
-        groups.append(TokenGroup(f"image 0 / tile {g}", 0, rows, cols))
-    n = len(group)
-    return VisualLayout(positions=np.arange(3, 3 + n), group=np.array(group), cell=np.concatenate(cells),
-                        boxes=np.concatenate([grid_boxes(r, c, 0, 0, 10 * c, 10 * r) for r, c in shapes]),
-                        groups=tuple(groups), image_sizes=((40, 40),), sequence_length=n + 8)
 
 
 # --- budgets and windows ---------------------------------------------------------------------------
@@ -69,21 +55,21 @@ def test_square_counts_give_the_regular_pooling():
 # --- the baselines -------------------------------------------------------------------------------
 
 def test_uniform_grid_keeps_the_window_centres():
-    layout = small_layout((4, 4))
+    layout = grid_layout((4, 4))
     assert UniformGrid().select(SelectionContext(layout, 4)).final_kept == (5, 7, 13, 15)
     assert UniformGrid().select(SelectionContext(layout, 0.25)).final_kept == (5, 7, 13, 15)
     assert UniformGrid().select(SelectionContext(layout, 2)).final_kept == (9, 11)  # one band, row 2
 
 
 def test_uniform_grid_shares_the_budget_across_groups():
-    layout = small_layout((2, 2), (4, 4))  # tokens 0-3, then 4-19
+    layout = grid_layout((2, 2), (4, 4))  # tokens 0-3, then 4-19
     plan = UniformGrid().select(SelectionContext(layout, 5))
     assert plan.final_kept == (3, 9, 11, 17, 19)
     assert plan.method == "uniform_grid" and plan.budget == 5 and plan.n_visual == 20
 
 
 def test_average_pool_merges_each_window_into_its_centre():
-    layout = small_layout((4, 4))
+    layout = grid_layout((4, 4))
     plan = AveragePool().select(SelectionContext(layout, 4))
     stage = plan.stages[0]
     assert stage.kept == (5, 7, 13, 15)
@@ -94,7 +80,7 @@ def test_average_pool_merges_each_window_into_its_centre():
 
 
 def test_random_prune_is_seeded():
-    layout = small_layout((4, 4))
+    layout = grid_layout((4, 4))
     plan = RandomPrune(seed=3).select(SelectionContext(layout, 6))
     assert plan.final_kept == tuple(sorted(np.random.default_rng(3).choice(16, 6, replace=False)))
     assert plan == RandomPrune(seed=3).select(SelectionContext(layout, 6))
@@ -104,7 +90,7 @@ def test_random_prune_is_seeded():
 @pytest.mark.parametrize("method", [RandomPrune(), UniformGrid(), AveragePool()])
 @pytest.mark.parametrize("budget", [0, 1, 7, 0.3, 1.0])
 def test_every_baseline_keeps_exactly_the_budget(method, budget):
-    layout = small_layout((3, 3), (4, 5))
+    layout = grid_layout((3, 3), (4, 5))
     context = SelectionContext(layout, budget)
     plan = method.select(context)
     assert len(plan.final_kept) == context.n_keep == plan.budget
@@ -116,7 +102,7 @@ def test_invalid_hyper_parameters_and_contexts():
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         RandomPrune(seed=0.5)
     with pytest.raises(ValueError, match="outside 0..16"):
-        SelectionContext(small_layout((4, 4)), 17)
+        SelectionContext(grid_layout((4, 4)), 17)
 
 
 def test_baselines_run_under_the_executor(shipped):

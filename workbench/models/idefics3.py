@@ -8,6 +8,10 @@ token, row-major. In the prompt each tile's tokens follow ``<fake_token_around_i
 rows of tiles end with "\\n", and the global view sits between ``<fake_token_around_image><global-img>``
 and ``<fake_token_around_image>``: those markers are separators, not visual tokens.
 
+Tower map: the tower runs on the frames in the same order (tower view f = frame f), each a row-major
+grid of g x g patches (no [CLS]); the pixel shuffle sends patch (r, c) of frame f to token
+``f * side**2 + (r // s) * side + c // s`` (s = ``scale_factor``, side = g / s).
+
 Not handled: several images in one sequence, video, ``do_resize=False``.
 """
 
@@ -104,7 +108,15 @@ class Idefics3Adapter(ModelAdapter):
             groups=tuple(TokenGroup(f"image 0 / {name}", 0, side, side) for name, *_ in frames),
             image_sizes=(image_sizes[0],), sequence_length=int(inputs["input_ids"].shape[1]),
             separators=self._markers(inputs, positions),
+            tower_owner=self._tower_owner(tile // patch, config.scale_factor, side, len(frames)),
         )
+
+    @staticmethod
+    def _tower_owner(patches: int, scale: int, side: int, n_frames: int) -> tuple[np.ndarray, ...]:
+        """Per frame (tower view), the token each of its ``patches`` x ``patches`` patches feeds."""
+        r, c = np.meshgrid(np.arange(patches), np.arange(patches), indexing="ij")
+        local = ((r // scale) * side + c // scale).ravel().astype(np.int64)
+        return tuple(f * side * side + local for f in range(n_frames))
 
     def _markers(self, inputs, positions: np.ndarray) -> np.ndarray:
         """Sequence indices of the image span (from the first <fake_token_around_image> before the

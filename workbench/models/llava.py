@@ -2,6 +2,7 @@
 
 One image becomes one square grid of patches: CLIP resizes the shortest edge and centre-crops, the
 tower's [CLS] output is dropped (``vision_feature_select_strategy="default"``) or kept ("full").
+Tower map: one view, tower patch i (after the [CLS]) is visual token i.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from workbench.layout import TokenGroup, VisualLayout, grid_cells
 from workbench.models.base import ModelAdapter
 from workbench.models.geometry import resize_and_crop
 from workbench.models.registry import register
+from workbench.tower_map import identity_owner
 
 
 @register
@@ -53,4 +55,5 @@ class LlavaAdapter(ModelAdapter):
             boxes=view.patch_boxes(rows, cols, patch, patch, width, height),
             groups=(TokenGroup("image 0", 0, rows, cols),), image_sizes=(image_sizes[0],),
             sequence_length=int(inputs["input_ids"].shape[1]), separators=separators,
+            tower_owner=identity_owner(rows * cols),
         )

@@ -9,6 +9,11 @@ what is left. Sequence: base grid (row-major), then each kept row followed by it
 Groups: "image 0 / base" and "image 0 / tiles" (the stitched, unpadded grid: one grid rather than
 one per tile, because the model orders its tokens row by row across tiles, and OneVision's pooling
 mixes neighbouring tiles).
+
+Tower map (``tower_owner``): tower view 0 is the base view (patch i -> base token i); view 1 + t is
+tile t (row-major over the best-fit grid, as the processor cuts them), whose patch (r, c) sits at
+(tile_row * side + r, tile_col * side + c) of the stitched grid and feeds the high-res token of that
+row and column when unpadding keeps both (else -1). OneVision's pooling: see its ``_axis_owner``.
 """
 
 from __future__ import annotations
@@ -79,6 +84,33 @@ class LlavaNextAdapter(LlavaAdapter):
         """LLaVA-NeXT keeps the unpadded grid as it is; OneVision may shrink it."""
         return grid
 
+    def _axis_owner(self, n_in: int, n_out: int) -> np.ndarray:
+        """[n_in]: which token row (column) each kept patch row (column) feeds; no pooling here."""
+        if n_in != n_out:
+            raise ValueError(f"{n_in} kept patch rows/columns for {n_out} token rows/columns without pooling")
+        return np.arange(n_in)
+
+    def _tower_owner(self, side: int, tiles: tuple[int, int], kept: tuple[np.ndarray, np.ndarray],
+                     grid: HighResGrid, n_base: int) -> tuple[np.ndarray, ...]:
+        """Per tower view (base, then tiles row-major) the layout token each patch feeds, or -1."""
+        tile_rows, tile_cols = tiles
+        owner_axes = []
+        for kept_axis, n_stitched, n_out in ((kept[0], tile_rows * side, len(grid.rows)),
+                                             (kept[1], tile_cols * side, len(grid.cols))):
+            axis = np.full(n_stitched, -1, dtype=np.int64)
+            axis[kept_axis] = self._axis_owner(len(kept_axis), n_out)
+            owner_axes.append(axis)
+        row_owner, col_owner = owner_axes
+        n_cols = len(grid.cols)
+        r, c = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+        r, c = r.ravel(), c.ravel()
+        views = [np.arange(n_base, dtype=np.int64)]
+        for tr in range(tile_rows):
+            for tc in range(tile_cols):
+                rows, cols = row_owner[tr * side + r], col_owner[tc * side + c]
+                views.append(np.where((rows >= 0) & (cols >= 0), n_base + rows * n_cols + cols, -1))
+        return tuple(views)
+
     def layout(self, inputs, image_sizes):
         width, height = image_sizes[0]
         tile, patch = self._tile_geometry()
@@ -110,4 +142,5 @@ class LlavaNextAdapter(LlavaAdapter):
             boxes=np.concatenate([base_boxes, tile_boxes]),
             groups=(TokenGroup("image 0 / base", 0, side, side), TokenGroup("image 0 / tiles", 0, n_rows, n_cols)),
             image_sizes=(image_sizes[0],), sequence_length=int(inputs["input_ids"].shape[1]), separators=newlines,
+            tower_owner=self._tower_owner(side, (best_h // tile, best_w // tile), (rows, cols), grid, n_base),
         )

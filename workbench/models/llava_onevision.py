@@ -4,6 +4,10 @@ than about ``max_num_patches`` tiles' worth of patches (``vision_aspect_ratio="a
 model shrinks it with bilinear interpolation before the newlines are added. A pooled token mixes
 up to 2x2 neighbouring patches, so its box is the union of the patches it draws on.
 
+Tower map: as LLaVA-NeXT's, except on a pooled grid, where a patch can feed two neighbouring tokens
+per axis: it is owned by the token it has the largest bilinear weight in (ties to the earlier), so
+every pooled token owns the patches nearest its sample point (``bilinear_owner``).
+
 Not handled: several images in one sequence (the processor then skips the tiles entirely) and video.
 """
 
@@ -23,12 +27,22 @@ def bilinear_support(n_in: int, n_out: int) -> np.ndarray:
     """[n_out, 2]: the input range each output of a 1-D ``interpolate(mode="bilinear")`` resize draws
     on (non-zero weight). Bilinear is separable, so rows and columns are done apart, each by
     resizing an identity matrix with torch itself to get its exact weights."""
-    eye = torch.eye(n_in)[None, :, :, None]  # channel k is the one-hot of input k along the height
-    weights = torch.nn.functional.interpolate(eye, size=(n_out, 1), mode="bilinear")[0, :, :, 0]  # [n_in, n_out]
-    support = (weights > 1e-6).T.numpy()  # an exact grid alignment can leave float noise as a weight
+    support = (_bilinear_weights(n_in, n_out) > 1e-6).T  # exact grid alignment can leave float noise as a weight
     first = support.argmax(1)
     last = n_in - support[:, ::-1].argmax(1)
     return np.stack([first, last], 1)
+
+
+def _bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """[n_in, n_out]: the weight of input k in output j of a 1-D ``interpolate(mode="bilinear")``."""
+    eye = torch.eye(n_in)[None, :, :, None]  # channel k is the one-hot of input k along the height
+    return torch.nn.functional.interpolate(eye, size=(n_out, 1), mode="bilinear")[0, :, :, 0].numpy()
+
+
+def bilinear_owner(n_in: int, n_out: int) -> np.ndarray:
+    """[n_in]: the output each input of a 1-D bilinear resize weighs most in (ties to the earlier).
+    Bilinear is separable, so a patch's 2-D owner is (row owner, column owner)."""
+    return _bilinear_weights(n_in, n_out).argmax(1)
 
 
 @register
@@ -36,6 +50,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     family = "llava_onevision"
     _unpad = staticmethod(unpad_image)
+
+    def _axis_owner(self, n_in: int, n_out: int) -> np.ndarray:
+        return np.arange(n_in) if n_in == n_out else bilinear_owner(n_in, n_out)
 
     def _pool(self, grid: HighResGrid, side: int) -> HighResGrid:
         aspect = self.model.config.vision_aspect_ratio

@@ -8,11 +8,18 @@ back from ``image_grid_thw`` rather than recomputed, so it is the processor's ow
 
 Qwen2.5-VL's window attention reorders patches inside the tower but restores the order before the
 merger, so the layout is the same. Not handled: video, several images in one sequence.
+
+Tower map: one tower view, all ``grid_h * grid_w`` patches. The processor already orders patches so
+that each merge block of ``merge**2`` is contiguous and the blocks are in token order, so in
+Qwen2-VL patch p feeds token ``p // merge**2``. Qwen2.5-VL's tower layers (what a recording holds)
+see the blocks permuted by window (``get_vision_window_index``): recorded patch p belongs to block
+``window_index[p // merge**2]``, which is that token (the merger's output is put back in order).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from workbench.layout import TokenGroup, VisualLayout, grid_cells
 from workbench.models.base import ModelAdapter
@@ -57,11 +64,19 @@ class Qwen2VLAdapter(ModelAdapter):
         if frames != 1 or len(positions) != rows * cols:
             raise ValueError(f"{len(positions)} image tokens in the prompt for a {frames}x{rows}x{cols} grid "
                              "(one still image per sequence is supported)")
+        block = np.arange(grid_h * grid_w) // (merge * merge)  # merge block of each patch, processor order
+        window_size = getattr(self.vision_tower(), "window_size", None)
+        if window_size is not None:  # Qwen2.5-VL: the tower's layers see the blocks in window order
+            from transformers.vision_utils import get_vision_window_index
+
+            window_index, _ = get_vision_window_index(torch.tensor([[frames, grid_h, grid_w]]), merge, window_size,
+                                                      patch)
+            block = window_index.cpu().numpy()[block]
         view = resize_to(width, height, grid_w * patch, grid_h * patch)
         token = patch * merge
         return VisualLayout(
             positions=positions, group=np.zeros(rows * cols, dtype=np.int64), cell=grid_cells(rows, cols),
             boxes=view.patch_boxes(rows, cols, token, token, width, height),
             groups=(TokenGroup("image 0", 0, rows, cols),), image_sizes=(image_sizes[0],),
-            sequence_length=int(inputs["input_ids"].shape[1]),
+            sequence_length=int(inputs["input_ids"].shape[1]), tower_owner=(block.astype(np.int64),),
         )

@@ -72,11 +72,10 @@ class LayerState:
         return self.layout.n_tokens
 
     @torch.no_grad()
-    def attention(self, rows: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities [H, R, S] (float32) of query ``rows`` in this layer, recomputed
-        from the layer's own q/k (input norm, projections and rotary embedding included) on the
-        current, already pruned sequence. The layer is stopped at its attention call, so the KV
-        cache is not touched."""
+    def _capture(self) -> "_Captured":
+        """Run the layer up to its attention call on the current, already pruned sequence and
+        return what it was about to attend with (input norm, projections and rotary embedding
+        applied). The layer is stopped there, so the KV cache is not touched."""
         config = self.attention_module.config
         saved = config._attn_implementation_internal
         token = hooks_suspended.set(True)
@@ -86,13 +85,21 @@ class LayerState:
                         position_embeddings=self.position_embeddings, position_ids=self.position_ids,
                         past_key_values=None, use_cache=False)
         except _Captured as call:
-            captured = call
-        else:
-            raise RuntimeError(f"layer {self.layer} did not call its attention function")
+            return call
         finally:
             config._attn_implementation_internal = saved
             hooks_suspended.reset(token)
+        raise RuntimeError(f"layer {self.layer} did not call its attention function")
+
+    def attention(self, rows: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities [H, R, S] (float32) of query ``rows`` in this layer, recomputed
+        from the layer's own q/k on the current, already pruned sequence."""
+        captured = self._capture()
         return attention_probs(captured.query, captured.key, captured.mask, captured.scaling, rows)
+
+    def keys(self) -> torch.Tensor:
+        """The layer's keys [KV heads, S, d] (RoPE applied) on the current, already pruned sequence."""
+        return self._capture().key[0]
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,

@@ -1,11 +1,13 @@
 """The shape every pruning method has: validated hyper-parameters plus ``select(context) -> KeepPlan``.
 
 Like a scikit-learn estimator, a method is a frozen dataclass whose fields are its
-hyper-parameters (the paper's defaults), checked in ``__post_init__``. ``select`` is a pure function
-of the ``SelectionContext``: the sample's ``VisualLayout``, the budget and, for signal-based methods,
-the recording of the unpruned forward. Methods that choose inside the LLM after earlier pruning
-(PyramidDrop, SparseVLM, ...) also return a ``layer_callback``, which the executor consults before
-each decoder layer with the live, already pruned state.
+hyper-parameters (the reference defaults), checked in ``__post_init__``. ``select`` is a pure
+function of the ``SelectionContext``: the sample's ``VisualLayout``, the budget, the facts of the
+model it runs on and, for signal-based methods, the recording of the unpruned forward. A method
+says which recorded signals it reads (``needs``), so one recording per sample serves every method
+of a sweep. Methods that choose inside the LLM after earlier pruning (PyramidDrop, SparseVLM, ...)
+also return a ``layer_callback``, which the executor consults before each decoder layer with the
+live, already pruned state.
 """
 
 from __future__ import annotations
@@ -15,10 +17,48 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+from workbench.errors import UserError
 from workbench.layout import VisualLayout
 from workbench.pruning.budget import Budget, resolve_budget
 from workbench.pruning.executor import LayerCallback
 from workbench.pruning.plan import KeepPlan
+
+
+class MethodNotApplicable(UserError, ValueError):
+    """The method cannot run on this model (e.g. [CLS]-based on a tower without [CLS])."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a method may know of the model besides its recording."""
+
+    family: str
+    decoder_layers: int
+    vision_layers: int
+    has_cls_token: bool
+    projector_feed_layer: int  # index into the tower's hidden_states (0 = embeddings, i = after layer i)
+
+    @staticmethod
+    def of(adapter) -> "ModelFacts":
+        return ModelFacts(type(adapter).__name__, len(adapter.decoder_layers()), len(adapter.vision_layers()),
+                          bool(adapter.has_cls_token), int(adapter.projector_feed_layer))
+
+    @property
+    def projector_feed_tower_layer(self) -> int:
+        """The tower layer whose output feeds the projector (recordings index layers, not hidden_states)."""
+        return max(self.projector_feed_layer - 1, 0)
+
+
+@dataclass(frozen=True, order=True)
+class SignalNeed:
+    """One recorded entry a method reads: ``Recording.get(signal, layer, rows, stack)``.
+    ``layer`` is a non-negative layer index of ``stack``; ``rows`` a query-row kind, or "tokens"
+    for per-token and feature signals."""
+
+    signal: str
+    stack: str
+    layer: int
+    rows: str = "tokens"
 
 
 @dataclass(frozen=True)
@@ -28,9 +68,10 @@ class SelectionContext:
 
     layout: VisualLayout
     budget: Budget
-    # The unpruned forward's signals (``workbench.recording.Recording``, defined by the probes
-    # side); typed loosely here so that pruning does not depend on that module's import.
+    # The unpruned forward's signals (``workbench.recording.Recording``); typed loosely here so
+    # that pruning does not depend on the probes' import.
     recording: object | None = None
+    model: ModelFacts | None = None
 
     def __post_init__(self):
         resolve_budget(self.budget, self.layout.n_tokens)  # fail at construction, not inside a method
@@ -43,19 +84,61 @@ class SelectionContext:
     def n_keep(self) -> int:
         return resolve_budget(self.budget, self.layout.n_tokens)
 
+    def signal(self, need: SignalNeed):
+        """The recorded values of ``need`` as a float64 numpy array."""
+        if self.recording is None:
+            raise ValueError(f"this method reads {need.signal!r} but the context carries no recording")
+        return self.recording.get(need.signal, need.layer, need.rows, need.stack).double().numpy()
+
+    def features(self, need: SignalNeed):
+        """[N, D] per-visual-token features of a feature signal: LLM entries as recorded, tower
+        entries read per tower view and folded onto the layout's tokens by its tower map (the mean
+        of the patches each token owns); a tower whose patches cannot be placed raises ValueError."""
+        if need.stack != "tower":
+            return self.signal(need)
+        from workbench.tower_map import tower_features
+
+        return tower_features(self.recording, self.layout, need.signal, need.layer)
+
+    def require_model(self) -> ModelFacts:
+        if self.model is None:
+            raise ValueError("this method needs the model's facts (SelectionContext.model)")
+        return self.model
+
 
 class PruningMethod(ABC):
     """Base class of the registered methods (subclasses are frozen dataclasses)."""
 
     name: ClassVar[str] = ""
+    # Where the reference behaviour comes from, for ``workbench methods``: the paper, the
+    # reference repository and file, and one line on where paper and code differ.
+    reference: ClassVar[str] = ""
 
     @abstractmethod
     def select(self, context: SelectionContext) -> KeepPlan:
         """The plan for one sample; a pure function of ``context`` and the hyper-parameters."""
 
+    def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
+        """The recorded entries ``select`` reads on ``model`` (none for layout-only methods)."""
+        return ()
+
+    def applicability(self, model: ModelFacts) -> str | None:
+        """Why the method cannot run on ``model``, or None when it can."""
+        return None
+
+    def check_applies(self, model: ModelFacts) -> None:
+        reason = self.applicability(model)
+        if reason is not None:
+            raise MethodNotApplicable(f"{self.name} does not apply to {model.family}: {reason}")
+
     def layer_callback(self, context: SelectionContext) -> LayerCallback | None:
         """For methods that select inside the LLM on the live pruned state; None for the others."""
         return None
+
+    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        """The documented number of visual tokens alive after each stage; one stage keeping the
+        budget unless a method's schedule says otherwise."""
+        return (context.n_keep,)
 
     def params(self) -> dict:
         """Hyper-parameters as plain data (for tables and the dashboard)."""

@@ -53,3 +53,4 @@ def create_method(name: str, **params) -> "PruningMethod":
 def _import_methods() -> None:
     # Importing a method module registers its methods.
     import workbench.pruning.baselines  # noqa: F401
+    import workbench.pruning.methods  # noqa: F401

@@ -1,0 +1,77 @@
+"""What pruning saves: pruned prefill time over full prefill time, beside the FLOP ratio.
+
+On the LLaVA-1.5-shaped model (``llava_shaped.py``: hidden 4096, 32 heads, MLP 11008, 576 visual
+tokens + the prompt's text), the decoder prefill is timed under the executor with every visual
+token (a plan with no stage) and with 64 of 576 kept before the LLM (the uniform-grid baseline:
+which tokens survive does not change the cost). Only the decoder stack's forward is timed (forward
+hooks on it), so the vision tower and the embedding merge, the same in both runs, stay out.
+Printed: median seconds of each (5 runs after a warm-up, interleaved), their ratio, the FLOP
+ratio from ``workbench.pruning.flops`` and the time ratio over the FLOP ratio (target <= 1.25).
+
+Run: ``nice -n 19 .venv/bin/python benchmarks/bench_prefill.py`` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from workbench.pruning.baselines import UniformGrid
+from workbench.pruning.executor import execute
+from workbench.pruning.flops import DecoderShape, prefill_flops
+from workbench.pruning.method import SelectionContext
+from workbench.pruning.plan import KeepPlan
+
+from llava_shaped import build  # benchmarks/, next to this script
+
+KEPT = 64
+RUNS = 5
+
+
+def timed_prefill(adapter, prepared, plan) -> tuple[float, tuple[int, ...]]:
+    """Seconds the decoder stack's prefill took, and the tokens each layer processed."""
+    stack, starts, ends = adapter.language_model(), [], []
+    handles = [stack.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter())),
+               stack.register_forward_hook(lambda *_: ends.append(time.perf_counter()))]
+    try:
+        execution = execute(adapter, prepared, plan, max_new_tokens=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # The first completed call is the prefill (reading the decoder's inputs enters the stack too,
+    # but stops before running it, so it never completes).
+    prefill_end = ends[0]
+    return prefill_end - max(t for t in starts if t < prefill_end), execution.tokens_per_layer
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    adapter, prepared = build(layers=2)
+    n = prepared.layout.n_tokens
+    plans = {"full": KeepPlan.keep_all(n, where=None),
+             "pruned": UniformGrid().select(SelectionContext(prepared.layout, KEPT))}
+    shape = DecoderShape.of(adapter.language_model().config)
+    times = {name: [] for name in plans}
+    tokens = {}
+    with torch.no_grad():
+        for name, plan in plans.items():
+            timed_prefill(adapter, prepared, plan)  # warm-up
+        for _ in range(RUNS):
+            for name, plan in plans.items():
+                seconds, tokens[name] = timed_prefill(adapter, prepared, plan)
+                times[name].append(seconds)
+    full, pruned = (statistics.median(times[k]) for k in ("full", "pruned"))
+    flop_ratio = prefill_flops(shape, tokens["pruned"]) / prefill_flops(shape, tokens["full"])
+    time_ratio = pruned / full
+    print(f"{adapter.name}: {n} visual tokens, sequence {tokens['full'][0]} -> {tokens['pruned'][0]} tokens "
+          f"({KEPT} visual kept)")
+    print(f"full prefill   {full * 1000:8.1f} ms (median of {RUNS})")
+    print(f"pruned prefill {pruned * 1000:8.1f} ms")
+    print(f"time ratio {time_ratio:.3f}  FLOP ratio {flop_ratio:.3f}  time/FLOP ratio {time_ratio / flop_ratio:.2f}x "
+          f"(target <= 1.25x)")
+
+
+if __name__ == "__main__":
+    main()

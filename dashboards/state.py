@@ -1,0 +1,230 @@
+"""Cached loaders and runs behind the pages: one model per name shared by every session (inference
+behind its lock), recordings and pruning runs cached per (model, input, request).
+
+Everything here calls the workbench (``workbench.models``, ``workbench.recorder``,
+``workbench.pruning``); the dashboard computes nothing of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from workbench.evaluate import normalize_answer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATASET = "data/eval/samples.jsonl"
+DEFAULT_MODEL = "shapes-vlm"
+RESULTS_ENV = "WORKBENCH_DASHBOARD_RESULTS"
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_UPLOAD_PIXELS = 40_000_000
+
+
+class UploadError(ValueError):
+    """An uploaded file that is not a usable image; the message says why."""
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+def results_root() -> Path:
+    """The one folder the Compare and Failures pages may read (``--results`` or the environment)."""
+    argv = sys.argv[1:]
+    folder = None
+    if "--results" in argv and argv.index("--results") + 1 < len(argv):
+        folder = argv[argv.index("--results") + 1]
+    folder = folder or os.environ.get(RESULTS_ENV) or "runs"
+    path = Path(folder)
+    return (path if path.is_absolute() else Path.cwd() / path).resolve()
+
+
+def inside_results(text: str, root: Path | None = None) -> Path:
+    """``text`` (relative to the results folder, or absolute) resolved, refused with ValueError
+    when it leaves the results folder (``..``, an absolute path elsewhere, a symlink out)."""
+    root = (root or results_root()).resolve()
+    text = (text or "").strip()
+    path = Path(text)
+    path = (path if path.is_absolute() else root / path).resolve()
+    if path != root and root not in path.parents:
+        raise ValueError(f"{text!r} is outside the results folder {root}; only folders inside it can be opened")
+    return path
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Subject:
+    """What the pages look at: one image and question (a data-set sample or an upload)."""
+
+    key: str  # identifies image + question in every cache
+    image: Image.Image = field(compare=False, repr=False)
+    question: str
+    gold: str | None = None
+    sample_id: str = "upload"
+    evidence: np.ndarray | None = field(default=None, compare=False, repr=False)  # boolean [H, W] mask
+
+    @staticmethod
+    def of(image: Image.Image, question: str, gold=None, sample_id="upload", evidence=None) -> "Subject":
+        digest = hashlib.sha256(image.tobytes() + repr(image.size).encode() + question.encode()).hexdigest()[:20]
+        return Subject(digest, image, question, gold, sample_id, evidence)
+
+    def is_correct(self, answer: str) -> bool | None:
+        if self.gold is None:
+            return None
+        return normalize_answer(answer) == normalize_answer(self.gold)
+
+
+def decode_upload(name: str, data: bytes) -> Image.Image:
+    """The uploaded bytes as an RGB image; ``UploadError`` for anything else or anything too big."""
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise UploadError(f"{name} is {len(data) / 2**20:.1f} MB; uploads are limited to "
+                          f"{MAX_UPLOAD_BYTES // 2**20} MB")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+            if width * height > MAX_UPLOAD_PIXELS:
+                raise UploadError(f"{name} is {width}x{height} = {width * height / 1e6:.0f} megapixels; "
+                                  f"images are limited to {MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels")
+            probe.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except UploadError:
+        raise
+    except Exception as e:  # PIL raises several kinds for non-images and damaged files
+        raise UploadError(f"{name} is not an image PIL can read ({type(e).__name__}: {e})") from None
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def dataset(path: str) -> list:
+    from workbench.samples import read_dataset
+
+    return read_dataset(path)
+
+
+def subject_of_sample(sample) -> Subject:
+    return Subject.of(sample.load_image(), sample.question, sample.answer, sample.id, sample.evidence_mask())
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    adapter: object
+    lock: threading.Lock
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def load_model(name: str) -> Loaded:
+    """The model ``name`` (shipped name, hub name or local folder), loaded once for every session.
+    Raises ``ModelNotAvailable`` (not cached) when it cannot be loaded."""
+    from workbench.models.loading import load
+
+    return Loaded(load(name), threading.Lock())
+
+
+def prepared(model: str, subject: Subject):
+    loaded = load_model(model)
+    with loaded.lock:
+        return loaded.adapter.prepare(subject.image, subject.question)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def layout(model: str, key: str, _subject: Subject):
+    return prepared(model, _subject).layout
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def answer(model: str, key: str, _subject: Subject) -> str:
+    loaded = load_model(model)
+    with loaded.lock:
+        return loaded.adapter.answer(_subject.image, _subject.question).text
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def recording(model: str, key: str, signals: tuple[str, ...], rows: tuple[str, ...], per_head: bool,
+              layers: tuple[int, ...] | None, _subject: Subject):
+    """One traced forward of the unpruned model recording ``signals`` (``workbench.recorder.record``)."""
+    from workbench.recorder import record
+    from workbench.recording import CaptureRequest
+
+    loaded = load_model(model)
+    stacks = ("tower", "llm") if "cls" in rows else ("llm",)
+    request = CaptureRequest(signals=signals, rows=rows, per_head=per_head, layers=layers, stacks=stacks,
+                             tower_layers=layers if per_head else None)
+    with loaded.lock:
+        prepared_input = loaded.adapter.prepare(_subject.image, _subject.question)
+        return record(loaded.adapter, prepared_input, request, sample_id=_subject.sample_id,
+                      question=_subject.question)
+
+
+def model_facts(model: str):
+    from workbench.pruning.method import ModelFacts
+
+    return ModelFacts.of(load_model(model).adapter)
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method at one budget on one subject: the plan actually executed and the answer."""
+
+    method: str
+    plan: object  # KeepPlan (every stage applied, the callback's included)
+    answer: str
+    correct: bool | None
+    error: str | None = None
+
+    @property
+    def kept_count(self) -> int:
+        return len(self.plan.final_kept) if self.plan is not None else 0
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def method_run(model: str, key: str, method: str, budget: int, _subject: Subject) -> MethodRun:
+    """``workbench.pruning.run.run_method`` for one method; a method that cannot run on this model
+    comes back with ``error`` set."""
+    from workbench.errors import UserError
+    from workbench.pruning.registry import create_method
+    from workbench.pruning.run import run_method
+
+    loaded = load_model(model)
+    try:
+        with loaded.lock:
+            prepared_input = loaded.adapter.prepare(_subject.image, _subject.question)
+            execution = run_method(loaded.adapter, prepared_input, create_method(method), budget,
+                                   gold_answer=_subject.gold)
+    except (UserError, ValueError) as e:
+        return MethodRun(method, None, "", None, str(e))
+    return MethodRun(method, execution.plan, execution.answer, _subject.is_correct(execution.answer))
+
+
+def evidence_tokens(layout, subject: Subject) -> np.ndarray | None:
+    """Boolean [N]: the visual tokens over the subject's evidence pixels (None without evidence)."""
+    if subject.evidence is None:
+        return None
+    return layout.evidence_tokens(subject.evidence)
+
+
+# --- results folders -------------------------------------------------------------------------------
+
+@st.cache_data(show_spinner=False, max_entries=16, ttl=60)
+def results_table(folder: str):
+    """The rows of a sweep folder (``workbench.sweep.read_sweep``) or of a report folder's
+    ``results.parquet``. The caller has checked that ``folder`` is inside the results folder."""
+    import polars as pl
+
+    from workbench.sweep import SweepError, read_sweep
+
+    path = Path(folder)
+    if (path / "sweep.json").exists():
+        return read_sweep(path)
+    if (path / "results.parquet").exists():
+        return pl.read_parquet(path / "results.parquet")
+    raise SweepError(f"{folder} is neither a sweep folder (sweep.json) nor a report folder (results.parquet)")

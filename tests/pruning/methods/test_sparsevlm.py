@@ -1,0 +1,76 @@
+"""SparseVLM: raters, the per-layer schedule, pruning after the scoring layer, recycling by DPC-kNN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.pruning.handmade import LLAVA_FACTS, grid_layout, handmade_context
+from tests.pruning.shipped import check_on_shipped, run_checked, tiny_input
+from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
+from workbench.pruning.methods.sparsevlm import SparseVLM, dpc_knn, select_raters, sparse_stage
+from workbench.pruning.plan import Merge
+
+
+def test_raters_softmax_over_the_text_axis():
+    # each visual token's softmax over 3 text tokens is (e^2, 1, 1)/(e^2 + 2) = (.787, .106, .106):
+    # mean .333, only text token 0 is above it. A softmax over the visual axis would rate none
+    # (both visual tokens are equal, every entry 0.5).
+    visual, text = [[1.0, 0.0], [1.0, 0.0]], [[2.0, 0.0], [0.0, 0.0], [0.0, 1.0]]
+    context = handmade_context(grid_layout((1, 2)), 1, {SignalNeed("visual_states", "llm", 0): visual,
+                                                        SignalNeed("text_states", "llm", 0): text})
+    assert tuple(SparseVLM().raters(context)) == (0,)
+    assert tuple(select_raters(visual, text)) == (0,)
+
+
+def test_dpc_knn_finds_the_density_peaks():
+    # k = 3 nearest (self included): densities peak at token 1 (left group) and token 4 (right);
+    # scores density * distance-to-denser: 1 -> 5.45 (densest: the largest distance), 4 -> 5.15,
+    # 3 -> 0.3, 5 -> 0.15, 0 -> 0.1, 2 -> 0.05 (times densities near 1): centres 1, 3, 4
+    x = np.array([0.0, 0.1, 0.15, 5.0, 5.3, 5.45])[:, None]
+    centres, labels = dpc_knn(x, 3)
+    assert tuple(centres) == (1, 3, 4)
+    assert tuple(labels) == (0, 0, 0, 1, 2, 2)
+
+
+def test_stage_keeps_top_and_recycles_the_best_deleted():
+    relation = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.05, 0.25, 0.01, 0.02])
+    states = np.arange(10, dtype=float)[:, None]
+    stage = sparse_stage(3, np.arange(10), relation, 3, states, 10, "reindex")
+    # keep 0, 2, 4; 7 deleted -> int(7 * 0.3) + 1 = 3 recycled (5, 7, 3), int(3 / 10) + 1 = 1 cluster;
+    # equal densities (k=1: each token's own distance) -> the lowest index is the centre
+    assert stage.kept == (0, 2, 3, 4) and stage.where == 3 and stage.position == "reindex"
+    assert stage.merges == (Merge.mean(3, (5, 7)),)
+    plain = sparse_stage(3, np.arange(10), relation, 3, None, 10, "original", recycle=False)
+    assert plain.kept == (0, 2, 4) and plain.merges == ()
+    # asking for all 10 keeps M - 1 = 9; the one deleted (8) is recycled as a cluster of itself
+    full = sparse_stage(3, np.arange(10), relation, 10, states, 10, "original")
+    assert full.kept == tuple(range(10)) and full.merges == ()
+
+
+def test_reference_schedule_and_kept_counts():
+    context = SelectionContext(grid_layout((24, 24)), 128, None, LLAVA_FACTS)
+    method = SparseVLM()
+    assert method.reference_budget(context) == 128
+    assert method.scoring_schedule(context) == ((2, 303), (6, 110), (15, 36))  # stages before 3, 7, 16
+    # 576 -> 303 + 9 recycled (273 deleted: 82 recycled, 9 clusters) -> 110 + 7 (202: 61, 7) -> 36 + 3 (81: 25, 3)
+    assert method.kept_counts(context) == (312, 117, 39)
+    # 3 layers: 2, 6, 15 all score at layer 1 (capped at depth - 2): one stage before layer 2 keeping 36,
+    # 540 deleted -> int(162) + 1 = 163 recycled -> int(16.3) + 1 = 17 clusters
+    shallow = SelectionContext(grid_layout((24, 24)), 128, None, ModelFacts("X", 3, 3, True, 3))
+    assert method.scoring_schedule(shallow) == ((1, 36),)
+    assert method.kept_counts(shallow) == (36 + 17,)
+    assert SparseVLM().reference_budget(SelectionContext(grid_layout((24, 24)), 200, None, LLAVA_FACTS)) == 192
+    with pytest.raises(ValueError, match="three increasing"):
+        SparseVLM(layers=(2, 6))
+
+
+def test_runs_on_the_shipped_model():
+    execution, _ = check_on_shipped(SparseVLM())
+    stages = execution.plan.stages
+    assert [s.where for s in stages] == [2] and stages[0].merges
+
+
+def test_runs_on_a_tiny_qwen2_vl_with_original_positions():
+    execution, _ = run_checked(*tiny_input("qwen2_vl"), SparseVLM(), 0.25, max_new_tokens=2)
+    assert [(s.where, s.position) for s in execution.plan.stages] == [(1, "original")]

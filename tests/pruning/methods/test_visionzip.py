@@ -1,0 +1,104 @@
+"""VisionZip: dominant + contextual tokens worked out by hand, the shipped model, [CLS]-free towers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.pruning.handmade import LLAVA_FACTS, NO_CLS_FACTS, grid_layout, handmade_context
+from tests.pruning.shipped import check_on_shipped, folded, run_checked, tiny_input
+from workbench.pruning.method import MethodNotApplicable, SelectionContext, SignalNeed
+from workbench.pruning.methods.visionzip import VisionZip
+from workbench.pruning.plan import Merge
+from workbench.pruning.run import run_method
+
+CLS22 = SignalNeed("attention", "tower", 22, "cls")
+KEYS22 = SignalNeed("visual_keys", "tower", 22)
+
+
+def entries():
+    """4x4 tokens; [CLS] attention highest at 2 and 3; keys: tokens 0, 1, 4, 5 point along x, the rest along y."""
+    attention = np.full(16, 0.01)
+    attention[[2, 3]] = [0.5, 0.4]
+    keys = np.tile([0.1, 1.0, 0.0], (16, 1))
+    keys[[0, 1, 4, 5]] = [1.0, 0.1, 0.0]
+    keys[0] = [1.0, 0.0, 0.0]
+    keys[9] = [0.0, 1.0, 0.5]
+    return {CLS22: [attention], KEYS22: keys}
+
+
+def test_reference_splits_and_ratio():
+    assert VisionZip().split(64) == (54, 10)
+    assert VisionZip().split(128) == (108, 20)
+    assert VisionZip().split(192) == (162, 30)
+    assert VisionZip().split(32) == (27, 5)
+    assert VisionZip().needs(LLAVA_FACTS) == (CLS22, KEYS22)
+
+
+def test_dominant_then_stride_targets_among_the_remaining_tokens():
+    layout = grid_layout((4, 4))
+    plan = VisionZip(contextual_ratio=0.5).select(handmade_context(layout, 4, entries()))
+    stage = plan.stages[0]
+    # dominant: 2, 3. Remaining: 0, 1, 4, 5, ..., 15 (14 tokens); stride 14 // 2 = 7 -> targets are the
+    # remaining tokens at positions 0 and 7: tokens 0 and 9 (a stride over all 16 tokens would give 8).
+    assert stage.kept == (0, 2, 3, 9)
+    # each other remaining token joins its most similar target by key cosine; reference weights:
+    # target + mean(sources)
+    assert stage.merges == (Merge(0, (1, 4, 5), (1.0, 1 / 3, 1 / 3, 1 / 3)),
+                            Merge(9, (6, 7, 8, 10, 11, 12, 13, 14, 15), (1.0,) + (1 / 9,) * 9))
+    assert stage.scores[2] == pytest.approx(0.5)
+    mean = VisionZip(contextual_ratio=0.5, merge="mean").select(handmade_context(layout, 4, entries()))
+    assert mean.stages[0].merges[0] == Merge.mean(0, (1, 4, 5))
+
+
+def test_no_contextual_slots_is_plain_top_k():
+    layout = grid_layout((4, 4))
+    plan = VisionZip(contextual_ratio=0.0).select(handmade_context(layout, 2, entries()))
+    assert plan.final_kept == (2, 3) and plan.stages[0].merges == ()
+
+
+def test_invalid_hyper_parameters():
+    with pytest.raises(ValueError, match="merge must be one of"):
+        VisionZip(merge="sum")
+    with pytest.raises(ValueError, match="contextual_ratio must be"):
+        VisionZip(contextual_ratio=2.0)
+
+
+def test_no_cls_tower_is_not_applicable():
+    assert VisionZip().needs(NO_CLS_FACTS) == ()
+    with pytest.raises(MethodNotApplicable, match="visionzip does not apply to Qwen2VLAdapter: .*no \\[CLS\\]"):
+        VisionZip().select(SelectionContext(grid_layout((2, 2)), 1, None, NO_CLS_FACTS))
+
+
+def test_runs_on_tiny_llava():
+    adapter, prepared = tiny_input("llava")
+    execution, _ = run_checked(adapter, prepared, VisionZip(), 0.5, max_new_tokens=2)
+    n_keep = len(execution.plan.final_kept)
+    assert n_keep == (prepared.layout.n_tokens + 1) // 2
+    assert execution.plan.stages[0].merges  # contextual tokens were merged
+
+
+def test_runs_on_tiny_llava_next_through_the_tower_map_and_not_on_qwen2_vl():
+    from workbench.tower_map import tower_features
+
+    adapter, prepared = tiny_input("llava_next")
+    layout = prepared.layout
+    execution, context = run_checked(adapter, prepared, VisionZip(), 0.5, max_new_tokens=2)
+    recording, stage = context.recording, execution.plan.stages[0]
+    assert len(stage.kept) == context.n_keep and stage.merges
+    layer = VisionZip().layer(context.model)
+    np.testing.assert_allclose(stage.scores, folded(recording, layout, "attention", layer, "cls"))
+    keys = tower_features(recording, layout, "visual_keys", layer)
+    assert keys.shape[0] == layout.n_tokens and np.isfinite(keys).all()
+    np.testing.assert_allclose(keys[:16], recording.get("visual_keys", layer, "tokens", "tower", view=0).numpy(),
+                               rtol=1e-6)  # base crop: one patch per token
+
+    adapter, prepared = tiny_input("qwen2_vl")
+    with pytest.raises(MethodNotApplicable, match="visionzip does not apply"):
+        run_method(adapter, prepared, VisionZip(), 0.5)
+
+
+def test_runs_on_the_shipped_model():
+    execution, _ = check_on_shipped(VisionZip())
+    assert [len(st.kept) for st in execution.plan.stages] == [32]
+    assert len(execution.plan.stages[0].merges) > 0

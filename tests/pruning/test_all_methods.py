@@ -1,0 +1,65 @@
+"""Every registered method: documented, listed, and runnable on the shipped model and on every tiny
+family it applies to, keeping the counts its schedule documents."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from tests.pruning.shipped import run_checked, shipped_sample, tiny_input
+from tests.tiny_models import TINY_FAMILIES
+from workbench.cli import main
+from workbench.pruning.method import MethodNotApplicable, ModelFacts
+from workbench.pruning.registry import available_methods, create_method, method_class
+from workbench.pruning.run import record_needs
+
+PUBLISHED = ("fastv", "fastervlm", "vtc_cls", "visionzip", "sparsevlm", "pyramiddrop", "flowcut", "divprune",
+             "hiprune", "feather", "visiondrop", "dart", "transprune", "mmtok", "todre", "hired")
+BASELINES = ("random", "uniform_grid", "average_pool")
+
+
+def test_every_published_method_and_baseline_is_registered_and_documented(capsys):
+    assert set(PUBLISHED + BASELINES) <= set(available_methods())
+    for name in PUBLISHED:
+        cls = method_class(name)
+        assert cls.__doc__ and len(cls.reference) > 80, name  # names its reference and how we follow it
+        create_method(name)  # the reference defaults validate
+    assert main(["methods"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"\n{name}  (" in "\n" + listed for name in PUBLISHED + BASELINES)
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_recording():
+    """One recording of the shipped sample that every registered method reads."""
+    adapter, prepared, _ = shipped_sample()
+    return record_needs(adapter, prepared, [create_method(name) for name in available_methods()])
+
+
+@pytest.mark.parametrize("budget", [0.33, 0.11])
+@pytest.mark.parametrize("name", sorted(set(PUBLISHED + BASELINES)))
+def test_kept_counts_follow_the_documented_schedule_on_the_shipped_model(name, budget):
+    adapter, prepared, _ = shipped_sample()
+    execution, _ = run_checked(adapter, prepared, create_method(name), budget, recording=shipped_recording(),
+                               max_new_tokens=2)
+    assert execution.visual_tokens_per_layer[-1] == len(execution.final_kept)
+    assert execution.answer_ids
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_method_runs_or_says_why_not_on_every_family(family):
+    adapter, prepared = tiny_input(family)
+    facts = ModelFacts.of(adapter)
+    methods = [create_method(name) for name in available_methods()]
+    recording = record_needs(adapter, prepared, [m for m in methods if m.applicability(facts) is None])
+    ran = []
+    for method in methods:
+        reason = method.applicability(facts)
+        if reason is not None:
+            with pytest.raises(MethodNotApplicable, match=method.name):
+                method.check_applies(facts)
+            continue
+        run_checked(adapter, prepared, create_method(method.name), 0.25, recording=recording, max_new_tokens=2)
+        ran.append(method.name)
+    assert set(BASELINES) <= set(ran) and len(ran) >= len(BASELINES) + 8, ran

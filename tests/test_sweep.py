@@ -1,0 +1,135 @@
+"""Sweeps: the rows they write, resuming, surviving an interruption, and the accuracy table."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import polars as pl
+import pytest
+
+from workbench.cli import main
+from workbench.models.loading import load
+from workbench.samples import read_dataset, sample_to_row
+from workbench.sweep import (MethodSpec, SweepError, SweepTask, UNPRUNED, accuracy_by_budget, read_sweep,
+                             run_sweep, run_task)
+
+DATASET = "data/eval/samples.jsonl"
+METHODS = (MethodSpec("uniform_grid"), MethodSpec("random", (("seed", 3),)), MethodSpec("fastv"))
+BUDGETS = (0.5, 16)
+
+
+@functools.lru_cache(maxsize=None)
+def shipped():
+    return load()
+
+
+@functools.lru_cache(maxsize=None)
+def samples(n: int = 3):
+    return tuple(read_dataset(DATASET, limit=n))
+
+
+def test_rows_cover_every_method_and_budget_with_their_kept_counts(tmp_path):
+    result = run_sweep(shipped(), samples()[:2], DATASET, METHODS, BUDGETS, tmp_path / "s", progress=False)
+    table = result.table
+    assert table.height == 2 * (1 + len(METHODS) * len(BUDGETS)) == result.new_rows
+    assert set(table["method"]) == {UNPRUNED, "uniform_grid", "random(seed=3)", "fastv"}
+    ok = table.filter(pl.col("method") != UNPRUNED)
+    assert (ok["status"] == "ok").all()
+    assert sorted(set(ok["budget_tokens"])) == [16, 72]  # 0.5 of 144 and a count of 16
+    assert (ok["kept_count"] == ok["budget_tokens"]).all()
+    full = table.filter(pl.col("method") == UNPRUNED)
+    assert (full["flops_ratio"] == 1.0).all() and (full["kept_count"] == 144).all()
+    assert (ok["flops_ratio"] < 1.0).all()
+    # FastV prunes inside the decoder: the first layer still sees every visual token.
+    fastv = ok.filter(pl.col("method") == "fastv")
+    assert all(layers[0] == 144 and layers[-1] == kept
+               for layers, kept in zip(fastv["visual_tokens_per_layer"], fastv["kept_count"]))
+    stages = json.loads(fastv["stages"][0])
+    assert stages[0]["where"] == 1 and len(stages[0]["kept"]) == fastv["kept_count"][0]
+    recall = ok["evidence_recall"].drop_nulls()
+    assert recall.len() and recall.is_between(0, 1).all()
+    assert pl.read_parquet(tmp_path / "s" / "results.parquet").height == table.height
+
+
+def test_resuming_skips_finished_rows_and_adds_new_ones(tmp_path):
+    folder = tmp_path / "s"
+    run_sweep(shipped(), samples()[:1], DATASET, METHODS[:1], BUDGETS, folder, progress=False)
+    again = run_sweep(shipped(), samples()[:1], DATASET, METHODS[:1], BUDGETS, folder, progress=False)
+    assert again.new_rows == 0 and again.table.height == 3
+    more = run_sweep(shipped(), samples()[:2], DATASET, METHODS[:2], BUDGETS, folder, progress=False)
+    assert more.new_rows == 2 * 5 - 3  # the second sample in full, the first only for the new method
+    keys = more.table.select("sample_id", "method", "budget")
+    assert keys.unique().height == keys.height == 10
+
+
+def test_an_interrupted_sweep_keeps_finished_samples_and_resumes(tmp_path, monkeypatch):
+    import workbench.sweep as sweep
+
+    folder, calls = tmp_path / "s", []
+    real = sweep.run_task
+
+    def flaky(adapter, task):
+        calls.append(task.sample["id"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(adapter, task)
+
+    monkeypatch.setattr(sweep, "run_task", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(shipped(), samples()[:2], DATASET, METHODS[:1], BUDGETS, folder, progress=False)
+    assert pl.read_parquet(folder / "results.parquet").height == 3  # the first sample's rows survive
+    monkeypatch.setattr(sweep, "run_task", real)
+    # A write torn by a kill leaves half a line: it is cut off, not read.
+    with (folder / "rows.jsonl").open("a") as f:
+        f.write('{"sample_id": "torn')
+    resumed = run_sweep(shipped(), samples()[:2], DATASET, METHODS[:1], BUDGETS, folder, progress=False)
+    assert resumed.new_rows == 3 and resumed.table.height == 6
+    assert read_sweep(folder).height == 6
+
+
+def test_a_task_is_plain_data_and_its_rows_depend_only_on_it():
+    sample = samples()[0]
+    task = SweepTask(sample_to_row(sample, __import__("pathlib").Path("data/eval")), "data/eval", METHODS, BUDGETS)
+    assert SweepTask.from_json(task.to_json()) == task
+    first, second = run_task(shipped(), task), run_task(shipped(), SweepTask.from_json(task.to_json()))
+    volatile = {"wall_time_s", "record_time_s"}
+    assert [{k: v for k, v in r.items() if k not in volatile} for r in first] == \
+           [{k: v for k, v in r.items() if k not in volatile} for r in second]
+
+
+def test_accuracy_table_puts_budgets_side_by_side_with_the_unpruned_model():
+    rows = [{"sample_id": s, "method": m, "budget": b, "budget_tokens": t, "status": "ok", "correct": c}
+            for s, m, b, t, c in [("1", UNPRUNED, "100%", 144, True), ("2", UNPRUNED, "100%", 144, False),
+                                  ("1", "a", "50%", 72, True), ("2", "a", "50%", 72, True),
+                                  ("1", "a", "10%", 14, False), ("2", "a", "10%", 14, True)]]
+    table = accuracy_by_budget(pl.DataFrame(rows))
+    assert table.columns == ["method", "50%", "10%", "unpruned"]
+    assert table.row(0) == ("a", 1.0, 0.5, 0.5)
+
+
+def test_folder_mismatches_and_bad_input_are_clear(tmp_path, capsys):
+    folder = tmp_path / "s"
+    run_sweep(shipped(), samples()[:1], DATASET, METHODS[:1], (0.5,), folder, progress=False)
+    manifest = json.loads((folder / "sweep.json").read_text())
+    (folder / "sweep.json").write_text(json.dumps(manifest | {"model": "another-model"}))
+    with pytest.raises(SweepError, match="another-model"):
+        run_sweep(shipped(), samples()[:1], DATASET, METHODS[:1], (0.5,), folder, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SweepError, match="not a sweep folder"):
+        run_sweep(shipped(), samples()[:1], DATASET, METHODS[:1], (0.5,), tmp_path / "other", progress=False)
+    assert main(["sweep", "--limit", "1", "--methods", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown pruning method 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "--budgets", "a lot", "--out", str(tmp_path / "y")])
+    assert "budgets must be" in capsys.readouterr().err
+
+
+def test_sweep_command_prints_the_accuracy_table(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["sweep", "--limit", "2", "--methods", "uniform_grid,random", "--budgets", "0.33,0.11",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "33%" in printed and "11%" in printed and "uniform_grid" in printed and "unpruned" in printed
+    assert read_sweep(out).height == 2 * 5

@@ -1,0 +1,31 @@
+"""``workbench report``: sweep, analyses, failure diagnosis -> an HTML/Markdown report with figures."""
+
+from __future__ import annotations
+
+import argparse
+
+from workbench.subcommands import command
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="TOML file with ReportConfig keys (workbench/report/config.py); "
+                                                   "without it the defaults run on the shipped model")
+    p.add_argument("--model", default=None, help="override the config's model")
+    p.add_argument("--dataset", default=None, help="override the config's data set")
+    p.add_argument("--samples", type=int, default=None, help="override how many samples are swept")
+    p.add_argument("--out", default=None, help="override the output folder (default runs/report)")
+
+
+@command("report", "run the sweep, the analyses and the failure diagnosis; write index.html, summary.md, "
+                   "figures and tables", _arguments)
+def run(args):
+    from workbench.models.loading import load
+    from workbench.report.config import load_config
+    from workbench.report.write import build_report
+
+    config = load_config(args.config, model=args.model, dataset=args.dataset, samples=args.samples, out=args.out)
+    print(f"loading {config.model} ...", flush=True)
+    adapter = load(config.model, device=config.device)
+    folder = build_report(adapter, config)
+    print(f"report written to {folder}/index.html and {folder}/summary.md")
+    print((folder / "summary.md").read_text().split("## Findings", 1)[1].split("\n## ", 1)[0].strip())

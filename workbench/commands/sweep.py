@@ -1,0 +1,75 @@
+"""``workbench sweep``: a data set x methods x budgets -> a resumable parquet table and the accuracy table."""
+
+from __future__ import annotations
+
+import argparse
+
+from workbench.commands.common import add_dataset_arguments, add_model_arguments, positive_int
+from workbench.subcommands import command
+
+DEFAULT_BUDGETS = (0.33, 0.22, 0.11)
+
+
+def budget_list(text: str) -> tuple:
+    """"0.33,0.22,0.11" (fractions of the visual tokens) or "64,128" (token counts), or a mix."""
+    budgets = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            budgets.append(float(part) if any(c in part for c in ".eE") else int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"budgets must be fractions like 0.33 or token counts like 64, "
+                                             f"got {part!r}") from None
+    if not budgets:
+        raise argparse.ArgumentTypeError("no budgets given")
+    return tuple(budgets)
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    add_dataset_arguments(p)
+    p.add_argument("--methods", default="all",
+                   help="comma-separated method names, 'all' (default), each optionally with parameters: "
+                        "'fastv:rows=text' (see `workbench methods`); separate methods with ';' when giving parameters")
+    p.add_argument("--budgets", type=budget_list, default=DEFAULT_BUDGETS,
+                   help="fractions of the visual tokens and/or token counts (default 0.33,0.22,0.11)")
+    p.add_argument("--out", default="runs/sweep", help="sweep folder; re-running into it resumes (default runs/sweep)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8)
+
+
+def method_specs(text: str):
+    from workbench.pruning.registry import available_methods
+    from workbench.sweep import MethodSpec
+
+    if text.strip() == "all":
+        return [MethodSpec(name) for name in available_methods()]
+    parts = text.split(";") if ";" in text or ":" in text else text.split(",")
+    return [MethodSpec.parse(part) for part in parts if part.strip()]
+
+
+@command("sweep", "run every method at every budget on a data set; writes a resumable parquet table "
+                  "and prints accuracy per method and budget next to the unpruned model", _arguments)
+def run(args):
+    import polars as pl
+
+    from workbench.commands.common import load_adapter
+    from workbench.samples import read_dataset
+    from workbench.sweep import accuracy_by_budget, run_sweep
+
+    specs = method_specs(args.methods)
+    samples = read_dataset(args.dataset, args.limit)
+    print(f"loading {args.model} ...", flush=True)
+    adapter = load_adapter(args)
+    try:
+        result = run_sweep(adapter, samples, args.dataset, specs, args.budgets, args.out, args.max_new_tokens)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every finished sample is saved in {args.out}; run the same command to resume")
+        return 130
+    table = result.table.filter(pl.col("sample_id").is_in([s.id for s in samples]))
+    skipped = table.filter(pl.col("status") == "not_applicable").select("method", "message").unique()
+    print(f"\n{adapter.name}: {len(samples)} samples from {args.dataset}; {result.new_rows} new rows, "
+          f"{result.table.height} in {result.folder}/results.parquet")
+    with pl.Config(tbl_rows=100, float_precision=3, tbl_hide_dataframe_shape=True, tbl_width_chars=160):
+        print("accuracy by method and budget (fraction of the visual tokens or token count):")
+        print(accuracy_by_budget(table))
+    for method, message in skipped.iter_rows():
+        print(f"  {method}: not applicable ({message})")

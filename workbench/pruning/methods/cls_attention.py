@@ -1,0 +1,318 @@
+"""[CLS]-attention pruning before the LLM: FasterVLM, VTC-CLS and HiRED.
+
+All three rank the patch tokens by the attention the vision tower's [CLS] token pays them (head
+mean of the recorded "cls" row) and keep the top of each token group before the projector's output
+reaches the LLM (one ``pre_llm`` stage). They differ in which tower layers they read and in how the
+budget is shared among the groups (tiles) of a multi-view layout:
+
+- FasterVLM: one layer (the one feeding the projector); every view keeps its share by size.
+- VTC-CLS: the [CLS] rows of a range of layers, summed; shares by size.
+- HiRED: the base (full-image) view gets ``alpha`` of the budget, the other views share the rest in
+  proportion to how many of the base view's early-layer top-[CLS] tokens fall on them; top-k per
+  view by the deep layer.
+
+On a single-group layout every one of them is one top-k over the tokens.
+
+Tower layers: the references fix them for LLaVA-1.5's 24-layer CLIP ViT-L/14-336 tower, which feeds
+the projector from layer 22 (``attentions[-2]``). A reference layer l is placed on a tower of depth
+V at ``round(l * V / 24)``, clamped to ``0..projector_feed_tower_layer``; the reference's feed layer
+(22) maps onto this model's feed layer exactly (see ``tower_layer``).
+
+The helpers here (``tower_layer``, ``cls_need``, ``group_shares``, ``top_k_per_group``) are shared
+with ``visionzip.py`` and ``hiprune.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from workbench.layout import VisualLayout
+from workbench.pruning.budget import split_budget
+from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
+from workbench.pruning.ranking import top_k
+from workbench.pruning.registry import register_method
+from workbench.tower_map import tower_scores
+
+REFERENCE_TOWER_DEPTH = 24  # CLIP ViT-L/14-336 in LLaVA-1.5 / LLaVA-NeXT
+REFERENCE_FEED_LAYER = 22  # its projector reads hidden_states[-2] = the output of layer 22 (0-based)
+
+NO_CLS_REASON = ("its vision tower has no [CLS] token, and the reference authors give no fallback "
+                 "for [CLS]-free towers")
+
+
+# --- shared helpers --------------------------------------------------------------------------------
+
+def tower_layer(reference_layer: int, model: ModelFacts, reference_depth: int = REFERENCE_TOWER_DEPTH,
+                reference_feed: int | None = REFERENCE_FEED_LAYER) -> int:
+    """A 0-based tower layer of the reference tower placed on ``model``'s tower: the reference's
+    projector-feed layer is this model's feed layer; any other layer keeps its relative depth,
+    ``round(l * V / reference_depth)``, clamped to ``0..feed``."""
+    feed = model.projector_feed_tower_layer
+    if reference_feed is not None and reference_layer == reference_feed:
+        return feed
+    if model.vision_layers == reference_depth:
+        return min(max(int(reference_layer), 0), feed)
+    return min(max(int(round(reference_layer * model.vision_layers / reference_depth)), 0), feed)
+
+
+def cls_need(layer: int) -> SignalNeed:
+    return SignalNeed("attention", "tower", int(layer), "cls")
+
+
+def row_scores(context: SelectionContext, need: SignalNeed) -> np.ndarray:
+    """The [N] head-mean attention of one recorded tower query row kind on the visual tokens.
+
+    The tower records [1, patches] per tower view (crop, tile, frame) in its own patch order; the
+    layout's tower map (``VisualLayout.tower_owner``, see ``workbench.tower_map``) folds every view
+    onto the layout's tokens, a token's score being the MEAN over the patches it owns (one patch per
+    token on LLaVA-1.5-style models, where this is the recorded row itself; 4 on Qwen2-VL and
+    Idefics3; pooled OneVision tokens own the patches nearest them). Patches that feed no token
+    (unpadded away) are dropped. A layout without a map is read as the identity when the tower has
+    one view of N patches, and refused otherwise."""
+    return tower_scores(context.recording, context.layout, need.signal, need.layer, need.rows, reduce="mean")
+
+
+def weighted_split(total: int, weights, caps) -> list[int]:
+    """Share ``total`` among groups in proportion to ``weights`` (largest remainder, ties to the
+    earlier group), never more than ``caps``; what a capped group cannot take goes to the others in
+    proportion to their weights (equal weights when all remaining weights are zero)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    caps = np.asarray(caps, dtype=np.int64)
+    if total > caps.sum():
+        raise ValueError(f"cannot keep {total} tokens out of {caps.sum()}")
+    shares = np.zeros(len(caps), dtype=np.int64)
+    remaining = total
+    while remaining > 0:
+        open_ = shares < caps
+        w = np.where(open_, weights, 0.0)
+        if w.sum() <= 0:
+            w = open_.astype(np.float64)
+        exact = remaining * w / w.sum()
+        add = np.minimum(np.floor(exact).astype(np.int64), caps - shares)
+        left = remaining - add.sum()
+        order = sorted(np.flatnonzero(open_), key=lambda g: (-(exact[g] - np.floor(exact[g])), g))
+        for g in order:
+            if left == 0:
+                break
+            if shares[g] + add[g] < caps[g]:
+                add[g] += 1
+                left -= 1
+        shares += add
+        remaining = total - shares.sum()
+    return [int(s) for s in shares]
+
+
+def group_members(layout: VisualLayout) -> list[np.ndarray]:
+    return [np.flatnonzero(layout.group == g) for g in range(len(layout.groups))]
+
+
+def top_k_per_group(layout: VisualLayout, scores: np.ndarray, shares) -> tuple[int, ...]:
+    """The ``shares[g]`` highest-scoring tokens of each group g (ranking.top_k within the group)."""
+    kept = [top_k(scores, int(k), among=members) for members, k in zip(group_members(layout), shares)]
+    return tuple(sorted(int(i) for part in kept for i in part))
+
+
+def size_shares(layout: VisualLayout, n_keep: int) -> list[int]:
+    return split_budget(n_keep, [g.rows * g.cols for g in layout.groups])
+
+
+class ClsAttentionMethod(PruningMethod):
+    """Base of the methods that read the tower's [CLS] row: not applicable without a [CLS]."""
+
+    def applicability(self, model: ModelFacts) -> str | None:
+        return None if model.has_cls_token else NO_CLS_REASON
+
+    def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
+        if self.applicability(model) is not None:
+            return ()  # select() raises MethodNotApplicable; a sweep's shared recording needs nothing
+        return tuple(cls_need(layer) for layer in self.cls_layers(model))
+
+    def summed_cls(self, context: SelectionContext, layers) -> np.ndarray:
+        return np.sum([row_scores(context, cls_need(layer)) for layer in layers], axis=0)
+
+    def top_k_plan(self, context: SelectionContext, scores: np.ndarray, shares) -> KeepPlan:
+        kept = top_k_per_group(context.layout, scores, shares)
+        return self.plan(context, [Stage(PRE_LLM, kept, tuple(scores))])
+
+
+# --- FasterVLM -------------------------------------------------------------------------------------
+
+@register_method("fastervlm")
+@dataclass(frozen=True)
+class FasterVLM(ClsAttentionMethod):
+    """FasterVLM: keep the patch tokens with the highest [CLS] attention (head mean) at the tower layer
+    that feeds the projector (``attentions[-2]`` = layer 22 of LLaVA's 24-layer CLIP tower; here
+    ``projector_feed_tower_layer``), before the LLM. The reference runs its top-k on each crop of a
+    multi-crop image with the same count per crop; here each token group keeps its share of the
+    budget by size (the same thing for equal crops; one top-k on a single-group layout).
+    ``reference_layer``: the 0-based layer of the 24-layer reference tower (22 = the feed layer)."""
+
+    reference: ClassVar[str] = (
+        "Zhang et al., '[CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM "
+        "Inference Faster', arXiv:2412.01818v1. Code: github.com/Theia-4869/FasterVLM, "
+        "llava/model/multimodal_encoder/clip_encoder.py (feature_select: attentions[select_layer=-2][:, :, 0, 1:]) "
+        "and llava/model/llava_arch.py (encode_images: mean over heads, topk of visual_token_num per crop). "
+        "Paper and code agree. Our reading: head-mean [CLS] row at the projector-feed tower layer; per-group "
+        "shares by size stand in for the per-crop count.")
+
+    reference_layer: int = REFERENCE_FEED_LAYER
+
+    def __post_init__(self):
+        if isinstance(self.reference_layer, bool) or not isinstance(self.reference_layer, (int, np.integer)) \
+                or not 0 <= self.reference_layer < REFERENCE_TOWER_DEPTH:
+            raise ValueError(f"fastervlm: reference_layer must be an int in 0..{REFERENCE_TOWER_DEPTH - 1}, "
+                             f"got {self.reference_layer!r}")
+
+    def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
+        return (tower_layer(self.reference_layer, model),)
+
+    def select(self, context: SelectionContext) -> KeepPlan:
+        model = context.require_model()
+        self.check_applies(model)
+        scores = self.summed_cls(context, self.cls_layers(model))
+        return self.top_k_plan(context, scores, size_shares(context.layout, context.n_keep))
+
+
+# --- VTC-CLS ---------------------------------------------------------------------------------------
+
+@register_method("vtc_cls")
+@dataclass(frozen=True)
+class VtcCls(ClsAttentionMethod):
+    """VTC-CLS: the [CLS] attention (head mean) SUMMED over the tower layers ``start_layer`` up to the
+    projector-feed layer (the reference sums ``attentions[start_layer:-1]``: layers 16..22 of the
+    24-layer CLIP tower with its default ``--layer 16``), then top-k before the LLM. The reference then
+    re-sorts the kept tokens into their original (spatial) order; our plans always keep tokens in
+    original order, so that is implied. ``start_layer`` is 0-based on the 24-layer reference tower and
+    placed on this tower by relative depth (``tower_layer``); the range ends at this model's feed layer.
+    The reference handles a single 576-token image only; on multi-group layouts each group keeps its
+    share by size, as for FasterVLM."""
+
+    reference: ClassVar[str] = (
+        "Wang et al., '[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs', "
+        "arXiv:2412.05819. Code: github.com/THU-MIG/VTC-CLS, llava/model/multimodal_encoder/clip_encoder.py "
+        "(cls_token_only: sum over attentions[start_layer:-1] of the head-mean [CLS] row) and "
+        "llava/model/llava_arch.py (topk, then argsort back to spatial order); default start layer 16 from "
+        "llava/eval/model_vqa_loader.py (--layer). The paper describes 'ensembling' layers; the code sums "
+        "them (followed here). The code hard-codes one 576-token image; multi-group shares by size are ours.")
+
+    start_layer: int = 16
+
+    def __post_init__(self):
+        if isinstance(self.start_layer, bool) or not isinstance(self.start_layer, (int, np.integer)) \
+                or not 0 <= self.start_layer <= REFERENCE_FEED_LAYER:
+            raise ValueError(f"vtc_cls: start_layer must be an int in 0..{REFERENCE_FEED_LAYER} (0-based, "
+                             f"24-layer reference tower), got {self.start_layer!r}")
+
+    def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
+        start = tower_layer(self.start_layer, model)
+        return tuple(range(start, model.projector_feed_tower_layer + 1))
+
+    def select(self, context: SelectionContext) -> KeepPlan:
+        model = context.require_model()
+        self.check_applies(model)
+        scores = self.summed_cls(context, self.cls_layers(model))
+        return self.top_k_plan(context, scores, size_shares(context.layout, context.n_keep))
+
+
+# --- HiRED -----------------------------------------------------------------------------------------
+
+def _is_base(name: str) -> bool:
+    kind = name.split(" / ")[-1].split(" ")[0]
+    return kind in ("base", "global")
+
+
+@register_method("hired")
+@dataclass(frozen=True)
+class HiRED(ClsAttentionMethod):
+    """HiRED: share the budget across the views of a high-resolution (AnyRes) image, then keep the
+    top-k of each view by deep-layer [CLS] attention.
+
+    Reference rule (LLaVA-NeXT): the full-image (base) view gets ``floor(budget * alpha)`` tokens
+    (alpha = 0.5), chosen by [CLS] attention at layer 22 (the feed layer). The rest goes to the
+    sub-images in proportion to how many of the base view's top ``floor(N_base * (1 - alpha))`` tokens
+    by layer-0 [CLS] attention lie on each sub-image; each sub-image keeps its share by layer-22 [CLS]
+    attention. Here the views are the layout's groups: a group named ".../base" or ".../global" is
+    the base view, and a base token "lies on" a group when its pixel-box centre falls inside the
+    bounding box of that group's token boxes. Without a base view the other groups share the budget
+    in proportion to their own summed early-layer [CLS] attention; on a single group it is one top-k
+    by the deep layer (HiRED's LLaVA-1.5 code). Deviations: the reference floors each sub-image share
+    (so it can keep fewer than the budget); we use largest remainders and keep exactly the budget.
+    The reference maps the base view onto the sub-images by cutting its flattened token list into
+    equal contiguous chunks (row bands, not the sub-images' regions); we use the regions, as the
+    paper describes. Our LLaVA-NeXT layout stitches all tiles into one group, so there the split is
+    base vs tiles (per-tile shares would need a per-token tile id in ``VisualLayout``); its per-crop
+    tower recording is folded onto the layout by the tower map (see ``row_scores``)."""
+
+    reference: ClassVar[str] = (
+        "Arif et al., 'HiRED: Attention-Guided Token Dropping for Efficient Inference of High-Resolution "
+        "Vision-Language Models in Resource-Constrained Environments', arXiv:2408.10945. Code: "
+        "github.com/hasanar1f/HiRED, transformers/src/transformers/models/llava_next/modeling_llava_next.py "
+        "(HiRED_token_selection, HiRED_sub_img_budgets; vit_top_layer=0, vit_bottom_layer=22, heads summed) "
+        "and models/llava/modeling_llava.py (single image: top-k by layer 22); alpha=0.5 from "
+        "accuracy_benchmarks/*.sh. Code vs paper: the code maps the base view to sub-images by contiguous "
+        "chunks of its token list and floors shares; we follow the paper's spatial mapping and keep the exact budget.")
+
+    alpha: float = 0.5
+    early_layer: int = 0
+    deep_layer: int = REFERENCE_FEED_LAYER
+
+    def __post_init__(self):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"hired: alpha must be a number in [0, 1], got {self.alpha!r}")
+        for name in ("early_layer", "deep_layer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                    or not 0 <= value < REFERENCE_TOWER_DEPTH:
+                raise ValueError(f"hired: {name} must be an int in 0..{REFERENCE_TOWER_DEPTH - 1} "
+                                 f"(0-based, 24-layer reference tower), got {value!r}")
+
+    def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
+        return tuple(sorted({tower_layer(self.early_layer, model), tower_layer(self.deep_layer, model)}))
+
+    def shares(self, context: SelectionContext, early: np.ndarray) -> list[int]:
+        """Tokens each group keeps (see the class docstring)."""
+        layout, n_keep = context.layout, context.n_keep
+        members = group_members(layout)
+        sizes = [len(m) for m in members]
+        if len(members) == 1:
+            return [n_keep]
+        bases = [g for g, grp in enumerate(layout.groups) if _is_base(grp.name)]
+        if not bases:
+            weights = [early[m].sum() for m in members]
+            return weighted_split(n_keep, weights, sizes)
+        base = bases[0]
+        others = [g for g in range(len(members)) if g != base]
+        base_share = min(int(np.floor(n_keep * self.alpha)), sizes[base])
+        rest = n_keep - base_share
+        if rest > sum(sizes[g] for g in others):  # the others cannot hold the rest: the base takes it
+            base_share = n_keep - sum(sizes[g] for g in others)
+            rest = n_keep - base_share
+        n_top = int(np.floor(sizes[base] * (1.0 - self.alpha)))
+        chosen = top_k(early, n_top, among=members[base])
+        boxes = layout.boxes[chosen]
+        centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+        weights = []
+        for g in others:
+            b = layout.boxes[members[g]]
+            x0, y0, x1, y1 = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
+            inside = (centres[:, 0] >= x0) & (centres[:, 0] < x1) & (centres[:, 1] >= y0) & (centres[:, 1] < y1)
+            weights.append(float(inside.sum()))
+        shares = [0] * len(members)
+        shares[base] = base_share
+        for g, k in zip(others, weighted_split(rest, weights, [sizes[g] for g in others])):
+            shares[g] = k
+        return shares
+
+    def select(self, context: SelectionContext) -> KeepPlan:
+        model = context.require_model()
+        self.check_applies(model)
+        early = row_scores(context, cls_need(tower_layer(self.early_layer, model)))
+        deep = row_scores(context, cls_need(tower_layer(self.deep_layer, model)))
+        return self.top_k_plan(context, deep, self.shares(context, early))

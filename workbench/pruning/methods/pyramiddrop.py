@@ -1,0 +1,132 @@
+"""PyramidDrop: rank and drop visual tokens at the end of every stage of the decoder, geometrically."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from workbench.pruning.layers import scaled_layer
+from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext
+from workbench.pruning.plan import KeepPlan, Stage
+from workbench.pruning.ranking import top_k
+from workbench.pruning.registry import register_method
+
+BUDGET_MODES = ("final", "fixed")
+POSITIONS = ("reindex", "original")
+
+
+def pyramid_schedule(layers, depth: int, n_visual: int, n_keep: int, ratio: float,
+                     budget_mode: str) -> tuple[tuple[int, int], ...]:
+    """((decoder layer, visual tokens kept there), ...) for reference ``layers`` on a decoder of
+    ``depth`` layers. Reference stage s (1-based) keeps ``int(N * lam**s)`` (the code's floor);
+    ``lam`` is ``ratio`` ("fixed") or ``(n_keep / N) ** (1 / len(layers))`` ("final": the last
+    stage keeps exactly ``n_keep``). Reference stages that land on the same scaled layer fold
+    into one stage keeping the deepest one's count."""
+    mapped = [scaled_layer(k, depth) for k in layers]
+    lam = ratio if budget_mode == "fixed" else (n_keep / n_visual if n_visual else 0.0) ** (1.0 / len(layers))
+    counts: dict[int, int] = {}
+    for s, layer in enumerate(mapped, start=1):
+        counts[layer] = int(math.floor(n_visual * lam ** s + 1e-9))
+    schedule = sorted(counts.items())
+    if budget_mode == "final":
+        last = schedule[-1][0]
+        schedule = [(k, max(c, n_keep)) for k, c in schedule[:-1]] + [(last, n_keep)]
+    return tuple(schedule)
+
+
+def rank_stage(layer: int, alive: np.ndarray, alive_scores: np.ndarray, count: int, n_visual: int,
+               position: str) -> Stage:
+    """Keep the ``count`` best of the ``alive`` original indices by ``alive_scores``."""
+    scores = np.full(n_visual, np.nan)
+    scores[alive] = alive_scores
+    kept = top_k(scores, min(count, len(alive)), among=alive)
+    return Stage(layer, tuple(kept), tuple(scores), position=position)
+
+
+@register_method("pyramiddrop")
+@dataclass(frozen=True)
+class PyramidDrop(PruningMethod):
+    """PyramidDrop (Xing et al., arXiv 2410.17247; code Cooperx521/PyramidDrop,
+    ``llava/model/modeling_llama_pdrop.py``: ``pdrop_forward`` / ``pdrop_rank_drop``).
+
+    After layers 7, 15, 23 -- i.e. before layers 8, 16, 24 (``layer_list``; placed on this decoder
+    with ``scaled_layer``) -- the reference recomputes the attention of layer 8/16/24 from its own
+    q/k (input norm, projections, RoPE) on the live, already pruned sequence, takes the row of the
+    last instruction token (the last prompt token at inference), averages over heads, and keeps
+    the top ``int(N * ratio_list[s])`` visual tokens (``ratio_list = [1, .5, .25, .125]``, lambda=0.5).
+    The pruned sequence is re-numbered contiguously (``position_ids = arange``): ``position="reindex"``.
+    Here that is a layer callback using ``LayerState.attention`` on the last text row.
+
+    Budget: the reference's average-token matching cannot reach budgets below N/4 with its layers
+    (the first quarter of the decoder always sees all N tokens), so we match the FINAL count:
+    ``budget_mode="final"`` (default) sets lambda = (n_keep/N)^(1/3), giving [N*lam, N*lam^2, n_keep]
+    (at n_keep = N/8 this is exactly the reference's lambda = 0.5 schedule); ``budget_mode="fixed"``
+    runs the reference's own schedule with ``ratio`` and ignores n_keep. ``kept_counts`` returns it.
+
+    M-RoPE models (3-axis position ids) cannot be re-indexed by the executor: there the stages fall
+    back to ``"original"`` positions (a documented deviation from the reference).
+    """
+
+    reference: ClassVar[str] = (
+        "PyramidDrop (arXiv 2410.17247); code Cooperx521/PyramidDrop, llava/model/modeling_llama_pdrop.py "
+        "(pdrop_rank_drop). Before layers 8/16/24 (scaled) the layer's own q/k attention of the last "
+        "instruction token on the live pruned sequence, head mean, keeps int(N*lambda^s), lambda=0.5, "
+        "positions re-indexed. Deviations: budget matched on the final count (lambda=(n_keep/N)^(1/3)), "
+        "not the paper's average token count; 'original' positions on M-RoPE models.")
+
+    layers: tuple[int, ...] = (8, 16, 24)
+    ratio: float = 0.5  # lambda, used by budget_mode="fixed"
+    budget_mode: str = "final"
+    position: str = "reindex"
+
+    def __post_init__(self):
+        layers = tuple(self.layers)
+        object.__setattr__(self, "layers", layers)
+        if not layers or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in layers) \
+                or list(layers) != sorted(set(layers)):
+            raise ValueError(f"pyramiddrop: layers must be strictly increasing ints >= 1, got {self.layers!r}")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
+            raise ValueError(f"pyramiddrop: ratio (lambda) must be in (0, 1], got {self.ratio!r}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"pyramiddrop: budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"pyramiddrop: position must be one of {POSITIONS}, got {self.position!r}")
+
+    def applicability(self, model: ModelFacts) -> str | None:
+        if model.decoder_layers < 2:
+            return f"in-LLM pruning needs at least 2 decoder layers, this decoder has {model.decoder_layers}"
+        return None
+
+    def schedule(self, context: SelectionContext) -> tuple[tuple[int, int], ...]:
+        model = context.require_model()
+        return pyramid_schedule(self.layers, model.decoder_layers, context.n_visual, context.n_keep,
+                                self.ratio, self.budget_mode)
+
+    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        return tuple(count for _, count in self.schedule(context))
+
+    def select(self, context: SelectionContext) -> KeepPlan:
+        self.check_applies(context.require_model())
+        return self.plan(context, [])  # every stage is chosen on the live state by the callback
+
+    def layer_callback(self, context: SelectionContext):
+        schedule = dict(self.schedule(context))
+        n_visual = context.n_visual
+
+        def callback(layer, state):
+            count = schedule.get(layer)
+            if count is None:
+                return None
+            if len(state.text_rows) == 0:
+                raise MethodNotApplicable("pyramiddrop: no text token after the image to rank with")
+            last = state.text_rows[-1:]
+            probs = state.attention(last)  # [H, 1, S]
+            visual = probs.mean(0)[0, state.visual_rows.to(probs.device)]
+            position = self.position if state.position_ids.dim() == 2 else "original"
+            return rank_stage(layer, np.asarray(state.visual_indices), visual.double().cpu().numpy(),
+                              count, n_visual, position)
+
+        return callback

@@ -1,0 +1,235 @@
+"""VisionDrop (Xu et al. 2025): visual-only importance, dominant tokens kept, the rest merged, in stages.
+
+At each stage the ``dominant`` most important visual tokens are kept; of the others a uniformly
+spaced ``contextual`` subset are kept as merge targets and every remaining token is folded into
+its most similar target (cosine of the head-mean keys): ``target + mean(assigned sources)``.
+Stage 0 acts on the tower's output (before the LLM), the later ones inside the LLM, where the
+importance is the visual->visual attention of that layer averaged over the visual query rows,
+recomputed on the live, already pruned sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from workbench.pruning.layers import scaled_layer
+from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, Stage
+from workbench.pruning.ranking import cosine_matrix, top_k
+from workbench.pruning.registry import register_method
+from workbench.tower_map import tower_features, tower_scores, tower_to_layout, tower_views
+
+TOWER_SCORES = ("cls", "visual")
+
+
+def contextual_merges(candidates: np.ndarray, metric: np.ndarray, contextual: int
+                      ) -> tuple[list[int], list[Merge]]:
+    """The reference's contextual step on the non-dominant ``candidates`` (original indices in
+    sequence order, ``metric`` their rows): targets every ``max(1, n // contextual)``-th candidate
+    from the first (at most ``contextual``), each other candidate assigned to its most similar
+    target (first on ties), a target becoming ``target + mean(its sources)``."""
+    n = len(candidates)
+    if contextual == 0 or n == 0:
+        return [], []
+    step = max(1, n // contextual)
+    targets = np.arange(0, n, step)[:contextual]
+    others = np.setdiff1d(np.arange(n), targets)
+    merges = []
+    if len(others):
+        assign = np.argmax(cosine_matrix(metric[others], metric[targets]), axis=1)
+        for j, t in enumerate(targets):
+            sources = candidates[others[assign == j]]
+            if len(sources):
+                merges.append(Merge(int(candidates[t]), tuple(int(s) for s in sources),
+                                    (1.0,) + (1.0 / len(sources),) * len(sources)))
+    return [int(candidates[t]) for t in targets], merges
+
+
+def dominant_and_contextual(ids: np.ndarray, importance: np.ndarray, metric: np.ndarray,
+                            dominant: int, contextual: int) -> tuple[tuple[int, ...], list[Merge]]:
+    """One VisionDrop stage on the live tokens ``ids`` (sequence order): (kept, merges)."""
+    chosen = top_k(importance, dominant)
+    rest = np.setdiff1d(np.arange(len(ids)), chosen)  # sequence order kept
+    targets, merges = contextual_merges(ids[rest], metric[rest], contextual)
+    return tuple(sorted([int(i) for i in ids[chosen]] + targets)), merges
+
+
+@register_method("visiondrop")
+@dataclass(frozen=True)
+class VisionDrop(PruningMethod):
+    """VisionDrop: training-free progressive reduction scored by visual-only attention.
+
+    Reference: "Rethinking Visual Token Reduction in LVLMs under Cross-modal Misalignment" (Xu et
+    al., arXiv 2506.22283, AAAI 2026), code github.com/Ruixxxx/VisionDrop: the tower stage is
+    ``llava/visionzip/clip_encoder.py`` + ``utils.py`` (set up by ``llava/visionzip/main.py``), the
+    LLM stages ``LlamaModel.visiondrop_rank_drop`` in ``llava/model/modeling_llama_visiondrop.py``,
+    defaults from ``scripts/v1_5/visiondrop_eval/*.sh`` (all the same): dominant 42, contextual 6,
+    LLM layers [8, 16, 24] with [dominant, contextual] = [30,5], [22,4], [16,3] ("an average
+    retention of 32 tokens", README).
+
+    What the code does, and we follow:
+    * tower stage (before the projector, on the features of layer -2): importance = the [CLS]
+      attention row of that layer (head sum; VisionZip's rule, ``tower_score="cls"``); dominant =
+      top-k; metric = that layer's keys; contextual merging as in ``contextual_merges``;
+    * LLM stage "after layer k-1" = before layer k, with layer k's own q/k (input norm + RoPE) on
+      the pruned sequence: importance = causal visual->visual attention, head mean, mean over the
+      visual query rows; metric = layer k's keys averaged over KV heads; the sequence is then
+      renumbered contiguously (``position="reindex"``).
+    * merge: ``target + sum(sources) / count`` (target weight 1, not an average).
+
+    Schedule from the budget: the reference settings scaled by ``n_keep / reference_budget`` (32),
+    rounded (at least one token for a positive budget), each stage capped by the previous one; the
+    LLM layers placed with ``scaled_layer`` (stages folding onto one layer keep the later counts).
+    ``kept_counts`` returns it; the final stage keeps about 19/32 of the budget because the
+    reference's budget is an average.
+
+    Deviations: the tower stage is computed from the unpruned recording (signals at the
+    projector's feed layer) and applied as a ``pre_llm`` stage, so its merges act on projected
+    embeddings, not tower features; the reference keeps the [CLS] token itself among the 42
+    "dominant" (41 patches + [CLS]), we keep ``dominant`` patches (our layouts carry no [CLS]);
+    the tower metric is the cosine of the keys with heads side by side (the recording has no head
+    count to average them); the reference moves kept tokens to [dominant..., contextual...] order,
+    we keep layout order (so later uniform spacing is over layout order). The paper motivates a
+    visual-only score everywhere; for towers without [CLS] ``tower_score="visual"`` uses the
+    tower's visual->visual attention (mean over query rows) at the feed layer (our fallback, not in
+    the code). M-RoPE models (Qwen2-VL) need ``position="original"``. Towers whose patches do not
+    map one to one onto the LLM's visual tokens (tiles of LLaVA-NeXT/OneVision, Qwen2-VL's merged
+    patches, Idefics3's pixel shuffle) are read per tower view and folded onto the layout's tokens
+    by its tower map (importance and keys: the mean over the patches each token owns) -- our
+    extension, the reference covers LLaVA-1.5 only.
+    """
+
+    reference: ClassVar[str] = (
+        "Rethinking Visual Token Reduction in LVLMs under Cross-modal Misalignment (VisionDrop, "
+        "arXiv 2506.22283); github.com/Ruixxxx/VisionDrop llava/visionzip/clip_encoder.py (tower stage: "
+        "[CLS] attention of layer -2, VisionZip-style) + llava/model/modeling_llama_visiondrop.py "
+        "visiondrop_rank_drop (LLM: visual->visual attention averaged over visual rows, key-cosine "
+        "contextual merge target+mean(sources), reindexed positions). Code followed; tower stage "
+        "simulated from the recording as pre_llm (merges on projected embeddings), no [CLS] token kept."
+    )
+
+    dominant: int = 42
+    contextual: int = 6
+    llm_layers: tuple[int, ...] = (8, 16, 24)
+    llm_tokens: tuple[tuple[int, int], ...] = ((30, 5), (22, 4), (16, 3))
+    reference_budget: int = 32
+    tower_score: str = "cls"
+    position: str = "reindex"
+
+    def __post_init__(self):
+        def count(value, name):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"visiondrop: {name} must be a non-negative int, got {value!r}")
+        count(self.dominant, "dominant")
+        count(self.contextual, "contextual")
+        object.__setattr__(self, "llm_layers", tuple(self.llm_layers))
+        object.__setattr__(self, "llm_tokens", tuple(tuple(p) for p in self.llm_tokens))
+        for layer in self.llm_layers:
+            count(layer, "llm_layers entries")
+        if list(self.llm_layers) != sorted(set(self.llm_layers)):
+            raise ValueError(f"visiondrop: llm_layers must be strictly increasing, got {self.llm_layers}")
+        if len(self.llm_tokens) != len(self.llm_layers) or any(len(p) != 2 for p in self.llm_tokens):
+            raise ValueError("visiondrop: llm_tokens needs one (dominant, contextual) pair per llm layer, "
+                             f"got {self.llm_tokens} for layers {self.llm_layers}")
+        for d, c in self.llm_tokens:
+            count(d, "llm_tokens dominant")
+            count(c, "llm_tokens contextual")
+        if self.dominant + self.contextual == 0:
+            raise ValueError("visiondrop: dominant + contextual must be positive")
+        if isinstance(self.reference_budget, bool) or not isinstance(self.reference_budget, (int, np.integer)) \
+                or self.reference_budget <= 0:
+            raise ValueError(f"visiondrop: reference_budget must be a positive int, got {self.reference_budget!r}")
+        if self.tower_score not in TOWER_SCORES:
+            raise ValueError(f"visiondrop: tower_score must be one of {TOWER_SCORES}, got {self.tower_score!r}")
+        if self.position not in POSITION_POLICIES:
+            raise ValueError(f"visiondrop: position must be one of {POSITION_POLICIES}, got {self.position!r}")
+
+    # --- model and schedule ----------------------------------------------------------------------
+    def applicability(self, model: ModelFacts) -> str | None:
+        if self.tower_score == "cls" and not model.has_cls_token:
+            return ("its tower stage ranks by [CLS] attention and this vision tower has no [CLS]; "
+                    "use tower_score='visual' (visual->visual attention)")
+        if self.llm_layers and model.decoder_layers < 2:
+            return "its in-LLM stages need a decoder of at least 2 layers"
+        return None
+
+    def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
+        layer = model.projector_feed_tower_layer
+        return (SignalNeed("attention", "tower", layer, self.tower_score),
+                SignalNeed("visual_keys", "tower", layer))
+
+    def schedule(self, context: SelectionContext) -> list[tuple[object, int, int]]:
+        """[(where, dominant, contextual)]: the pre_llm stage, then one per (folded) LLM layer."""
+        model = context.require_model()
+        factor = context.n_keep / self.reference_budget
+        raw = [(PRE_LLM, self.dominant, self.contextual)]
+        folded: dict[int, tuple[int, int]] = {}
+        for layer, (d, c) in zip(self.llm_layers, self.llm_tokens):
+            folded[scaled_layer(layer, model.decoder_layers)] = (d, c)  # a later stage overrides
+        raw += [(where, d, c) for where, (d, c) in sorted(folded.items())]
+        stages, alive = [], context.n_visual
+        for where, d, c in raw:
+            d, c = int(round(d * factor)), int(round(c * factor))
+            if d + c == 0 and context.n_keep > 0:
+                d = 1  # a positive budget never rounds a stage down to nothing
+            d = min(d, alive)
+            c = min(c, alive - d)
+            stages.append((where, d, c))
+            alive = d + c
+        return stages
+
+    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        return tuple(d + c for _, d, c in self.schedule(context))
+
+    # --- selection -------------------------------------------------------------------------------
+    def tower_importance(self, context: SelectionContext, layer: int) -> np.ndarray:
+        """[N] tower-stage importance of the visual tokens, read per tower view and folded onto the
+        layout by its tower map (mean over the patches each token owns; the identity on LLaVA-1.5):
+        the [CLS] row (``"cls"``), or each view's visual->visual attention averaged over its query
+        rows (``"visual"``)."""
+        rec, layout = context.recording, context.layout
+        if self.tower_score == "cls":
+            return tower_scores(rec, layout, "attention", layer, "cls")
+        views = tower_views(rec, layout, "attention", layer, "visual")
+        importance = tower_to_layout(layout, [v.mean(0) for v in views])
+        if np.isnan(importance).any():
+            raise ValueError(f"visiondrop: {int(np.isnan(importance).sum())} visual tokens own no tower patch "
+                             "in the layout's tower map")
+        return importance
+
+    def select(self, context: SelectionContext) -> KeepPlan:
+        model = context.require_model()
+        self.check_applies(model)
+        layer = model.projector_feed_tower_layer
+        importance = self.tower_importance(context, layer)
+        metric = tower_features(context.recording, context.layout, "visual_keys", layer)
+        _, d, c = self.schedule(context)[0]
+        ids = np.arange(context.n_visual)
+        kept, merges = dominant_and_contextual(ids, importance, metric, d, c)
+        return self.plan(context, [Stage(PRE_LLM, kept, tuple(importance), tuple(merges), self.position)])
+
+    def layer_callback(self, context: SelectionContext):
+        stages = {where: (d, c) for where, d, c in self.schedule(context)[1:]}
+        if not stages:
+            return None
+        n_visual, position = context.n_visual, self.position
+
+        def callback(layer, state):
+            if layer not in stages:
+                return None
+            d, c = stages[layer]
+            rows = state.visual_rows
+            probs = state.attention(rows)  # [H, M, S]
+            importance = probs.mean(0)[:, rows.to(probs.device)].mean(0).double().cpu().numpy()
+            keys = state.keys().float().mean(0)[rows.to(probs.device)].double().cpu().numpy()
+            ids = np.asarray(state.visual_indices, dtype=np.int64)
+            kept, merges = dominant_and_contextual(ids, importance, keys, d, c)
+            scores = np.full(n_visual, np.nan)
+            scores[ids] = importance
+            return Stage(layer, kept, tuple(scores), tuple(merges), position)
+
+        return callback

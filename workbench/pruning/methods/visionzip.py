@@ -1,0 +1,126 @@
+"""VisionZip: dominant tokens by [CLS] attention, contextual tokens by merging the rest into a few
+uniformly spaced targets (key similarity), all before the LLM."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
+from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, REFERENCE_TOWER_DEPTH, ClsAttentionMethod,
+                                                     cls_need, group_members, row_scores, size_shares, tower_layer)
+from workbench.pruning.plan import PRE_LLM, KeepPlan, Merge, Stage
+from workbench.pruning.ranking import cosine_matrix, top_k
+from workbench.pruning.registry import register_method
+from workbench.tower_map import tower_features
+
+MERGE_RULES = ("reference", "mean")
+
+
+@register_method("visionzip")
+@dataclass(frozen=True)
+class VisionZip(ClsAttentionMethod):
+    """VisionZip. At the projector-feed tower layer (``attentions[-2]`` = layer 22 of LLaVA's CLIP tower):
+
+    1. Dominant tokens: the top [CLS]-attention tokens (the reference sums the [CLS] row over heads;
+       we read the head mean, the same ranking).
+    2. Contextual tokens: among the remaining tokens, in index order, targets at a uniform stride
+       ``max(1, R // C)`` (the first C of them); every other remaining token joins the target whose
+       key is most similar (cosine; ties to the earlier target) and is merged into it.
+
+    Budget split: the reference's 54+10, 108+20, 162+30 for 64/128/192 tokens are one ratio, so
+    ``contextual = round(n_keep * contextual_ratio)`` (10/64) and ``dominant = n_keep - contextual``
+    for every budget. Each token group (crop) does this with its share of the budget by size, as the
+    reference does per crop.
+
+    Merge rule (``merge``): "reference" follows the code, ``contextual = target + mean(sources)``
+    (weights 1 for the target and 1/c for each of its c sources); "mean" averages target and sources.
+
+    Deviations (documented): (a) the reference merges the tower's hidden states BEFORE the projector;
+    our executor merges the projected embeddings at the LLM input (the projector is nonlinear, so
+    this is not the same vector). (b) The reference's dominant set includes the [CLS] token itself
+    (``dominant=54`` = [CLS] + 53 patches) and feeds it to the projector; our plans index patch
+    tokens only, so all ``dominant`` slots go to patches. (c) The reference's similarity metric is the
+    head-MEAN of the layer's keys ([N, d]); the recording holds the keys with heads side by side
+    ([N, H*d]) and the facts do not carry H, so the cosine is over the concatenated heads.
+    (d) Multi-crop towers (LLaVA-NeXT) are read per crop and folded onto the layout's tokens by the
+    layout's tower map; the groups of our layout (base, stitched tiles) stand in for the crops.
+    """
+
+    reference: ClassVar[str] = (
+        "Yang et al., 'VisionZip: Longer is Better but Not Necessary in Vision Language Models', "
+        "arXiv:2412.04467. Code: github.com/dvlab-research/VisionZip, visionzip/clip_encoder.py "
+        "(CLIPVisionTower_VisionZip.forward: attentions[-2] [CLS] row summed over heads, topk dominant; "
+        "uniform-stride targets, argmax cosine of the layer's head-mean keys, target + mean of assigned), "
+        "visionzip/utils.py (metric = head-mean keys), README (54+10 / 108+20 / 162+30). "
+        "Deviations: merge after the projector; [CLS] not kept as a token; cosine over concatenated heads.")
+
+    contextual_ratio: float = 10 / 64
+    merge: str = "reference"
+    reference_layer: int = REFERENCE_FEED_LAYER
+
+    def __post_init__(self):
+        if isinstance(self.contextual_ratio, bool) or not isinstance(self.contextual_ratio, (int, float)) \
+                or not 0.0 <= self.contextual_ratio <= 1.0:
+            raise ValueError(f"visionzip: contextual_ratio must be a number in [0, 1], got {self.contextual_ratio!r}")
+        if self.merge not in MERGE_RULES:
+            raise ValueError(f"visionzip: merge must be one of {MERGE_RULES}, got {self.merge!r}")
+        if isinstance(self.reference_layer, bool) or not isinstance(self.reference_layer, (int, np.integer)) \
+                or not 0 <= self.reference_layer < REFERENCE_TOWER_DEPTH:
+            raise ValueError(f"visionzip: reference_layer must be an int in 0..{REFERENCE_TOWER_DEPTH - 1}, "
+                             f"got {self.reference_layer!r}")
+
+    def layer(self, model: ModelFacts) -> int:
+        return tower_layer(self.reference_layer, model)
+
+    def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
+        return (self.layer(model),)
+
+    def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
+        if self.applicability(model) is not None:
+            return ()
+        return (cls_need(self.layer(model)), SignalNeed("visual_keys", "tower", self.layer(model)))
+
+    def split(self, n_keep: int) -> tuple[int, int]:
+        """(dominant, contextual) for a budget of ``n_keep`` tokens."""
+        contextual = min(int(math.floor(n_keep * self.contextual_ratio + 0.5)), n_keep)
+        return n_keep - contextual, contextual
+
+    def select(self, context: SelectionContext) -> KeepPlan:
+        model = context.require_model()
+        self.check_applies(model)
+        layer = self.layer(model)
+        attention = row_scores(context, cls_need(layer))
+        # Per-view tower keys folded onto the layout (mean of each token's patches; the identity on
+        # LLaVA-1.5-style towers), like the [CLS] scores (see cls_attention.row_scores).
+        keys = tower_features(context.recording, context.layout, "visual_keys", layer)
+        kept, merges = [], []
+        for members, share in zip(group_members(context.layout), size_shares(context.layout, context.n_keep)):
+            if share == 0:
+                continue
+            n_dominant, n_contextual = self.split(share)
+            dominant = top_k(attention, n_dominant, among=members)
+            kept += [int(i) for i in dominant]
+            remaining = np.setdiff1d(members, dominant)  # sorted, index order
+            if n_contextual == 0:
+                continue
+            step = max(1, len(remaining) // n_contextual)
+            targets = remaining[::step][:n_contextual]
+            kept += [int(i) for i in targets]
+            sources = np.setdiff1d(remaining, targets)
+            if len(sources) == 0:
+                continue
+            assigned = np.argmax(cosine_matrix(keys[sources], keys[targets]), axis=1)  # first max wins
+            for t, target in enumerate(targets):
+                group = sources[assigned == t]
+                if len(group) == 0:
+                    continue
+                if self.merge == "mean":
+                    merges.append(Merge.mean(int(target), group))
+                else:
+                    merges.append(Merge(int(target), tuple(group), (1.0,) + (1.0 / len(group),) * len(group)))
+        stage = Stage(PRE_LLM, tuple(sorted(kept)), tuple(attention), tuple(merges))
+        return self.plan(context, [stage])

@@ -1,0 +1,111 @@
+"""The sentences a report states, each computed from its tables (never written by hand).
+
+Three questions the field keeps asking, answered on the user's own model and data:
+does redundancy among visual tokens grow with depth; do attention-based methods keep tokens
+by position rather than content; which methods fail by dropping the evidence.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+# Methods whose score is the LLM's own attention from text/last rows (RoPE applies to it).
+LLM_ATTENTION_METHODS = ("fastv", "pyramiddrop", "sparsevlm", "feather", "transprune", "todre")
+SPATIAL_BASELINE = "uniform_grid"
+POSITION_MARGIN = 0.1  # a kept-row centroid this far from 0.5 counts as a positional skew
+
+
+def _metric(frame: pl.DataFrame, stack: str, metric: str) -> pl.DataFrame:
+    return frame.filter((pl.col("stack") == stack) & (pl.col("metric") == metric)).sort("layer")
+
+
+def redundancy_finding(tables: dict) -> str | None:
+    mean, trend = tables.get("redundancy_mean"), tables.get("redundancy_trend")
+    if mean is None or trend is None or not mean.height:
+        return None
+    parts = []
+    for stack, name in (("llm", "LLM"), ("tower", "vision tower")):
+        values = _metric(mean, stack, "cos_mean")
+        row = trend.filter((pl.col("stack") == stack) & (pl.col("metric") == "cos_mean"))
+        if not values.height or not row.height:
+            continue
+        rho = row["spearman"][0]
+        verdict = "grows" if rho is not None and rho > 0 else "does not grow"
+        path = " -> ".join(f"{v:.2f}" for v in values["value"])
+        parts.append(f"in the {name} it {verdict} with depth (mean pairwise cosine of the visual tokens "
+                     f"by layer: {path}; Spearman rho {rho if rho is None else round(rho, 2)})")
+    if not parts:
+        return None
+    n = int(mean["n_samples"].max())
+    return f"**Redundancy** ({n} samples): " + "; ".join(parts) + "."
+
+
+def positional_finding(tables: dict, budget: str) -> str | None:
+    position = tables.get("kept_position")
+    if position is None or not position.height:
+        return None
+    at = position.filter(pl.col("budget") == budget)
+    attention = at.filter(pl.col("method").is_in(LLM_ATTENTION_METHODS)).sort("row_centroid", descending=True)
+    if not attention.height:
+        return None
+    skewed = attention.filter((pl.col("row_centroid") - 0.5).abs() >= POSITION_MARGIN)
+    listing = ", ".join(f"{m} {r:.2f}" for m, r in attention.select("method", "row_centroid").iter_rows())
+    baseline = at.filter(pl.col("method") == SPATIAL_BASELINE)
+    reference = f"; {SPATIAL_BASELINE} {baseline['row_centroid'][0]:.2f}" if baseline.height else ""
+    verdict = (f"{skewed.height} of {attention.height} attention-based methods show a positional bias"
+               if skewed.height else f"none of the {attention.height} attention-based methods shows a positional bias")
+    text = (f"**Positional bias** at {budget}: {verdict} (mean image row of the kept tokens, 0 = top, 1 = bottom, "
+            f"0.5 = even: {listing}{reference}; a bias is a distance of at least {POSITION_MARGIN} from 0.5).")
+    bias = tables.get("positional_bias_mean")
+    if bias is not None and bias.height:
+        rows = bias.filter((pl.col("metric") == "row_centroid") & (pl.col("rows") == "last")).sort("layer")
+        with_rope = rows.filter(pl.col("signal") == "attention")["value"].to_list()
+        without = rows.filter(pl.col("signal") == "attention_norope")["value"].to_list()
+        if with_rope and without:
+            text += (" The last token's attention centroid by layer is "
+                     + ", ".join(f"{v:.2f}" for v in with_rope) + " with RoPE and "
+                     + ", ".join(f"{v:.2f}" for v in without) + " with RoPE removed from the score.")
+    return text
+
+
+def failure_finding(tables: dict, budget: str) -> str | None:
+    taxonomy = tables.get("failure_taxonomy")
+    recall = tables.get("evidence_recall")
+    if taxonomy is None or not taxonomy.height:
+        return None
+    dropped = (taxonomy.filter(pl.col("category").is_in(["evidence dropped", "over-merging"]))
+               .group_by("method").agg(pl.col("count").sum().alias("dropped"), pl.col("diagnosed").first(),
+                                       pl.col("failures").first())
+               .sort(["dropped", "failures"], descending=True))
+    worst = dropped.filter(pl.col("dropped") > 0).head(3)
+    if not worst.height:
+        return f"**Failures** at {budget}: no diagnosed failure recovers when its dropped evidence is restored."
+    listing = "; ".join(f"{m}: {d} of {n} diagnosed failures (of {f}) recover when the dropped evidence is put back"
+                        for m, d, n, f in worst.select("method", "dropped", "diagnosed", "failures").iter_rows())
+    text = f"**Failures by dropped evidence** at {budget}: {listing}."
+    if recall is not None and recall.height:
+        low = (recall.filter((pl.col("budget") == budget) & (pl.col("method") != "unpruned"))
+               .sort("recall").head(3))
+        text += " Lowest evidence recall: " + ", ".join(f"{m} {r:.2f}" for m, r in low.select("method", "recall").iter_rows()) + "."
+    return text
+
+
+def accuracy_finding(tables: dict, budget: str) -> str | None:
+    accuracy = tables.get("accuracy")
+    if accuracy is None or not accuracy.height:
+        return None
+    base = accuracy.filter(pl.col("method") == "unpruned")
+    at = accuracy.filter(pl.col("budget") == budget).sort("accuracy", descending=True)
+    if not at.height:
+        return None
+    best, worst = at.row(0, named=True), at.row(at.height - 1, named=True)
+    start = f"unpruned {base['accuracy'][0]:.3f}; " if base.height else ""
+    return (f"**Accuracy** at {budget} ({best['n']} samples): {start}best {best['method']} {best['accuracy']:.3f} "
+            f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}], worst {worst['method']} {worst['accuracy']:.3f} "
+            f"[{worst['ci_low']:.3f}, {worst['ci_high']:.3f}] (95 % Wilson intervals).")
+
+
+def findings(tables: dict, budget: str) -> list[str]:
+    found = [accuracy_finding(tables, budget), redundancy_finding(tables), positional_finding(tables, budget),
+             failure_finding(tables, budget)]
+    return [f for f in found if f]
