@@ -98,6 +98,15 @@ def test_a_task_is_plain_data_and_its_rows_depend_only_on_it():
            [{k: v for k, v in r.items() if k not in volatile} for r in second]
 
 
+def test_method_specs_parse_from_text_and_from_their_labels():
+    spec = MethodSpec.parse("fastv:rows=text,layer=3")
+    assert spec == MethodSpec("fastv", (("layer", 3), ("rows", "text")))
+    assert MethodSpec.parse(spec.label) == spec and spec.label == "fastv(layer=3,rows=text)"
+    assert MethodSpec.parse("random").label == "random"
+    with pytest.raises(SweepError, match="not key=value"):
+        MethodSpec.parse("fastv:layer")
+
+
 def test_accuracy_table_puts_budgets_side_by_side_with_the_unpruned_model():
     rows = [{"sample_id": s, "method": m, "budget": b, "budget_tokens": t, "status": "ok", "correct": c}
             for s, m, b, t, c in [("1", UNPRUNED, "100%", 144, True), ("2", UNPRUNED, "100%", 144, False),

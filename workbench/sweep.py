@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,7 +67,11 @@ class MethodSpec:
 
     @staticmethod
     def parse(text: str) -> "MethodSpec":
-        """"fastv" or "fastv:rows=text,layer=3" (values parsed as JSON where they can be)."""
+        """"fastv" or "fastv:rows=text,layer=3" (values parsed as JSON where they can be), or a
+        ``label`` as tables show it: "fastv(rows=text,layer=3)"."""
+        label = re.fullmatch(r"\s*([\w-]+)\((.*)\)\s*", text)
+        if label:
+            text = f"{label[1]}:{label[2]}"
         name, _, rest = text.strip().partition(":")
         params = []
         for part in filter(None, (p.strip() for p in rest.split(","))):

@@ -42,13 +42,23 @@ def main_recording(model: str, subject):
 
 
 def token_values(rec, view: View, layer: int, head: int | None = None) -> np.ndarray | None:
-    """[N] values of ``view`` at ``layer`` (mean over its query rows), or None when the recorded keys
-    are not the layout's visual tokens (a tiled tower whose patches are pooled before the LLM)."""
-    value = rec.get(view.signal, layer, view.rows, view.stack, head=head).double().numpy()
-    value = value.reshape(-1, value.shape[-1]).mean(0)
-    if value.shape[0] != rec.layout.n_tokens:
+    """[N] values of ``view`` at ``layer`` (mean over its query rows). Tower signals are recorded
+    per tower view (crop, tile, frame) over its patches and folded onto the layout's tokens by the
+    layout's tower map (the mean of the patches each token owns); None when the map cannot place
+    them."""
+    from workbench.tower_map import tower_to_layout
+
+    def rows_mean(v: int) -> np.ndarray:
+        value = rec.get(view.signal, layer, view.rows, view.stack, head=head, view=v).double().numpy()
+        return value.reshape(-1, value.shape[-1]).mean(0)
+
+    if view.stack != "tower":
+        return rows_mean(0)
+    try:
+        values = tower_to_layout(rec.layout, [rows_mean(v) for v in range(max(len(rec.layout.tower_owner), 1))])
+    except (KeyError, ValueError):
         return None
-    return value
+    return None if np.isnan(values).all() else values
 
 
 def layer_summaries(rec) -> dict[str, list[float]]:
@@ -92,8 +102,8 @@ def render(model: str, subject) -> None:
     left, right = st.columns([3, 2])
     with left:
         if values is None:
-            st.info("this signal's keys are the tower's patches of each tile, which this model pools before "
-                    "the LLM; they do not map one-to-one onto the visual tokens")
+            st.info("this model's layout has no map from the tower's patches to its visual tokens, so this "
+                    "tower signal cannot be drawn on the image")
         else:
             where = "input" if layer < 0 else f"layer {layer}"
             show_heatmap(subject, rec.layout, values, f"{choice}, {where} — {value_range(values)}")

@@ -126,3 +126,21 @@ def test_the_command_serves_the_app_headless_with_the_results_folder():
     command = streamlit_command("/some/results", 8600)
     assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("dashboards/app.py")
     assert "--server.headless" in command and "8600" in command and command[-2:] == ["--results", "/some/results"]
+
+
+def test_tower_signals_are_drawn_through_the_tower_map_on_tiled_models():
+    import numpy as np
+
+    from dashboards.views.explore import VIEWS, token_values
+    from tests.tiny_models import QUESTION, TINY_SPECS, noise_image, tiny_adapter
+    from workbench.recorder import record
+    from workbench.recording import CaptureRequest
+    from workbench.tower_map import tower_scores
+
+    adapter = tiny_adapter("llava_next")  # a base view and tiles: several tower views
+    prepared = adapter.prepare(noise_image(TINY_SPECS["llava_next"].image_size), QUESTION)
+    rec = record(adapter, prepared, CaptureRequest(signals=("attention",), rows=("cls",), stacks=("tower",)))
+    assert len(rec.layout.tower_owner) > 1
+    values = token_values(rec, VIEWS["attention from [CLS] (vision tower)"], 0)
+    assert values.shape == (prepared.layout.n_tokens,) and np.isfinite(values).all()
+    assert np.allclose(values, tower_scores(rec, rec.layout, "attention", 0, "cls"))

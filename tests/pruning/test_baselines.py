@@ -12,7 +12,7 @@ from workbench.pruning.executor import execute
 from workbench.pruning.grid import grid_windows
 from workbench.pruning.method import SelectionContext
 from workbench.pruning.plan import Merge
-from workbench.pruning.registry import UnknownMethod, available_methods, create_method, method_class
+from workbench.pruning.registry import InvalidMethodParameters, UnknownMethod, available_methods, create_method, method_class
 
 
 # --- budgets and windows ---------------------------------------------------------------------------
@@ -123,5 +123,7 @@ def test_registry_lists_creates_and_rejects_by_name():
     assert RandomPrune().name == "random" and RandomPrune(seed=2).params() == {"seed": 2}
     with pytest.raises(UnknownMethod, match="unknown pruning method 'fastvv'; available: .*average_pool.*random"):
         method_class("fastvv")
-    with pytest.raises(UnknownMethod, match="random: .*unexpected keyword argument 'sed'"):
+    with pytest.raises(InvalidMethodParameters, match="random: .*unexpected keyword argument 'sed'"):
         create_method("random", sed=5)
+    with pytest.raises(InvalidMethodParameters, match="random: seed must be a non-negative int"):
+        create_method("random", seed=-1)

@@ -37,11 +37,13 @@ class ModelFacts:
     vision_layers: int
     has_cls_token: bool
     projector_feed_layer: int  # index into the tower's hidden_states (0 = embeddings, i = after layer i)
+    vision_heads: int = 1  # attention heads of the tower (recorded keys hold them side by side)
 
     @staticmethod
     def of(adapter) -> "ModelFacts":
         return ModelFacts(type(adapter).__name__, len(adapter.decoder_layers()), len(adapter.vision_layers()),
-                          bool(adapter.has_cls_token), int(adapter.projector_feed_layer))
+                          bool(adapter.has_cls_token), int(adapter.projector_feed_layer),
+                          int(adapter.vision_attention(0).num_heads))
 
     @property
     def projector_feed_tower_layer(self) -> int:

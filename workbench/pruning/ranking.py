@@ -28,3 +28,11 @@ def cosine_matrix(a, b=None) -> np.ndarray:
     """[len(a), len(b)] cosine similarities (``b`` defaults to ``a``)."""
     a = normalized(a)
     return a @ (a if b is None else normalized(b)).T
+
+
+def head_mean(keys, heads: int) -> np.ndarray:
+    """[N, H*d] keys with the heads side by side -> [N, d], their mean over the heads."""
+    keys = np.asarray(keys, dtype=np.float64)
+    if heads < 1 or keys.shape[-1] % heads:
+        raise ValueError(f"cannot split {keys.shape[-1]} key dimensions into {heads} heads")
+    return keys.reshape(keys.shape[0], heads, -1).mean(1)

@@ -17,6 +17,10 @@ class UnknownMethod(UserError, ValueError):
     pass
 
 
+class InvalidMethodParameters(UserError, ValueError):
+    """A hyper-parameter the method does not have, or a value it refuses."""
+
+
 def register_method(name: str):
     """Class decorator: register a ``PruningMethod`` under ``name`` (also set as ``cls.name``)."""
     def add(cls):
@@ -47,7 +51,9 @@ def create_method(name: str, **params) -> "PruningMethod":
     try:
         return cls(**params)
     except TypeError as e:  # an unknown hyper-parameter name
-        raise UnknownMethod(f"{name}: {e}") from None
+        raise InvalidMethodParameters(f"{name}: {e}") from None
+    except ValueError as e:  # a value the method's validation refuses
+        raise InvalidMethodParameters(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
 
 
 def _import_methods() -> None:

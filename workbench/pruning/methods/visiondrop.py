@@ -19,7 +19,7 @@ import torch
 from workbench.pruning.layers import scaled_layer
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
 from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, Stage
-from workbench.pruning.ranking import cosine_matrix, top_k
+from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
 from workbench.pruning.registry import register_method
 from workbench.tower_map import tower_features, tower_scores, tower_to_layout, tower_views
 
@@ -91,8 +91,7 @@ class VisionDrop(PruningMethod):
     projector's feed layer) and applied as a ``pre_llm`` stage, so its merges act on projected
     embeddings, not tower features; the reference keeps the [CLS] token itself among the 42
     "dominant" (41 patches + [CLS]), we keep ``dominant`` patches (our layouts carry no [CLS]);
-    the tower metric is the cosine of the keys with heads side by side (the recording has no head
-    count to average them); the reference moves kept tokens to [dominant..., contextual...] order,
+    the reference moves kept tokens to [dominant..., contextual...] order,
     we keep layout order (so later uniform spacing is over layout order). The paper motivates a
     visual-only score everywhere; for towers without [CLS] ``tower_score="visual"`` uses the
     tower's visual->visual attention (mean over query rows) at the feed layer (our fallback, not in
@@ -206,7 +205,7 @@ class VisionDrop(PruningMethod):
         self.check_applies(model)
         layer = model.projector_feed_tower_layer
         importance = self.tower_importance(context, layer)
-        metric = tower_features(context.recording, context.layout, "visual_keys", layer)
+        metric = head_mean(tower_features(context.recording, context.layout, "visual_keys", layer), model.vision_heads)
         _, d, c = self.schedule(context)[0]
         ids = np.arange(context.n_visual)
         kept, merges = dominant_and_contextual(ids, importance, metric, d, c)

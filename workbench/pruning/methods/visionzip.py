@@ -13,7 +13,7 @@ from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
 from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, REFERENCE_TOWER_DEPTH, ClsAttentionMethod,
                                                      cls_need, group_members, row_scores, size_shares, tower_layer)
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Merge, Stage
-from workbench.pruning.ranking import cosine_matrix, top_k
+from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
 from workbench.pruning.registry import register_method
 from workbench.tower_map import tower_features
 
@@ -44,8 +44,8 @@ class VisionZip(ClsAttentionMethod):
     this is not the same vector). (b) The reference's dominant set includes the [CLS] token itself
     (``dominant=54`` = [CLS] + 53 patches) and feeds it to the projector; our plans index patch
     tokens only, so all ``dominant`` slots go to patches. (c) The reference's similarity metric is the
-    head-MEAN of the layer's keys ([N, d]); the recording holds the keys with heads side by side
-    ([N, H*d]) and the facts do not carry H, so the cosine is over the concatenated heads.
+    head-MEAN of the layer's keys ([N, d]), as here (the recording's [N, H*d] keys averaged over
+    the tower's heads).
     (d) Multi-crop towers (LLaVA-NeXT) are read per crop and folded onto the layout's tokens by the
     layout's tower map; the groups of our layout (base, stitched tiles) stand in for the crops.
     """
@@ -56,7 +56,7 @@ class VisionZip(ClsAttentionMethod):
         "(CLIPVisionTower_VisionZip.forward: attentions[-2] [CLS] row summed over heads, topk dominant; "
         "uniform-stride targets, argmax cosine of the layer's head-mean keys, target + mean of assigned), "
         "visionzip/utils.py (metric = head-mean keys), README (54+10 / 108+20 / 162+30). "
-        "Deviations: merge after the projector; [CLS] not kept as a token; cosine over concatenated heads.")
+        "Deviations: merge after the projector; [CLS] not kept as a token.")
 
     contextual_ratio: float = 10 / 64
     merge: str = "reference"
@@ -96,7 +96,7 @@ class VisionZip(ClsAttentionMethod):
         attention = row_scores(context, cls_need(layer))
         # Per-view tower keys folded onto the layout (mean of each token's patches; the identity on
         # LLaVA-1.5-style towers), like the [CLS] scores (see cls_attention.row_scores).
-        keys = tower_features(context.recording, context.layout, "visual_keys", layer)
+        keys = head_mean(tower_features(context.recording, context.layout, "visual_keys", layer), model.vision_heads)
         kept, merges = [], []
         for members, share in zip(group_members(context.layout), size_shares(context.layout, context.n_keep)):
             if share == 0:
