@@ -142,3 +142,18 @@ def test_sweep_command_prints_the_accuracy_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "33%" in printed and "11%" in printed and "uniform_grid" in printed and "unpruned" in printed
     assert read_sweep(out).height == 2 * 5
+
+
+def test_samples_without_gold_answers_have_unknown_correctness(tmp_path):
+    import shutil
+
+    from workbench.samples import Sample, write_dataset
+
+    source = samples()[0]
+    shutil.copy(source.image_path, tmp_path / "img.png")
+    dataset = write_dataset([Sample("q1", tmp_path / "img.png", source.question)], tmp_path / "s.jsonl")
+    table = run_sweep(shipped(), read_dataset(dataset), str(dataset), METHODS[:1], (0.5,), tmp_path / "s",
+                      progress=False).table
+    assert table["correct"].null_count() == table.height == 2
+    assert table["gold_logprob"].null_count() == 2 and table["evidence_recall"].null_count() == 2
+    assert accuracy_by_budget(table).row(0)[1:] == (None, None)

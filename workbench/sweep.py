@@ -154,11 +154,12 @@ def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
                             callback=callback_fn() if callback_fn else None)
         kept = np.asarray(execution.final_kept, dtype=np.int64)
         flops = prefill_flops(shape, execution.tokens_per_layer)
-        correct = sample.answer is not None and normalize_answer(execution.answer) == normalize_answer(sample.answer)
+        # No gold answer: correctness is unknown (null), not wrong.
+        correct = None if sample.answer is None else normalize_answer(execution.answer) == normalize_answer(sample.answer)
         return row | {
             "status": "ok", "message": None, "stages": _stages_json(execution.plan), "kept_count": len(kept),
             "visual_tokens_per_layer": list(execution.visual_tokens_per_layer),
-            "answer": execution.answer, "correct": bool(correct), "gold_logprob": execution.gold_logprob,
+            "answer": execution.answer, "correct": correct, "gold_logprob": execution.gold_logprob,
             "answer_logprob": execution.answer_logprob, "evidence_tokens": int(evidence.sum()),
             "evidence_recall": float(evidence[kept].sum() / evidence.sum()) if evidence.any() else None,
             "wall_time_s": time.perf_counter() - started, "prefill_flops": flops, "flops_ratio": flops / full_flops,

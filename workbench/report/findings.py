@@ -78,6 +78,9 @@ def failure_finding(tables: dict, budget: str) -> str | None:
                                        pl.col("failures").first())
                .sort(["dropped", "failures"], descending=True))
     worst = dropped.filter(pl.col("dropped") > 0).head(3)
+    if not int(dropped["diagnosed"].sum()):
+        return (f"**Failures** at {budget}: none to diagnose (no sample that the unpruned model answers "
+                "correctly and a pruned one does not; samples without a gold answer never count).")
     if not worst.height:
         return f"**Failures** at {budget}: no diagnosed failure recovers when its dropped evidence is restored."
     listing = "; ".join(f"{m}: {d} of {n} diagnosed failures (of {f}) recover when the dropped evidence is put back"
@@ -92,12 +95,12 @@ def failure_finding(tables: dict, budget: str) -> str | None:
 
 def accuracy_finding(tables: dict, budget: str) -> str | None:
     accuracy = tables.get("accuracy")
-    if accuracy is None or not accuracy.height:
+    if accuracy is None:
         return None
     base = accuracy.filter(pl.col("method") == "unpruned")
     at = accuracy.filter(pl.col("budget") == budget).sort("accuracy", descending=True)
     if not at.height:
-        return None
+        return "**Accuracy**: the samples carry no gold answers, so no accuracy is reported."
     best, worst = at.row(0, named=True), at.row(at.height - 1, named=True)
     start = f"unpruned {base['accuracy'][0]:.3f}; " if base.height else ""
     return (f"**Accuracy** at {budget} ({best['n']} samples): {start}best {best['method']} {best['accuracy']:.3f} "
