@@ -8,7 +8,7 @@ import pytest
 from workbench.cli import main
 from workbench.report.config import ReportConfig, ReportConfigError, load_config
 from workbench.report.figures import FigureSpec, to_png
-from workbench.report.findings import positional_finding, redundancy_finding
+from workbench.report.findings import accuracy_finding, failure_finding, positional_finding, redundancy_finding
 
 
 def test_config_reads_toml_and_rejects_mistakes(tmp_path):
@@ -42,11 +42,41 @@ def test_findings_are_computed_from_the_tables():
     trend = pl.DataFrame({"stack": ["llm"], "metric": ["cos_mean"], "spearman": [1.0]})
     text = redundancy_finding({"redundancy_mean": mean, "redundancy_trend": trend})
     assert "grows with depth" in text and "0.20 -> 0.40 -> 0.60" in text and "4 samples" in text
+    # one swapped pair of three layers (rho 0.5) is not called a trend
+    bumpy = redundancy_finding({"redundancy_mean": mean.with_columns(pl.Series("value", [0.4, 0.2, 0.6])),
+                                "redundancy_trend": trend.with_columns(pl.lit(0.5).alias("spearman"))})
+    assert "has no monotone trend with depth" in bumpy and "grows" not in bumpy
+    falling = redundancy_finding({"redundancy_mean": mean, "redundancy_trend": trend.with_columns(
+        pl.lit(-1.0).alias("spearman"))})
+    assert "falls with depth" in falling
     position = pl.DataFrame({"method": ["fastv", "feather", "uniform_grid"], "budget": ["11%"] * 3,
                              "row_centroid": [0.8, 0.55, 0.5]})
     text = positional_finding({"kept_position": position}, "11%")
     assert text.startswith("**Positional bias** at 11%: 1 of 2 attention-based methods")
-    assert "fastv 0.80" in text and "uniform_grid 0.50" in text
+    assert "fastv 0.80" in text and "uniform_grid 0.50" in text and "other methods" not in text
+    tower = pl.concat([position, pl.DataFrame({"method": ["fastervlm", "divprune", "random"], "budget": ["11%"] * 3,
+                                               "row_centroid": [0.16, 0.52, 0.2]})])
+    text = positional_finding({"kept_position": tower}, "11%")
+    assert "Of the other methods, fastervlm 0.16 keep" in text and "divprune" not in text and "random" not in text
+
+
+def test_accuracy_finding_names_every_tied_method():
+    accuracy = pl.DataFrame({"method": ["unpruned", "a", "b", "c"], "budget": ["100%", "11%", "11%", "11%"],
+                             "n": [8] * 4, "accuracy": [1.0, 0.75, 0.5, 0.5], "ci_low": [0.7, 0.4, 0.2, 0.2],
+                             "ci_high": [1.0, 0.9, 0.8, 0.8]})
+    text = accuracy_finding({"accuracy": accuracy}, "11%")
+    assert "unpruned 1.000; best a 0.750 [0.400, 0.900], worst b / c 0.500 [0.200, 0.800]" in text
+
+
+def test_failure_finding_counts_dropped_and_merged_evidence():
+    taxonomy = pl.DataFrame({"method": ["m", "m", "m", "n"], "budget": ["11%"] * 4,
+                             "category": ["evidence dropped", "over-merging", "other", "other"],
+                             "count": [2, 1, 1, 3], "diagnosed": [4, 4, 4, 3], "failures": [9, 9, 9, 3]})
+    text = failure_finding({"failure_taxonomy": taxonomy}, "11%")
+    assert text == ("**Failures by lost evidence** at 11%: m: 3 of 4 diagnosed failures (of 9) recover when the "
+                    "evidence it dropped or merged away is put back.")
+    none = failure_finding({"failure_taxonomy": taxonomy.filter(pl.col("method") == "n")}, "11%")
+    assert "no diagnosed failure recovers" in none
 
 
 def test_png_figures_are_drawn_from_specs(tmp_path):
@@ -83,3 +113,29 @@ def test_a_small_report_builds_offline_and_resumes(tmp_path):
     rows_before = (folder / "sweep" / "rows.jsonl").read_text()
     build_report(adapter, config, progress=False)
     assert (folder / "sweep" / "rows.jsonl").read_text() == rows_before  # the sweep resumed, nothing re-run
+
+
+def test_a_sweep_made_with_other_weights_is_moved_aside_not_resumed(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from workbench.report.compute import set_aside_stale_sweep
+
+    def old_sweep(weights):
+        (tmp_path / "sweep").mkdir()
+        manifest = {"format": "x"} if weights is None else {"format": "x", "weights": weights}
+        (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(manifest))
+        (tmp_path / "sweep" / "rows.jsonl").write_text("old rows\n")
+
+    now = SimpleNamespace(fingerprint="new")
+    assert set_aside_stale_sweep(now, tmp_path) is None  # no sweep yet
+    old_sweep("new")
+    assert set_aside_stale_sweep(now, tmp_path) is None and (tmp_path / "sweep").is_dir()  # same weights: resume
+    (tmp_path / "sweep").rename(tmp_path / "kept")
+    old_sweep("abc")
+    assert set_aside_stale_sweep(now, tmp_path) == tmp_path / "sweep-abc"
+    assert (tmp_path / "sweep-abc" / "rows.jsonl").read_text() == "old rows\n" and not (tmp_path / "sweep").exists()
+    old_sweep("abc")
+    assert set_aside_stale_sweep(now, tmp_path) == tmp_path / "sweep-abc-1"
+    old_sweep(None)  # made before sweeps recorded their weights
+    assert set_aside_stale_sweep(now, tmp_path) == tmp_path / "sweep-unfingerprinted"

@@ -1,9 +1,6 @@
-"""The shipped model's quality on the held-out evaluation set.
-
-The target is >= 95 % overall and >= 90 % per question type; the model shipped now measures
-81.2 % overall (see data/models/shapes-vlm/README.md), so the accuracy test guards that level as a
-regression floor and checks that every type is far above its answer prior. The blank-image
-control and the evidence-attention check are the real bars.
+"""The shipped model's quality bars on the held-out evaluation set: >= 95 % overall and >= 90 % on
+every question type, blank images fall to the question-type prior, and the answer position attends
+to the evidence well above its share of the patches (figures in data/models/shapes-vlm/README.md).
 """
 
 import pytest
@@ -41,8 +38,9 @@ def test_held_out_accuracy(adapter, samples):
     accuracy = by_type(accuracy_table(answer_dataset(adapter, samples, progress=False)))
     assert set(QUESTION_TYPES) <= set(accuracy)
     prior = by_type(majority_prior(samples), "prior")
-    assert accuracy["overall"] >= 0.80, accuracy
-    assert all(accuracy[t] >= prior[t] + 0.15 for t in QUESTION_TYPES), (accuracy, prior)
+    assert accuracy["overall"] >= 0.95, accuracy
+    assert all(accuracy[t] >= 0.90 for t in QUESTION_TYPES), accuracy
+    assert all(accuracy[t] >= prior[t] + 0.35 for t in QUESTION_TYPES), (accuracy, prior)
 
 
 def test_blank_images_fall_to_the_prior(adapter, samples):
@@ -55,4 +53,5 @@ def test_blank_images_fall_to_the_prior(adapter, samples):
 
 def test_answer_position_attends_to_the_evidence(adapter, samples):
     ratios = evidence_attention(adapter, samples[:120], progress=False)
-    assert ratios["ratio"].max() >= 2.0, ratios
+    middle = ratios.filter((ratios["layer"] > 0) & (ratios["layer"] < ratios["layer"].max()))
+    assert middle.height >= 1 and middle["ratio"].max() >= 3.0, ratios

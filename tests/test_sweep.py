@@ -135,6 +135,28 @@ def test_folder_mismatches_and_bad_input_are_clear(tmp_path, capsys):
     assert "budgets must be" in capsys.readouterr().err
 
 
+def test_resuming_with_other_weights_under_the_same_name_is_refused(tmp_path):
+    import copy
+
+    import torch
+
+    from workbench.models.registry import adapter_for
+
+    adapter = shipped()
+    folder = tmp_path / "s"
+    run_sweep(adapter, samples()[:1], DATASET, METHODS[:1], (0.5,), folder, progress=False)
+    retrained = copy.deepcopy(adapter.model)
+    with torch.no_grad():
+        next(retrained.parameters()).view(-1)[0] += 1.0
+    other = adapter_for(retrained, adapter.processor, name=adapter.name)
+    assert other.name == adapter.name and other.fingerprint != adapter.fingerprint
+    assert adapter_for(copy.deepcopy(adapter.model), adapter.processor).fingerprint == adapter.fingerprint
+    before = (folder / "rows.jsonl").read_text()
+    with pytest.raises(SweepError, match="other weights .*would mix answers of two models"):
+        run_sweep(other, samples()[:2], DATASET, METHODS[:1], (0.5,), folder, progress=False)
+    assert (folder / "rows.jsonl").read_text() == before  # nothing appended
+
+
 def test_sweep_command_prints_the_accuracy_table(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["sweep", "--limit", "2", "--methods", "uniform_grid,random", "--budgets", "0.33,0.11",

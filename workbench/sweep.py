@@ -5,7 +5,7 @@ JSON-serialisable data in, table rows out (``run_task``), so any engine that can
 hold a loaded model can spread a sweep over processes, GPUs or machines. One recording of the
 unpruned forward per sample serves every method.
 
-On disk a sweep is a folder: ``sweep.json`` (model, data set, methods, budgets, seed),
+On disk a sweep is a folder: ``sweep.json`` (model and its weights fingerprint, data set, methods, budgets),
 ``rows.jsonl`` (the journal: each finished sample's rows are appended and synced before the next
 sample starts, so an interrupted run loses at most the sample in progress) and ``results.parquet``
 (every row, rewritten atomically when a run ends or is interrupted). Re-running into the same
@@ -227,6 +227,18 @@ class SweepResult:
     new_rows: int
 
 
+def recorded_weights(folder: str | Path) -> str | None:
+    """The weights fingerprint a sweep folder was made with ("" for a folder from before
+    fingerprints; None where there is no sweep)."""
+    path = Path(folder) / "sweep.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text()).get("weights", "")
+    except json.JSONDecodeError:
+        return None  # _check_folder reports it
+
+
 def _check_folder(folder: Path, manifest: dict) -> None:
     path = folder / "sweep.json"
     if path.exists():
@@ -240,6 +252,10 @@ def _check_folder(folder: Path, manifest: dict) -> None:
             if old.get(key) != manifest[key]:
                 raise SweepError(f"{folder} holds a sweep of {key} {old.get(key)!r}, not {manifest[key]!r}; "
                                  "use another --out folder")
+        if old.get("weights") != manifest["weights"]:
+            raise SweepError(f"{folder} holds a sweep of {manifest['model']!r} with other weights (fingerprint "
+                             f"{old.get('weights')}, now {manifest['weights']}); resuming would mix answers of "
+                             "two models: use another --out folder, or move this one aside")
         manifest = manifest | {"methods": sorted(set(old.get("methods", [])) | set(manifest["methods"])),
                                "budgets": sorted(set(old.get("budgets", [])) | set(manifest["budgets"]))}
     elif folder.exists() and any(folder.iterdir()):
@@ -255,7 +271,8 @@ def run_sweep(adapter: ModelAdapter, samples: Sequence[Sample], dataset: str, me
     folder = Path(folder)
     for spec in methods:
         spec.create()  # unknown names and bad parameters fail before any work
-    _check_folder(folder, {"format": FORMAT, "version": VERSION, "model": adapter.name, "dataset": str(dataset),
+    _check_folder(folder, {"format": FORMAT, "version": VERSION, "model": adapter.name, "weights": adapter.fingerprint,
+                           "dataset": str(dataset),
                            "methods": [m.label for m in methods], "budgets": [budget_label(b) for b in budgets]})
     journal = folder / "rows.jsonl"
     rows = _read_journal(journal)

@@ -111,7 +111,8 @@ def test_failures_diagnose_and_restore(app):
     assert not at.error
     ok(at.selectbox(key="failures_method").select("random").run())
     ok(at.selectbox(key="failures_budget").select("4").run())
-    assert any("**1** failure(s) of random at 4" in m.value for m in at.markdown)
+    # the unpruned model answers both sweep samples right; 4 random tokens leave neither
+    assert any("**2** failure(s) of random at 4" in m.value for m in at.markdown)
     assert any("category:" in m.value for m in at.markdown)
     assert len(at.get("image")) == 1
     ok(at.button(key="failures_restore").click().run())

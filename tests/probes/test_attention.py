@@ -72,8 +72,10 @@ def test_shipped_architecture_matches_eager_output_attentions(shipped_model):
     length = prepared.inputs["input_ids"].shape[1]
     llm_roles = lambda n: TokenRoles.for_llm(prepared.layout.positions, length)  # noqa: E731
     tower_roles = lambda n: TokenRoles.for_tower(n, True)  # noqa: E731
-    assert check(per_head, {(i, 0): a[0] for i, a in enumerate(llm)}, llm_roles, "llm", head_mean) == 3 * 4
-    assert check(per_head, {(i, 0): a[0] for i, a in enumerate(tower)}, tower_roles, "tower", head_mean) == 3 * 3
+    # every layer, for each row kind the stack has (the tower has no text rows)
+    assert len(llm) == len(adapter.decoder_layers()) and len(tower) == len(adapter.vision_layers())
+    assert check(per_head, {(i, 0): a[0] for i, a in enumerate(llm)}, llm_roles, "llm", head_mean) == len(llm) * 4
+    assert check(per_head, {(i, 0): a[0] for i, a in enumerate(tower)}, tower_roles, "tower", head_mean) == len(tower) * 3
 
 
 def eager_tower_attention(adapter, prepared) -> dict:

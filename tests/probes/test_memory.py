@@ -25,6 +25,7 @@ def test_estimate_grows_with_what_is_asked(shipped):
     large = estimate(adapter, prepared, CaptureRequest(rows=("last", "visual"), per_head=True))
     assert large.total > small.total
     visual = sum(v for k, v in large.stored.items() if "attention on 'visual' rows, per head (llm)" in k)
-    heads, layers, n = 4, 3, prepared.layout.n_tokens
+    text = adapter.model.config.text_config
+    heads, layers, n = text.num_attention_heads, text.num_hidden_layers, prepared.layout.n_tokens
     assert visual == heads * n * n * 4 * layers  # [H, N, N] float32 per layer
     assert check_memory(adapter, prepared, CaptureRequest(rows=("last",))).total == small.total

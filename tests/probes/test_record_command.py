@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from transformers import AutoConfig
+
 from workbench.cli import main
 from workbench.commands.record import layer_list
+from workbench.models.loading import SHIPPED_MODEL_DIR
 from workbench.recording import Recording
 
 
@@ -19,7 +22,8 @@ def test_record_an_image_and_a_data_set(tmp_path, capsys):
                  str(tmp_path / "one"), "--signals", "attention,hidden_norm", "--layers", "0,-1",
                  "--tower-layers", "1"]) == 0
     recording = Recording.load(tmp_path / "one")
-    assert recording.layers("attention") == [0, 2] and recording.identity.question == "what colour is the circle ?"
+    last = AutoConfig.from_pretrained(SHIPPED_MODEL_DIR).text_config.num_hidden_layers - 1
+    assert recording.layers("attention") == [0, last] and recording.identity.question == "what colour is the circle ?"
     assert main(["record", "--dataset", "data/eval/samples.jsonl", "--limit", "2", "--out", str(tmp_path / "many"),
                  "--signals", "attention", "--stacks", "llm", "--layers", "0"]) == 0
     assert len(list((tmp_path / "many").iterdir())) == 2

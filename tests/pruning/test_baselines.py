@@ -110,7 +110,7 @@ def test_baselines_run_under_the_executor(shipped):
     layout = prepared.layout
     for method in (RandomPrune(), UniformGrid(), AveragePool()):
         execution = execute(adapter, prepared, method.select(SelectionContext(layout, 36)), max_new_tokens=2)
-        assert execution.visual_tokens_per_layer == (36, 36, 36)
+        assert execution.visual_tokens_per_layer == (36,) * len(adapter.decoder_layers())
         assert execution.tokens_per_layer[0] == layout.sequence_length - layout.n_tokens + 36
 
 

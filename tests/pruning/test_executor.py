@@ -68,8 +68,9 @@ def test_pre_llm_drop_equals_physically_removed_rows(shipped, position):
         expected = adapter.model(inputs_embeds=inputs.inputs_embeds[:, rows], position_ids=positions,
                                  attention_mask=torch.ones(1, len(rows), dtype=torch.long), logits_to_keep=1).logits[0, -1]
     assert torch.equal(execution.logits, expected)
-    assert execution.tokens_per_layer == (len(rows),) * 3
-    assert execution.visual_tokens_per_layer == (len(kept),) * 3
+    depth = len(adapter.decoder_layers())
+    assert execution.tokens_per_layer == (len(rows),) * depth
+    assert execution.visual_tokens_per_layer == (len(kept),) * depth
     assert execution.final_kept == kept
 
 
@@ -99,8 +100,9 @@ def test_in_llm_drop_layers_before_k_see_everything_after_k_only_the_kept(shippe
     rows = torch.from_numpy(np.setdiff1d(np.arange(length), prepared.layout.positions[drop]))
     assert torch.equal(pruned.inputs[k], unpruned.outputs[k - 1][:, rows])
     assert pruned.outputs[k].shape[1] == len(rows)
-    assert execution.tokens_per_layer == (length, length, len(rows))
-    assert execution.visual_tokens_per_layer == (n, n, len(kept))
+    after = len(adapter.decoder_layers()) - k
+    assert execution.tokens_per_layer == (length,) * k + (len(rows),) * after
+    assert execution.visual_tokens_per_layer == (n,) * k + (len(kept),) * after
     torch.testing.assert_close(execution.logits, reference_logits(adapter, prepared, execution.plan)[-1],
                                atol=1e-5, rtol=1e-5)
 
@@ -227,7 +229,7 @@ def test_callback_stage_equals_the_same_stage_in_the_plan(shipped):
         return Stage(1, tuple(keep), scores=tuple(scores))
 
     execution = execute(adapter, prepared, plan, max_new_tokens=0, callback=halve)
-    assert sorted(seen) == [0, 1, 2]
+    assert sorted(seen) == list(range(len(adapter.decoder_layers())))
     state = seen[1]
     assert tuple(state.visual_indices) == first  # it saw the pre-LLM pruning
     assert state.hidden_states.shape[1] == prepared.layout.sequence_length - (n - len(first))
@@ -289,7 +291,8 @@ def test_plans_that_do_not_fit_the_sample_or_model_fail_clearly(shipped):
     n = prepared.layout.n_tokens
     with pytest.raises(PlanError, match="plan is for 10 visual tokens, this sample has 144"):
         execute(adapter, prepared, KeepPlan.keep_all(10))
-    with pytest.raises(ExecutionError, match="before layers \\[7\\]; the decoder has 3 layers"):
+    depth = len(adapter.decoder_layers())
+    with pytest.raises(ExecutionError, match=f"before layers \\[7\\]; the decoder has {depth} layers"):
         execute(adapter, prepared, KeepPlan("t", 1, n, (Stage(7, (0,)),)))
 
 

@@ -8,6 +8,7 @@ tokens sit (``layout``), where the decoder and vision-tower layers are, whether 
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
@@ -89,6 +90,13 @@ class ModelAdapter(ABC):
     @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Digest of the weights (``weights_fingerprint``); results folders record it."""
+        from workbench.models.fingerprint import weights_fingerprint
+
+        return weights_fingerprint(self.model)
 
     @property
     def device(self) -> torch.device:

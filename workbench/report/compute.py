@@ -13,7 +13,7 @@ from workbench.models.base import ModelAdapter
 from workbench.recording import CaptureRequest
 from workbench.report.config import ReportConfig
 from workbench.samples import Sample
-from workbench.sweep import MethodSpec, budget_label, run_sweep
+from workbench.sweep import MethodSpec, budget_label, recorded_weights, run_sweep
 
 # What the redundancy and misalignment analyses read, recorded once per analysed sample.
 ANALYSIS_REQUEST = CaptureRequest(
@@ -31,9 +31,26 @@ def method_specs(names) -> list[MethodSpec]:
     return [MethodSpec.parse(name) for name in names]
 
 
+def set_aside_stale_sweep(adapter: ModelAdapter, folder: Path) -> Path | None:
+    """The report's sweep is its own cache: one made with other weights (a retrained model under
+    the same name) is moved aside, never deleted and never resumed. Returns where it went."""
+    sweep = folder / "sweep"
+    old = recorded_weights(sweep)
+    if old is None or old == adapter.fingerprint:
+        return None
+    aside, n = folder / f"sweep-{old or 'unfingerprinted'}", 1
+    while aside.exists():
+        aside, n = folder / f"sweep-{old or 'unfingerprinted'}-{n}", n + 1
+    sweep.rename(aside)
+    return aside
+
+
 def sweep_tables(adapter: ModelAdapter, samples: list[Sample], config: ReportConfig, folder: Path,
                  progress: bool) -> dict[str, pl.DataFrame]:
     specs = method_specs(config.methods)
+    aside = set_aside_stale_sweep(adapter, folder)
+    if aside is not None:
+        tqdm.write(f"{folder / 'sweep'} was swept with other weights of {adapter.name}; moved to {aside}")
     sweep = run_sweep(adapter, samples, config.dataset, specs, config.budgets, folder / "sweep",
                       progress=progress).table
     ids = {s.id for s in samples}

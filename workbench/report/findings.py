@@ -12,7 +12,19 @@ import polars as pl
 # Methods whose score is the LLM's own attention from text/last rows (RoPE applies to it).
 LLM_ATTENTION_METHODS = ("fastv", "pyramiddrop", "sparsevlm", "feather", "transprune", "todre")
 SPATIAL_BASELINE = "uniform_grid"
+BASELINES = ("random", "uniform_grid", "average_pool", "unpruned")
 POSITION_MARGIN = 0.1  # a kept-row centroid this far from 0.5 counts as a positional skew
+# A depth trend is stated only when it is close to monotone: with 3-4 layers a Spearman rho of 0.5
+# is one swapped pair.
+TREND_RHO = 0.8
+
+
+def trend_verdict(rho: float | None) -> str:
+    if rho is not None and rho >= TREND_RHO:
+        return "grows with depth"
+    if rho is not None and rho <= -TREND_RHO:
+        return "falls with depth"
+    return "has no monotone trend with depth"
 
 
 def _metric(frame: pl.DataFrame, stack: str, metric: str) -> pl.DataFrame:
@@ -30,9 +42,8 @@ def redundancy_finding(tables: dict) -> str | None:
         if not values.height or not row.height:
             continue
         rho = row["spearman"][0]
-        verdict = "grows" if rho is not None and rho > 0 else "does not grow"
         path = " -> ".join(f"{v:.2f}" for v in values["value"])
-        parts.append(f"in the {name} it {verdict} with depth (mean pairwise cosine of the visual tokens "
+        parts.append(f"in the {name} it {trend_verdict(rho)} (mean pairwise cosine of the visual tokens "
                      f"by layer: {path}; Spearman rho {rho if rho is None else round(rho, 2)})")
     if not parts:
         return None
@@ -56,6 +67,13 @@ def positional_finding(tables: dict, budget: str) -> str | None:
                if skewed.height else f"none of the {attention.height} attention-based methods shows a positional bias")
     text = (f"**Positional bias** at {budget}: {verdict} (mean image row of the kept tokens, 0 = top, 1 = bottom, "
             f"0.5 = even: {listing}{reference}; a bias is a distance of at least {POSITION_MARGIN} from 0.5).")
+    # Tower-side scores ([CLS] attention, tower flow) can be skewed too, for reasons other than RoPE.
+    others = (at.filter(~pl.col("method").is_in(LLM_ATTENTION_METHODS + BASELINES)
+                        & ((pl.col("row_centroid") - 0.5).abs() >= POSITION_MARGIN)).sort("row_centroid"))
+    if others.height:
+        text += (" Of the other methods, " + ", ".join(f"{m} {r:.2f}" for m, r in
+                                                        others.select("method", "row_centroid").iter_rows())
+                 + " keep tokens off the image's vertical centre.")
     bias = tables.get("positional_bias_mean")
     if bias is not None and bias.height:
         rows = bias.filter((pl.col("metric") == "row_centroid") & (pl.col("rows") == "last")).sort("layer")
@@ -78,14 +96,15 @@ def failure_finding(tables: dict, budget: str) -> str | None:
                                        pl.col("failures").first())
                .sort(["dropped", "failures"], descending=True))
     worst = dropped.filter(pl.col("dropped") > 0).head(3)
-    if not int(dropped["diagnosed"].sum()):
+    if not int(taxonomy.group_by("method").agg(pl.col("diagnosed").first())["diagnosed"].sum()):
         return (f"**Failures** at {budget}: none to diagnose (no sample that the unpruned model answers "
                 "correctly and a pruned one does not; samples without a gold answer never count).")
     if not worst.height:
         return f"**Failures** at {budget}: no diagnosed failure recovers when its dropped evidence is restored."
-    listing = "; ".join(f"{m}: {d} of {n} diagnosed failures (of {f}) recover when the dropped evidence is put back"
-                        for m, d, n, f in worst.select("method", "dropped", "diagnosed", "failures").iter_rows())
-    text = f"**Failures by dropped evidence** at {budget}: {listing}."
+    listing = "; ".join(f"{m}: {d} of {n} diagnosed failures (of {f}) recover when the evidence it dropped or "
+                        f"merged away is put back" for m, d, n, f in
+                        worst.select("method", "dropped", "diagnosed", "failures").iter_rows())
+    text = f"**Failures by lost evidence** at {budget}: {listing}."
     if recall is not None and recall.height:
         low = (recall.filter((pl.col("budget") == budget) & (pl.col("method") != "unpruned"))
                .sort("recall").head(3))
@@ -102,10 +121,14 @@ def accuracy_finding(tables: dict, budget: str) -> str | None:
     if not at.height:
         return "**Accuracy**: the samples carry no gold answers, so no accuracy is reported."
     best, worst = at.row(0, named=True), at.row(at.height - 1, named=True)
+
+    def named(row) -> str:  # every method tied with ``row``
+        tied = at.filter(pl.col("accuracy") == row["accuracy"])["method"].sort().to_list()
+        return f"{' / '.join(tied)} {row['accuracy']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+
     start = f"unpruned {base['accuracy'][0]:.3f}; " if base.height else ""
-    return (f"**Accuracy** at {budget} ({best['n']} samples): {start}best {best['method']} {best['accuracy']:.3f} "
-            f"[{best['ci_low']:.3f}, {best['ci_high']:.3f}], worst {worst['method']} {worst['accuracy']:.3f} "
-            f"[{worst['ci_low']:.3f}, {worst['ci_high']:.3f}] (95 % Wilson intervals).")
+    return (f"**Accuracy** at {budget} ({best['n']} samples): {start}best {named(best)}, worst {named(worst)} "
+            f"(95 % Wilson intervals).")
 
 
 def findings(tables: dict, budget: str) -> list[str]:

@@ -41,16 +41,18 @@ def build_processor() -> LlavaProcessor:
 
 
 def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int, eos_token_id: int,
-                 decoder_layers: int = 3) -> LlavaConfig:
+                 decoder_layers: int = 4) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=128,
     )
     # initializer_range 0.05: at the default 0.02 a decoder this small, trained from scratch,
-    # sits at the question-type prior for thousands of steps.
+    # sits at the question-type prior for thousands of steps. 8 heads of 16 dims: with 4 heads of 32
+    # and 3 layers the same recipe stalled near 0.81 on relation and position questions.
     text = LlamaConfig(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=decoder_layers,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, initializer_range=0.05,
+        num_attention_heads=8, num_key_value_heads=8, head_dim=16, max_position_embeddings=512,
+        initializer_range=0.05,
         pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=False,
     )
     # vision_feature_layer=-1: the default -2 would leave the last vision layer untrained.

@@ -32,6 +32,13 @@ def write_model_card(model_dir: Path, figures: str = "") -> Path:
     ``figures`` is Markdown with the measured evaluation (from ``workbench evaluate``)."""
     curve = json.loads((model_dir / "training_curve.json").read_text())
     config = json.loads((model_dir / "train_config.json").read_text())
+    arch = json.loads((model_dir / "config.json").read_text())
+    vision, decoder = arch["vision_config"], arch["text_config"]
+    size, patch = vision["image_size"], vision["patch_size"]
+    grid = size // patch
+    tower = f"hidden {vision['hidden_size']}, {vision['num_hidden_layers']} layers, {vision['num_attention_heads']} heads"
+    llm = (f"hidden {decoder['hidden_size']}, {decoder['num_hidden_layers']} layers, "
+           f"{decoder['num_attention_heads']} heads of {decoder['head_dim']} dims")
     plot_curve(curve, model_dir / "training_curve.png")
     table = "| step | minutes | answer loss | " + " | ".join(k[4:] for k in curve[0] if k.startswith("acc_")) + " |\n"
     table += "|" + "---|" * (3 + sum(k.startswith("acc_") for k in curve[0])) + "\n"
@@ -46,11 +53,11 @@ background with grey clutter. Because the scenes are generated, every question's
 pixel boxes and masks of the objects its answer depends on) is known.
 
 ## Architecture
-- Vision tower: `CLIPVisionModel`, 96x96 input, patch 8 -> a [CLS] token + **144 patch tokens**
-  (12x12), hidden 128, 3 layers, 4 heads. `vision_feature_layer=-1`,
+- Vision tower: `CLIPVisionModel`, {size}x{size} input, patch {patch} -> a [CLS] token + **{grid * grid} patch
+  tokens** ({grid}x{grid}), {tower}. `vision_feature_layer={arch['vision_feature_layer']}`,
   `vision_feature_select_strategy="default"` (the [CLS] output is dropped before the projector).
 - Projector: LLaVA's 2-layer GELU MLP.
-- Decoder: `LlamaForCausalLM`-style `LlamaModel`, hidden 128, 3 layers, 4 heads, RoPE, SDPA.
+- Decoder: `LlamaForCausalLM`-style `LlamaModel`, {llm}, RoPE, SDPA.
 - Tokenizer: word-level `PreTrainedTokenizerFast` over the scene vocabulary; chat template
   `USER: <image> {{question}} ASSISTANT:`; answers are one word followed by `</s>`.
 
@@ -65,7 +72,8 @@ above between two named objects).
   step {config['up_to_two_objects_until']}, then 2-{config['max_objects']}.
 - {config['questions_per_image']} questions per image in one multi-turn sequence, loss on every answer token.
 - Dense auxiliary loss (weight {config['aux_weight']}): linear heads on the projected visual tokens
-  predict the colour, shape and size of the object under each patch; the heads are not saved.
+  predict, for the object under each patch, its {', '.join(config['aux_targets'])} ("pair" = the
+  colour-shape combination, "cell" = its 3x3 grid cell); the heads are not saved.
 - Decoder `initializer_range` 0.05; AdamW lr {config['lr']}, {config['warmup_steps']} warm-up steps,
   linear decay over the last {round((1 - config['decay_start']) * 100)} % of {config['steps']} steps,
   batch {config['batch_size']} images, gradient clipping 1.0, {config['threads']} CPU threads.

@@ -34,7 +34,7 @@ EVAL_SEED = 10_000  # training draws from (seed, step) streams with seed < EVAL_
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 7000
+    steps: int = 6000
     batch_size: int = 16
     questions_per_image: int = 6
     lr: float = 1e-3
@@ -46,7 +46,7 @@ class TrainConfig:
     aux_weight: float = 1.0
     aux_targets: tuple[str, ...] = ("colour", "shape", "size", "pair", "cell")
     seed: int = 0
-    eval_every: int = 500
+    eval_every: int = 1000
     eval_scenes: int = 300
     threads: int = 2
 

@@ -82,7 +82,7 @@ def test_defaults_layers_and_validation():
 
 def test_runs_on_the_shipped_model():
     execution, _ = check_on_shipped(DART())
-    assert execution.plan.stages[0].where == 1  # K=2 of 32 on a 3-layer decoder
+    assert execution.plan.stages[0].where == 1  # K=2 of 32 on a 4-layer decoder
 
 
 def test_runs_on_a_tiny_qwen2_vl():

@@ -53,8 +53,8 @@ def test_parameters_are_checked():
 def test_runs_on_the_shipped_model():
     execution, _ = check_on_shipped(PyramidDrop())
     stages = execution.plan.stages
-    assert [len(s.kept) for s in stages] == [87, 32]
-    assert [s.where for s in stages] == [1, 2] and {s.position for s in stages} == {"reindex"}
+    assert [len(s.kept) for s in stages] == [87, 52, 32]
+    assert [s.where for s in stages] == [1, 2, 3] and {s.position for s in stages} == {"reindex"}
     assert set(stages[1].kept) <= set(stages[0].kept)
     assert np.isnan(np.asarray(stages[1].scores)[[i for i in range(144) if i not in stages[0].kept]]).all()
 

@@ -68,7 +68,9 @@ def test_reference_schedule_and_kept_counts():
 def test_runs_on_the_shipped_model():
     execution, _ = check_on_shipped(SparseVLM())
     stages = execution.plan.stages
-    assert [s.where for s in stages] == [2] and stages[0].merges
+    # 2 / 6 / 15 of 32 land on scoring layers 1 / 1 / 2 of 4; stages that score where the previous
+    # one cuts fold into one, which acts before layer 3
+    assert [s.where for s in stages] == [3] and stages[0].merges
 
 
 def test_runs_on_a_tiny_qwen2_vl_with_original_positions():

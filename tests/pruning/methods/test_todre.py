@@ -127,7 +127,7 @@ def test_defaults_schedule_and_validation():
 def test_runs_on_the_shipped_model(first):
     execution, context = check_on_shipped(ToDRE(first=first))
     stages = execution.plan.stages
-    assert [st.where for st in stages] == [PRE_LLM, 1]  # layer 2 of 32 on a 3-layer decoder
+    assert [st.where for st in stages] == [PRE_LLM, 1]  # layer 2 of 32 on a 4-layer decoder
     assert stages[-1].kept == tuple(sorted(stages[-1].kept)) and set(stages[-1].kept) <= set(stages[0].kept)
     assert len(stages[-1].kept) == context.n_keep
 

@@ -83,8 +83,8 @@ def test_validation_and_applicability():
 
 def test_shipped_model():
     execution, _ = check_on_shipped(VisionDrop())
-    assert [len(st.kept) for st in execution.plan.stages] == [48, 35, 19]
-    assert [st.where for st in execution.plan.stages] == [PRE_LLM, 1, 2]
+    assert [len(st.kept) for st in execution.plan.stages] == [48, 35, 26, 19]
+    assert [st.where for st in execution.plan.stages] == [PRE_LLM, 1, 2, 3]
     assert all(st.merges for st in execution.plan.stages)
 
 

@@ -71,7 +71,8 @@ class TransPrune(PruningMethod):
     Schedule: before layer ``scaled_layer(p)`` keep ``floor(N * ratio)`` (at least the budget, at most
     the previous stage); the last stage keeps ``n_keep`` (the budget plays the code's final 0.125).
     Accumulating layers ``scaled_layer(a) - 1``; layers folding together keep the later stage. On
-    the shipped 3-layer decoder: TTV of layer 0, one stage before layer 1 keeping the budget.
+    the shipped 4-layer decoder: TTV of layers 0-1, stages before layer 1 (keeping 62.5 % of the
+    visual tokens) and layer 2 (keeping the budget).
     Needs a decoder layer with an ``mlp`` submodule (Llama/Qwen2 style). On M-RoPE models (Qwen2-VL)
     the stages keep the original positions (the executor cannot renumber 3-axis positions).
     """
