@@ -50,7 +50,8 @@ def sweep_tables(adapter: ModelAdapter, samples: list[Sample], config: ReportCon
     specs = method_specs(config.methods)
     aside = set_aside_stale_sweep(adapter, folder)
     if aside is not None:
-        tqdm.write(f"{folder / 'sweep'} was swept with other weights of {adapter.name}; moved to {aside}")
+        tqdm.write(f"{folder / 'sweep'} was not swept with these weights of {adapter.name} "
+                   f"(fingerprint {adapter.fingerprint}); moved to {aside}")
     sweep = run_sweep(adapter, samples, config.dataset, specs, config.budgets, folder / "sweep",
                       progress=progress).table
     ids = {s.id for s in samples}
