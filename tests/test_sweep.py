@@ -155,6 +155,11 @@ def test_resuming_with_other_weights_under_the_same_name_is_refused(tmp_path):
     with pytest.raises(SweepError, match="other weights .*would mix answers of two models"):
         run_sweep(other, samples()[:2], DATASET, METHODS[:1], (0.5,), folder, progress=False)
     assert (folder / "rows.jsonl").read_text() == before  # nothing appended
+    manifest = json.loads((folder / "sweep.json").read_text())
+    del manifest["weights"]  # a folder from before sweeps recorded their weights
+    (folder / "sweep.json").write_text(json.dumps(manifest))
+    with pytest.raises(SweepError, match="made before sweeps recorded one"):
+        run_sweep(adapter, samples()[:1], DATASET, METHODS[:1], (0.5,), folder, progress=False)
 
 
 def test_sweep_command_prints_the_accuracy_table(tmp_path, capsys):

@@ -253,9 +253,10 @@ def _check_folder(folder: Path, manifest: dict) -> None:
                 raise SweepError(f"{folder} holds a sweep of {key} {old.get(key)!r}, not {manifest[key]!r}; "
                                  "use another --out folder")
         if old.get("weights") != manifest["weights"]:
-            raise SweepError(f"{folder} holds a sweep of {manifest['model']!r} with other weights (fingerprint "
-                             f"{old.get('weights')}, now {manifest['weights']}); resuming would mix answers of "
-                             "two models: use another --out folder, or move this one aside")
+            was = f"fingerprint {old['weights']}" if old.get("weights") else "made before sweeps recorded one"
+            raise SweepError(f"{folder} holds a sweep of {manifest['model']!r} with other weights ({was}; now "
+                             f"{manifest['weights']}); resuming would mix answers of two models: use another "
+                             "--out folder, or move this one aside")
         manifest = manifest | {"methods": sorted(set(old.get("methods", [])) | set(manifest["methods"])),
                                "budgets": sorted(set(old.get("budgets", [])) | set(manifest["budgets"]))}
     elif folder.exists() and any(folder.iterdir()):
