@@ -27,4 +27,5 @@ def run(args):
     config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     curve = train(config, Path(args.out))
     write_model_card(Path(args.out))
-    print(f"saved to {args.out}; final held-out first-token accuracy {curve[-1]['acc_overall']:.3f}")
+    print(f"saved to {args.out}; final held-out first-token accuracy {curve[-1]['acc_overall']:.3f}; its model card "
+          f"has the recipe and curve, `workbench evaluate --model {args.out}` measures the rest")
