@@ -111,9 +111,12 @@ class BatchMaker:
         self.prefix = [tok.bos_token_id, tok.convert_tokens_to_ids(USER)] + [tok.convert_tokens_to_ids(tok.image_token)] * NUM_VISUAL_TOKENS
         self.user = tok.convert_tokens_to_ids(USER)
         self.assistant = tok.convert_tokens_to_ids(ASSISTANT)
+        self._ids: dict[str, list[int]] = {}  # questions come from a few templates: tokenise each once
 
     def words(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False).input_ids
+        if text not in self._ids:
+            self._ids[text] = self.tok(text, add_special_tokens=False).input_ids
+        return self._ids[text]
 
     def sequence(self, questions) -> tuple[list[int], list[int]]:
         ids, labels = list(self.prefix), [-100] * len(self.prefix)
@@ -216,6 +219,24 @@ def save_atomically(model, processor, out_dir: Path, extra: dict[str, str]) -> N
     tmp.rename(out_dir)
 
 
+def make_optimizer(model, heads: AuxiliaryHeads, config: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=config.lr, weight_decay=0.01)
+
+
+def train_step(model, heads: AuxiliaryHeads, optimizer: torch.optim.Optimizer, batch: Batch,
+               aux_weight: float) -> tuple[float, float]:
+    """One optimiser step on ``batch``; returns (answer loss, auxiliary loss)."""
+    out = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask)
+    lm = answer_loss(out.logits, batch.labels)
+    visual = out.image_hidden_states.reshape(len(batch.input_ids), NUM_VISUAL_TOKENS, -1)
+    aux = heads.loss(visual, batch.patch_targets)
+    optimizer.zero_grad(set_to_none=True)
+    (lm + aux_weight * aux).backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
+    optimizer.step()
+    return lm.item(), aux.item()
+
+
 def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> list[dict]:
     """Train and save to ``out_dir`` (at every evaluation, so an interrupted run leaves a model)."""
     torch.set_num_threads(config.threads)
@@ -223,8 +244,7 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> list[dic
     model = build_model(processor, seed=config.seed)
     heads = AuxiliaryHeads(model.config.text_config.hidden_size, config.aux_targets)
     torch.manual_seed(config.seed)
-    params = list(model.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
+    optimizer = make_optimizer(model, heads, config)
     maker = BatchMaker(processor, config)
     held_out, held_out_types = eval_batch(maker, config)
     curve: list[dict] = []
@@ -235,23 +255,15 @@ def train(config: TrainConfig, out_dir: Path, progress: bool = True) -> list[dic
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate(step)
         batch = maker.make(step, config.batch_size, [config.seed, step], config.questions_per_image)
-        out = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask)
-        lm = answer_loss(out.logits, batch.labels)
-        visual = out.image_hidden_states.reshape(len(batch.input_ids), NUM_VISUAL_TOKENS, -1)
-        aux = heads.loss(visual, batch.patch_targets)
-        loss = lm + config.aux_weight * aux
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"training diverged at step {step} (loss {loss.item()})")
-        bar.set_postfix(answer=f"{lm.item():.3f}", aux=f"{aux.item():.3f}")
+        lm, aux = train_step(model, heads, optimizer, batch, config.aux_weight)
+        if not math.isfinite(lm + aux):
+            raise RuntimeError(f"training diverged at step {step} (answer loss {lm}, auxiliary loss {aux})")
+        bar.set_postfix(answer=f"{lm:.3f}", aux=f"{aux:.3f}")
         last = step == config.steps - 1
         if (step + 1) % config.eval_every == 0 or last:
             accuracy = first_token_accuracy(model, held_out, held_out_types)
             curve.append({"step": step + 1, "minutes": round((time.perf_counter() - started) / 60, 2),
-                          "answer_loss": round(lm.item(), 4), "aux_loss": round(aux.item(), 4),
+                          "answer_loss": round(lm, 4), "aux_loss": round(aux, 4),
                           **{f"acc_{k}": round(v, 4) for k, v in accuracy.items()}})
             tqdm.write(json.dumps(curve[-1]))
             save_atomically(model, processor, out_dir, {

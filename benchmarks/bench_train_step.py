@@ -1,0 +1,95 @@
+"""What one training step of the shipped model costs, beside cheaper variants of the recipe.
+
+``workbench train-shapes`` must finish within its time budget on 2 cores, and this machine class's
+speed drifts by a fifth from hour to hour, so a variant is judged by its ratio to the shipped
+recipe measured side by side: every variant runs ``STEPS`` optimiser steps per round, the variants
+take turns over ``ROUNDS`` rounds, and the median seconds per step of each is printed with its
+ratio to the shipped one and the wall time its run length would take at the speed just measured.
+Batches come from the full-difficulty part of the curriculum (2-4 objects), where most steps are.
+
+A variant's step cost says nothing about how far it learns; the model card lists the ones that
+were trained and how they fared.
+
+Run: ``nice -n 19 .venv/bin/python benchmarks/bench_train_step.py`` (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from workbench.shapes_model.build import build_config, build_processor
+from workbench.shapes_model.train import AuxiliaryHeads, BatchMaker, TrainConfig, make_optimizer, train_step
+
+STEPS = 8
+ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    config: TrainConfig = field(default_factory=TrainConfig)
+    mlp_width: int | None = None  # tower and decoder MLPs; None keeps the shipped width
+    attention: str = "sdpa"
+
+
+VARIANTS = (
+    Variant("shipped recipe"),
+    Variant("8 images x 12 questions, 7000 steps", TrainConfig(steps=7000, batch_size=8, questions_per_image=12)),
+    Variant("MLPs 256 wide (tower and decoder)", mlp_width=256),
+    Variant("eager attention", attention="eager"),
+)
+
+
+class Trainer:
+    """A fresh model, its optimiser and a fixed list of batches for one variant."""
+
+    def __init__(self, variant: Variant, processor):
+        tok = processor.tokenizer
+        config = build_config(len(tok), tok.convert_tokens_to_ids(tok.image_token), tok.pad_token_id,
+                              tok.bos_token_id, tok.eos_token_id)
+        if variant.mlp_width:
+            config.vision_config.intermediate_size = config.text_config.intermediate_size = variant.mlp_width
+        config._attn_implementation = variant.attention
+        torch.manual_seed(0)
+        self.variant = variant
+        self.model = LlavaForConditionalGeneration(config).train()
+        self.heads = AuxiliaryHeads(config.text_config.hidden_size, variant.config.aux_targets)
+        self.optimizer = make_optimizer(self.model, self.heads, variant.config)
+        maker = BatchMaker(processor, variant.config)
+        start = variant.config.up_to_two_objects_until
+        self.batches = [maker.make(start + i, variant.config.batch_size, [0, start + i],
+                                   variant.config.questions_per_image) for i in range(STEPS)]
+
+    def seconds_per_step(self) -> float:
+        started = time.perf_counter()
+        for batch in self.batches:
+            train_step(self.model, self.heads, self.optimizer, batch, self.variant.config.aux_weight)
+        return (time.perf_counter() - started) / len(self.batches)
+
+
+def main() -> None:
+    torch.set_num_threads(TrainConfig().threads)
+    processor = build_processor()
+    trainers = [Trainer(v, processor) for v in VARIANTS]
+    for trainer in trainers:  # warm-up: allocator and kernel selection
+        trainer.seconds_per_step()
+    times: dict[str, list[float]] = {t.variant.name: [] for t in trainers}
+    for _ in range(ROUNDS):
+        for trainer in trainers:
+            times[trainer.variant.name].append(trainer.seconds_per_step())
+    shipped = statistics.median(times[VARIANTS[0].name])
+    print(f"{torch.get_num_threads()} threads; median of {ROUNDS} rounds of {STEPS} steps each, taken in turns")
+    print(f"{'variant':<40} {'s/step':>7} {'ratio':>6} {'run':>9}")
+    for trainer in trainers:
+        per_step = statistics.median(times[trainer.variant.name])
+        minutes = per_step * trainer.variant.config.steps / 60
+        print(f"{trainer.variant.name:<40} {per_step:7.3f} {per_step / shipped:6.2f} {minutes:6.1f} min")
+
+
+if __name__ == "__main__":
+    main()
