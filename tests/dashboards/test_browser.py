@@ -1,7 +1,9 @@
 """End to end: ``workbench dashboard`` served headless, every page driven in headless Chromium.
 
 Checks that no page shows an exception box and that the overlay images render, saves a screenshot
-of each page into docs/screenshots/, and prints the time from launch to the first rendered overlay.
+of each page (into a temporary folder, or the folder ``WORKBENCH_SCREENSHOTS`` names: set it to
+docs/screenshots to refresh the README's), and prints the time from launch to the first rendered
+overlay.
 Needs Debian's ``chromium`` and ``chromium-driver`` (.ci/run installs them) and ``selenium``.
 """
 
@@ -19,7 +21,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCREENSHOTS = REPO / "docs" / "screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -128,29 +129,35 @@ def no_exception(driver, page: str) -> None:
     assert not boxes, f"{page} shows an exception: {boxes[0][:2000]}"
 
 
-def visit(driver, url: str, page: str, ready, timeout: float = 120, screenshot: bool = True) -> None:
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    folder = Path(os.environ.get("WORKBENCH_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def visit(driver, url: str, page: str, ready, folder: Path | None, timeout: float = 120) -> None:
     driver.get(f"{url}/?page={page}")
     wait_until(lambda: ready(driver) and settled(driver), timeout, f"the {page} page to render")
     time.sleep(1.0)  # let the last elements paint
     wait_until(lambda: ready(driver) and settled(driver), 30, f"the {page} page to settle")
     no_exception(driver, page)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    if screenshot:
-        driver.save_screenshot(str(SCREENSHOTS / f"{page}.png"))
+    if folder is not None:
+        driver.save_screenshot(str(folder / f"{page}.png"))
 
 
-def test_every_page_renders_in_chromium(server, browser):
+def test_every_page_renders_in_chromium(server, browser, screenshots):
     url, started = server
     driver = browser
     driver.get(f"{url}/?page=explore")
     wait_until(lambda: rendered_images(driver, 1), 180, "the first overlay image on Explore")
     first_overlay = time.monotonic() - started
     print(f"\nlaunch to first rendered overlay: {first_overlay:.1f} s")
-    visit(driver, url, "explore", lambda d: rendered_images(d, 1))
-    visit(driver, url, "methods", lambda d: rendered_images(d, 3))
+    visit(driver, url, "explore", lambda d: rendered_images(d, 1), screenshots)
+    visit(driver, url, "methods", lambda d: rendered_images(d, 3), screenshots)
     charts = "return document.querySelectorAll('[data-testid=\"stPlotlyChart\"] .main-svg').length"
-    visit(driver, url, "compare", lambda d: d.execute_script(charts) >= 3)
-    visit(driver, url, "failures", lambda d: rendered_images(d, 1), screenshot=False)
+    visit(driver, url, "compare", lambda d: d.execute_script(charts) >= 3, screenshots)
+    visit(driver, url, "failures", lambda d: rendered_images(d, 1), None)  # its screenshot comes after the restore
     button = next(b for b in driver.find_elements("css selector", "[data-testid='stButton'] button")
                   if "restored" in b.text)
     button.click()
@@ -158,7 +165,7 @@ def test_every_page_renders_in_chromium(server, browser):
     wait_until(lambda: driver.execute_script(alert) and rendered_images(driver, 2) and settled(driver), 120,
                "the restored answer")
     no_exception(driver, "failures")
-    driver.save_screenshot(str(SCREENSHOTS / "failures.png"))
+    driver.save_screenshot(str(screenshots / "failures.png"))
     for page in ("explore", "methods", "compare", "failures"):
-        assert (SCREENSHOTS / f"{page}.png").stat().st_size > 10_000, page
+        assert (screenshots / f"{page}.png").stat().st_size > 10_000, page
     assert first_overlay < 180
