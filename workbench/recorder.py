@@ -233,7 +233,7 @@ def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureReque
                 for layer in plan.visit:
                     session.visit(tracer, plan, layer, envoys[plan.stack])
     answer_text = _saliency(adapter, prepared, request, builder, plans, answer)
-    identity = Identity(adapter.name, sample_id, question, prepared.prompt, answer_text)
+    identity = Identity(adapter.name, sample_id, question, prepared.prompt, answer_text, adapter.fingerprint)
     return Recording(identity, request, prepared.layout, dict(builder.tensors), frozenset(builder.per_head),
                      builder.frames(), dict(builder.rows), tuple(builder.notes))
 

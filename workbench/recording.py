@@ -14,6 +14,8 @@ schema raises ``RecordingError`` with a plain message.
 The layout's tower map (``VisualLayout.tower_owner``) is stored as ``layout/tower_owner/<view>``
 arrays, their count as the manifest's ``layout.tower_views``. It was added without a schema bump:
 recordings written before it (no ``tower_views``) still load, with an empty (unknown) map.
+Likewise the identity's ``weights`` (the model's weights fingerprint, so a recording says which
+weights its signals came from): older recordings load with "".
 """
 
 from __future__ import annotations
@@ -138,6 +140,7 @@ class Identity:
     question: str
     prompt: str
     answer: str | None = None
+    weights: str = ""  # the model's weights_fingerprint; "" in recordings made before it was kept
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ def test_round_trip_is_bit_exact(recording, shipped, tmp_path):
     folder = recording.save(tmp_path / "rec")
     loaded = Recording.load(folder)
     assert loaded.identity == recording.identity and loaded.request == recording.request
+    assert recording.identity.weights == shipped[0].fingerprint  # which weights the signals came from
     assert loaded.per_head == recording.per_head and loaded.notes == recording.notes
     assert set(loaded.tensors) == set(recording.tensors)
     for key, value in recording.tensors.items():
@@ -49,6 +50,14 @@ def test_saving_over_an_existing_recording_replaces_it(recording, tmp_path):
     recording.save(folder)
     assert not (folder / "stray.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["rec"]  # no temporary folders left behind
+
+
+def test_a_recording_from_before_weight_fingerprints_still_loads(recording, tmp_path):
+    folder = recording.save(tmp_path / "rec")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["identity"]["weights"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert Recording.load(folder).identity.weights == ""
 
 
 def test_truncated_file_is_a_clear_error(recording, tmp_path):

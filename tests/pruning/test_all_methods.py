@@ -11,7 +11,8 @@ from tests.pruning.shipped import run_checked, shipped_sample, tiny_input
 from tests.tiny_models import TINY_FAMILIES
 from workbench.cli import main
 from workbench.pruning.method import MethodNotApplicable, ModelFacts
-from workbench.pruning.registry import available_methods, create_method, method_class
+from workbench.pruning.registry import (available_methods, create_method, method_class, methods_scored_by,
+                                         register_method)
 from workbench.pruning.run import record_needs
 
 PUBLISHED = ("fastv", "fastervlm", "vtc_cls", "visionzip", "sparsevlm", "pyramiddrop", "flowcut", "divprune",
@@ -28,6 +29,21 @@ def test_every_published_method_and_baseline_is_registered_and_documented(capsys
     assert main(["methods"]) == 0
     listed = capsys.readouterr().out
     assert all(f"\n{name}  (" in "\n" + listed for name in PUBLISHED + BASELINES)
+    assert methods_scored_by("layout") == sorted(BASELINES) and "scored by: layout" in listed
+    assert {"fastv", "pyramiddrop", "sparsevlm"} <= set(methods_scored_by("text_attention"))
+    assert {"fastervlm", "visionzip"} <= set(methods_scored_by("visual_attention"))
+
+
+def test_a_method_must_say_what_scores_its_tokens():
+    from workbench.pruning.method import PruningMethod
+
+    class Unlabelled(PruningMethod):
+        def select(self, context):
+            raise NotImplementedError
+
+    with pytest.raises(ValueError, match="scored_by"):
+        register_method("unlabelled")(Unlabelled)
+    assert "unlabelled" not in available_methods()
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,7 +21,7 @@ def describe(name: str) -> str:
     method = cls()
     params = ", ".join(f"{k}={v!r}" for k, v in method.params().items()) or "none"
     summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
-    lines = [f"{name}  ({cls.__module__}.{cls.__name__})", f"  defaults: {params}"]
+    lines = [f"{name}  ({cls.__module__}.{cls.__name__})", f"  scored by: {cls.scored_by}", f"  defaults: {params}"]
     lines += textwrap.wrap(summary, 100, initial_indent="  ", subsequent_indent="  ")
     if cls.reference:
         lines += textwrap.wrap("reference: " + " ".join(cls.reference.split()), 100,

@@ -7,6 +7,7 @@ that does not beat ``UniformGrid`` at the same budget is not using its signal.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -39,6 +40,8 @@ class RandomPrune(PruningMethod):
     """Keeps a uniformly random subset of the budget's size, before the LLM. The draw depends only
     on ``seed`` and the token count, so a seed reproduces the same subset on every sample."""
 
+    scored_by: ClassVar[str] = "layout"
+
     seed: int = 0
 
     def __post_init__(self):
@@ -58,6 +61,8 @@ class UniformGrid(PruningMethod):
     as its share of the budget (shared in proportion to group size) and each window's centre
     token is kept."""
 
+    scored_by: ClassVar[str] = "layout"
+
     def select(self, context: SelectionContext) -> KeepPlan:
         kept = sorted(centre for centre, _ in _group_windows(context.layout, context.n_keep))
         return self.plan(context, [Stage(PRE_LLM, tuple(kept))])
@@ -69,6 +74,8 @@ class AveragePool(PruningMethod):
     """Average-pools each group's grid down to its share of the budget: the same windows as
     ``UniformGrid``, each merged (plain mean of its embeddings) into its centre token, which keeps
     its own position."""
+
+    scored_by: ClassVar[str] = "layout"
 
     def select(self, context: SelectionContext) -> KeepPlan:
         kept, merges = [], []

@@ -108,10 +108,18 @@ class SelectionContext:
         return self.model
 
 
+# What a method ranks the visual tokens by, so reports can group methods by signal:
+# "text_attention" the LLM's attention from text or last rows (RoPE's position bias applies to it),
+# "visual_attention" attention among visual tokens or from [CLS] (tower or LLM),
+# "similarity" similarity or diversity of token features, "layout" the token grid alone (baselines).
+SCORE_SOURCES = ("text_attention", "visual_attention", "similarity", "layout")
+
+
 class PruningMethod(ABC):
     """Base class of the registered methods (subclasses are frozen dataclasses)."""
 
     name: ClassVar[str] = ""
+    scored_by: ClassVar[str] = ""  # one of SCORE_SOURCES
     # Where the reference behaviour comes from, for ``workbench methods``: the paper, the
     # reference repository and file, and one line on where paper and code differ.
     reference: ClassVar[str] = ""

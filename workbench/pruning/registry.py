@@ -24,6 +24,10 @@ class InvalidMethodParameters(UserError, ValueError):
 def register_method(name: str):
     """Class decorator: register a ``PruningMethod`` under ``name`` (also set as ``cls.name``)."""
     def add(cls):
+        from workbench.pruning.method import SCORE_SOURCES
+
+        if cls.scored_by not in SCORE_SOURCES:
+            raise ValueError(f"pruning method {name!r}: scored_by {cls.scored_by!r} is not one of {SCORE_SOURCES}")
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"pruning method {name!r} is already registered by {_METHODS[name].__name__}")
         cls.name = name
@@ -35,6 +39,12 @@ def register_method(name: str):
 def available_methods() -> list[str]:
     _import_methods()
     return sorted(_METHODS)
+
+
+def methods_scored_by(source: str) -> list[str]:
+    """The registered methods whose score is ``source`` (one of ``method.SCORE_SOURCES``)."""
+    _import_methods()
+    return sorted(name for name, cls in _METHODS.items() if cls.scored_by == source)
 
 
 def method_class(name: str) -> type["PruningMethod"]:

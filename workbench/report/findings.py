@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import polars as pl
 
-# Methods whose score is the LLM's own attention from text/last rows (RoPE applies to it).
-LLM_ATTENTION_METHODS = ("fastv", "pyramiddrop", "sparsevlm", "feather", "transprune", "todre")
+from workbench.pruning.registry import methods_scored_by
+from workbench.sweep import UNPRUNED
+
 SPATIAL_BASELINE = "uniform_grid"
-BASELINES = ("random", "uniform_grid", "average_pool", "unpruned")
 POSITION_MARGIN = 0.1  # a kept-row centroid this far from 0.5 counts as a positional skew
 # A depth trend is stated only when it is close to monotone: with 3-4 layers a Spearman rho of 0.5
 # is one swapped pair.
@@ -56,7 +56,9 @@ def positional_finding(tables: dict, budget: str) -> str | None:
     if position is None or not position.height:
         return None
     at = position.filter(pl.col("budget") == budget)
-    attention = at.filter(pl.col("method").is_in(LLM_ATTENTION_METHODS)).sort("row_centroid", descending=True)
+    # the methods scored by the LLM's attention from text rows, where RoPE's position bias applies
+    text_attention = methods_scored_by("text_attention")
+    attention = at.filter(pl.col("method").is_in(text_attention)).sort("row_centroid", descending=True)
     if not attention.height:
         return None
     skewed = attention.filter((pl.col("row_centroid") - 0.5).abs() >= POSITION_MARGIN)
@@ -68,7 +70,7 @@ def positional_finding(tables: dict, budget: str) -> str | None:
     text = (f"**Positional bias** at {budget}: {verdict} (mean image row of the kept tokens, 0 = top, 1 = bottom, "
             f"0.5 = even: {listing}{reference}; a bias is a distance of at least {POSITION_MARGIN} from 0.5).")
     # Tower-side scores ([CLS] attention, tower flow) can be skewed too, for reasons other than RoPE.
-    others = (at.filter(~pl.col("method").is_in(LLM_ATTENTION_METHODS + BASELINES)
+    others = (at.filter(~pl.col("method").is_in([*text_attention, *methods_scored_by("layout"), UNPRUNED])
                         & ((pl.col("row_centroid") - 0.5).abs() >= POSITION_MARGIN)).sort("row_centroid"))
     if others.height:
         text += (" Of the other methods, " + ", ".join(f"{m} {r:.2f}" for m, r in

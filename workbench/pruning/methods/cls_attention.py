@@ -123,6 +123,8 @@ def size_shares(layout: VisualLayout, n_keep: int) -> list[int]:
 class ClsAttentionMethod(PruningMethod):
     """Base of the methods that read the tower's [CLS] row: not applicable without a [CLS]."""
 
+    scored_by: ClassVar[str] = "visual_attention"
+
     def applicability(self, model: ModelFacts) -> str | None:
         return None if model.has_cls_token else NO_CLS_REASON
 

@@ -40,6 +40,8 @@ class DART(PruningMethod):
     taking the remainder; ``count="reference"`` keeps the code's count, image pivots +
     pivots * (budget // (image_pivots + text_pivots)) (132 for the code's 128 on LLaVA-1.5)."""
 
+    scored_by: ClassVar[str] = "similarity"
+
     layer: int = 2
     image_pivots: int = 4
     text_pivots: int = 4

@@ -83,6 +83,8 @@ class DivPrune(PruningMethod):
     distance) from the tokens already kept; ties go to the lower index (torch.argmax).
     No hyper-parameters besides the budget (the code's SUBSET_RATIO)."""
 
+    scored_by: ClassVar[str] = "similarity"
+
     reference: ClassVar[str] = (
         "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models (arXiv 2503.02175); "
         "vbdi/divprune, LLaVA/llava/model/llava_arch.py (DivPrune, pairwise_cosine_similarity; applied with "

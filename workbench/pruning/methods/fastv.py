@@ -37,6 +37,8 @@ class FastV(PruningMethod):
     unpruned forward's: the ranking is read from the recording and applied as a planned stage.
     """
 
+    scored_by: ClassVar[str] = "text_attention"
+
     reference: ClassVar[str] = (
         "FastV, 'An Image is Worth 1/2 Tokens After Layer 2' (arXiv 2403.06764); code pkunlp-icler/FastV, "
         "src/transformers/src/transformers/models/llama/modeling_llama.py (fast_v_inplace). Ranks visual "

@@ -67,6 +67,8 @@ class Feather(PruningMethod):
     stage's size (attention top-k united with the grid, read from the recording) and the final count.
     """
 
+    scored_by: ClassVar[str] = "text_attention"
+
     reference: ClassVar[str] = (
         "FEATHER, 'Feather the Throttle' (arXiv 2412.13180); code markendo/FEATHER, prismatic-vlms/prismatic/"
         "models/backbones/llm/llama2_models.py + vlm-evaluation/scripts/eval_feather.sh (k=[8,16], r=0.7, "

@@ -93,6 +93,8 @@ class FlowCut(PruningMethod):
     ``torch.topk`` leaves them unspecified).
     """
 
+    scored_by: ClassVar[str] = "visual_attention"
+
     reference: ClassVar[str] = (
         "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language Models "
         "(arXiv 2505.19536); github.com/TungChintao/FlowCut flowcut/modeling_clip_flowcut.py + "

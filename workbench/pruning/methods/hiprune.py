@@ -62,6 +62,8 @@ class HiPrune(PruningMethod):
     reference would fail there). ``Stage.scores`` holds the deep-layer attention.
     """
 
+    scored_by: ClassVar[str] = "visual_attention"
+
     reference: ClassVar[str] = (
         "Liu et al., 'HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention in Vision "
         "Encoders' (arXiv 2025; id not checked here). Code: github.com/Danielement321/HiPrune, LLaVA/llava/model/llava_arch.py "

@@ -65,6 +65,8 @@ class MMTok(PruningMethod):
     prompt removed, no BOS); the recording has no token strings, so P covers every text token
     after the image (question and answer prompt) as embedded at the LLM input."""
 
+    scored_by: ClassVar[str] = "similarity"
+
     alpha: float = 0.5
     tv_temperature: float = 0.02
     vv_temperature: float = 0.2

@@ -70,6 +70,8 @@ class PyramidDrop(PruningMethod):
     back to ``"original"`` positions (a documented deviation from the reference).
     """
 
+    scored_by: ClassVar[str] = "text_attention"
+
     reference: ClassVar[str] = (
         "PyramidDrop (arXiv 2410.17247); code Cooperx521/PyramidDrop, llava/model/modeling_llama_pdrop.py "
         "(pdrop_rank_drop). Before layers 8/16/24 (scaled) the layer's own q/k attention of the last "

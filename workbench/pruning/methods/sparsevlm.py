@@ -113,6 +113,8 @@ class SparseVLM(PruningMethod):
     (schedule count + recycled cluster tokens at each stage).
     """
 
+    scored_by: ClassVar[str] = "text_attention"
+
     reference: ClassVar[str] = (
         "SparseVLM (arXiv 2410.04417); code Gumpest/SparseVLMs v1.0, llava/model/language_model/"
         "modelling_sparse_llama.py, score.py (sparse_token_list_192/128/96/64), utils.py (cluster_and_merge). "

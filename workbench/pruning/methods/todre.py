@@ -66,6 +66,8 @@ class ToDRE(PruningMethod):
     returns both. Not implemented: the paper's pruning of ALL visual tokens in deeper layers (it
     would end below the budget)."""
 
+    scored_by: ClassVar[str] = "text_attention"
+
     layer: int = 2
     relevance_keep: float = 0.5
     features: str = "tower"

@@ -77,6 +77,8 @@ class TransPrune(PruningMethod):
     the stages keep the original positions (the executor cannot renumber 3-axis positions).
     """
 
+    scored_by: ClassVar[str] = "text_attention"
+
     reference: ClassVar[str] = (
         "TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model (arXiv "
         "2507.20630); github.com/liaolea/TransPrune llava/model/modeling_llama_transprune.py "

@@ -102,6 +102,8 @@ class VisionDrop(PruningMethod):
     extension, the reference covers LLaVA-1.5 only.
     """
 
+    scored_by: ClassVar[str] = "visual_attention"
+
     reference: ClassVar[str] = (
         "Rethinking Visual Token Reduction in LVLMs under Cross-modal Misalignment (VisionDrop, "
         "arXiv 2506.22283); github.com/Ruixxxx/VisionDrop llava/visionzip/clip_encoder.py (tower stage: "
