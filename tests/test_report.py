@@ -58,6 +58,12 @@ def test_findings_are_computed_from_the_tables():
                                                "row_centroid": [0.16, 0.52, 0.2]})])
     text = positional_finding({"kept_position": tower}, "11%")
     assert "Of the other methods, fastervlm 0.16 keep" in text and "divprune" not in text and "random" not in text
+    # a method's variant is grouped with its method, by what scores its tokens
+    variants = pl.DataFrame({"method": ["fastv(layer=3)", "visionzip(dominant=10)", "uniform_grid"],
+                             "budget": ["11%"] * 3, "row_centroid": [0.9, 0.1, 0.5]})
+    text = positional_finding({"kept_position": variants}, "11%")
+    assert text.startswith("**Positional bias** at 11%: 1 of 1 attention-based methods") and "fastv(layer=3) 0.90" in text
+    assert "Of the other methods, visionzip(dominant=10) 0.10 keep" in text
 
 
 def test_accuracy_finding_names_every_tied_method():

@@ -41,12 +41,6 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def methods_scored_by(source: str) -> list[str]:
-    """The registered methods whose score is ``source`` (one of ``method.SCORE_SOURCES``)."""
-    _import_methods()
-    return sorted(name for name, cls in _METHODS.items() if cls.scored_by == source)
-
-
 def method_class(name: str) -> type["PruningMethod"]:
     _import_methods()
     try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from workbench.pruning.registry import methods_scored_by
-from workbench.sweep import UNPRUNED
+from workbench.pruning.registry import UnknownMethod, method_class
+from workbench.sweep import UNPRUNED, MethodSpec, SweepError
 
 SPATIAL_BASELINE = "uniform_grid"
 POSITION_MARGIN = 0.1  # a kept-row centroid this far from 0.5 counts as a positional skew
@@ -25,6 +25,21 @@ def trend_verdict(rho: float | None) -> str:
     if rho is not None and rho <= -TREND_RHO:
         return "falls with depth"
     return "has no monotone trend with depth"
+
+
+def scored_by(label: str) -> str | None:
+    """What scores the tokens of the method behind a table label (a variant such as
+    "fastv(layer=3)" included); None for the unpruned rows and for methods this version lacks."""
+    if label == UNPRUNED:
+        return None
+    try:
+        return method_class(MethodSpec.parse(label).name).scored_by
+    except (UnknownMethod, SweepError):
+        return None
+
+
+def _labels_scored_by(frame: pl.DataFrame, *sources: str) -> list[str]:
+    return [m for m in frame["method"].unique().to_list() if scored_by(m) in sources]
 
 
 def _metric(frame: pl.DataFrame, stack: str, metric: str) -> pl.DataFrame:
@@ -57,8 +72,8 @@ def positional_finding(tables: dict, budget: str) -> str | None:
         return None
     at = position.filter(pl.col("budget") == budget)
     # the methods scored by the LLM's attention from text rows, where RoPE's position bias applies
-    text_attention = methods_scored_by("text_attention")
-    attention = at.filter(pl.col("method").is_in(text_attention)).sort("row_centroid", descending=True)
+    attention = (at.filter(pl.col("method").is_in(_labels_scored_by(at, "text_attention")))
+                 .sort("row_centroid", descending=True))
     if not attention.height:
         return None
     skewed = attention.filter((pl.col("row_centroid") - 0.5).abs() >= POSITION_MARGIN)
@@ -70,7 +85,7 @@ def positional_finding(tables: dict, budget: str) -> str | None:
     text = (f"**Positional bias** at {budget}: {verdict} (mean image row of the kept tokens, 0 = top, 1 = bottom, "
             f"0.5 = even: {listing}{reference}; a bias is a distance of at least {POSITION_MARGIN} from 0.5).")
     # Tower-side scores ([CLS] attention, tower flow) can be skewed too, for reasons other than RoPE.
-    others = (at.filter(~pl.col("method").is_in([*text_attention, *methods_scored_by("layout"), UNPRUNED])
+    others = (at.filter(pl.col("method").is_in(_labels_scored_by(at, "visual_attention", "similarity"))
                         & ((pl.col("row_centroid") - 0.5).abs() >= POSITION_MARGIN)).sort("row_centroid"))
     if others.height:
         text += (" Of the other methods, " + ", ".join(f"{m} {r:.2f}" for m, r in
