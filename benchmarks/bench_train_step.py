@@ -1,7 +1,7 @@
 """What one training step of the shipped model costs, beside cheaper variants of the recipe.
 
-``workbench train-shapes`` must finish within its time budget on 2 cores, and this machine class's
-speed drifts by a fifth from hour to hour, so a variant is judged by its ratio to the shipped
+``workbench train-shapes`` must finish within its time budget on 2 cores, and a shared 2-core
+virtual machine's speed can drift by 30 % within an hour, so a variant is judged by its ratio to the shipped
 recipe measured side by side: every variant runs ``STEPS`` optimiser steps per round, the variants
 take turns over ``ROUNDS`` rounds, and the median seconds per step of each is printed with its
 ratio to the shipped one and the wall time its run length would take at the speed just measured.
@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LlavaForConditionalGeneration
 
-from workbench.shapes_model.build import build_config, build_processor
+from workbench.shapes_model.build import MLP_WIDTH, build_model, build_processor
 from workbench.shapes_model.train import AuxiliaryHeads, BatchMaker, TrainConfig, make_optimizer, train_step
 
 STEPS = 8
@@ -33,7 +32,7 @@ ROUNDS = 3
 class Variant:
     name: str
     config: TrainConfig = field(default_factory=TrainConfig)
-    mlp_width: int | None = None  # tower and decoder MLPs; None keeps the shipped width
+    mlp_width: int = MLP_WIDTH  # the tower's and the decoder's MLPs
     attention: str = "sdpa"
 
 
@@ -49,16 +48,9 @@ class Trainer:
     """A fresh model, its optimiser and a fixed list of batches for one variant."""
 
     def __init__(self, variant: Variant, processor):
-        tok = processor.tokenizer
-        config = build_config(len(tok), tok.convert_tokens_to_ids(tok.image_token), tok.pad_token_id,
-                              tok.bos_token_id, tok.eos_token_id)
-        if variant.mlp_width:
-            config.vision_config.intermediate_size = config.text_config.intermediate_size = variant.mlp_width
-        config._attn_implementation = variant.attention
-        torch.manual_seed(0)
         self.variant = variant
-        self.model = LlavaForConditionalGeneration(config).train()
-        self.heads = AuxiliaryHeads(config.text_config.hidden_size, variant.config.aux_targets)
+        self.model = build_model(processor, attention=variant.attention, mlp_width=variant.mlp_width).train()
+        self.heads = AuxiliaryHeads(self.model.config.text_config.hidden_size, variant.config.aux_targets)
         self.optimizer = make_optimizer(self.model, self.heads, variant.config)
         maker = BatchMaker(processor, variant.config)
         start = variant.config.up_to_two_objects_until

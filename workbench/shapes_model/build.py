@@ -15,6 +15,7 @@ from workbench.shapes_model.tokenizer import build_tokenizer
 IMAGE_SIZE = 96
 PATCH_SIZE = 8
 NUM_VISUAL_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
+MLP_WIDTH = 512  # intermediate size of the tower's and the decoder's MLPs
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -41,16 +42,16 @@ def build_processor() -> LlavaProcessor:
 
 
 def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_token_id: int, eos_token_id: int,
-                 decoder_layers: int = 4) -> LlavaConfig:
+                 decoder_layers: int = 4, mlp_width: int = MLP_WIDTH) -> LlavaConfig:
     vision = CLIPVisionConfig(
-        hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        hidden_size=128, intermediate_size=mlp_width, num_hidden_layers=3, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=128,
     )
     # initializer_range 0.05: at the default 0.02 a decoder this small, trained from scratch,
     # sits at the question-type prior for thousands of steps. 8 heads of 16 dims: with 4 heads of 32
     # and 3 layers the same recipe stalled near 0.81 on relation and position questions.
     text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=decoder_layers,
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=mlp_width, num_hidden_layers=decoder_layers,
         num_attention_heads=8, num_key_value_heads=8, head_dim=16, max_position_embeddings=512,
         initializer_range=0.05,
         pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=False,
@@ -63,12 +64,15 @@ def build_config(vocab_size: int, image_token_id: int, pad_token_id: int, bos_to
     )
 
 
-def build_model(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_model(processor: LlavaProcessor, seed: int = 0, attention: str = "sdpa",
+                **architecture) -> LlavaForConditionalGeneration:
+    """A freshly initialised model; ``architecture`` overrides ``build_config``'s keywords
+    (``decoder_layers``, ``mlp_width``)."""
     import torch
 
     tok = processor.tokenizer
     config = build_config(len(tok), tok.convert_tokens_to_ids(tok.image_token), tok.pad_token_id,
-                          tok.bos_token_id, tok.eos_token_id)
-    config._attn_implementation = "sdpa"
+                          tok.bos_token_id, tok.eos_token_id, **architecture)
+    config._attn_implementation = attention
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config)
