@@ -25,11 +25,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from workbench.scenes import COLOURS, QUESTION_TYPES, SHAPES, SIZES, Scene, ask, make_scene
+from workbench.errors import UserError
+from workbench.scenes import COLOURS, GRID, QUESTION_TYPES, SHAPES, SIZES, Scene, ask, make_scene
 from workbench.shapes_model.build import NUM_VISUAL_TOKENS, PATCH_SIZE, build_model, build_processor
 from workbench.shapes_model.tokenizer import ASSISTANT, USER
 
 EVAL_SEED = 10_000  # training draws from (seed, step) streams with seed < EVAL_SEED
+
+
+class TrainConfigError(UserError, ValueError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,23 @@ class TrainConfig:
     eval_every: int = 1000
     eval_scenes: int = 300
     threads: int = 2
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "questions_per_image", "eval_every", "eval_scenes", "threads")
+        problems = [f"{name} must be >= 1 (got {getattr(self, name)})" for name in positive if getattr(self, name) < 1]
+        problems += [f"{name} must be >= 0 (got {getattr(self, name)})" for name in
+                     ("warmup_steps", "one_object_until", "up_to_two_objects_until", "aux_weight")
+                     if getattr(self, name) < 0]
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if not 0 <= self.decay_start <= 1:
+            problems.append(f"decay_start is a fraction of the run in [0, 1] (got {self.decay_start})")
+        if not 2 <= self.max_objects <= GRID * GRID:
+            problems.append(f"max_objects must be in 2..{GRID * GRID}: relation questions need two objects, and "
+                            f"every object has its own cell of the {GRID}x{GRID} grid (got {self.max_objects})")
+        problems += unknown_aux_targets(self.aux_targets)
+        if problems:
+            raise TrainConfigError("invalid training config: " + "; ".join(problems))
 
     def object_range(self, step: int) -> tuple[int, int]:
         if step < self.one_object_until:
@@ -86,6 +108,11 @@ AUX_TARGETS = {
     "pair": (len(COLOURS) * len(SHAPES), lambda o: list(COLOURS).index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)),
     "cell": (9, lambda o: o.cell[0] * 3 + o.cell[1]),
 }
+
+
+def unknown_aux_targets(names) -> list[str]:
+    unknown = sorted(set(names) - set(AUX_TARGETS))
+    return [f"unknown auxiliary targets {unknown}; known: {list(AUX_TARGETS)}"] if unknown else []
 
 
 def patch_targets(scene: Scene, names=tuple(AUX_TARGETS), patch: int = PATCH_SIZE) -> np.ndarray:
@@ -163,9 +190,9 @@ class AuxiliaryHeads(torch.nn.Module):
 
     def __init__(self, width: int, names: tuple[str, ...]):
         super().__init__()
-        unknown = set(names) - set(AUX_TARGETS)
-        if unknown:
-            raise ValueError(f"unknown auxiliary targets {sorted(unknown)}; known: {list(AUX_TARGETS)}")
+        problems = unknown_aux_targets(names)
+        if problems:
+            raise TrainConfigError(problems[0])
         self.heads = torch.nn.ModuleList([torch.nn.Linear(width, AUX_TARGETS[n][0] + 1) for n in names])
 
     def loss(self, visual: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
