@@ -139,18 +139,20 @@ def evidence_alignment(recording: Recording, evidence: np.ndarray, signal: str =
                        layers: Sequence[int] | None = None) -> pl.DataFrame:
     """Per layer, how well ``signal``'s scores find the evidence tokens (boolean [N]): metrics
     auc, recall@E (k = number of evidence tokens), recall@<k>, evidence_mass (share of the
-    scores' total on the evidence; null for a zero total), n_evidence. Works for saliency
+    scores' positive mass on the evidence: a signed saliency's negative scores mark tokens whose
+    removal helps the answer, not part of its support; null when no score is positive), n_evidence. Works for saliency
     signals too (layer -1, rows "answer" / "k1"). Columns: sample_id, stack, layer, signal,
     rows, metric, value."""
     evidence = np.asarray(evidence, dtype=bool)
     n_evidence = int(evidence.sum())
     out = []
     for layer, scores in layer_scores(recording, signal, rows, stack, layers).items():
-        total = scores.sum()
+        support = np.clip(scores, 0, None)
+        total = support.sum()
         metrics = {"auc": roc_auc(scores, evidence),
                    "recall@E": recall_at_k(scores, evidence, n_evidence) if n_evidence else None}
         metrics |= {f"recall@{k}": recall_at_k(scores, evidence, k) for k in ks}
-        metrics |= {"evidence_mass": scores[evidence].sum() / total if total > 0 else None,
+        metrics |= {"evidence_mass": support[evidence].sum() / total if total > 0 else None,
                     "n_evidence": n_evidence}
         out += [_row(recording, stack, layer, signal, rows, m, v) for m, v in metrics.items()]
     return metric_frame(out)

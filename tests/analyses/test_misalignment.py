@@ -69,6 +69,21 @@ def test_attention_exactly_on_the_evidence_gives_auc_one_and_full_recall():
     assert recall_at_k(np.arange(N), np.arange(N) >= N - 3, 3) == 1.0
 
 
+def test_evidence_mass_of_a_signed_saliency_counts_its_positive_scores_only():
+    evidence = np.zeros(N, dtype=bool)
+    evidence[[7, 8]] = True
+    signed = np.zeros(N)
+    signed[[7, 8, 20]] = [3.0, -5.0, 1.0]  # the evidence holds 3 of the 4 positive units
+    recording = handmade_recording(LAYOUT, {SignalNeed("attention", "llm", 0, "text"): np.full(N, 1.0 / N)[None]})
+    saliency = {EntryKey("occlusion", "llm", -1, "k1"): torch.as_tensor(signed[None], dtype=torch.float32),
+                EntryKey("grad_x_input", "llm", -1, "answer"): torch.as_tensor(-np.abs(signed)[None], dtype=torch.float32)}
+    recording = dataclasses.replace(recording, tensors=dict(recording.tensors) | saliency)
+    mass = evidence_alignment(recording, evidence, signal="occlusion", rows="k1")
+    assert _value(mass, "evidence_mass", -1) == pytest.approx(0.75)
+    negative = evidence_alignment(recording, evidence, signal="grad_x_input", rows="answer")
+    assert _value(negative, "evidence_mass", -1) is None  # nothing supports the answer
+
+
 def test_saliency_agreement_is_the_rank_correlation():
     rng = np.random.default_rng(0)
     saliency = rng.normal(size=N)

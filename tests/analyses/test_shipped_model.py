@@ -69,7 +69,11 @@ def test_misalignment_on_the_shipped_model(recorded):
     _finite(misalignment.positional_profile(recording), "share")
     for signal, rows in (("attention", "text"), ("attention", "last"), ("occlusion", "k1"), ("grad_x_input", "answer")):
         frame = misalignment.evidence_alignment(recording, evidence, signal=signal, rows=rows)
-        _finite(frame)
+        _finite(frame.filter(pl.col("metric") != "evidence_mass"))
+        # Evidence mass is a share of the positive scores; a signed saliency may have none.
+        positive = {layer: (scores > 0).any() for layer, scores in redundancy.layer_scores(recording, signal, rows).items()}
+        for layer, mass in frame.filter(pl.col("metric") == "evidence_mass").select("layer", "value").iter_rows():
+            assert (mass is None) != positive[layer] and (mass is None or 0 <= mass <= 1), (signal, layer)
         auc = frame.filter(pl.col("metric") == "auc")["value"].to_numpy()
         assert ((0 <= auc) & (auc <= 1)).all()
     _finite(misalignment.saliency_agreement(recording))

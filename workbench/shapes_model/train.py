@@ -8,7 +8,8 @@ The recipe (what made a tiny LLaVA learn to pick one object among 144 visual tok
   towers have; the heads are dropped when the model is saved;
 - decoder ``initializer_range`` 0.05, AdamW at 1e-3 with warm-up, clipping, and a linear decay at
   the end.
-Every batch is a pure function of (seed, step), so a run is reproducible from its config.
+The step computes only what the losses read (``losses.py``); every batch is a pure function of
+(seed, step), so a run is reproducible from its config.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from workbench.errors import UserError
 from workbench.scenes import COLOURS, GRID, QUESTION_TYPES, SHAPES, SIZES, Scene, ask, make_scene
 from workbench.shapes_model.build import NUM_VISUAL_TOKENS, PATCH_SIZE, build_model, build_processor
+from workbench.shapes_model.losses import training_losses
 from workbench.shapes_model.tokenizer import ASSISTANT, USER
 
 EVAL_SEED = 10_000  # training draws from (seed, step) streams with seed < EVAL_SEED
@@ -199,10 +201,6 @@ class AuxiliaryHeads(torch.nn.Module):
         return sum(F.cross_entropy(h(visual).flatten(0, 1), targets[..., i].flatten()) for i, h in enumerate(self.heads))
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-
-
 @torch.no_grad()
 def first_token_accuracy(model, batch: Batch, types: list[str]) -> dict[str, float]:
     """Teacher-forced accuracy of the first answer token (every answer here is one word)."""
@@ -251,11 +249,10 @@ def make_optimizer(model, heads: AuxiliaryHeads, config: TrainConfig) -> torch.o
 
 
 def train_step(model, heads: AuxiliaryHeads, optimizer: torch.optim.Optimizer, batch: Batch,
-               aux_weight: float) -> tuple[float, float]:
-    """One optimiser step on ``batch``; returns (answer loss, auxiliary loss)."""
-    out = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask)
-    lm = answer_loss(out.logits, batch.labels)
-    visual = out.image_hidden_states.reshape(len(batch.input_ids), NUM_VISUAL_TOKENS, -1)
+               aux_weight: float, losses=training_losses) -> tuple[float, float]:
+    """One optimiser step on ``batch``; returns (answer loss, auxiliary loss). ``losses`` is
+    ``training_losses`` or its reference, ``full_forward_losses``."""
+    lm, visual = losses(model, batch)
     aux = heads.loss(visual, batch.patch_targets)
     optimizer.zero_grad(set_to_none=True)
     (lm + aux_weight * aux).backward()
