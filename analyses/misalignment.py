@@ -140,9 +140,9 @@ def evidence_alignment(recording: Recording, evidence: np.ndarray, signal: str =
     """Per layer, how well ``signal``'s scores find the evidence tokens (boolean [N]): metrics
     auc, recall@E (k = number of evidence tokens), recall@<k>, evidence_mass (share of the
     scores' positive mass on the evidence: a signed saliency's negative scores mark tokens whose
-    removal helps the answer, not part of its support; null when no score is positive), n_evidence. Works for saliency
-    signals too (layer -1, rows "answer" / "k1"). Columns: sample_id, stack, layer, signal,
-    rows, metric, value."""
+    removal helps the answer, not part of its support; null when no score is positive),
+    n_evidence. Works for saliency signals too (layer -1, rows "answer" / "k1"). Columns:
+    sample_id, stack, layer, signal, rows, metric, value."""
     evidence = np.asarray(evidence, dtype=bool)
     n_evidence = int(evidence.sum())
     out = []

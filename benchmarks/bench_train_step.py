@@ -44,7 +44,7 @@ VARIANTS = (
     Variant("full forward (every position, all layers)", losses=full_forward_losses),
     Variant("8 images x 12 questions, 7000 steps", TrainConfig(steps=7000, batch_size=8, questions_per_image=12)),
     Variant("MLPs 256 wide (tower and decoder)", mlp_width=256),
-    Variant("eager attention", attention="eager"),
+    Variant("eager attention (the last layer's stays SDPA)", attention="eager"),
 )
 
 
