@@ -4,7 +4,7 @@ The answer loss reads the last decoder layer only at the positions that predict 
 (about 12 of 212 per sequence), and the auxiliary loss reads the projected visual tokens. So the
 last layer computes keys and values at every position but its queries, attention output and MLP
 only at those positions. The losses and gradients are those of the model's full forward (a test
-checks both); a training step costs 0.82-0.84x a full-forward one (``benchmarks/bench_train_step.py``).
+checks both); a training step costs 0.77-0.84x a full-forward one (``benchmarks/bench_train_step.py``).
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class TrainConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 6000
+    steps: int = 5000
     batch_size: int = 16
     questions_per_image: int = 6
     lr: float = 1e-3
