@@ -16,7 +16,7 @@ def _arguments(p):
             p.add_argument(flag, type=type(f.default), default=f.default, help=f"(default {f.default})")
 
 
-@command("train-shapes", "train the shipped scene VLM from scratch on CPU (39-46 min on 2 cores, with the machine's speed)", _arguments)
+@command("train-shapes", "train the shipped scene VLM from scratch on CPU (37-46 min on 2 cores, with the machine's speed)", _arguments)
 def run(args):
     from pathlib import Path
 
