@@ -7,9 +7,11 @@ own, see ``probes/sinks.py``, and may overlap the others). "mean" rows are the a
 receives averaged over every non-padding query (the criterion for towers without a [CLS]).
 
 Exact: the same product, scaling, mask and float32 softmax as eager attention, on the model's own
-post-RoPE q/k. ``attention_norope`` (FEATHER's criterion) scores the same rows with the q/k the
-rotary call received, i.e. before RoPE; where a module applies no rotary embedding it equals
-``attention``.
+post-RoPE q/k. ``attention_norope`` scores the same rows with the q/k the rotary call received,
+i.e. before RoPE; where a module applies no rotary embedding it equals ``attention``.
+``attention_norope_visual`` is FEATHER's ranking: the same RoPE-free probabilities with each head's
+row renormalised over the visual keys (a softmax over the image keys alone) before the head mean,
+so a head that looks mostly at text weighs as much as one that looks at the image.
 """
 
 from __future__ import annotations
@@ -66,12 +68,15 @@ class AttentionProbe(Probe):
         SignalSpec("attention_mass", ("tower", "llm"), "query", "category", "mean",
                    "total attention of each query row on visual, text, system and sink keys"),
         SignalSpec("attention_norope", ("tower", "llm"), "query", "visual", "mean",
-                   "attention on visual keys scored with q/k before the rotary embedding (FEATHER)"),
+                   "attention on visual keys scored with q/k before the rotary embedding"),
+        SignalSpec("attention_norope_visual", ("tower", "llm"), "query", "visual", "mean",
+                   "RoPE-free attention, each head's softmax taken over the visual keys alone (FEATHER)"),
     )
     needs = frozenset({"call", "hidden_in"})
 
     def captures(self):
-        return self.needs | ({"norope"} if "attention_norope" in self.wanted else set())
+        norope = {"attention_norope", "attention_norope_visual"} & self.wanted
+        return self.needs | ({"norope"} if norope else set())
 
     def observe(self, state: LayerState):
         if not state.recorded or state.call is None:
@@ -87,3 +92,7 @@ class AttentionProbe(Probe):
             if "attention_norope" in self.wanted:
                 values, _ = visual_rows(state, kind, False, per_head)
                 yield Observation("attention_norope", kind, values, per_head)
+            if "attention_norope_visual" in self.wanted:
+                values, _ = visual_rows(state, kind, False, per_head=True)
+                values = values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+                yield Observation("attention_norope_visual", kind, values if per_head else values.mean(0), per_head)

@@ -46,8 +46,8 @@ TENSORS = "tensors.safetensors"
 
 # Everything one traced forward records (the saliency signals need extra passes: ask for them).
 SINGLE_FORWARD_SIGNALS = (
-    "attention", "attention_mass", "attention_norope", "kobayashi", "rollout", "contribution",
-    "contribution_residual", "flowcut", "massive_activations", "sink_share", "visual_sink_score",
+    "attention", "attention_mass", "attention_norope", "attention_norope_visual", "kobayashi", "rollout",
+    "contribution", "contribution_residual", "flowcut", "massive_activations", "sink_share", "visual_sink_score",
     "hidden_norm", "transition_magnitude", "transition_direction",
 )
 SALIENCY_SIGNALS = ("grad_x_input", "attention_x_gradient", "occlusion")

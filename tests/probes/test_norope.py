@@ -10,8 +10,8 @@ from workbench.recording import CaptureRequest
 
 def test_norope_differs_from_rope_and_equals_a_hand_computation(shipped):
     adapter, prepared = shipped
-    request = CaptureRequest(signals=("attention", "attention_norope"), rows=("last", "text"), stacks=("llm",),
-                             per_head=True)
+    request = CaptureRequest(signals=("attention", "attention_norope", "attention_norope_visual"),
+                             rows=("last", "text"), stacks=("llm",), per_head=True)
     recording = record(adapter, prepared, request)
     with torch.no_grad():
         hidden = adapter.model(**prepared.inputs, output_hidden_states=True).hidden_states
@@ -32,3 +32,13 @@ def test_norope_differs_from_rope_and_equals_a_hand_computation(shipped):
             torch.testing.assert_close(recording.get("attention_norope", layer, "text", head=head),
                                        by_hand[head][recording.rows_of("text")][:, visual], atol=1e-5, rtol=0)
         assert (no_rope - with_rope).abs().max() > 1e-4  # RoPE matters at these distances
+        # FEATHER: each head's softmax over the visual keys alone, then the head mean
+        visual_only = torch.softmax(logits[:, -1:, visual], -1)
+        torch.testing.assert_close(recording.get("attention_norope_visual", layer, "last"), visual_only.mean(0),
+                                   atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(recording.get("attention_norope_visual", layer, "last", head=0), visual_only[0],
+                                   atol=1e-6, rtol=1e-4)
+        # heads give the image different shares, so it is not the renormalised head mean (about 5e-5
+        # apart on this untrained model, float32 error is near 1e-9)
+        renormalised = no_rope / no_rope.sum(-1, keepdim=True)
+        assert (recording.get("attention_norope_visual", layer, "last") - renormalised).abs().max() > 1e-6

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from tests.pruning.handmade import LLAVA_FACTS, grid_layout, handmade_context
-from tests.pruning.shipped import check_on_shipped, tiny_input
+from tests.pruning.shipped import check_on_shipped, shipped_sample, tiny_input
+from workbench.pruning.executor import execute
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, SignalNeed
-from workbench.pruning.methods.feather import Feather, stride_grid
-from workbench.pruning.run import run_method
+from workbench.pruning.methods.feather import Feather, norope_last_attention, stride_grid
+from workbench.pruning.plan import KeepPlan
+from workbench.pruning.run import record_needs, run_method
 
-NOROPE = SignalNeed("attention_norope", "llm", 7, "last")
+NOROPE = SignalNeed("attention_norope_visual", "llm", 7, "last")
 
 
 def bottom_rows_entries():
@@ -66,3 +68,22 @@ def test_runs_on_the_shipped_model():
     stages = execution.plan.stages
     assert [s.where for s in stages] == [1, 2] and len(stages[1].kept) == context.n_keep
     assert set(stride_grid(context.layout, 3)) <= set(stages[0].kept)
+
+
+def test_first_cut_reads_what_the_second_cut_computes_live():
+    # both cuts rank by the reference's per-head softmax over the image keys: the recording's
+    # value on the unpruned forward equals the live computation on the unpruned state
+    adapter, prepared, _ = shipped_sample()
+    method = Feather()
+    (need,) = method.needs(ModelFacts.of(adapter))
+    recorded = record_needs(adapter, prepared, [method]).get(need.signal, need.layer, need.rows)[0]
+    live = {}
+
+    def grab(layer, state):
+        if layer == need.layer:
+            live["scores"] = norope_last_attention(state)
+
+    execute(adapter, prepared, KeepPlan.keep_all(prepared.layout.n_tokens, where=None), max_new_tokens=0,
+            callback=grab)
+    np.testing.assert_allclose(recorded.double().numpy(), live["scores"], atol=1e-6, rtol=1e-5)
+    assert abs(live["scores"].sum() - 1) < 1e-9

@@ -29,9 +29,10 @@ def stride_grid(layout: VisualLayout, stride: int) -> np.ndarray:
 
 def norope_last_attention(state) -> np.ndarray:
     """The last token's attention on the live visual tokens without RoPE, softmax over the visual
-    keys only, head mean: [M] in sequence order (the reference's ``calculate_attention_weight``).
-    Rotary embeddings are made the identity (cos=1, sin=0) so the captured q/k are pre-RoPE; a
-    softmax over all keys renormalised per head over the visual keys equals the visual-only softmax."""
+    keys only, head mean: [M] in sequence order (the reference's ``calculate_attention_weight``;
+    the recorded ``attention_norope_visual`` on the live state). Rotary embeddings are made the
+    identity (cos=1, sin=0) so the captured q/k are pre-RoPE; a softmax over all keys renormalised
+    per head over the visual keys equals the visual-only softmax."""
     cos, sin = state.position_embeddings
     plain = dataclasses.replace(state, position_embeddings=(torch.ones_like(cos), torch.zeros_like(sin)))
     probs = plain.attention(state.text_rows[-1:])[:, 0]  # [H, S]
@@ -56,10 +57,9 @@ class Feather(PruningMethod):
     the live pruned sequence (a layer callback; the identity rotary makes LayerState's q/k pre-RoPE).
     Position ids are kept (the reference slices ``position_ids[:, keep_indexs]``).
 
-    The reference normalises each head's softmax over the image keys only. The second cut does
-    exactly that; the first cut reads the recorded ``attention_norope`` (head mean of the softmax
-    over all keys), because a recording keeps head means only -- a documented deviation in the
-    per-head weighting of the first cut's ranking.
+    Both cuts rank as the reference does: each head's softmax over the image keys only, then the
+    head mean. The first cut reads it from the unpruned recording (``attention_norope_visual``),
+    the second computes it on the live pruned state.
 
     Budget: ``budget_mode="final"`` (default) keeps keep-fraction f = sqrt(n_keep/N), so the final
     cut keeps exactly n_keep and the first ``int(N*f)`` plus the grid (the reference's r=0.7 is
@@ -74,8 +74,8 @@ class Feather(PruningMethod):
         "models/backbones/llm/llama2_models.py + vlm-evaluation/scripts/eval_feather.sh (k=[8,16], r=0.7, "
         "no_rope_s=3). Cut 1 before layer 8: top int(N*0.3) by last-token RoPE-free attention of layer 7 "
         "united with a stride-3 grid; cut 2 before layer 16: top int(N*0.09) by layer 15's, original "
-        "positions. Deviations: cut 1 ranks by the recorded head mean of the all-key softmax (reference: "
-        "per-head softmax over image keys); budget matched on the final count (f = sqrt(n_keep/N)).")
+        "positions; both rank by each head's softmax over the image keys, then the head mean. Deviation: "
+        "budget matched on the final count (f = sqrt(n_keep/N)).")
 
     layers: tuple[int, ...] = (8, 16)
     ratio: float = 0.7  # reduction ratio r per cut, used by budget_mode="fixed"
@@ -108,7 +108,7 @@ class Feather(PruningMethod):
         return None
 
     def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
-        return (SignalNeed("attention_norope", "llm", self.cut_layers(model)[0] - 1, "last"),)
+        return (SignalNeed("attention_norope_visual", "llm", self.cut_layers(model)[0] - 1, "last"),)
 
     def counts(self, context: SelectionContext) -> tuple[int, int]:
         """(attention top-k of the first cut, tokens kept by the second cut)."""
