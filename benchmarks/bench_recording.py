@@ -12,8 +12,9 @@ adds the visual rows. Saliency is left out: the gradients need a backward pass a
 forward per batch of occluded groups, by design.
 
 Printed, in one run:
-* time(recording) / time(plain SDPA forward): medians of 3 runs after a warm-up, in this process
-  (default allocator settings).
+* time(recording) / time(plain SDPA forward): medians of 5 runs after a warm-up, in this process
+  (default allocator settings); the workloads take turns in each round, so a drift in the
+  machine's speed reaches all of them alike.
 * peak memory of the recording vs the eager forward (its returned attentions kept alive): peak
   resident memory above the resident set before the run, and the part of it above the plain
   forward's own peak (what each adds to running the model).
@@ -30,6 +31,7 @@ Run: ``nice -n 19 .venv/bin/python benchmarks/bench_recording.py`` (a few minute
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import json
@@ -53,22 +55,27 @@ REQUESTS = {
                                                        rows=("last", "text", "cls", "mean", "visual")),
 }
 PLAIN, EAGER = "plain SDPA forward", "eager, output_attentions=True"
+ROUNDS = 5
 
 
 def workloads(adapter, prepared) -> dict:
+    # The first recording instruments the model's modules for good, so the plain and eager forwards
+    # run on a copy made before it: the workloads can then take turns.
+    model = copy.deepcopy(adapter.model)
+
     def plain():
         with torch.no_grad():
-            return adapter.model(**prepared.inputs, use_cache=False)  # as the recording runs it
+            return model(**prepared.inputs, use_cache=False)  # as the recording runs it
 
     def eager():  # the same weights, switched to eager attention for this run only
-        adapter.model.set_attn_implementation("eager")
+        model.set_attn_implementation("eager")
         try:
             with torch.no_grad():
-                return adapter.model(**prepared.inputs, output_attentions=True, use_cache=False)
+                return model(**prepared.inputs, output_attentions=True, use_cache=False)
         finally:
-            adapter.model.set_attn_implementation("sdpa")
+            model.set_attn_implementation("sdpa")
 
-    runs = {PLAIN: plain}  # first, before nnsight instruments any module
+    runs = {PLAIN: plain}
     for name, request in REQUESTS.items():
         runs[name] = lambda request=request: record(adapter, prepared, request, memory_limit=None)
     runs[EAGER] = eager
@@ -117,10 +124,11 @@ def main() -> None:
     length, visual = prepared.inputs["input_ids"].shape[1], prepared.layout.n_tokens
     print(f"{adapter.name}: {length} tokens ({visual} visual, {length - visual} text), hidden 4096, 32 heads, "
           f"2 decoder layers; {torch.get_num_threads()} threads")
-    times = {}
-    for name, run in workloads(adapter, prepared).items():
+    runs = workloads(adapter, prepared)
+    for run in runs.values():
         seconds(run)  # warm-up
-        times[name] = statistics.median(seconds(run) for _ in range(3))
+    rounds = [{name: seconds(run) for name, run in runs.items()} for _ in range(ROUNDS)]
+    times = {name: statistics.median(r[name] for r in rounds) for name in runs}
     stored = {name: sum(t.numel() * t.element_size() for t in record(adapter, prepared, request).tensors.values())
               for name, request in REQUESTS.items()}
     del adapter
