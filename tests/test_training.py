@@ -59,4 +59,7 @@ def test_training_runs_saves_and_reproduces(tmp_path):
     assert np.isfinite(answer.logprob)
     card = write_model_card(tmp_path / "a").read_text()
     assert "| 4 |" in card and (tmp_path / "a" / "training_curve.png").is_file()
+    card = write_model_card(tmp_path / "a", "## Measured\n\nfigures\n").read_text()
+    rewritten = write_model_card(tmp_path / "a", card[card.index("## Measured"):]).read_text()
+    assert rewritten == card and card.endswith("figures\n")  # a card rewritten from its own text stays the same
     assert json.loads((tmp_path / "a" / "train_config.json").read_text())["steps"] == 4

@@ -87,5 +87,5 @@ Held-out accuracy of the first answer token on {config['eval_scenes']} scenes dr
 {figures}
 """
     path = model_dir / "README.md"
-    path.write_text(text)
+    path.write_text(text.rstrip() + "\n")  # rewriting a card from its own text must not grow it
     return path
