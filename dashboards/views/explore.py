@@ -25,6 +25,8 @@ class View:
 VIEWS = {
     "attention from the last token": View("attention", "llm", "last", per_head=True),
     "attention from the text tokens": View("attention", "llm", "text", per_head=True),
+    "attention from the last token without RoPE, per head over the image (FEATHER's score)":
+        View("attention_norope_visual", "llm", "last", per_head=True),
     "attention from [CLS] (vision tower)": View("attention", "tower", "cls", per_head=True),
     "information flow (contribution to the last token)": View("contribution", "llm", "last", per_head=True),
     "sink tokens (VAR sink score)": View("visual_sink_score", "llm", "tokens"),
@@ -32,8 +34,8 @@ VIEWS = {
     "token transitions (1 - cosine across the layer)": View("transition_direction", "llm", "tokens"),
     "token transitions (change of norm)": View("transition_magnitude", "llm", "tokens"),
 }
-MAIN_SIGNALS = ("attention", "attention_mass", "contribution", "sink_share", "visual_sink_score",
-                "transition_direction", "transition_magnitude")
+MAIN_SIGNALS = ("attention", "attention_mass", "attention_norope_visual", "contribution", "sink_share",
+                "visual_sink_score", "transition_direction", "transition_magnitude")
 MAIN_ROWS = ("cls", "last", "text")
 
 

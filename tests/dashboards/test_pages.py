@@ -42,6 +42,7 @@ def test_explore_answers_and_draws_each_signal(app):
     assert len(at.get("image")) == 1 and len(at.get("plotly_chart")) == 1
     assert "attention from [CLS] (vision tower)" in at.selectbox(key="explore_signal").options  # a [CLS] tower
     for name in ("attention from [CLS] (vision tower)", "saliency (gradient x input of the answer)",
+                 "attention from the last token without RoPE, per head over the image (FEATHER's score)",
                  "attention from the last token"):
         ok(at.selectbox(key="explore_signal").select(name).run())  # fetched anew: the tree changes each run
         assert len(at.get("image")) == 1, name
