@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 import polars as pl
-from scipy.stats import rankdata
+from sklearn.metrics import roc_auc_score
 
 from analyses.redundancy import layer_scores, metric_frame, spearman
 from probes.capture import KEY_CATEGORIES
@@ -116,13 +116,11 @@ def rope_difference(bias: pl.DataFrame, with_rope: str = "attention", without: s
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     """Probability that a random positive outscores a random negative (ties count 1/2); None
-    when either class is empty."""
-    positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if not n_pos or not n_neg:
+    when either class is empty or a score is not finite (roc_auc_score refuses both)."""
+    positive, scores = np.asarray(positive, dtype=bool), np.asarray(scores, dtype=float)
+    if positive.all() or not positive.any() or not np.isfinite(scores).all():
         return None
-    ranks = rankdata(np.asarray(scores, dtype=float))
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, scores))
 
 
 def recall_at_k(scores: np.ndarray, positive: np.ndarray, k: int) -> float | None:

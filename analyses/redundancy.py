@@ -29,7 +29,8 @@ import numpy as np
 import polars as pl
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
-from scipy.stats import rankdata
+from scipy.stats import entropy, spearmanr
+from sklearn.metrics.pairwise import cosine_similarity
 
 from workbench.recording import Recording
 
@@ -47,12 +48,10 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    if len(x) < 2:
+    # spearmanr answers NaN with a warning where the correlation is undefined; None says so plainly
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    rx, ry = rankdata(x), rankdata(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return None
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(spearmanr(x, y).statistic)
 
 
 def metric_frame(rows: Iterable[dict]) -> pl.DataFrame:
@@ -79,11 +78,9 @@ def mean_over_samples(frame: pl.DataFrame, value: str = "value") -> pl.DataFrame
 # --- features ---------------------------------------------------------------------------------------
 
 def cosine_matrix(features: np.ndarray) -> np.ndarray:
-    """[N, N] cosine similarity of the rows of ``features`` [N, D] (zero rows give 0)."""
-    x = np.asarray(features, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = x / np.where(norms > 0, norms, 1.0)
-    return x @ x.T
+    """[N, N] cosine similarity of the rows of ``features`` [N, D] (zero rows give 0), in float64
+    whatever the recording's dtype."""
+    return cosine_similarity(np.asarray(features, dtype=np.float64))
 
 
 def pairwise_cosines(features: np.ndarray) -> np.ndarray:
@@ -117,11 +114,7 @@ def singular_values(features: np.ndarray, center: bool = True) -> np.ndarray:
 def effective_rank(features: np.ndarray, center: bool = True) -> float:
     """exp(H(p)), p = s / sum(s) over the singular values (Roy & Vetterli 2007); 0 for all-zero."""
     s = singular_values(features, center)
-    if s.sum() <= 0:
-        return 0.0
-    p = s / s.sum()
-    p = p[p > 0]
-    return float(np.exp(-(p * np.log(p)).sum()))
+    return float(np.exp(entropy(s))) if s.sum() > 0 else 0.0  # entropy normalises s to p itself
 
 
 def participation_ratio(features: np.ndarray, center: bool = True) -> float:
@@ -213,10 +206,9 @@ def attention_metrics(attention: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> 
     out: dict[str, float | None] = {"visual_mass": float(mass.mean())}
     if not len(live):
         return out | {"entropy": None, "normalized_entropy": None} | {f"top{k}_share": None for k in ks}
-    with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -np.where(live > 0, live * np.log(live), 0.0).sum(1)
-    out["entropy"] = float(entropy.mean())
-    out["normalized_entropy"] = float(entropy.mean() / np.log(n)) if n > 1 else None
+    h = entropy(live, axis=1)  # nats; 0 log 0 = 0
+    out["entropy"] = float(h.mean())
+    out["normalized_entropy"] = float(h.mean() / np.log(n)) if n > 1 else None
     ordered = -np.sort(-live, axis=1)
     for k in ks:
         out[f"top{k}_share"] = float(ordered[:, :k].sum(1).mean())

@@ -62,6 +62,7 @@ def workloads(adapter, prepared) -> dict:
     # The first recording instruments the model's modules for good, so the plain and eager forwards
     # run on a copy made before it: the workloads can then take turns.
     model = copy.deepcopy(adapter.model)
+    model.set_attn_implementation("sdpa")  # the plain kernel, without the workbench's listener
 
     def plain():
         with torch.no_grad():

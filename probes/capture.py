@@ -2,7 +2,8 @@
 
 Every probe that needs attention reads it from an ``AttentionCall``: the query, key and value
 tensors exactly as the model hands them to its attention function (``attention_interface`` in
-``transformers``), caught with nnsight's ``.source`` (see ``workbench/recorder.py``). At that point
+``transformers``), caught by the workbench's registered attention function (``probes/interception.py``;
+``CallCollector`` below keeps them until the recorder reads them). At that point
 RoPE / M-RoPE is already applied, so recomputing ``softmax(q k^T * scaling + mask)`` for a few
 rows gives the model's own probabilities without eager attention and without
 ``output_attentions``. GQA key/value heads are repeated here the way ``repeat_kv`` does.
@@ -20,7 +21,6 @@ is more than one query (``is_causal`` with top-left alignment, as ``scaled_dot_p
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -389,82 +389,18 @@ def head_slices(out_proj: torch.nn.Linear, heads: int) -> torch.Tensor:
     return weight.reshape(weight.shape[0], heads, -1).permute(1, 0, 2)
 
 
-# --- where the attention call is, in nnsight's view of a module's forward ----------------------
-
-@dataclass(frozen=True)
-class AttentionSite:
-    """The operations of one attention module's forward that the probes read (nnsight ``.source``).
-
-    ``call``: the ``attention_interface(...)`` call; ``rotary``: the rotary-embedding call whose
-    inputs are q/k before RoPE, or None. Read them inside a trace, in execution order.
-    """
-
-    envoy: object
-    module: torch.nn.Module
-    call: str
-    rotary: str | None
-
-    @staticmethod
-    def of(envoy, module: torch.nn.Module, flash: bool = False) -> "AttentionSite":
-        source = envoy.source
-        compiled = source.compiled
-        lines = compiled.source.splitlines()
-
-        def text(name: str) -> str:
-            return lines[compiled.lines[name] - 1] if 0 < compiled.lines.get(name, 0) <= len(lines) else ""
-
-        calls = [n for n in source.names if n.startswith("attention_interface_") and "attention_interface(" in text(n)]
-        if not calls:
-            raise CaptureError(f"{envoy.path}: no attention_interface(...) call in its forward; "
-                               f"operations: {', '.join(source.names)}")
-        # A forward with a flash-attention branch and an eager/SDPA branch (Qwen2-VL's vision
-        # attention) calls the interface twice in its text: the flash call comes first.
-        call = calls[0] if flash or len(calls) == 1 else calls[-1]
-        rotary = next((n for n in source.names
-                       if n.startswith("apply_") and ("rotary" in n or "rope" in n) and "(" in text(n)), None)
-        return AttentionSite(envoy, module, call, rotary)
-
-    @property
-    def blockwise(self) -> bool:
-        """Whether the forward attends block by block (one call per ``cu_seqlens`` segment)."""
-        return "cu_seqlens" in inspect.signature(type(self.module).forward).parameters
-
-    def read(self, tracer, pre_rope: bool, outputs: bool = False) -> "SiteReading":
-        """Inside a trace, in execution order: the module's call(s) to its attention function,
-        the pre-RoPE (q, k) if asked, and the calls' outputs if asked."""
-        blocks = 1
-        if self.blockwise:
-            args, kwargs = self.envoy.inputs
-            bounds = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-            blocks = len(bounds) - 1
-        source = self.envoy.source
-        before = None
-        if pre_rope and self.rotary is not None:
-            rotary_args, rotary_kwargs = getattr(source, self.rotary).inputs
-            before = tuple(rotary_args[:2]) if len(rotary_args) >= 2 else (rotary_kwargs["q"], rotary_kwargs["k"])
-        calls, results = [], []
-        op = getattr(source, self.call)
-        if blocks == 1:
-            calls.append(op.inputs)
-            if outputs:
-                results.append(op.output)
-        else:
-            for _ in tracer.iter[0:blocks]:
-                calls.append(op.inputs)
-                if outputs:
-                    results.append(op.output)
-        return SiteReading(self.module, calls, before, results)
-
+# --- what a layer's attention calls were, as the workbench's attention function saw them ---------
 
 @dataclass(frozen=True)
 class SiteReading:
-    """What ``AttentionSite.read`` got: the module, its attention calls' (args, kwargs), the
-    pre-RoPE (q, k) or None, and the calls' outputs when asked."""
+    """One attention module's calls in one forward: their (args, kwargs) in the
+    ``attention_interface(module, query, key, value, attention_mask, **kwargs)`` form, the pre-RoPE
+    (q, k) or None, and the calls' (output, weights) when they were kept."""
 
     module: torch.nn.Module
     calls: list
-    pre_rope: tuple | None
-    outputs: list
+    pre_rope: tuple | None = None
+    outputs: list = field(default_factory=list)
 
     @property
     def batch(self) -> int:
@@ -474,12 +410,30 @@ class SiteReading:
         return attention_call(self.module, self.calls, view, self.pre_rope)
 
 
-def envoys_of(root, model: torch.nn.Module, modules) -> list:
-    """The nnsight envoys of ``modules`` (submodules of ``model``) in its wrapper ``root``."""
-    paths = {id(m): name for name, m in model.named_modules()}
-    return [root.get(paths[id(m)]) if paths[id(m)] else root for m in modules]
+class CallCollector:
+    """An ``AttentionListener`` (``probes/interception.py``) that keeps the calls of chosen
+    attention modules until they are taken, and their outputs when ``outputs`` is set (they stay
+    in the autograd graph, for gradients with respect to them)."""
 
+    def __init__(self, modules, outputs: bool = False):
+        self.watched = {id(m) for m in modules}
+        self.keep_outputs = outputs
+        self.calls: dict[int, list] = {}
+        self.outputs: dict[int, list] = {}
 
-def attention_sites(root, model: torch.nn.Module, modules, flash: bool = False) -> list[AttentionSite]:
-    """The ``AttentionSite`` of each attention module in ``modules``."""
-    return [AttentionSite.of(envoy, module, flash) for envoy, module in zip(envoys_of(root, model, modules), modules)]
+    def called(self, module, query, key, value, attention_mask, kwargs) -> None:
+        if id(module) in self.watched:
+            self.calls.setdefault(id(module), []).append(((module, query, key, value, attention_mask), dict(kwargs)))
+
+    def returned(self, module, output, weights) -> None:
+        if self.keep_outputs and id(module) in self.watched:
+            self.outputs.setdefault(id(module), []).append((output, weights))
+
+    def take(self, module: torch.nn.Module, pre_rope: tuple | None = None) -> SiteReading:
+        """The calls ``module`` made since the last ``take`` (several for a tower that attends block
+        by block), and let them go."""
+        calls = self.calls.pop(id(module), None)
+        if not calls:
+            raise CaptureError(f"{type(module).__name__} made no attention call through the workbench's "
+                               "attention function (was the model loaded through an adapter?)")
+        return SiteReading(module, calls, pre_rope, self.outputs.pop(id(module), []))

@@ -29,7 +29,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from probes.capture import DEFAULT_CHUNK_BYTES, AttentionSite
+from probes.capture import DEFAULT_CHUNK_BYTES, CallCollector
+from probes.interception import listening
 from probes.registry import Probe, SignalSpec, register_probe
 
 
@@ -133,24 +134,19 @@ def gradient_x_input(language_model, head, scoring: ScoringInputs) -> torch.Tens
     return (grad[0, visual] * embeds.detach()[0, visual]).float().sum(-1)
 
 
-def attention_x_gradient(traced_lm, language_model, head, scoring: ScoringInputs,
-                         sites: Sequence[AttentionSite], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[torch.Tensor]:
-    """Per site (layer, in order): ``sum_i A_hij dL/dA_hij`` on the visual keys, [H, N].
-
-    ``traced_lm``: an nnsight wrapper of ``language_model``; ``sites`` its attention sites.
-    """
-    calls, outputs = [], []
+def attention_x_gradient(language_model, head, scoring: ScoringInputs, modules: Sequence[torch.nn.Module],
+                         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[torch.Tensor]:
+    """Per attention module of ``language_model`` (layer, in order): ``sum_i A_hij dL/dA_hij`` on
+    the visual keys, [H, N]. The calls and their outputs come from the workbench's attention
+    listener; the gradient is taken with respect to those outputs."""
+    collector = CallCollector(modules, outputs=True)
     embeds = scoring.embeds.detach()
-    with torch.enable_grad():
-        with traced_lm.trace(inputs_embeds=embeds, attention_mask=scoring.attention_mask,
-                             position_ids=scoring.position_ids, use_cache=False) as tracer:
-            for site in sites:
-                reading = site.read(tracer, pre_rope=False, outputs=True)
-                calls.append(reading.call())
-                outputs.append(reading.outputs[0][0])
-            hidden = traced_lm.output.last_hidden_state
-            outputs.append(hidden)
-        hidden = outputs.pop()
+    with torch.enable_grad(), listening(collector):
+        hidden = language_model(inputs_embeds=embeds, attention_mask=scoring.attention_mask,
+                                position_ids=scoring.position_ids, use_cache=False).last_hidden_state
+        readings = [collector.take(module) for module in modules]
+        calls = [reading.call() for reading in readings]
+        outputs = [reading.outputs[0][0] for reading in readings]
         logits = head(hidden[:, scoring.predicting.to(hidden.device)]).float()
         targets = scoring.answer_ids.to(hidden.device)[None, :, None]
         score = torch.log_softmax(logits, -1).gather(-1, targets).sum()

@@ -1,11 +1,13 @@
 """``record(adapter, prepared, request) -> Recording``: one traced forward, probes attached.
 
-The model runs once under nnsight (``NNsight(model).trace``) with SDPA attention as loaded. For
-each visited layer, in execution order, the trace reads the layer's input hidden state, the
-arguments of its ``attention_interface`` call (and of its rotary call, when pre-RoPE q/k are
-needed) through ``.source``, and the layer's output; the probes turn them into the requested
-signals at once, so nothing per layer outlives its layer but what is recorded. Saliency signals
-then run their own passes (``probes/saliency.py``).
+The model runs once, with its own attention kernel (SDPA as loaded), under nnsight
+(``NNsight(model).trace``) and the workbench's attention listener (``probes/interception.py``).
+For each visited layer, in execution order, the trace reads the layer's input hidden state, the
+outputs of the projections that make its query and key before the rotary embedding (when pre-RoPE
+q/k are needed; ``ModelAdapter.rope_free_qk``) and the layer's output, all through nnsight's module
+inputs and outputs; the listener hands over the layer's attention calls. The probes turn them into
+the requested signals at once, so nothing per layer outlives its layer but what is recorded.
+Saliency signals then run their own passes (``probes/saliency.py``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import polars as pl
 import torch
 
 from probes import saliency
-from probes.capture import (ROW_KINDS, STACKS, LayerState, TokenRoles, attention_sites, envoys_of, output_projection,
+from probes.capture import (ROW_KINDS, STACKS, CallCollector, LayerState, TokenRoles, output_projection,
                             row_positions)
+from probes.interception import listening
 from probes.registry import PROBES, Observation, TableRows, probes_for, signal_spec
 from probes.sinks import massive_activations
 from workbench.memory import DEFAULT_LIMIT, check_memory
-from workbench.models.base import ModelAdapter, PreparedInput
+from workbench.models.base import ModelAdapter, PreparedInput, RopeFreeQK
 from workbench.recording import CaptureRequest, EntryKey, Identity, Recording
 
 _TRACED: "weakref.WeakKeyDictionary[torch.nn.Module, nnsight.NNsight]" = weakref.WeakKeyDictionary()
@@ -35,6 +38,12 @@ def traced(module: torch.nn.Module) -> nnsight.NNsight:
     if module not in _TRACED:
         _TRACED[module] = nnsight.NNsight(module)
     return _TRACED[module]
+
+
+def envoys_of(root: nnsight.NNsight, model: torch.nn.Module, modules) -> list:
+    """The nnsight envoys of ``modules`` (submodules of ``model``) in its wrapper ``root``."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    return [root.get(paths[id(m)]) if paths[id(m)] else root for m in modules]
 
 
 def _first(value):
@@ -129,7 +138,6 @@ class _Session:
         self.sweep = bool({"rollout", "sink_share"} & set(single) or {"mean", "visual"} & set(request.rows))
         self.weighted = "kobayashi" in single and self.sweep and not request.per_head
         self.sink_dims: dict[tuple[str, int], torch.Tensor] = {}
-        self.flash = str(getattr(adapter.model.config, "_attn_implementation", "")).startswith("flash")
 
     def roles(self, stack: str, length: int) -> TokenRoles:
         if stack == "llm":
@@ -137,23 +145,22 @@ class _Session:
             return TokenRoles.for_llm(self.prepared.layout.positions, length, None if mask is None else mask[0])
         return TokenRoles.for_tower(length, self.adapter.has_cls_token)
 
-    def visit(self, tracer, plan: StackPlan, layer: int, envoys: dict) -> None:
-        """Read one layer inside the trace, in execution order, and run the probes on it.
-
-        Probes that need only what the attention call sees run while the model waits at that
-        call, so its q/k/v are let go before the MLP (where a forward's memory peaks); probes of
-        the layer's output run once it exists.
-        """
-        layer_envoy, site = envoys["layer"][layer], envoys["site"][layer]
+    def visit(self, plan: StackPlan, layer: int, envoys: dict, collector: CallCollector) -> None:
+        """Read one layer inside the trace, in execution order, and run the probes on it."""
+        layer_envoy = envoys["layer"][layer]
         hidden_in = _first(layer_envoy.inputs) if "hidden_in" in self.captures or self.needs_sinks else None
+        pre_rope = None
+        rope_free = envoys["rope_free"][layer]
+        if "norope" in self.captures and rope_free is not None:
+            pre_rope = rope_free.qk.split([envoy.output for envoy in rope_free.envoys])
+        hidden_out = _first(layer_envoy.output)  # the layer has run, so the listener holds its calls
+        reading = collector.take(plan.attention[layer], pre_rope)
         if self.at_call:
-            reading = None
-            if self.captures & {"call", "norope"}:
-                reading = site.read(tracer, pre_rope="norope" in self.captures)
-            self.observe(plan, layer, self.at_call, hidden_in, reading=reading)
-            del reading
+            self.observe(plan, layer, self.at_call, hidden_in,
+                         reading=reading if self.captures & {"call", "norope"} else None)
+        del reading
         if self.at_output:
-            self.observe(plan, layer, self.at_output, hidden_in, hidden_out=_first(layer_envoy.output))
+            self.observe(plan, layer, self.at_output, hidden_in, hidden_out=hidden_out)
 
     def observe(self, plan: StackPlan, layer: int, probes: list, hidden_in, reading=None, hidden_out=None) -> None:
         views = 1
@@ -205,10 +212,20 @@ def _view(hidden, view: int):
     return hidden[view] if hidden.dim() == 3 else hidden
 
 
-def _envoys(root: nnsight.NNsight, model: torch.nn.Module, plan: StackPlan, flash: bool) -> dict:
+@dataclass(frozen=True)
+class _RopeFreeEnvoys:
+    qk: RopeFreeQK
+    envoys: list
+
+
+def _envoys(root: nnsight.NNsight, adapter: ModelAdapter, plan: StackPlan) -> dict:
+    model = adapter.model
+    rope_free = {}
+    for layer in plan.visit:
+        qk = adapter.rope_free_qk(plan.stack, layer)
+        rope_free[layer] = None if qk is None else _RopeFreeEnvoys(qk, envoys_of(root, model, qk.modules))
     layers = envoys_of(root, model, [plan.layers[i] for i in plan.visit])
-    sites = attention_sites(root, model, [plan.attention[i] for i in plan.visit], flash)
-    return {"layer": dict(zip(plan.visit, layers)), "site": dict(zip(plan.visit, sites))}
+    return {"layer": dict(zip(plan.visit, layers)), "rope_free": rope_free}
 
 
 def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureRequest = CaptureRequest(), *,
@@ -227,11 +244,12 @@ def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureReque
     plans = plan_stacks(adapter, request, all_layers)
     if session.probes and plans:
         root = traced(adapter.model)
-        envoys = {plan.stack: _envoys(root, adapter.model, plan, session.flash) for plan in plans}
-        with torch.no_grad(), root.trace(**prepared.inputs, use_cache=False) as tracer:
+        envoys = {plan.stack: _envoys(root, adapter, plan) for plan in plans}
+        collector = CallCollector(plan.attention[i] for plan in plans for i in plan.visit)
+        with torch.no_grad(), listening(collector), root.trace(**prepared.inputs, use_cache=False):
             for plan in plans:
                 for layer in plan.visit:
-                    session.visit(tracer, plan, layer, envoys[plan.stack])
+                    session.visit(plan, layer, envoys[plan.stack], collector)
     answer_text = _saliency(adapter, prepared, request, builder, plans, answer)
     identity = Identity(adapter.name, sample_id, question, prepared.prompt, answer_text, adapter.fingerprint)
     return Recording(identity, request, prepared.layout, dict(builder.tensors), frozenset(builder.per_head),
@@ -275,9 +293,8 @@ def _saliency(adapter, prepared, request, builder: _Builder, plans, answer: str 
     if "attention_x_gradient" in wanted:
         plan = next(p for p in plans if p.stack == "llm")
         layers = sorted(plan.recorded)
-        root = traced(lm)
-        sites = attention_sites(root, lm, [plan.attention[i] for i in layers])
-        for layer, value in zip(layers, saliency.attention_x_gradient(root, lm, head, scoring, sites)):
+        modules = [plan.attention[i] for i in layers]
+        for layer, value in zip(layers, saliency.attention_x_gradient(lm, head, scoring, modules)):
             per_head = request.per_head
             value = value[:, None] if per_head else value.sum(0)[None]
             builder.add(Observation("attention_x_gradient", "answer", value, per_head), "llm", layer, 0)

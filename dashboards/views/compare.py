@@ -64,7 +64,7 @@ def render() -> None:
     curves = comparison.accuracy_curves(table)
     st.plotly_chart(accuracy_figure(curves), width="stretch", key="compare_accuracy")
     with st.expander("accuracy table"):
-        st.dataframe(curves.to_pandas(), hide_index=True)
+        st.dataframe(curves, hide_index=True)
     overlap = comparison.kept_overlap(table)
     recall = comparison.evidence_recall_by_budget(table, include_unpruned=False)
     left, right = st.columns(2)
@@ -78,6 +78,6 @@ def render() -> None:
     with right:
         if recall.height:
             st.plotly_chart(recall_figure(recall), width="stretch", key="compare_recall")
-            st.dataframe(recall.to_pandas(), hide_index=True)
+            st.dataframe(recall, hide_index=True)
         else:
             st.info("no evidence annotations in these rows")

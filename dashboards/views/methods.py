@@ -3,7 +3,7 @@ the tokens, and the answer the pruned model gives."""
 
 from __future__ import annotations
 
-import pandas as pd
+import polars as pl
 import streamlit as st
 
 from dashboards import state
@@ -18,10 +18,16 @@ def describe(where) -> str:
     return describe_where(where)
 
 
-def kept_table(runs) -> pd.DataFrame:
-    return pd.DataFrame([{"method": r.method, "kept tokens": r.kept_count if r.error is None else None,
+KEPT_SCHEMA = {"method": pl.String, "kept tokens": pl.Int64, "stages": pl.Int64, "answer": pl.String,
+               "correct": pl.Boolean, "note": pl.String}
+
+
+def kept_table(runs) -> pl.DataFrame:
+    # the schema is explicit: a column that is all None (every method failed) still gets its type
+    return pl.DataFrame([{"method": r.method, "kept tokens": r.kept_count if r.error is None else None,
                           "stages": len(r.plan.stages) if r.plan is not None else 0,
-                          "answer": r.answer, "correct": r.correct, "note": r.error or ""} for r in runs])
+                          "answer": r.answer, "correct": r.correct, "note": r.error or ""} for r in runs],
+                        schema=KEPT_SCHEMA)
 
 
 def render(model: str, subject) -> None:

@@ -69,6 +69,13 @@ def test_attention_exactly_on_the_evidence_gives_auc_one_and_full_recall():
     assert recall_at_k(np.arange(N), np.arange(N) >= N - 3, 3) == 1.0
 
 
+def test_roc_auc_by_hand():
+    # positive-negative pairs: 0.9 > 0.5, 0.9 > 0.1, 0.5 = 0.5 (counts 1/2), 0.5 > 0.1 -> 3.5 / 4
+    assert roc_auc(np.array([0.9, 0.5, 0.5, 0.1]), np.array([True, True, False, False])) == pytest.approx(0.875)
+    assert roc_auc(np.array([0.1, 0.2, 0.3]), np.array([True, False, True])) == pytest.approx(0.5)
+    assert roc_auc(np.array([0.1, np.nan, 0.3]), np.array([True, False, True])) is None
+
+
 def test_evidence_mass_of_a_signed_saliency_counts_its_positive_scores_only():
     evidence = np.zeros(N, dtype=bool)
     evidence[[7, 8]] = True

@@ -103,3 +103,19 @@ def test_depth_table_and_trend():
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     averaged = mean_over_samples(table)
     assert "sample_id" not in averaged.columns and set(averaged["n_samples"].unique()) == {1}
+
+
+def test_spearman_and_entropy_by_hand():
+    # y's tie shares rank 2.5: Pearson of ranks [1, 2, 3, 4] and [1, 2.5, 2.5, 4] = 4.5 / sqrt(5 * 4.5)
+    assert spearman([1, 2, 3, 4], [10, 20, 20, 30]) == pytest.approx(0.9 ** 0.5)
+    assert spearman([1, 2, np.nan, 3], [1, 2, 0, 3]) == pytest.approx(1.0)  # the NaN pair is left out
+    assert spearman([1, 2, 3], [5, 5, 5]) is None and spearman([1], [2]) is None
+    # shares 1/2, 1/4, 1/4, 0: H = 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2 (the zero adds nothing)
+    m = attention_metrics(np.array([[0.2, 0.1, 0.1, 0.0]]), ks=(2,))
+    assert m["entropy"] == pytest.approx(1.5 * np.log(2)) and m["top2_share"] == pytest.approx(0.75)
+    # singular values 3 and 1: p = (3/4, 1/4), effective rank exp(H(p)); participation (9 + 1)^2 / (81 + 1)
+    diagonal = np.array([[3.0, 0.0], [0.0, 1.0]])
+    h = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    assert effective_rank(diagonal, center=False) == pytest.approx(np.exp(h))
+    assert participation_ratio(diagonal, center=False) == pytest.approx(100 / 82)
+    assert effective_rank(np.zeros((3, 2))) == 0.0

@@ -3,7 +3,7 @@
 import io
 from pathlib import Path
 
-import pandas as pd
+import polars as pl
 import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
@@ -110,9 +110,9 @@ def test_compare_refuses_paths_outside_the_results_folder(app, path):
 
 def expected_failures(results_folder, method, budget) -> int:
     """Samples the unpruned model answers right and ``method`` at ``budget`` wrong, from the raw rows."""
-    rows = pd.read_parquet(results_folder / "small" / "results.parquet")
-    right = set(rows[(rows.method == "unpruned") & rows.correct].sample_id)
-    wrong = set(rows[(rows.method == method) & (rows.budget == budget) & ~rows.correct].sample_id)
+    rows = pl.read_parquet(results_folder / "small" / "results.parquet")
+    right = set(rows.filter(method="unpruned", correct=True)["sample_id"])
+    wrong = set(rows.filter(method=method, budget=budget, correct=False)["sample_id"])
     return len(right & wrong)
 
 

@@ -4,11 +4,11 @@ head mean, in the LLM and the vision tower: on the shipped architecture (referen
 
 from __future__ import annotations
 
-import nnsight
 import pytest
 import torch
 
-from probes.capture import ROW_KINDS, TokenRoles, attention_sites, row_positions
+from probes.capture import ROW_KINDS, CallCollector, TokenRoles, row_positions
+from probes.interception import install, listening
 from tests.probes.conftest import eager_twin, eval_sample
 from tests.tiny_models import QUESTION, TINY_FAMILIES, TINY_SPECS, noise_image, tiny_adapter
 from workbench.recorder import record
@@ -82,15 +82,13 @@ def eager_tower_attention(adapter, prepared) -> dict:
     """{(layer, view): [H, S, S]} as the eager attention function returned them in the tower
     (blocks of a block-wise tower joined block-diagonally)."""
     eager = eager_twin(adapter.model)
-    root = nnsight.NNsight(eager)
+    install(eager)  # the eager kernel behind the workbench's listener, which hands over its weights
     paths = {id(m): name for name, m in adapter.model.named_modules()}
     twins = [eager.get_submodule(paths[id(adapter.vision_attention(i))]) for i in range(len(adapter.vision_layers()))]
-    sites = attention_sites(root, eager, twins)
-    weights = {}
-    with torch.no_grad(), root.trace(**prepared.inputs) as tracer:
-        for i, site in enumerate(sites):
-            reading = site.read(tracer, pre_rope=False, outputs=True)
-            weights[i] = [out[1] for out in reading.outputs]
+    collector = CallCollector(twins, outputs=True)
+    with torch.no_grad(), listening(collector):
+        eager(**prepared.inputs)
+    weights = {i: [weights for _, weights in collector.take(twin).outputs] for i, twin in enumerate(twins)}
     out = {}
     for i, blocks in weights.items():
         for view in range(blocks[0].shape[0]):

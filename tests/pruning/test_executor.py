@@ -256,12 +256,13 @@ def test_layer_state_attention_matches_eager_attention(shipped):
 
     execute(adapter, prepared, KeepPlan.keep_all(n, where=None), max_new_tokens=0, callback=grab)
     model = adapter.model
+    installed = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             eager = model(**prepared.inputs, output_attentions=True).attentions[1][0]
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(installed)
     torch.testing.assert_close(captured["probs"][:, 0], eager[:, -1], atol=1e-5, rtol=1e-5)
     rows = torch.from_numpy(prepared.layout.positions[:3])
     torch.testing.assert_close(captured["visual"], eager[:, rows], atol=1e-5, rtol=1e-5)

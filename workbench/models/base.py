@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from PIL import Image
-from transformers import BatchFeature
+from transformers import BatchFeature, Cache
 
+from probes.interception import install
 from workbench.layout import VisualLayout
 
 
@@ -42,6 +43,25 @@ class LLMInputs:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RopeFreeQK:
+    """Where one attention layer's query and key can be read before the rotary embedding: the
+    linear layers that produce them, and how their outputs split into (query, key), each
+    ``[..., S, heads, head_dim]``."""
+
+    modules: tuple[torch.nn.Module, ...]
+    split: Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def separate_projections(attention: torch.nn.Module) -> RopeFreeQK:
+    """``q_proj`` and ``k_proj`` outputs, split into heads (Llama, Qwen2, Mistral decoders)."""
+    def split(outputs):
+        query, key = outputs
+        return query.unflatten(-1, (-1, attention.head_dim)), key.unflatten(-1, (-1, attention.head_dim))
+
+    return RopeFreeQK((attention.q_proj, attention.k_proj), split)
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,7 @@ class ModelAdapter(ABC):
 
     def __init__(self, model: torch.nn.Module, processor, name: str = ""):
         self.model = model.eval()
+        install(self.model)  # every attention call goes through the workbench's listened kernel
         self.processor = processor
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         tokenizer = self.tokenizer
@@ -158,6 +179,12 @@ class ModelAdapter(ABC):
         token_id = self.model.config.image_token_id
         return (inputs["input_ids"][row] == token_id).nonzero().flatten().cpu()
 
+    def rope_free_qk(self, stack: str, layer: int) -> RopeFreeQK | None:
+        """Where layer ``layer`` of ``stack`` has its query and key before the rotary embedding, or
+        None where that stack applies none (its q/k are the same either way): CLIP/SigLIP-style
+        towers by default."""
+        return separate_projections(self.decoder_attention(layer)) if stack == "llm" else None
+
     def decoder_rotary(self) -> torch.nn.Module:
         """The decoder's rotary-embedding module: ``rotary(x, position_ids) -> (cos, sin)``."""
         rotary = getattr(self.language_model(), "rotary_emb", None)
@@ -208,10 +235,11 @@ class ModelAdapter(ABC):
         positions = captured.pop("position_ids", None)
         if positions is None:  # the decoder's own default for a fresh sequence
             positions = torch.arange(length, device=embeds.device).unsqueeze(0).expand(batch, -1)
-        for name in ("input_ids", "past_key_values", "use_cache", "return_dict", "output_attentions",
-                     "output_hidden_states", "cache_position", "logits_to_keep"):
+        for name in ("input_ids", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
+                     "cache_position", "logits_to_keep"):
             captured.pop(name, None)
-        extra = {k: v for k, v in captured.items() if v is not None}
+        # A cache the wrapper made for this forward (whatever its argument's name) is not an input.
+        extra = {k: v for k, v in captured.items() if v is not None and not isinstance(v, Cache)}
         return LLMInputs(embeds, mask, positions, extra)
 
     @torch.no_grad()

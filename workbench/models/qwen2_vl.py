@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from workbench.layout import TokenGroup, VisualLayout, grid_cells
-from workbench.models.base import ModelAdapter
+from workbench.models.base import ModelAdapter, RopeFreeQK
 from workbench.models.geometry import resize_to
 from workbench.models.registry import register
 
@@ -43,6 +43,17 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def vision_attention(self, layer: int):
         return self.vision_layers()[layer].attn
+
+    def rope_free_qk(self, stack: str, layer: int) -> RopeFreeQK | None:
+        if stack == "llm":
+            return super().rope_free_qk(stack, layer)
+        attention = self.vision_attention(layer)
+
+        def split(outputs):  # one fused projection: [S, 3 * H * d] -> q, k as [S, H, d]
+            fused = outputs[0].unflatten(-1, (3, attention.num_heads, -1))
+            return fused[:, 0], fused[:, 1]
+
+        return RopeFreeQK((attention.qkv,), split)  # the tower's 2-D rotary embedding comes after it
 
     @property
     def has_cls_token(self) -> bool:

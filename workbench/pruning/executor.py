@@ -322,7 +322,7 @@ class _Decoder:
         cache = DynamicCache(config=self.stack.config)
         self.run.mode = "prefill"
         out = self.stack(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, **self.extra)
+                         cache=cache, use_cache=True, **self.extra)
         return self.logits(out.last_hidden_state), cache
 
     def step(self, token: int, cache: DynamicCache, step: int) -> torch.Tensor:
@@ -333,7 +333,7 @@ class _Decoder:
         position = self.run.records[0].last_position + 1 + step
         mask = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long, device=device)
         out = self.stack(inputs_embeds=embeds, attention_mask=mask, position_ids=position,
-                         past_key_values=cache, use_cache=True, **self.extra)
+                         cache=cache, use_cache=True, **self.extra)
         return self.logits(out.last_hidden_state)
 
 

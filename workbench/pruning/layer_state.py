@@ -15,14 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AttentionInterface
 
+from probes.interception import listening
 from workbench.layout import VisualLayout
 
 # Set while a LayerState re-runs its layer, so the executor's own layer hooks stand aside.
 hooks_suspended: contextvars.ContextVar[bool] = contextvars.ContextVar("hooks_suspended", default=False)
-
-_CAPTURE = "workbench_pruning_capture"
 
 
 class _Captured(Exception):
@@ -31,12 +29,19 @@ class _Captured(Exception):
         self.query, self.key, self.mask, self.scaling = query, key, mask, scaling
 
 
-def _capture_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    # Stop the layer at its attention call: RoPE / M-RoPE is applied, nothing after it is needed.
-    raise _Captured(query, key, attention_mask, scaling)
+class _StopAtAttention:
+    """An attention listener that stops the forward at ``module``'s attention call with its inputs:
+    RoPE / M-RoPE is applied there, and nothing after it is needed."""
 
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
 
-AttentionInterface.register(_CAPTURE, _capture_attention)
+    def called(self, module, query, key, value, attention_mask, kwargs) -> None:
+        if module is self.module:
+            raise _Captured(query, key, attention_mask, kwargs.get("scaling"))
+
+    def returned(self, module, output, weights) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -76,18 +81,15 @@ class LayerState:
         """Run the layer up to its attention call on the current, already pruned sequence and
         return what it was about to attend with (input norm, projections and rotary embedding
         applied). The layer is stopped there, so the KV cache is not touched."""
-        config = self.attention_module.config
-        saved = config._attn_implementation_internal
         token = hooks_suspended.set(True)
-        config._attn_implementation_internal = _CAPTURE
         try:
-            self.module(self.hidden_states, attention_mask=self.attention_mask,
-                        position_embeddings=self.position_embeddings, position_ids=self.position_ids,
-                        past_key_values=None, use_cache=False)
+            with listening(_StopAtAttention(self.attention_module)):
+                self.module(self.hidden_states, attention_mask=self.attention_mask,
+                            position_embeddings=self.position_embeddings, position_ids=self.position_ids,
+                            use_cache=False)
         except _Captured as call:
             return call
         finally:
-            config._attn_implementation_internal = saved
             hooks_suspended.reset(token)
         raise RuntimeError(f"layer {self.layer} did not call its attention function")
 

@@ -73,6 +73,7 @@ def build_model(processor: LlavaProcessor, seed: int = 0, attention: str = "sdpa
     tok = processor.tokenizer
     config = build_config(len(tok), tok.convert_tokens_to_ids(tok.image_token), tok.pad_token_id,
                           tok.bos_token_id, tok.eos_token_id, **architecture)
-    config._attn_implementation = attention
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation(attention)
+    return model

@@ -59,7 +59,7 @@ def full_forward_losses(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     checked and benchmarked against."""
     out = model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask)
     answer = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch.labels[:, 1:].flatten(), ignore_index=IGNORE)
-    visual = out.image_hidden_states
+    visual = torch.cat(list(out.image_outputs.pooler_output))  # one [N, D] tensor per image
     return answer, visual.view(len(batch.input_ids), -1, visual.shape[-1])
 
 
