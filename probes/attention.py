@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import torch
 
-from probes.capture import KEY_CATEGORIES, ROW_KINDS, LayerState
+from probes.capture import KEY_CATEGORIES, ROW_KINDS, LayerCapture
 from probes.registry import Observation, Probe, SignalSpec, register_probe
 
 
-def received(state: LayerState, rope: bool) -> torch.Tensor:
+def received(state: LayerCapture, rope: bool) -> torch.Tensor:
     """Per-head attention each key receives, averaged over non-padding queries: [H, Sk]."""
     return state.passes(rope).received
 
 
-def visual_rows(state: LayerState, kind: str, rope: bool, per_head: bool,
+def visual_rows(state: LayerCapture, kind: str, rope: bool, per_head: bool,
                 weighted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the rows of ``kind`` to the visual keys, and their category masses:
     [H, R, N] and [H, R, 4] when ``per_head``, else head means [R, N] and [R, 4].
@@ -78,7 +78,7 @@ class AttentionProbe(Probe):
         norope = {"attention_norope", "attention_norope_visual"} & self.wanted
         return self.needs | ({"norope"} if norope else set())
 
-    def observe(self, state: LayerState):
+    def observe(self, state: LayerCapture):
         if not state.recorded or state.call is None:
             return
         per_head = self.options.per_head

@@ -286,7 +286,7 @@ class FullPass:
 
     ``head_mean`` [Sq, Sk]: head-mean attention (the only kind of full matrix ever held);
     ``weighted`` [Sq, Sk] or None: head mean of ``alpha_hik * w_hk`` for the layer's key weights
-    (``LayerState.value_norms``: Kobayashi's norms); ``received`` [H, Sk]: per-head attention each
+    (``LayerCapture.value_norms``: Kobayashi's norms); ``received`` [H, Sk]: per-head attention each
     key receives, averaged over non-padding rows.
     """
 
@@ -305,7 +305,7 @@ def value_output_norms(value: torch.Tensor, out_slices: torch.Tensor) -> torch.T
 
 
 @dataclass(frozen=True)
-class LayerState:
+class LayerCapture:
     """Everything captured at one layer for one sequence of one stack.
 
     ``hidden_in``/``hidden_out`` [S, D]: the residual stream entering / leaving the layer.

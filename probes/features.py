@@ -13,7 +13,7 @@ heads side by side, RoPE applied as the model applies it, GQA heads repeated).
 
 from __future__ import annotations
 
-from probes.capture import LayerState
+from probes.capture import LayerCapture
 from probes.registry import Observation, Probe, SignalSpec, register_probe
 
 FEATURE_ROWS = "tokens"  # the row label every feature signal is stored under
@@ -31,7 +31,7 @@ class StatesProbe(Probe):
     )
     needs = frozenset({"hidden_in", "hidden_out"})
 
-    def observe(self, state: LayerState):
+    def observe(self, state: LayerCapture):
         if not state.recorded or state.hidden_in is None:
             return
         visual = state.roles.visual.to(state.hidden_in.device)
@@ -53,7 +53,7 @@ class KeysProbe(Probe):
     )
     needs = frozenset({"call"})
 
-    def observe(self, state: LayerState):
+    def observe(self, state: LayerCapture):
         if not state.recorded or state.call is None:
             return
         for name, rows in (("visual_keys", state.roles.visual), ("text_keys", state.roles.text)):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from probes.attention import visual_rows
-from probes.capture import ROW_KINDS, AttentionCall, LayerState, head_slices, row_positions
+from probes.capture import ROW_KINDS, AttentionCall, LayerCapture, head_slices, row_positions
 from probes.registry import Observation, Probe, SignalSpec, register_probe
 
 EPS = 1e-5  # the transparency tool's floor for a part's contribution
@@ -97,7 +97,7 @@ class FlowProbe(Probe):
     )
     needs = frozenset({"call", "hidden_in", "out_proj"})
 
-    def observe(self, state: LayerState):
+    def observe(self, state: LayerCapture):
         if not state.recorded or state.call is None:
             return
         call = state.call
@@ -113,7 +113,7 @@ class FlowProbe(Probe):
             score = flowcut_score(call, state.roles.cls, visual)
             yield Observation("flowcut", "tokens", score[None])
 
-    def _contributions(self, state: LayerState, slices: torch.Tensor, visual: torch.Tensor):
+    def _contributions(self, state: LayerCapture, slices: torch.Tensor, visual: torch.Tensor):
         call = state.call
         for kind in self.options.graph_rows:
             if kind not in ROW_KINDS or ROW_KINDS[kind].aggregate:
@@ -145,7 +145,7 @@ class RolloutProbe(Probe):
         super().__init__(wanted, options)
         self.carried: dict[tuple[str, int], torch.Tensor] = {}
 
-    def observe(self, state: LayerState):
+    def observe(self, state: LayerCapture):
         if state.call is None:
             return
         key = (state.stack, state.view)

@@ -1,6 +1,6 @@
 """Probes and the signals they record, discoverable by name.
 
-A probe is a small class that sees each captured layer (``LayerState``) in model order and returns
+A probe is a small class that sees each captured layer (``LayerCapture``) in model order and returns
 ``Observation`` s (dense [rows, keys] or [heads, rows, keys] tensors) and ``TableRows`` (tidy
 rows for sparse findings). Each signal it writes is described by a ``SignalSpec`` so the recorder,
 the memory estimate and the saved manifest all read one definition.
@@ -13,7 +13,7 @@ from typing import Callable, ClassVar, Iterable
 
 import torch
 
-from probes.capture import LayerState
+from probes.capture import LayerCapture
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Probe:
         """The captures this probe reads, given the signals asked of it."""
         return self.needs
 
-    def observe(self, state: LayerState) -> Iterable[Observation | TableRows]:
+    def observe(self, state: LayerCapture) -> Iterable[Observation | TableRows]:
         return ()
 
     def reduce_heads(self, signal: str, value: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
-from probes.capture import LayerState
+from probes.capture import LayerCapture
 from probes.registry import Observation, Probe, SignalSpec, TableRows, register_probe
 
 
@@ -84,7 +84,7 @@ class SinksProbe(Probe):
     def captures(self):
         return self.needs | ({"call"} if "sink_share" in self.wanted else set())
 
-    def observe(self, state: LayerState):
+    def observe(self, state: LayerCapture):
         if not state.recorded or state.hidden_in is None:
             return
         options = self.options

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from probes.capture import LayerState
+from probes.capture import LayerCapture
 from probes.registry import Observation, Probe, SignalSpec, register_probe
 
 
@@ -35,7 +35,7 @@ class TransitionsProbe(Probe):
     )
     needs = frozenset({"hidden_in", "hidden_out"})
 
-    def observe(self, state: LayerState):
+    def observe(self, state: LayerCapture):
         if not state.recorded or state.hidden_in is None or state.hidden_out is None:
             return
         visual = state.roles.visual.to(state.hidden_in.device)

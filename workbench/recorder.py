@@ -21,7 +21,7 @@ import polars as pl
 import torch
 
 from probes import saliency
-from probes.capture import (ROW_KINDS, STACKS, CallCollector, LayerState, TokenRoles, output_projection,
+from probes.capture import (ROW_KINDS, STACKS, CallCollector, LayerCapture, TokenRoles, output_projection,
                             row_positions)
 from probes.interception import listening
 from probes.registry import PROBES, Observation, TableRows, probes_for, signal_spec
@@ -186,7 +186,7 @@ class _Session:
                 self.builder.rows[f"{plan.stack}/{kind}/{view}"] = positions
             # Sinks belong to the attention phase; the output phase has no use for them.
             sinks = self.sinks(plan.stack, view, h_in, roles) if hidden_out is None else {}
-            state = LayerState(plan.stack, layer, view, roles, rows, call, h_in, h_out, out_proj, **sinks,
+            state = LayerCapture(plan.stack, layer, view, roles, rows, call, h_in, h_out, out_proj, **sinks,
                                recorded=layer in plan.recorded, sweep=self.sweep, weighted=self.weighted)
             for probe in probes:
                 for item in probe.observe(state):
@@ -196,7 +196,7 @@ class _Session:
 
     def sinks(self, stack: str, view: int, hidden: torch.Tensor | None, roles: TokenRoles) -> dict:
         """Sink tokens of the residual stream entering the layer, and the stack's sink dimensions
-        so far (this layer's and every earlier one's), as ``LayerState`` fields."""
+        so far (this layer's and every earlier one's), as ``LayerCapture`` fields."""
         if not self.needs_sinks or hidden is None:
             return {}
         found = massive_activations(hidden, self.request.sink_ratio, self.request.sink_floor, roles.valid)

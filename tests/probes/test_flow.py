@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from probes.capture import AttentionCall, LayerState, TokenRoles, value_output_norms
+from probes.capture import AttentionCall, LayerCapture, TokenRoles, value_output_norms
 from probes.flow import FlowProbe, RolloutProbe, contributions, flowcut_score, rollout_step
 from probes.registry import ProbeOptions
 
@@ -37,7 +37,7 @@ def test_kobayashi_on_uniform_attention_by_hand():
     out_proj = linear(torch.eye(4))  # W_O^0 = first two output dims, W_O^1 = last two
     roles = TokenRoles(3, torch.tensor([1, 2]), torch.zeros(0, dtype=torch.long), torch.tensor([0]),
                        torch.ones(3, dtype=torch.bool))
-    state = LayerState("llm", 0, 0, roles, {"last": torch.tensor([2])}, uniform_call(value), out_proj=out_proj)
+    state = LayerCapture("llm", 0, 0, roles, {"last": torch.tensor([2])}, uniform_call(value), out_proj=out_proj)
     probe = FlowProbe(frozenset({"kobayashi"}), ProbeOptions(per_head=True))
     (observation,) = list(probe.observe(state))
     # alpha = 1/3; ||v W_O||: head 0 -> 5 and 1, head 1 -> 1 and 2
@@ -65,7 +65,7 @@ def test_rollout_of_identity_attention_is_identity():
     roles = TokenRoles(length, visual, torch.tensor([4]), torch.tensor([0]), torch.ones(length, dtype=torch.bool))
     probe = RolloutProbe(frozenset({"rollout"}), ProbeOptions())
     for layer in range(3):
-        state = LayerState("llm", layer, 0, roles, {"visual": visual, "last": torch.tensor([4])}, call)
+        state = LayerCapture("llm", layer, 0, roles, {"visual": visual, "last": torch.tensor([4])}, call)
         observed = {o.rows: o.value for o in probe.observe(state)}
         torch.testing.assert_close(observed["visual"], torch.eye(3))
         torch.testing.assert_close(observed["last"], torch.zeros(1, 3))

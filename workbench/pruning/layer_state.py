@@ -10,12 +10,12 @@ SparseVLM, FEATHER and VisionDrop do in their reference code.
 from __future__ import annotations
 
 import contextvars
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from probes.capture import AttentionCall, attention_call
 from probes.interception import listening
 from workbench.layout import VisualLayout
 
@@ -24,9 +24,9 @@ hooks_suspended: contextvars.ContextVar[bool] = contextvars.ContextVar("hooks_su
 
 
 class _Captured(Exception):
-    def __init__(self, query, key, mask, scaling):
+    def __init__(self, call: AttentionCall):
         super().__init__("attention inputs captured")
-        self.query, self.key, self.mask, self.scaling = query, key, mask, scaling
+        self.call = call
 
 
 class _StopAtAttention:
@@ -38,7 +38,7 @@ class _StopAtAttention:
 
     def called(self, module, query, key, value, attention_mask, kwargs) -> None:
         if module is self.module:
-            raise _Captured(query, key, attention_mask, kwargs.get("scaling"))
+            raise _Captured(attention_call(module, [((module, query, key, value, attention_mask), kwargs)]))
 
     def returned(self, module, output, weights) -> None:
         pass
@@ -77,7 +77,7 @@ class LayerState:
         return self.layout.n_tokens
 
     @torch.no_grad()
-    def _capture(self) -> "_Captured":
+    def _capture(self) -> AttentionCall:
         """Run the layer up to its attention call on the current, already pruned sequence and
         return what it was about to attend with (input norm, projections and rotary embedding
         applied). The layer is stopped there, so the KV cache is not touched."""
@@ -87,8 +87,8 @@ class LayerState:
                 self.module(self.hidden_states, attention_mask=self.attention_mask,
                             position_embeddings=self.position_embeddings, position_ids=self.position_ids,
                             use_cache=False)
-        except _Captured as call:
-            return call
+        except _Captured as captured:
+            return captured.call
         finally:
             hooks_suspended.reset(token)
         raise RuntimeError(f"layer {self.layer} did not call its attention function")
@@ -96,29 +96,9 @@ class LayerState:
     def attention(self, rows: torch.Tensor) -> torch.Tensor:
         """Attention probabilities [H, R, S] (float32) of query ``rows`` in this layer, recomputed
         from the layer's own q/k on the current, already pruned sequence."""
-        captured = self._capture()
-        return attention_probs(captured.query, captured.key, captured.mask, captured.scaling, rows)
+        return self._capture().probs(torch.as_tensor(rows, dtype=torch.long))
 
     def keys(self) -> torch.Tensor:
-        """The layer's keys [KV heads, S, d] (RoPE applied) on the current, already pruned sequence."""
-        return self._capture().key[0]
-
-
-def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                    scaling: float | None, rows: torch.Tensor) -> torch.Tensor:
-    """softmax(q[rows] k^T * scaling + mask) for batch row 0, GQA heads repeated: [H, R, S]."""
-    q, k = query[0], key[0]
-    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-    scaling = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
-    rows = torch.as_tensor(rows, dtype=torch.long, device=q.device)
-    logits = (torch.matmul(q[:, rows], k.transpose(-1, -2)) * scaling).float()
-    if mask is None:  # causal: a query row sees the keys up to itself
-        keys = torch.arange(k.shape[1], device=q.device)
-        logits = logits.masked_fill(keys[None, None, :] > rows[None, :, None], -math.inf)
-    else:
-        mask = mask[0][..., rows, :]
-        if mask.dtype == torch.bool:
-            logits = logits.masked_fill(~mask, -math.inf)
-        else:
-            logits = logits + mask.float()
-    return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        """The layer's keys [H, S, d] (RoPE applied, GQA heads repeated) on the current, already
+        pruned sequence."""
+        return self._capture().key
