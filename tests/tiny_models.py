@@ -341,3 +341,20 @@ def noise_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
     """A seeded random RGB image of ``size`` (width, height): every pixel differs from a painted colour."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 200, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def save_tiny(family: str, folder) -> str:
+    """Saves the tiny ``family`` model and processor into ``folder`` with ``save_pretrained``, as a
+    checkpoint folder that ``--model`` can point at; returns the folder as a string.
+
+    ``ProcessorMixin.save_pretrained`` cannot skip an absent part, so a processor built with no
+    video processor (see ``_no_video_processor``) is saved as one without that part: its
+    ``processor_config.json`` then says ``"video_processor": null``, and loading it through
+    ``AutoProcessor`` fails as a hub checkpoint's does without torchvision."""
+    adapter = tiny_adapter(family)
+    adapter.model.save_pretrained(folder)
+    processor = adapter.processor
+    present = [name for name in type(processor).get_attributes() if getattr(processor, name) is not None]
+    with mock.patch.object(type(processor), "get_attributes", classmethod(lambda cls: present)):
+        processor.save_pretrained(folder)
+    return str(folder)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -48,7 +50,7 @@ def load(name_or_path: str = SHIPPED_MODEL, device: str = "cpu", dtype: torch.dt
     Offline by default (``local_files_only``), so a missing checkpoint fails at once with a message
     saying where to put it instead of waiting on the network.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     name = resolve(name_or_path)
     local_only = not allow_download or os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -60,16 +62,71 @@ def load(name_or_path: str = SHIPPED_MODEL, device: str = "cpu", dtype: torch.dt
     architecture = (config.architectures or [""])[0]
     cls = adapter_class(architecture)
     try:
-        processor = AutoProcessor.from_pretrained(name, **common)
+        processor = _load_processor(name, config, common, name_or_path)
     except (OSError, ValueError) as e:
         raise _not_available(name, e, allow_download) from None
     except ImportError as e:
-        # e.g. Qwen2-VL / OneVision / SmolVLM processors bring a video processor that needs
-        # torchvision, and SmolVLM's needs num2words.
-        raise ModelNotAvailable(f"the processor of {name!r} needs a package that is not installed: {e}") from None
+        # e.g. SmolVLM's processor refuses to build without num2words (used for video prompts only).
+        message = " ".join(str(e).split())
+        raise ModelNotAvailable(f"the processor of {name!r} needs a package that is not installed: {message}") from None
     try:
         model = AutoModelForImageTextToText.from_pretrained(
             name, dtype=dtype or "auto", attn_implementation=attn_implementation, **common)
     except (OSError, ValueError) as e:
         raise _not_available(name, e, allow_download) from None
     return cls(model.to(device), processor, name=name_or_path)
+
+
+def _load_processor(name: str, config, common: dict, shown_name: str):
+    """The checkpoint's processor; for images only when its video processor cannot be built.
+
+    Without torchvision transformers builds no video processor at all, so ``AutoProcessor`` fails on
+    every video-capable family (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, SmolVLM). The workbench
+    handles still images, which the PIL image processors serve, so those families get their
+    processor with an empty video slot, and one line on stderr says so.
+    """
+    from transformers import PROCESSOR_MAPPING, AutoProcessor
+    from transformers.utils import is_torchvision_available
+
+    processor_cls = PROCESSOR_MAPPING.get(type(config), None)
+    if (processor_cls is None or is_torchvision_available()
+            or "video_processor" not in processor_cls.get_attributes()):
+        return AutoProcessor.from_pretrained(name, **common)
+    processor = _images_only_processor(processor_cls, name, common)
+    print(f"note: {shown_name}: video processor not built (needs torchvision); images only", file=sys.stderr)
+    return processor
+
+
+def _images_only_processor(processor_cls, name: str, common: dict):
+    """``processor_cls`` from the checkpoint's image processor, tokenizer, processor settings and
+    chat template, with no video processor; what ``from_pretrained`` does, less the video part."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    parts = {"image_processor": AutoImageProcessor.from_pretrained(name, **common),
+             "tokenizer": AutoTokenizer.from_pretrained(name, **common),
+             "video_processor": None}
+    cls = _without_video(processor_cls)
+    settings, extra = cls.get_processor_dict(name, local_files_only=common["local_files_only"])
+    return cls.from_args_and_dict([parts[attribute] for attribute in cls.get_attributes()], settings, **extra)
+
+
+@functools.cache
+def _without_video(processor_cls: type) -> type:
+    """A subclass of ``processor_cls`` (same name) that accepts no video processor.
+
+    ``ProcessorMixin`` type-checks each part against a base class, and transformers exports the
+    video one only with torchvision. Chat templates are rendered by ``ProcessorMixin`` itself:
+    SmolVLM's override only adds frame defaults read from the (absent) video processor.
+    """
+    from transformers.processing_utils import ProcessorMixin
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return processor_cls.check_argument_for_proper_class(self, argument_name, argument)
+
+    return type(processor_cls.__name__, (processor_cls,), {
+        "__module__": processor_cls.__module__, "__qualname__": processor_cls.__qualname__,
+        "check_argument_for_proper_class": check_argument_for_proper_class,
+        "apply_chat_template": ProcessorMixin.apply_chat_template,
+    })
