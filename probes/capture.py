@@ -326,6 +326,7 @@ class LayerCapture:
     hidden_in: torch.Tensor | None = None
     hidden_out: torch.Tensor | None = None
     out_proj: torch.nn.Module | None = None
+    final_norm: torch.nn.Module | None = None  # the decoder's last norm (llm stack), for normed states
     sinks: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     sink_dims: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     recorded: bool = True

@@ -169,6 +169,7 @@ class _Session:
         elif hidden_in is not None and hidden_in.dim() == 3:
             views = hidden_in.shape[0]
         out_proj = output_projection(plan.attention[layer]) if "out_proj" in self.captures else None
+        final_norm = self.adapter.final_norm() if "final_norm" in self.captures and plan.stack == "llm" else None
         for view in range(views):
             call = reading.call(view) if reading is not None else None
             h_in = _view(hidden_in, view)
@@ -186,7 +187,7 @@ class _Session:
                 self.builder.rows[f"{plan.stack}/{kind}/{view}"] = positions
             # Sinks belong to the attention phase; the output phase has no use for them.
             sinks = self.sinks(plan.stack, view, h_in, roles) if hidden_out is None else {}
-            state = LayerCapture(plan.stack, layer, view, roles, rows, call, h_in, h_out, out_proj, **sinks,
+            state = LayerCapture(plan.stack, layer, view, roles, rows, call, h_in, h_out, out_proj, final_norm, **sinks,
                                recorded=layer in plan.recorded, sweep=self.sweep, weighted=self.weighted)
             for probe in probes:
                 for item in probe.observe(state):

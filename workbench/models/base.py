@@ -192,6 +192,10 @@ class ModelAdapter(ABC):
             raise AttributeError(f"{type(self).__name__}: no rotary_emb on the decoder stack")
         return rotary
 
+    def final_norm(self) -> torch.nn.Module:
+        """The decoder's last norm, applied to the residual stream before the LM head."""
+        return self.language_model().norm
+
     def output_head(self) -> torch.nn.Module:
         """The LM head that turns the decoder's final hidden states into vocabulary logits."""
         return self.model.get_output_embeddings()

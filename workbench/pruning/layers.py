@@ -22,3 +22,13 @@ def scaled_layer(layer: int, depth: int, reference_depth: int = REFERENCE_DEPTH)
 def scaled_layers(layers, depth: int, reference_depth: int = REFERENCE_DEPTH) -> tuple[int, ...]:
     """Each layer scaled, duplicates folded (a shallow decoder can merge two reference stages)."""
     return tuple(sorted({scaled_layer(k, depth, reference_depth) for k in layers}))
+
+
+def check_reference_layers(method: str, name: str, layers) -> None:
+    """Refuse layer hyper-parameters past the reference decoder: ``scaled_layer`` would silently
+    clamp them to the last layer, so fastv:layer=99 would run as some other experiment."""
+    layers = (layers,) if isinstance(layers, int) else tuple(layers)
+    beyond = [k for k in layers if k >= REFERENCE_DEPTH]
+    if beyond:
+        raise ValueError(f"{method}: {name} must be below {REFERENCE_DEPTH} (layers of the {REFERENCE_DEPTH}-layer "
+                         f"reference decoder, placed on this one by relative depth), got {beyond[0]}")

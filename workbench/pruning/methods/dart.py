@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.layers import scaled_layer
+from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
 from workbench.pruning.plan import KeepPlan, Stage
 from workbench.pruning.ranking import cosine_matrix, top_k
@@ -20,6 +20,28 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+NORMS = ("final", "off")
+PIVOT_ORDERS = ("set", "index")
+
+
+def _descending(scores: np.ndarray, k: int) -> list[int]:
+    """The ``k`` highest scores' indices, highest first (ties: lower index first), as ``topk`` lists them."""
+    order = np.lexsort((np.arange(len(scores)), -np.asarray(scores, dtype=np.float64)))
+    return [int(i) for i in order[:k]]
+
+
+def official_pivot_order(image: list[int], text: list[int], layout) -> list[tuple[str, int]]:
+    """The pivots in the order the official code visits them: it puts their absolute sequence
+    positions, image pivots then text pivots each by descending key norm, into a Python ``set`` and
+    loops over it. CPython iterates a set of ints in an order fixed by the values and their
+    insertion order (ints hash to themselves, with no randomisation), so building the same set
+    reproduces that order exactly and deterministically."""
+    first_text = int(layout.positions.max()) + 1  # the text after the image starts right after it
+    by_position = {int(layout.positions[i]): ("image", i) for i in image}
+    by_position.update({first_text + j: ("text", j) for j in text})
+    return [by_position[p] for p in set(by_position)]
+
+
 @register_method("dart")
 @dataclass(frozen=True)
 class DART(PruningMethod):
@@ -29,41 +51,48 @@ class DART(PruningMethod):
     ``text_pivots`` text tokens (after the image) with the largest L1 norm of their layer-(K-1)
     attention keys (``visual_keys`` / ``text_keys``: RoPE applied, heads side by side, as in the
     code) -- then, pivot by pivot, keep the not-yet-kept visual tokens LEAST cosine-similar to the
-    pivot in the hidden states entering layer K. Image pivots are kept too; text pivots only
-    guide. Position ids keep their original values (the code passes the kept indices).
+    pivot in the hidden states entering layer K after the decoder's final norm. Image pivots are
+    kept too; text pivots only guide. Position ids keep their original values (the code passes the
+    kept indices).
 
-    Deviations: (1) Cosines use the residual stream entering layer K; the code applies the final
-    RMSNorm first (its per-token scale cancels in a cosine, its learned per-dimension gain does
-    not). (2) The code iterates the pivots in Python-set order; we go image pivots then text
-    pivots, each by ascending index. (3) ``count="budget"`` (default) keeps exactly the budget:
-    image pivots plus (budget - image pivots) tokens shared over the pivots, the first pivots
-    taking the remainder; ``count="reference"`` keeps the code's count, image pivots +
-    pivots * (budget // (image_pivots + text_pivots)) (132 for the code's 128 on LLaVA-1.5)."""
+    Defaults are the official code's behaviour: ``norm="final"`` compares the states after the final
+    RMSNorm (``self.norm(last_layer_state)``); ``pivot_order="set"`` visits the pivots in the order
+    the code's Python set of absolute positions yields (reproduced deterministically, see
+    ``official_pivot_order``); ``count="reference"`` keeps the code's count, image pivots + pivots x
+    (budget // (image_pivots + text_pivots)) (20 for a budget of 16 with 4 + 4 pivots, 132 for the
+    code's 128 on LLaVA-1.5). Variants, never the default: ``norm="off"`` (the residual stream as it
+    is: the norm's per-token scale cancels in a cosine, its learned gain does not),
+    ``pivot_order="index"`` (image pivots then text pivots, each by ascending index) and
+    ``count="budget"`` (exactly the budget: image pivots plus the rest shared over the pivots, the
+    first pivots taking the remainder). Ties between equal cosines go to the lower index (the
+    code's ``topk`` leaves them unspecified)."""
 
     scored_by: ClassVar[str] = "similarity"
 
     layer: int = 2
     image_pivots: int = 4
     text_pivots: int = 4
-    count: str = "budget"
+    count: str = "reference"
+    norm: str = "final"
+    pivot_order: str = "set"
 
     reference: ClassVar[str] = (
         "Stop Looking for Important Tokens in Multimodal Language Models: Duplication Matters More "
         "(arXiv 2502.11494); ZichenWen1/DART (read from the fork xqy1111111/DART), "
-        "llava/model/language_model/modeling_llama_self.py (get_retained_image_token) and "
-        "llava/eval/model_vqa_loader.py (defaults: pruned_layer K=2, pivot_image_token=4, pivot_text_token=4, "
-        "max_num_trunction=128). Code: pivots = top L1 norm of layer K-1 keys (RoPE applied, heads concatenated) "
-        "among image tokens and among all tokens after the image; each pivot takes max_num_trunction // 8 tokens "
-        "least cosine-similar to it in norm(output of layer K-1); image pivots kept, text pivots not; per-pivot "
-        "picks exclude earlier picks. Paper describes the same pivot/duplication rule at layer 2. We follow the "
-        "code (image and text pivots by L1 norm of the layer K-1 keys) except: cosines without the final "
-        "RMSNorm gain, pivot order image-then-text ascending (code: set order), and by default exactly the budget "
-        "kept (count='reference' gives the code's count)."
+        "llava/model/language_model/modeling_llama_self.py (get_retained_image_token, lines 397-449; the call "
+        "at lines 336-356) and llava/eval/model_vqa_loader.py (defaults: pruned_layer K=2, pivot_image_token=4, "
+        "pivot_text_token=4, max_num_trunction=128). Code: pivots = top L1 norm of layer K-1 keys (RoPE applied, "
+        "heads concatenated) among image tokens and among all tokens after the image; looping over the set of "
+        "pivot positions, each pivot takes max_num_trunction // 8 tokens least cosine-similar to it in "
+        "norm(output of layer K-1); image pivots kept, text pivots not; per-pivot picks exclude earlier picks. "
+        "Paper describes the same pivot/duplication rule at layer 2. We follow the code by default; variants: "
+        "norm='off', pivot_order='index', count='budget'."
     )
 
     def __post_init__(self):
         if not _is_int(self.layer) or self.layer < 1:
             raise ValueError(f"dart: layer must be an int >= 1 (a 32-layer reference index), got {self.layer!r}")
+        check_reference_layers("dart", "layer", int(self.layer))
         for name in ("image_pivots", "text_pivots"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
@@ -72,6 +101,10 @@ class DART(PruningMethod):
             raise ValueError("dart: needs at least one pivot (image_pivots + text_pivots > 0)")
         if self.count not in COUNT_RULES:
             raise ValueError(f"dart: count must be one of {COUNT_RULES}, got {self.count!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"dart: norm must be one of {NORMS}, got {self.norm!r}")
+        if self.pivot_order not in PIVOT_ORDERS:
+            raise ValueError(f"dart: pivot_order must be one of {PIVOT_ORDERS}, got {self.pivot_order!r}")
 
     # --- where it acts ------------------------------------------------------------------------
     def applicability(self, model: ModelFacts) -> str | None:
@@ -82,11 +115,14 @@ class DART(PruningMethod):
     def prune_layer(self, model: ModelFacts) -> int:
         return scaled_layer(self.layer, model.decoder_layers)
 
+    def _states(self, kind: str) -> str:
+        return f"{kind}_states_normed" if self.norm == "final" else f"{kind}_states"
+
     def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
         k = self.prune_layer(model)
-        needs = [SignalNeed("visual_keys", "llm", k - 1), SignalNeed("visual_states", "llm", k)]
+        needs = [SignalNeed("visual_keys", "llm", k - 1), SignalNeed(self._states("visual"), "llm", k)]
         if self.text_pivots:
-            needs += [SignalNeed("text_keys", "llm", k - 1), SignalNeed("text_states", "llm", k)]
+            needs += [SignalNeed("text_keys", "llm", k - 1), SignalNeed(self._states("text"), "llm", k)]
         return tuple(needs)
 
     # --- the schedule -------------------------------------------------------------------------
@@ -118,23 +154,28 @@ class DART(PruningMethod):
         k = self.prune_layer(model)
         n = context.n_visual
         keys = context.signal(SignalNeed("visual_keys", "llm", k - 1))
-        visual = context.signal(SignalNeed("visual_states", "llm", k))
+        visual = context.signal(SignalNeed(self._states("visual"), "llm", k))
         if keys.shape[0] != n or visual.shape[0] != n:
             raise ValueError(f"dart: recorded {keys.shape[0]} keys / {visual.shape[0]} states for {n} visual tokens")
         n_image, n_text = self._pivot_counts(context)
-        image_pivots = top_k(np.abs(keys).sum(axis=1), n_image)
-        pivot_states = [visual[i] for i in image_pivots]
+        image_pivots = _descending(np.abs(keys).sum(axis=1), n_image)
+        text_pivots, text = [], None
         if n_text:
             text_keys = context.signal(SignalNeed("text_keys", "llm", k - 1))
-            text = context.signal(SignalNeed("text_states", "llm", k))
-            pivot_states += [text[j] for j in top_k(np.abs(text_keys).sum(axis=1), n_text)]
+            text = context.signal(SignalNeed(self._states("text"), "llm", k))
+            text_pivots = _descending(np.abs(text_keys).sum(axis=1), n_text)
+        if self.pivot_order == "set":
+            pivots = official_pivot_order(image_pivots, text_pivots, context.layout)
+        else:
+            pivots = [("image", i) for i in sorted(image_pivots)] + [("text", j) for j in sorted(text_pivots)]
         candidates = np.setdiff1d(np.arange(n), image_pivots)
         scores = np.full(n, np.nan)
-        kept = set(int(i) for i in image_pivots)
-        for state, quota in zip(pivot_states, self._quotas(context, n_image, n_text)):
+        kept = set(image_pivots)
+        for (kind, index), quota in zip(pivots, self._quotas(context, n_image, n_text)):
             quota = min(quota, len(candidates))
             if quota == 0:
                 continue
+            state = visual[index] if kind == "image" else text[index]
             dissimilarity = -cosine_matrix(state[None, :], visual)[0]
             chosen = top_k(dissimilarity, quota, among=candidates)
             scores[chosen] = dissimilarity[chosen]

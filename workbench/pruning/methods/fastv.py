@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.layers import scaled_layer
+from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
 from workbench.pruning.plan import KeepPlan, Stage
 from workbench.pruning.ranking import top_k
@@ -54,6 +54,7 @@ class FastV(PruningMethod):
             raise ValueError(f"fastv: layer K must be an int >= 1 (the reference uses 2), got {self.layer!r}")
         if self.rows not in FASTV_ROWS:
             raise ValueError(f"fastv: rows must be one of {FASTV_ROWS}, got {self.rows!r}")
+        check_reference_layers("fastv", "layer", int(self.layer))
 
     def prune_layer(self, model: ModelFacts) -> int:
         """K on this decoder; the ranking attention is layer K-1's."""

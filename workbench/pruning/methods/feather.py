@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from workbench.layout import VisualLayout
-from workbench.pruning.layers import scaled_layer
+from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed
 from workbench.pruning.plan import KeepPlan, Stage
 from workbench.pruning.ranking import top_k
@@ -89,6 +89,7 @@ class Feather(PruningMethod):
                                    for k in layers) or layers[0] >= layers[1]:
             raise ValueError(f"feather: layers must be two increasing ints >= 1 (the reference's two cuts), "
                              f"got {self.layers!r}")
+        check_reference_layers("feather", "layers", layers)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
             raise ValueError(f"feather: ratio (reduction per cut) must be in [0, 1), got {self.ratio!r}")
         if isinstance(self.stride, bool) or not isinstance(self.stride, (int, np.integer)) or self.stride < 1:

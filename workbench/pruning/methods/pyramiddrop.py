@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.layers import scaled_layer
+from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext
 from workbench.pruning.plan import KeepPlan, Stage
 from workbench.pruning.ranking import top_k
@@ -90,6 +90,7 @@ class PyramidDrop(PruningMethod):
         if not layers or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in layers) \
                 or list(layers) != sorted(set(layers)):
             raise ValueError(f"pyramiddrop: layers must be strictly increasing ints >= 1, got {self.layers!r}")
+        check_reference_layers("pyramiddrop", "layers", layers)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
             raise ValueError(f"pyramiddrop: ratio (lambda) must be in (0, 1], got {self.ratio!r}")
         if self.budget_mode not in BUDGET_MODES:

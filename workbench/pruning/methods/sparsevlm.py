@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from workbench.pruning.layers import scaled_layer
+from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed
 from workbench.pruning.plan import KeepPlan, Merge, Stage
 from workbench.pruning.ranking import top_k
@@ -135,6 +135,7 @@ class SparseVLM(PruningMethod):
                                    for k in layers) or list(layers) != sorted(set(layers)):
             raise ValueError(f"sparsevlm: layers must be three increasing ints >= 0 (one per schedule "
                              f"entry), got {self.layers!r}")
+        check_reference_layers("sparsevlm", "layers", layers)
         if not isinstance(self.recycle, bool):
             raise ValueError(f"sparsevlm: recycle must be a bool, got {self.recycle!r}")
         if self.position not in POSITIONS:

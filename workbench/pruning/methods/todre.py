@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.layers import scaled_layer
+from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed
 from workbench.pruning.methods.divprune import cosine_distance, greedy_max_min
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
@@ -89,6 +89,7 @@ class ToDRE(PruningMethod):
     def __post_init__(self):
         if not _is_int(self.layer) or self.layer < 1:
             raise ValueError(f"todre: layer must be an int >= 1 (a 32-layer reference index), got {self.layer!r}")
+        check_reference_layers("todre", "layer", int(self.layer))
         if isinstance(self.relevance_keep, bool) or not isinstance(self.relevance_keep, (int, float)) \
                 or not 0 < self.relevance_keep <= 1:
             raise ValueError(f"todre: relevance_keep (share of stage-1 tokens stage 2 keeps) must be in (0, 1], "

@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from workbench.pruning.layers import scaled_layer
+from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext
 from workbench.pruning.plan import POSITION_POLICIES, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
@@ -103,6 +103,7 @@ class TransPrune(PruningMethod):
                 raise ValueError(f"transprune: {name} must be a non-empty tuple of layer numbers >= 1, got {layers}")
             if list(layers) != sorted(set(layers)):
                 raise ValueError(f"transprune: {name} must be strictly increasing, got {layers}")
+            check_reference_layers("transprune", name, layers)
         if len(self.ratios) != len(self.prune_layers) or not all(
                 isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in self.ratios):
             raise ValueError("transprune: ratios must hold one fraction in (0, 1] per pruning layer, "

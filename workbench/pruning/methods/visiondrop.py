@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from workbench.pruning.layers import scaled_layer
+from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
 from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, Stage
 from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
@@ -133,6 +133,7 @@ class VisionDrop(PruningMethod):
             count(layer, "llm_layers entries")
         if list(self.llm_layers) != sorted(set(self.llm_layers)):
             raise ValueError(f"visiondrop: llm_layers must be strictly increasing, got {self.llm_layers}")
+        check_reference_layers("visiondrop", "llm_layers", self.llm_layers)
         if len(self.llm_tokens) != len(self.llm_layers) or any(len(p) != 2 for p in self.llm_tokens):
             raise ValueError("visiondrop: llm_tokens needs one (dominant, contextual) pair per llm layer, "
                              f"got {self.llm_tokens} for layers {self.llm_layers}")
