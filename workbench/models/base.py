@@ -72,6 +72,8 @@ class PreparedInput:
     layout: VisualLayout
     prompt: str
     image_size: tuple[int, int]  # (width, height) of the original image
+    # Filled by ``ModelAdapter.decoder_inputs``: every run of this input reuses one tower pass.
+    _decoder_inputs: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def encoder_layers(tower: torch.nn.Module):
@@ -245,6 +247,13 @@ class ModelAdapter(ABC):
         # A cache the wrapper made for this forward (whatever its argument's name) is not an input.
         extra = {k: v for k, v in captured.items() if v is not None and not isinstance(v, Cache)}
         return LLMInputs(embeds, mask, positions, extra)
+
+    def decoder_inputs(self, prepared: PreparedInput) -> LLMInputs:
+        """``llm_inputs`` of a prepared input, computed once: the vision tower and the merging of
+        its features run once per sample however many plans are executed on it."""
+        if "llm" not in prepared._decoder_inputs:
+            prepared._decoder_inputs["llm"] = self.llm_inputs(prepared.inputs)
+        return prepared._decoder_inputs["llm"]
 
     @torch.no_grad()
     def llm_input_embeddings(self, inputs: BatchFeature) -> torch.Tensor:

@@ -137,8 +137,8 @@ class _Run:
         self.decode_step = 0
 
     # --- pre-LLM ------------------------------------------------------------------------------
-    def decoder_inputs(self, inputs):
-        llm = self.adapter.llm_inputs(inputs)
+    def decoder_inputs(self, prepared: PreparedInput):
+        llm = self.adapter.decoder_inputs(prepared)
         embeds, mask, positions = llm.inputs_embeds, llm.attention_mask, llm.position_ids
         if embeds.shape[0] != 1:
             raise ExecutionError(f"the executor runs one sample at a time, got a batch of {embeds.shape[0]}")
@@ -346,7 +346,7 @@ def execute(adapter: ModelAdapter, prepared: PreparedInput, plan: KeepPlan, max_
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     run = _Run(adapter, prepared, plan, callback)
-    embeds, mask, positions, extra = run.decoder_inputs(prepared.inputs)
+    embeds, mask, positions, extra = run.decoder_inputs(prepared)
     decoder = _Decoder(adapter, run, extra)
     handles = [layer.register_forward_pre_hook(run.hook(i), with_kwargs=True) for i, layer in enumerate(run.layers)]
     try:
