@@ -88,6 +88,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import polars as pl
+from scipy.stats import rankdata
 from tqdm import tqdm
 
 from workbench.evaluate import normalize_answer
@@ -149,7 +150,7 @@ def failures(table: pl.DataFrame, method: str | MethodSpec, budget) -> pl.DataFr
     label = method.label if isinstance(method, MethodSpec) else method
     ok = table.filter(pl.col("status") == "ok")
     right = (ok.filter((pl.col("method") == UNPRUNED) & pl.col("correct"))
-             .select("sample_id", pl.col("answer").alias("unpruned_answer")).unique("sample_id"))
+             .select("sample_id", pl.col("predicted_answer").alias("unpruned_answer")).unique("sample_id"))
     wrong = ok.filter((pl.col("method") == label) & (pl.col("budget") == _label(budget)) & ~pl.col("correct"))
     return wrong.join(right, on="sample_id", how="inner").sort("sample_id")
 
@@ -164,14 +165,9 @@ def ranks(values, among=None, descending: bool = True) -> np.ndarray:
     if among is not None:
         valid &= np.asarray(among, dtype=bool)
     out = np.full(values.shape, np.nan)
-    pool = np.sort(values[valid])
-    if not len(pool):
-        return out
-    if descending:
-        # 1 + how many valid values are strictly greater
-        out[valid] = 1 + len(pool) - np.searchsorted(pool, values[valid], side="right")
-    else:
-        out[valid] = 1 + np.searchsorted(pool, values[valid], side="left")
+    if valid.any():
+        # "min": tied tokens all get the best rank of their group (1 + how many rank strictly better)
+        out[valid] = rankdata(-values[valid] if descending else values[valid], method="min")
     return out
 
 
@@ -589,7 +585,7 @@ def diagnose(adapter: ModelAdapter, samples: Sequence[Sample], table: pl.DataFra
                 saliency_cache[sample.id] = gold_saliency(adapter, sample)
             saliency = saliency_cache[sample.id]
         diagnosis = diagnose_sample(adapter, sample, method, value, saliency=saliency, label=label,
-                                    sweep_answer=row["answer"], max_new_tokens=max_new_tokens)
+                                    sweep_answer=row["predicted_answer"], max_new_tokens=max_new_tokens)
         rows.append(diagnosis.to_row())
     return diagnosis_frame(rows)
 

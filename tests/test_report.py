@@ -36,6 +36,18 @@ def test_bad_config_on_the_command_line_is_one_line(tmp_path, capsys):
     assert "unknown keys ['sampels']" in err and "Traceback" not in err
 
 
+def test_two_layers_or_a_flat_path_never_claim_a_depth_trend():
+    two = pl.DataFrame({"stack": ["llm"] * 2, "layer": [0, 1], "metric": ["cos_mean"] * 2,
+                        "value": [0.281, 0.279], "n_samples": [4] * 2})
+    falls = pl.DataFrame({"stack": ["llm"], "metric": ["cos_mean"], "spearman": [-1.0]})  # always +-1 on two layers
+    text = redundancy_finding({"redundancy_mean": two, "redundancy_trend": falls})
+    assert "cannot show a depth trend over 2 layers" in text and "falls" not in text
+    flat = pl.concat([two, pl.DataFrame({"stack": ["llm"], "layer": [2], "metric": ["cos_mean"], "value": [0.277],
+                                         "n_samples": [4]})])
+    text = redundancy_finding({"redundancy_mean": flat, "redundancy_trend": falls})
+    assert "stays flat with depth" in text and "falls" not in text
+
+
 def test_findings_are_computed_from_the_tables():
     mean = pl.DataFrame({"stack": ["llm"] * 3, "layer": [0, 1, 2], "metric": ["cos_mean"] * 3,
                          "value": [0.2, 0.4, 0.6], "n_samples": [4] * 3})
@@ -145,3 +157,20 @@ def test_a_sweep_made_with_other_weights_is_moved_aside_not_resumed(tmp_path):
     assert set_aside_stale_sweep(now, tmp_path) == tmp_path / "sweep-abc-1"
     old_sweep(None)  # made before sweeps recorded their weights
     assert set_aside_stale_sweep(now, tmp_path) == tmp_path / "sweep-unfingerprinted"
+
+
+def test_a_report_sweep_of_other_method_code_is_moved_aside_not_refused(tmp_path, monkeypatch):
+    import json
+
+    from workbench.models.loading import load
+    from workbench.report.compute import set_aside_stale_sweep
+    from workbench.samples import read_dataset
+    from workbench.sweep import MethodSpec, run_sweep
+
+    adapter, dataset, specs = load(), "data/eval/samples.jsonl", [MethodSpec("random")]
+    run_sweep(adapter, read_dataset(dataset, limit=1), dataset, specs, (0.5,), tmp_path / "sweep", progress=False)
+    assert set_aside_stale_sweep(adapter, tmp_path, dataset, specs) is None  # the same experiment: resume
+    monkeypatch.setattr("workbench.sweep_identity.code_version", lambda method: "edited-since")
+    aside = set_aside_stale_sweep(adapter, tmp_path, dataset, specs)
+    assert aside is not None and json.loads((aside / "sweep.json").read_text())["methods"] == ["random"]
+    assert not (tmp_path / "sweep").exists()

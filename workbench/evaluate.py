@@ -28,7 +28,8 @@ def blank_like(image: Image.Image) -> Image.Image:
 
 def answer_dataset(adapter: ModelAdapter, samples: list[Sample], batch_size: int = 32, blank: bool = False,
                    progress: bool = True, max_new_tokens: int = 8) -> pl.DataFrame:
-    """One row per sample: prediction, whether it matches the gold answer, its log-prob."""
+    """One row per sample: ``gold_answer``, ``predicted_answer`` (the names the sweep's table uses
+    too), whether they match, the prediction's log-prob."""
     rows = []
     desc = "answering (blank images)" if blank else "answering"
     with tqdm(total=len(samples), desc=desc, disable=not progress) as bar:
@@ -39,8 +40,8 @@ def answer_dataset(adapter: ModelAdapter, samples: list[Sample], batch_size: int
                 images = [blank_like(im) for im in images]
             answers = adapter.answer_batch(images, [s.question for s in chunk], max_new_tokens)
             for s, a in zip(chunk, answers):
-                rows.append({"id": s.id, "question_type": s.question_type or "all", "answer": s.answer,
-                             "prediction": a.text, "logprob": a.logprob,
+                rows.append({"id": s.id, "question_type": s.question_type or "all", "gold_answer": s.answer,
+                             "predicted_answer": a.text, "logprob": a.logprob,
                              "correct": s.answer is not None and normalize_answer(a.text) == normalize_answer(s.answer)})
             bar.update(len(chunk))
     return pl.DataFrame(rows)

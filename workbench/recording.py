@@ -191,8 +191,9 @@ class Recording:
 
     # --- disk -----------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        """Write the recording to ``folder`` atomically (a complete folder or the old one)."""
-        folder = Path(folder)
+        """Write the recording to ``folder`` atomically (a complete folder or the old one). An
+        existing ``folder`` is replaced only when it is a recording (``check_target``)."""
+        folder = check_target(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
@@ -296,8 +297,24 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def check_target(folder: str | Path) -> Path:
+    """``folder`` if a recording may be written there: it does not exist, or holds a recording
+    (which the new one replaces). Anything else is the user's and is refused, never moved or
+    deleted."""
+    from workbench.files import check_output
+
+    folder = check_output(folder)
+    if folder.exists() and any(folder.iterdir()) and not (folder / MANIFEST).is_file():
+        raise RecordingError(f"{folder} exists and is not a workbench recording; refusing to replace it "
+                             "(give a new or empty folder)")
+    if (folder / MANIFEST).is_file():
+        _read_manifest(folder)  # a manifest of something else is not ours to replace either
+    return folder
+
+
 def _replace_folder(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first, then deleted."""
+    """Rename ``new`` to ``target``; an existing ``target`` (a recording or an empty folder, see
+    ``check_target``) is moved aside first, then deleted."""
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"

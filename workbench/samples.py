@@ -12,19 +12,24 @@ A data set is a JSONL file, one sample per line; paths are relative to the file'
                                                # those whose mask value is in "values"
 
 Boxes are in pixels of the original image, x1/y1 exclusive. Extra keys are kept in ``extra``.
+An id is a non-empty string or integer (where it names a folder, ``workbench.files.safe_name`` keeps
+it inside the output folder); a question is never empty; an integer answer is read as its text.
+Images are opened by ``workbench.images`` (EXIF orientation, 16-bit, palette, alpha on white).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from PIL import Image
+
+from workbench.files import write_atomically, write_atomically_bytes  # noqa: F401  (re-exported)
+from workbench.images import open_image, open_rgb
 
 Box = tuple[float, float, float, float]
 
@@ -46,18 +51,16 @@ class Sample:
     extra: dict = field(default_factory=dict, compare=False)
 
     def load_image(self) -> Image.Image:
-        with Image.open(self.image_path) as image:
-            return image.convert("RGB")
+        return open_rgb(self.image_path)
 
     def evidence_mask(self) -> np.ndarray | None:
         """Boolean [H, W] mask of the evidence pixels, from the mask file or else the boxes."""
         if self.mask_path is not None:
-            with Image.open(self.mask_path) as mask:
+            with open_image(self.mask_path) as mask:
                 return np.isin(np.asarray(mask), self.mask_values)
         if not self.evidence_boxes:
             return None
-        with Image.open(self.image_path) as image:
-            width, height = image.size
+        width, height = self.load_image().size  # after EXIF rotation, as the model sees it
         mask = np.zeros((height, width), dtype=bool)
         for x0, y0, x1, y1 in self.evidence_boxes:
             mask[int(y0): int(np.ceil(y1)), int(x0): int(np.ceil(x1))] = True
@@ -78,11 +81,13 @@ def _boxes(value, where: str) -> tuple[Box, ...]:
     if value is None:
         return ()
     try:
+        if isinstance(value, (str, dict)) or any(isinstance(box, (str, dict)) for box in value):
+            raise TypeError
         boxes = tuple(tuple(float(c) for c in box) for box in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DatasetError(f"{where}: 'evidence_boxes' must be a list of [x0, y0, x1, y1]") from None
     for box in boxes:
-        if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+        if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
             raise DatasetError(f"{where}: bad evidence box {list(box)} (need x0 < x1 and y0 < y1)")
     return boxes  # type: ignore[return-value]
 
@@ -94,16 +99,29 @@ def sample_from_row(row: dict, root: Path, where: str) -> Sample:
     if not image.is_file():
         raise DatasetError(f"{where}: image file not found: {image}")
     mask = _field(row, "mask", dict, where, required=False)
+    if mask is not None and not isinstance(mask.get("path"), str):
+        raise DatasetError(f"{where}: field 'mask' needs a 'path' string, got {mask!r}")
     known = {"id", "image", "question", "answer", "question_type", "evidence_boxes", "mask"}
+    sample_id = _field(row, "id", (str, int), where)
+    if isinstance(sample_id, bool) or not str(sample_id).strip():
+        raise DatasetError(f"{where}: field 'id' must be a non-empty string or an integer, got {sample_id!r}")
+    question = _field(row, "question", str, where)
+    answer = _field(row, "answer", (str, int), where, required=False)
+    if not question.strip():
+        raise DatasetError(f"{where}: field 'question' is empty")
+    try:
+        mask_values = tuple(int(v) for v in mask.get("values", ())) if mask else ()
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: mask 'values' must be a list of integers, got {mask.get('values')!r}") from None
     return Sample(
-        id=str(_field(row, "id", (str, int), where)),
+        id=str(sample_id),
         image_path=image,
-        question=_field(row, "question", str, where),
-        answer=_field(row, "answer", (str, int), where, required=False),
+        question=question,
+        answer=None if answer is None else str(answer),
         question_type=_field(row, "question_type", str, where, required=False),
         evidence_boxes=_boxes(row.get("evidence_boxes"), where),
         mask_path=root / mask["path"] if mask else None,
-        mask_values=tuple(int(v) for v in mask.get("values", ())) if mask else (),
+        mask_values=mask_values,
         extra={k: v for k, v in row.items() if k not in known},
     )
 
@@ -137,6 +155,13 @@ def read_dataset(path: str | Path, limit: int | None = None) -> list[Sample]:
     return samples
 
 
+def check_images(samples: Iterable[Sample]) -> None:
+    """Decode every sample's image once: an undecodable file is one ``ImageError`` naming it,
+    before a model is loaded."""
+    for sample in samples:
+        open_rgb(sample.image_path)
+
+
 def sample_to_row(sample: Sample, root: Path) -> dict:
     row = {"id": sample.id, "image": os.path.relpath(sample.image_path, root), "question": sample.question}
     if sample.answer is not None:
@@ -148,32 +173,6 @@ def sample_to_row(sample: Sample, root: Path) -> dict:
     if sample.mask_path is not None:
         row["mask"] = {"path": os.path.relpath(sample.mask_path, root), "values": list(sample.mask_values)}
     return row | sample.extra
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_atomically_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the result over ``path`` (e.g. ``frame.write_parquet``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_dataset(samples: Iterable[Sample], path: str | Path) -> Path:

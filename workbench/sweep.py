@@ -5,11 +5,17 @@ JSON-serialisable data in, table rows out (``run_task``), so any engine that can
 hold a loaded model can spread a sweep over processes, GPUs or machines. One recording of the
 unpruned forward per sample serves every method.
 
-On disk a sweep is a folder: ``sweep.json`` (model and its weights fingerprint, data set, methods, budgets),
+On disk a sweep is a folder: ``sweep.json`` (model and its weights fingerprint, data set and its
+content hash, methods with their parameters and code versions, budgets; ``workbench.sweep_identity``),
 ``rows.jsonl`` (the journal: each finished sample's rows are appended and synced before the next
 sample starts, so an interrupted run loses at most the sample in progress) and ``results.parquet``
 (every row, rewritten atomically when a run ends or is interrupted). Re-running into the same
-folder skips every (sample, method, budget) already in the journal.
+folder skips every (sample, method, budget) already in the journal; a resume whose model, data
+set or methods differ from the folder's is refused. One process writes a folder at a time
+(``workbench.folder_lock``); readers (``read_sweep``) never write.
+
+A sample whose image cannot be decoded gets one "error" row per (method, budget) naming the file,
+and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -28,15 +34,20 @@ from tqdm import tqdm
 
 from workbench.errors import UserError
 from workbench.evaluate import normalize_answer
+from workbench.files import check_output, write_atomically, write_atomically_bytes
+from workbench.folder_lock import exclusive
+from workbench.images import ImageError
 from workbench.models.base import ModelAdapter
-from workbench.pruning.budget import Budget, resolve_budget
+from workbench.pruning.budget import Budget, check_budget, resolve_budget
 from workbench.pruning.executor import execute
 from workbench.pruning.flops import DecoderShape, prefill_flops
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext
 from workbench.pruning.plan import KeepPlan
 from workbench.pruning.registry import create_method
 from workbench.pruning.run import record_needs
-from workbench.samples import Sample, sample_from_row, sample_to_row, write_atomically, write_atomically_bytes
+from workbench.samples import Sample, sample_from_row, sample_to_row
+from workbench.sweep_identity import (SweepIdentityError, check_dataset, check_methods, dataset_fingerprint,
+                                     method_version)
 
 FORMAT = "workbench-sweep"
 VERSION = 1
@@ -82,8 +93,10 @@ class MethodSpec:
                 parsed = json.loads(value)
             except json.JSONDecodeError:
                 parsed = value
+            if any(key.strip() == k for k, _ in params):
+                raise SweepError(f"method parameter {key.strip()!r} is given twice in {text!r}")
             params.append((key.strip(), tuple(parsed) if isinstance(parsed, list) else parsed))
-        return MethodSpec(name.strip(), tuple(sorted(params)))
+        return MethodSpec(name.strip(), tuple(sorted(params, key=lambda p: p[0])))
 
 
 def budget_label(budget: Budget) -> str:
@@ -128,13 +141,18 @@ def _stages_json(plan: KeepPlan) -> str:
 def _row(sample: Sample, method: str, params: dict, budget: str, budget_tokens: int, n_visual: int) -> dict:
     return {"sample_id": sample.id, "question_type": sample.question_type or "all", "method": method,
             "params": json.dumps(params, sort_keys=True, default=list), "budget": budget,
-            "budget_tokens": budget_tokens, "n_visual": n_visual, "gold": sample.answer}
+            "budget_tokens": budget_tokens, "n_visual": n_visual, "gold_answer": sample.answer}
 
 
 def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
-    """Every row of one sample: the unpruned run, then each method at each budget."""
+    """Every row of one sample: the unpruned run, then each method at each budget; one "error" row
+    per (method, budget) when the sample's image cannot be decoded."""
     sample = sample_from_row(task.sample, Path(task.root), f"task {task.sample.get('id')}")
-    prepared = adapter.prepare(sample.load_image(), sample.question)
+    try:
+        image = sample.load_image()
+    except ImageError as e:
+        return _error_rows(sample, task, str(e))
+    prepared = adapter.prepare(image, sample.question)
     layout = prepared.layout
     facts = ModelFacts.of(adapter)
     shape = DecoderShape.of(adapter.language_model().config)
@@ -159,7 +177,7 @@ def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
         return row | {
             "status": "ok", "message": None, "stages": _stages_json(execution.plan), "kept_count": len(kept),
             "visual_tokens_per_layer": list(execution.visual_tokens_per_layer),
-            "answer": execution.answer, "correct": correct, "gold_logprob": execution.gold_logprob,
+            "predicted_answer": execution.answer, "correct": correct, "gold_logprob": execution.gold_logprob,
             "answer_logprob": execution.answer_logprob, "evidence_tokens": int(evidence.sum()),
             "evidence_recall": float(evidence[kept].sum() / evidence.sum()) if evidence.any() else None,
             "wall_time_s": time.perf_counter() - started, "prefill_flops": flops, "flops_ratio": flops / full_flops,
@@ -173,7 +191,13 @@ def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
     for spec, method in methods:
         reason = method.applicability(facts)
         for budget in task.budgets:
-            row = _row(sample, spec.label, method.params(), budget_label(budget), resolve_budget(budget, n), n)
+            try:
+                tokens = resolve_budget(budget, n)
+            except ValueError as e:  # a count above this sample's visual tokens (they vary with AnyRes)
+                rows.append(_row(sample, spec.label, method.params(), budget_label(budget), None, n)
+                            | {"status": "error", "message": str(e)})
+                continue
+            row = _row(sample, spec.label, method.params(), budget_label(budget), tokens, n)
             row["record_time_s"] = record_seconds
             if reason is not None:
                 rows.append(row | {"status": "not_applicable", "message": reason})
@@ -183,41 +207,67 @@ def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
     return rows
 
 
+def _error_rows(sample: Sample, task: SweepTask, message: str) -> list[dict]:
+    """The rows of a sample that could not be run: same keys as its rows would have had."""
+    labels = ([(UNPRUNED, "100%", {})] if task.include_unpruned else []) + \
+        [(spec.label, budget_label(b), spec.create().params()) for spec in task.methods for b in task.budgets]
+    return [_row(sample, label, params, budget, None, None) | {"status": "error", "message": message}
+            for label, budget, params in labels]
+
+
 # --- the folder ------------------------------------------------------------------------------------
 
 SCHEMA = {
     "sample_id": pl.String, "question_type": pl.String, "method": pl.String, "params": pl.String,
-    "budget": pl.String, "budget_tokens": pl.Int64, "n_visual": pl.Int64, "gold": pl.String,
+    "budget": pl.String, "budget_tokens": pl.Int64, "n_visual": pl.Int64, "gold_answer": pl.String,
     "record_time_s": pl.Float64, "status": pl.String, "message": pl.String, "stages": pl.String,
-    "kept_count": pl.Int64, "visual_tokens_per_layer": pl.List(pl.Int64), "answer": pl.String,
+    "kept_count": pl.Int64, "visual_tokens_per_layer": pl.List(pl.Int64), "predicted_answer": pl.String,
     "correct": pl.Boolean, "gold_logprob": pl.Float64, "answer_logprob": pl.Float64,
     "evidence_tokens": pl.Int64, "evidence_recall": pl.Float64, "wall_time_s": pl.Float64,
     "prefill_flops": pl.Float64, "flops_ratio": pl.Float64,
 }
 KEY = ("sample_id", "method", "budget")
+# Journals written before the answer columns were named unambiguously.
+RENAMED = {"gold": "gold_answer", "answer": "predicted_answer"}
 
 
 def _read_journal(path: Path) -> list[dict]:
-    """Every complete row; a torn last line (a run killed mid-write) is cut off the file."""
+    """Every complete row; a torn last line (a run killed mid-write, or a writer mid-append) is
+    left out, not repaired: readers never write (the next writer repairs it, ``_repair_journal``)."""
     if not path.exists():
         return []
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with path.open("r+b") as f:
-            f.truncate(end)
     rows = []
     for number, line in enumerate(data[:end].splitlines(), start=1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        if not isinstance(row, dict) or any(k not in row for k in KEY):
             raise SweepError(f"{path}:{number} is not a sweep row; the journal is damaged "
-                             "(move it away to start this sweep again)") from None
+                             "(move the folder aside to start this sweep again)")
+        rows.append({RENAMED.get(k, k): v for k, v in row.items()})
     return rows
 
 
+def _repair_journal(path: Path) -> None:
+    """Cut a torn last line off the journal, so that appended rows start on a line of their own.
+    Only the writer, holding the folder's lock, calls this."""
+    if path.exists():
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            with path.open("r+b") as f:
+                f.truncate(end)
+
+
 def frame(rows: Sequence[dict]) -> pl.DataFrame:
-    return pl.DataFrame([{k: r.get(k) for k in SCHEMA} for r in rows], schema=SCHEMA)
+    try:
+        return pl.DataFrame([{k: r.get(k) for k in SCHEMA} for r in rows], schema=SCHEMA)
+    except (TypeError, ValueError, pl.exceptions.PolarsError) as e:  # a row edited by hand, or of another schema
+        raise SweepError(f"a sweep row does not fit the sweep table ({type(e).__name__}: {e}); "
+                         "the journal is damaged (move the folder aside to start this sweep again)") from None
 
 
 @dataclass(frozen=True)
@@ -236,47 +286,119 @@ def recorded_weights(folder: str | Path) -> str | None:
     try:
         return json.loads(path.read_text()).get("weights", "")
     except json.JSONDecodeError:
-        return None  # _check_folder reports it
+        return None  # _read_manifest reports it
 
 
-def _check_folder(folder: Path, manifest: dict) -> None:
+def _read_manifest(folder: Path) -> dict | None:
+    """The folder's sweep.json; None when there is none. Refuses a folder that holds anything else
+    (never ours to write into): only our own lock file may be there without a sweep.json."""
     path = folder / "sweep.json"
-    if path.exists():
+    if not path.exists():
+        if folder.exists() and any(p.name != ".lock" for p in folder.iterdir()):
+            raise SweepError(f"{folder} exists and is not a sweep folder; use an empty or new --out folder")
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SweepError(f"{path} is not valid JSON; not a sweep folder (move it aside to start fresh)") from None
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        raise SweepError(f"{folder} is not a sweep folder (its sweep.json has no {FORMAT!r} format)")
+    return old
+
+
+def check_sweep_folder(folder: str | Path) -> None:
+    """What can be checked before the model loads: ``folder`` can be written, and is new, empty
+    or a sweep folder. Writes nothing."""
+    folder = check_output(folder)
+    _read_manifest(folder)
+
+
+def _merged_manifest(folder: Path, manifest: dict) -> dict:
+    """The manifest to write: this run's, merged with the folder's after checking that this run
+    would add rows of the same experiment (model, weights, data set, method versions)."""
+    old = _read_manifest(folder)
+    if old is None:
+        return manifest
+    for key in ("model", "dataset"):
+        if old.get(key) != manifest[key]:
+            raise SweepError(f"{folder} holds a sweep of {key} {old.get(key)!r}, not {manifest[key]!r}; "
+                             "use another --out folder")
+    if old.get("weights") != manifest["weights"]:
+        was = f"fingerprint {old['weights']}" if old.get("weights") else "made before sweeps recorded one"
+        raise SweepError(f"{folder} holds a sweep of {manifest['model']!r} with other weights ({was}; now "
+                         f"{manifest['weights']}); resuming would mix answers of two models: use another "
+                         "--out folder, or move this one aside")
+    check_dataset(folder, old, manifest["dataset_sha256"])
+    check_methods(folder, old, manifest["method_versions"])
+    return manifest | {"methods": sorted(set(old.get("methods", [])) | set(manifest["methods"])),
+                       "budgets": sorted(set(old.get("budgets", [])) | set(manifest["budgets"])),
+                       "method_versions": old.get("method_versions", {}) | manifest["method_versions"]}
+
+
+def identity_mismatch(folder: str | Path, dataset: str, methods: Sequence[MethodSpec]) -> str | None:
+    """Why the sweep in ``folder`` is of another data set content or other method versions than
+    ``dataset`` and ``methods`` (the message a resume would refuse with), or None. Writes nothing."""
+    folder = Path(folder)
+    old = _read_manifest(folder)
+    if old is None:
+        return None
+    try:
+        check_dataset(folder, old, dataset_fingerprint(dataset))
+        check_methods(folder, old, {spec.label: method_version(spec.create()) for spec in methods})
+    except SweepIdentityError as e:
+        return str(e)
+    return None
+
+
+def _check_budget_counts(adapter: ModelAdapter, samples: Sequence[Sample], budgets: Sequence[Budget]) -> None:
+    """Budgets that cannot apply to this model, before the folder is touched: counts are checked
+    against the visual tokens of the first sample whose image decodes."""
+    for budget in budgets:
         try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise SweepError(f"{path} is not valid JSON; not a sweep folder") from None
-        if old.get("format") != FORMAT:
-            raise SweepError(f"{folder} is not a sweep folder (its sweep.json has no {FORMAT!r} format)")
-        for key in ("model", "dataset"):
-            if old.get(key) != manifest[key]:
-                raise SweepError(f"{folder} holds a sweep of {key} {old.get(key)!r}, not {manifest[key]!r}; "
-                                 "use another --out folder")
-        if old.get("weights") != manifest["weights"]:
-            was = f"fingerprint {old['weights']}" if old.get("weights") else "made before sweeps recorded one"
-            raise SweepError(f"{folder} holds a sweep of {manifest['model']!r} with other weights ({was}; now "
-                             f"{manifest['weights']}); resuming would mix answers of two models: use another "
-                             "--out folder, or move this one aside")
-        manifest = manifest | {"methods": sorted(set(old.get("methods", [])) | set(manifest["methods"])),
-                               "budgets": sorted(set(old.get("budgets", [])) | set(manifest["budgets"]))}
-    elif folder.exists() and any(folder.iterdir()):
-        raise SweepError(f"{folder} exists and is not a sweep folder; use an empty or new --out folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(manifest, indent=1))
+            check_budget(budget)
+        except ValueError as e:
+            raise SweepError(str(e)) from None
+    for sample in samples:
+        try:
+            image = sample.load_image()
+        except ImageError:
+            continue  # becomes that sample's error rows
+        n = adapter.prepare(image, sample.question).layout.n_tokens
+        for budget in budgets:
+            try:
+                resolve_budget(budget, n)
+            except ValueError as e:
+                raise SweepError(f"{e} of {adapter.name}") from None
+        return
 
 
 def run_sweep(adapter: ModelAdapter, samples: Sequence[Sample], dataset: str, methods: Sequence[MethodSpec],
               budgets: Sequence[Budget], folder: str | Path, max_new_tokens: int = 8,
               progress: bool = True) -> SweepResult:
-    """Run (or resume) a sweep into ``folder``; returns every row the folder holds."""
+    """Run (or resume) a sweep into ``folder``; returns every row the folder holds. Everything is
+    checked before the folder is created or changed; ``FolderLocked`` if another process writes it."""
     folder = Path(folder)
-    for spec in methods:
-        spec.create()  # unknown names and bad parameters fail before any work
-    _check_folder(folder, {"format": FORMAT, "version": VERSION, "model": adapter.name, "weights": adapter.fingerprint,
-                           "dataset": str(dataset),
-                           "methods": [m.label for m in methods], "budgets": [budget_label(b) for b in budgets]})
+    created = {spec.label: spec.create() for spec in methods}  # unknown names and bad parameters
+    check_sweep_folder(folder)
+    _check_budget_counts(adapter, samples, budgets)
+    manifest = {"format": FORMAT, "version": VERSION, "model": adapter.name, "weights": adapter.fingerprint,
+                "dataset": str(dataset), "dataset_sha256": dataset_fingerprint(dataset),
+                "methods": [m.label for m in methods], "budgets": [budget_label(b) for b in budgets],
+                "method_versions": {label: method_version(m) for label, m in created.items()}}
+    _merged_manifest(folder, manifest)  # refuse a mismatch before creating anything
+    folder.mkdir(parents=True, exist_ok=True)
+    with exclusive(folder, "sweep folder"):
+        # Checked again under the lock: another writer may have changed the folder meanwhile.
+        write_atomically(folder / "sweep.json", json.dumps(_merged_manifest(folder, manifest), indent=1))
+        return _run_locked(adapter, samples, dataset, methods, budgets, folder, max_new_tokens, progress)
+
+
+def _run_locked(adapter, samples, dataset, methods, budgets, folder: Path, max_new_tokens, progress) -> SweepResult:
     journal = folder / "rows.jsonl"
+    _repair_journal(journal)
     rows = _read_journal(journal)
+    # "error" rows count as done: a fixed image changes the data set's content hash, which makes
+    # it another sweep (refused on resume), so retrying them here could only fail again.
     done = {tuple(r[k] for k in KEY) for r in rows}
     new = 0
     root = Path(dataset).parent if Path(dataset).suffix else Path(dataset)

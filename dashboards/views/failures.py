@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import streamlit as st
 
 from dashboards import state
@@ -73,8 +73,8 @@ def render(model: str) -> None:
     st.markdown(f"**{failed.height}** failure(s) of {method} at {budget}: wrong where the unpruned model is right")
     if failed.height == 0:
         return
-    st.dataframe(failed.select("sample_id", "question_type", "gold", "unpruned_answer", "answer", "kept_count",
-                               "evidence_recall").to_pandas(), hide_index=True)
+    st.dataframe(failed.select("sample_id", "question_type", "gold_answer", "unpruned_answer", "predicted_answer", "kept_count",
+                               "evidence_recall"), hide_index=True)
     sample_id = st.selectbox("failure", failed["sample_id"].to_list(), key="failures_sample")
     dataset = sweep_dataset(folder)
     try:
@@ -98,7 +98,7 @@ def render(model: str) -> None:
                   evidence=evidence)
     with facts:
         if d.lost_evidence:
-            st.dataframe(pd.DataFrame({"dropped evidence token": d.lost_evidence, "removed at": d.lost_stage,
+            st.dataframe(pl.DataFrame({"dropped evidence token": d.lost_evidence, "removed at": d.lost_stage,
                                        "rank under the method": d.method_ranks,
                                        "tokens ranked": d.method_ranked,
                                        "rank under occlusion": d.saliency_ranks}), hide_index=True)

@@ -174,8 +174,8 @@ def test_taxonomy_counts_every_category():
 
 def sweep_row(sample, method, budget, correct, status="ok", answer=None):
     return {"sample_id": sample, "method": method, "budget": budget, "status": status,
-            "correct": correct if status == "ok" else None, "answer": answer or ("right" if correct else "wrong"),
-            "gold": "right"}
+            "correct": correct if status == "ok" else None, "predicted_answer": answer or ("right" if correct else "wrong"),
+            "gold_answer": "right"}
 
 
 def test_failures_picks_pruned_wrong_where_unpruned_right():

@@ -14,19 +14,42 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"hub name or local checkpoint folder (default: the shipped {SHIPPED_MODEL})")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--allow-download", action="store_true",
-                        help="let transformers fetch a checkpoint that is not available locally")
+                        help="let transformers fetch a checkpoint that is not available locally (default: offline)")
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=DEFAULT_DATASET,
                         help=f"JSONL data set (format: workbench/samples.py; default: {DEFAULT_DATASET})")
-    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N samples")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N samples (default: all)")
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from workbench.commands.common import positive_int
 from workbench.subcommands import command
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML file with ReportConfig keys (workbench/report/config.py); "
-                                                   "without it the defaults run on the shipped model")
-    p.add_argument("--model", default=None, help="override the config's model")
-    p.add_argument("--dataset", default=None, help="override the config's data set")
-    p.add_argument("--samples", type=int, default=None, help="override how many samples are swept")
+                                                   "default: none, the defaults run on the shipped model")
+    p.add_argument("--model", default=None, help="override the config's model (default: the config's)")
+    p.add_argument("--dataset", default=None, help="override the config's data set (default: the config's)")
+    p.add_argument("--samples", type=positive_int, default=None,
+                   help="override how many samples are swept (default: the config's)")
     p.add_argument("--out", default=None, help="override the output folder (default runs/report)")
 
 
@@ -23,7 +25,10 @@ def run(args):
     from workbench.report.config import load_config
     from workbench.report.write import build_report
 
+    from workbench.files import check_output
+
     config = load_config(args.config, model=args.model, dataset=args.dataset, samples=args.samples, out=args.out)
+    check_output(config.out)  # before the model loads, not after the sweep
     print(f"loading {config.model} ...", flush=True)
     adapter = load(config.model, device=config.device)
     folder = build_report(adapter, config)

@@ -11,7 +11,11 @@ DEFAULT_BUDGETS = (0.33, 0.22, 0.11)
 
 
 def budget_list(text: str) -> tuple:
-    """"0.33,0.22,0.11" (fractions of the visual tokens) or "64,128" (token counts), or a mix."""
+    """"0.33,0.22,0.11" (fractions of the visual tokens) or "64,128" (token counts), or a mix; each
+    checked by ``check_budget`` (counts above the model's visual tokens are refused by the sweep
+    before it writes anything)."""
+    from workbench.pruning.budget import check_budget
+
     budgets = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
@@ -19,6 +23,10 @@ def budget_list(text: str) -> tuple:
         except ValueError:
             raise argparse.ArgumentTypeError(f"budgets must be fractions like 0.33 or token counts like 64, "
                                              f"got {part!r}") from None
+        try:
+            check_budget(budgets[-1])
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     if not budgets:
         raise argparse.ArgumentTypeError("no budgets given")
     return tuple(budgets)
@@ -33,7 +41,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", type=budget_list, default=DEFAULT_BUDGETS,
                    help="fractions of the visual tokens and/or token counts (default 0.33,0.22,0.11)")
     p.add_argument("--out", default="runs/sweep", help="sweep folder; re-running into it resumes (default runs/sweep)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=8, help="longest answer generated (default 8)")
 
 
 def method_specs(text: str):
@@ -53,9 +61,13 @@ def run(args):
 
     from workbench.commands.common import load_adapter
     from workbench.samples import read_dataset
-    from workbench.sweep import accuracy_by_budget, run_sweep
+    from workbench.sweep import accuracy_by_budget, check_sweep_folder, run_sweep
 
+    # Everything the user gave is checked before the model loads; nothing is written before.
     specs = method_specs(args.methods)
+    for spec in specs:
+        spec.create()  # unknown names and bad parameters
+    check_sweep_folder(args.out)
     samples = read_dataset(args.dataset, args.limit)
     print(f"loading {args.model} ...", flush=True)
     adapter = load_adapter(args)
@@ -73,3 +85,6 @@ def run(args):
         print(accuracy_by_budget(table))
     for method, message in skipped.iter_rows():
         print(f"  {method}: not applicable ({message})")
+    failed = table.filter(pl.col("status") == "error").select("sample_id", "message").unique(maintain_order=True)
+    for sample_id, message in failed.iter_rows():
+        print(f"  sample {sample_id}: could not run ({message}); its rows are marked 'error'")

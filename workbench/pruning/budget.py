@@ -24,6 +24,20 @@ def resolve_budget(budget: Budget, n_visual: int) -> int:
     return int(math.floor(budget * n_visual + 0.5))
 
 
+def check_budget(budget: Budget) -> Budget:
+    """A budget that can be asked for before the model is known: a count of at least 1 token, or a
+    fraction in (0, 1]. Whether a count fits the model's visual tokens is checked by
+    ``resolve_budget`` once they are known."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise ValueError(f"budget {budget!r}: must be a token count (integer >= 1) or a fraction in (0, 1]")
+    if isinstance(budget, numbers.Integral):
+        if budget < 1:
+            raise ValueError(f"budget {budget}: a token count must be at least 1")
+    elif not (math.isfinite(budget) and 0.0 < budget <= 1.0):
+        raise ValueError(f"budget {budget}: a fraction must be in (0, 1]; give a whole number for a token count")
+    return budget
+
+
 def split_budget(total: int, sizes) -> list[int]:
     """Share ``total`` tokens among groups in proportion to their ``sizes`` (largest remainder,
     ties to the earlier group), never more than a group holds."""

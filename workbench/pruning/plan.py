@@ -165,9 +165,14 @@ class KeepPlan:
     stages: tuple[Stage, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
-        object.__setattr__(self, "stages", tuple(self.stages))
-        object.__setattr__(self, "budget", int(self.budget))
-        object.__setattr__(self, "n_visual", int(self.n_visual))
+        try:
+            object.__setattr__(self, "stages", tuple(self.stages))
+            object.__setattr__(self, "budget", int(self.budget))
+            object.__setattr__(self, "n_visual", int(self.n_visual))
+        except (TypeError, ValueError, OverflowError) as e:
+            raise PlanError(f"not a keep plan: stages must be a sequence, budget and n_visual integers ({e})") from None
+        if not all(isinstance(stage, Stage) for stage in self.stages):
+            raise PlanError("not a keep plan: every stage must be a Stage")
         self.validate()
 
     def validate(self) -> None:
@@ -239,5 +244,12 @@ class KeepPlan:
 
     @staticmethod
     def from_dict(row: dict) -> "KeepPlan":
-        return KeepPlan(row["method"], row["budget"], row["n_visual"],
-                        tuple(Stage.from_dict(s) for s in row.get("stages", ())))
+        """The plan ``to_dict`` wrote; ``PlanError`` for anything else (plans are read back from
+        sweep tables and files a user may have edited)."""
+        try:
+            return KeepPlan(row["method"], row["budget"], row["n_visual"],
+                            tuple(Stage.from_dict(s) for s in row.get("stages", ())))
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise PlanError(f"not a keep plan ({type(e).__name__}: {e})") from None

@@ -13,7 +13,7 @@ from workbench.models.base import ModelAdapter
 from workbench.recording import CaptureRequest
 from workbench.report.config import ReportConfig
 from workbench.samples import Sample
-from workbench.sweep import MethodSpec, budget_label, recorded_weights, run_sweep
+from workbench.sweep import MethodSpec, budget_label, identity_mismatch, recorded_weights, run_sweep
 
 # What the redundancy and misalignment analyses read, recorded once per analysed sample.
 ANALYSIS_REQUEST = CaptureRequest(
@@ -31,12 +31,16 @@ def method_specs(names) -> list[MethodSpec]:
     return [MethodSpec.parse(name) for name in names]
 
 
-def set_aside_stale_sweep(adapter: ModelAdapter, folder: Path) -> Path | None:
+def set_aside_stale_sweep(adapter: ModelAdapter, folder: Path, dataset: str | None = None,
+                          specs: list[MethodSpec] = ()) -> Path | None:
     """The report's sweep is its own cache: one made with other weights (a retrained model under
-    the same name) is moved aside, never deleted and never resumed. Returns where it went."""
+    the same name), or, given ``dataset`` and ``specs``, of other data-set content or other
+    versions of a method, is moved aside, never deleted and never resumed. Returns where it went."""
     sweep = folder / "sweep"
     old = recorded_weights(sweep)
-    if old is None or old == adapter.fingerprint:
+    if old is None:
+        return None
+    if old == adapter.fingerprint and (dataset is None or identity_mismatch(sweep, dataset, specs) is None):
         return None
     aside, n = folder / f"sweep-{old or 'unfingerprinted'}", 1
     while aside.exists():
@@ -48,10 +52,10 @@ def set_aside_stale_sweep(adapter: ModelAdapter, folder: Path) -> Path | None:
 def sweep_tables(adapter: ModelAdapter, samples: list[Sample], config: ReportConfig, folder: Path,
                  progress: bool) -> dict[str, pl.DataFrame]:
     specs = method_specs(config.methods)
-    aside = set_aside_stale_sweep(adapter, folder)
+    aside = set_aside_stale_sweep(adapter, folder, config.dataset, specs)
     if aside is not None:
-        tqdm.write(f"{folder / 'sweep'} was not swept with these weights of {adapter.name} "
-                   f"(fingerprint {adapter.fingerprint}); moved to {aside}")
+        tqdm.write(f"{folder / 'sweep'} was not swept with these weights of {adapter.name} (fingerprint "
+                   f"{adapter.fingerprint}), this data set's content or these method versions; moved to {aside}")
     sweep = run_sweep(adapter, samples, config.dataset, specs, config.budgets, folder / "sweep",
                       progress=progress).table
     ids = {s.id for s in samples}

@@ -17,9 +17,18 @@ POSITION_MARGIN = 0.1  # a kept-row centroid this far from 0.5 counts as a posit
 # A depth trend is stated only when it is close to monotone: with 3-4 layers a Spearman rho of 0.5
 # is one swapped pair.
 TREND_RHO = 0.8
+# Two layers always have a rho of +-1, so a trend needs at least three; and a change smaller than
+# the two decimals the finding prints is no trend a reader could see.
+MIN_TREND_LAYERS = 3
+MIN_TREND_CHANGE = 0.01
 
 
-def trend_verdict(rho: float | None) -> str:
+def trend_verdict(rho: float | None, n_layers: int | None = None, first: float | None = None,
+                  last: float | None = None) -> str:
+    if n_layers is not None and n_layers < MIN_TREND_LAYERS:
+        return f"cannot show a depth trend over {n_layers} layer{'s' if n_layers != 1 else ''}"
+    if first is not None and last is not None and abs(last - first) < MIN_TREND_CHANGE:
+        return "stays flat with depth"
     if rho is not None and rho >= TREND_RHO:
         return "grows with depth"
     if rho is not None and rho <= -TREND_RHO:
@@ -58,7 +67,8 @@ def redundancy_finding(tables: dict) -> str | None:
             continue
         rho = row["spearman"][0]
         path = " -> ".join(f"{v:.2f}" for v in values["value"])
-        parts.append(f"in the {name} it {trend_verdict(rho)} (mean pairwise cosine of the visual tokens "
+        verdict = trend_verdict(rho, values.height, values["value"][0], values["value"][-1])
+        parts.append(f"in the {name} it {verdict} (mean pairwise cosine of the visual tokens "
                      f"by layer: {path}; Spearman rho {rho if rho is None else round(rho, 2)})")
     if not parts:
         return None
