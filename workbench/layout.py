@@ -20,6 +20,11 @@ class TokenGroup:
     rows: int
     cols: int
 
+    @property
+    def is_base_view(self) -> bool:
+        """The whole image at low resolution beside its tiles (LLaVA-NeXT's base, Idefics3's global)."""
+        return self.name.split(" / ")[-1].split(" ")[0] in ("base", "global")
+
 
 @dataclass(frozen=True)
 class VisualLayout:

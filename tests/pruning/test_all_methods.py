@@ -15,7 +15,8 @@ from workbench.pruning.registry import available_methods, create_method, method_
 from workbench.pruning.run import record_needs
 
 PUBLISHED = ("fastv", "fastervlm", "vtc_cls", "visionzip", "sparsevlm", "pyramiddrop", "flowcut", "divprune",
-             "hiprune", "feather", "visiondrop", "dart", "transprune", "mmtok", "todre", "hired")
+             "hiprune", "feather", "visiondrop", "dart", "transprune", "mmtok", "todre", "hired",
+             "vispruner", "cdpruner", "scope", "holov", "aim", "vscan", "vflowopt")
 BASELINES = ("random", "uniform_grid", "average_pool")
 
 

@@ -98,6 +98,8 @@ class ModelAdapter(ABC):
 
     architectures: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""
+    mrope: ClassVar[bool] = False  # multi-axis rotary positions (Qwen2-VL)
+    multi_view: ClassVar[bool] = False  # a base view of the whole image beside high-resolution crops
 
     def __init__(self, model: torch.nn.Module, processor, name: str = ""):
         self.model = model.eval()

@@ -54,6 +54,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     architectures = ("LlavaNextForConditionalGeneration",)
     family = "llava_next"
+    multi_view = True
     _unpad = staticmethod(unpad_image)
 
     def _tile_geometry(self) -> tuple[int, int]:

@@ -49,6 +49,7 @@ def bilinear_owner(n_in: int, n_out: int) -> np.ndarray:
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     architectures = ("LlavaOnevisionForConditionalGeneration",)
     family = "llava_onevision"
+    multi_view = True
     _unpad = staticmethod(unpad_image)
 
     def _axis_owner(self, n_in: int, n_out: int) -> np.ndarray:

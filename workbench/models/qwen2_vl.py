@@ -31,6 +31,7 @@ from workbench.models.registry import register
 class Qwen2VLAdapter(ModelAdapter):
     architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     family = "qwen2_vl"
+    mrope = True
 
     def language_model(self):
         return self.model.model.language_model

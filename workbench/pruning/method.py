@@ -38,12 +38,14 @@ class ModelFacts:
     has_cls_token: bool
     projector_feed_layer: int  # index into the tower's hidden_states (0 = embeddings, i = after layer i)
     vision_heads: int = 1  # attention heads of the tower (recorded keys hold them side by side)
+    mrope: bool = False  # the decoder's position ids have several axes (M-RoPE): they cannot be re-indexed
+    multi_view: bool = False  # images are seen as a low-resolution base view plus high-resolution crops
 
     @staticmethod
     def of(adapter) -> "ModelFacts":
         return ModelFacts(type(adapter).__name__, len(adapter.decoder_layers()), len(adapter.vision_layers()),
                           bool(adapter.has_cls_token), int(adapter.projector_feed_layer),
-                          int(adapter.vision_attention(0).num_heads))
+                          int(adapter.vision_attention(0).num_heads), bool(adapter.mrope), bool(adapter.multi_view))
 
     @property
     def projector_feed_tower_layer(self) -> int:
