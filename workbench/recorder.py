@@ -1,28 +1,30 @@
 """``record(adapter, prepared, request) -> Recording``: one traced forward, probes attached.
 
 The model runs once, with its own attention kernel (SDPA as loaded), under nnsight
-(``NNsight(model).trace``) and the workbench's attention listener (``probes/interception.py``).
-For each visited layer, in execution order, the trace reads the layer's input hidden state, the
-outputs of the projections that make its query and key before the rotary embedding (when pre-RoPE
-q/k are needed; ``ModelAdapter.rope_free_qk``) and the layer's output, all through nnsight's module
-inputs and outputs; the listener hands over the layer's attention calls. The probes turn them into
-the requested signals at once, so nothing per layer outlives its layer but what is recorded.
-Saliency signals then run their own passes (``probes/saliency.py``).
+(``NNsight(model).trace``) with the recording session as the attention listener
+(``probes/interception.py``). For each visited layer, in execution order, the trace reads the
+layer's input hidden state and the outputs of the projections that make its query and key before
+the rotary embedding (when pre-RoPE q/k are needed; ``ModelAdapter.rope_free_qk``), both as
+nnsight module inputs and outputs; the listener then runs the probes that read the attention call
+while the model waits at it, and the trace runs the probes of the layer's output once it exists.
+Nothing per layer outlives its layer but what is recorded. Saliency signals then run their own
+passes (``probes/saliency.py``).
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import nnsight
 import polars as pl
 import torch
 
 from probes import saliency
-from probes.capture import (ROW_KINDS, STACKS, CallCollector, LayerCapture, TokenRoles, output_projection,
-                            row_positions)
+from probes.capture import (ROW_KINDS, STACKS, CaptureError, LayerCapture, SiteReading, TokenRoles,
+                            output_projection, row_positions)
 from probes.interception import listening
 from probes.registry import PROBES, Observation, TableRows, probes_for, signal_spec
 from probes.sinks import massive_activations
@@ -122,8 +124,26 @@ class _Builder:
                 for name, columns in self.tables.items()}
 
 
+@dataclass
+class _Pending:
+    """A layer being visited: what its attention call's probes read, gathered as the trace reaches it."""
+
+    plan: StackPlan
+    layer: int
+    hidden_in: torch.Tensor | None = None
+    pre_rope: tuple | None = None
+    calls: list = field(default_factory=list)  # the blocks of a tower that attends block by block
+    observed: bool = False
+
+
+def _blockwise(module: torch.nn.Module) -> bool:
+    """Whether the attention module attends block by block (one call per ``cu_seqlens`` segment)."""
+    return "cu_seqlens" in inspect.signature(type(module).forward).parameters
+
+
 class _Session:
-    """State of one record() call inside the trace: probes, sink dimensions, token roles."""
+    """State of one record() call inside the trace: probes, sink dimensions, token roles. It is
+    also the attention listener of the traced forward (``called``)."""
 
     def __init__(self, adapter: ModelAdapter, prepared: PreparedInput, request: CaptureRequest, builder: _Builder):
         self.adapter, self.prepared, self.request, self.builder = adapter, prepared, request, builder
@@ -138,6 +158,7 @@ class _Session:
         self.sweep = bool({"rollout", "sink_share"} & set(single) or {"mean", "visual"} & set(request.rows))
         self.weighted = "kobayashi" in single and self.sweep and not request.per_head
         self.sink_dims: dict[tuple[str, int], torch.Tensor] = {}
+        self.pending: dict[int, _Pending] = {}  # attention module -> the layer being visited
 
     def roles(self, stack: str, length: int) -> TokenRoles:
         if stack == "llm":
@@ -145,22 +166,50 @@ class _Session:
             return TokenRoles.for_llm(self.prepared.layout.positions, length, None if mask is None else mask[0])
         return TokenRoles.for_tower(length, self.adapter.has_cls_token)
 
-    def visit(self, plan: StackPlan, layer: int, envoys: dict, collector: CallCollector) -> None:
-        """Read one layer inside the trace, in execution order, and run the probes on it."""
+    def visit(self, plan: StackPlan, layer: int, envoys: dict) -> None:
+        """Read one layer inside the trace, in execution order, and run the probes on it.
+
+        What the layer's attention call needs (its input, the pre-RoPE q/k) is left for the
+        listener (``called``), which runs the probes that read only the call while the model waits
+        at it, so q/k/v are let go before the MLP, where a forward's memory peaks. A tower that
+        attends block by block is read once its layer has run, all blocks joined.
+        """
         layer_envoy = envoys["layer"][layer]
-        hidden_in = _first(layer_envoy.inputs) if "hidden_in" in self.captures or self.needs_sinks else None
-        pre_rope = None
+        module = plan.attention[layer]
+        pending = self.pending[id(module)] = _Pending(plan, layer)
+        if "hidden_in" in self.captures or self.needs_sinks:
+            pending.hidden_in = _first(layer_envoy.inputs)
         rope_free = envoys["rope_free"][layer]
         if "norope" in self.captures and rope_free is not None:
-            pre_rope = rope_free.qk.split([envoy.output for envoy in rope_free.envoys])
-        hidden_out = _first(layer_envoy.output)  # the layer has run, so the listener holds its calls
-        reading = collector.take(plan.attention[layer], pre_rope)
-        if self.at_call:
-            self.observe(plan, layer, self.at_call, hidden_in,
-                         reading=reading if self.captures & {"call", "norope"} else None)
-        del reading
+            pending.pre_rope = rope_free.qk.split([envoy.output for envoy in rope_free.envoys])
+        hidden_out = _first(layer_envoy.output)  # the layer has run: every call of it has been seen
+        del self.pending[id(module)]
+        if not pending.observed:
+            if not pending.calls:
+                raise CaptureError(f"{type(module).__name__} made no attention call through the workbench's "
+                                   "attention function (was the model loaded through an adapter?)")
+            self.at_attention(pending, SiteReading(module, pending.calls, pending.pre_rope))
         if self.at_output:
-            self.observe(plan, layer, self.at_output, hidden_in, hidden_out=hidden_out)
+            self.observe(plan, layer, self.at_output, pending.hidden_in, hidden_out=hidden_out)
+
+    # --- the attention listener ---------------------------------------------------------------------
+    def called(self, module, query, key, value, attention_mask, kwargs) -> None:
+        pending = self.pending.get(id(module))
+        if pending is None:
+            return
+        call = ((module, query, key, value, attention_mask), dict(kwargs))
+        if _blockwise(module):
+            pending.calls.append(call)
+        else:
+            self.at_attention(pending, SiteReading(module, [call], pending.pre_rope))
+
+    def returned(self, module, output, weights) -> None:
+        pass
+
+    def at_attention(self, pending: "_Pending", reading: SiteReading) -> None:
+        pending.observed = True
+        if self.at_call:
+            self.observe(pending.plan, pending.layer, self.at_call, pending.hidden_in, reading=reading)
 
     def observe(self, plan: StackPlan, layer: int, probes: list, hidden_in, reading=None, hidden_out=None) -> None:
         views = 1
@@ -246,11 +295,10 @@ def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureReque
     if session.probes and plans:
         root = traced(adapter.model)
         envoys = {plan.stack: _envoys(root, adapter, plan) for plan in plans}
-        collector = CallCollector(plan.attention[i] for plan in plans for i in plan.visit)
-        with torch.no_grad(), listening(collector), root.trace(**prepared.inputs, use_cache=False):
+        with torch.no_grad(), listening(session), root.trace(**prepared.inputs, use_cache=False):
             for plan in plans:
                 for layer in plan.visit:
-                    session.visit(plan, layer, envoys[plan.stack], collector)
+                    session.visit(plan, layer, envoys[plan.stack])
     answer_text = _saliency(adapter, prepared, request, builder, plans, answer)
     identity = Identity(adapter.name, sample_id, question, prepared.prompt, answer_text, adapter.fingerprint)
     return Recording(identity, request, prepared.layout, dict(builder.tensors), frozenset(builder.per_head),
