@@ -55,6 +55,16 @@ def test_ties_go_to_the_lower_index():
     assert picks.tolist() == [0, 2, 1]  # 0 by tie, 2 opposite, then 1 and 3 tie -> 1
 
 
+def test_count_rounds_half_to_even_like_the_code():
+    # 0.75 of 6 tokens = 4.5: the code's int(round(4.5)) = 4; the workbench's half-up n_keep is 5
+    assert DivPrune().kept_count(context(0.75)) == 4 == len(DivPrune().select(context(0.75)).final_kept)
+    assert DivPrune().kept_counts(context(0.75)) == (4,)
+    assert DivPrune(count="budget").kept_count(context(0.75)) == 5 == resolve_budget(0.75, 6)
+    assert DivPrune().kept_count(context(5)) == 5  # a count is kept as given
+    with pytest.raises(ValueError, match="count must be one of"):
+        DivPrune(count="floor")
+
+
 def test_budget_edges_and_registry():
     assert DivPrune().select(context(0)).final_kept == ()
     assert DivPrune().select(context(6)).final_kept == tuple(range(6))

@@ -26,7 +26,7 @@ def bottom_rows_entries():
 def test_first_cut_is_attention_top_k_united_with_the_grid():
     # final matching, n_keep = 4 of 36: keep fraction sqrt(4/36) = 1/3 -> top 12, grid [::3, ::3] = 0, 3, 18, 21
     context = handmade_context(grid_layout((6, 6)), 4, bottom_rows_entries())
-    method = Feather()
+    method = Feather(budget_mode="final")
     assert method.needs(LLAVA_FACTS) == (NOROPE,)  # layer 7's RoPE-free attention cuts before layer 8
     (stage,) = method.select(context).stages
     assert stage.where == 8 and stage.position == "original"
@@ -34,12 +34,14 @@ def test_first_cut_is_attention_top_k_united_with_the_grid():
     assert method.kept_counts(context) == (16, 4)  # then 4 before layer 16
 
 
-def test_fixed_reference_ratio_keeps_thirty_percent_plus_grid():
-    # r = 0.7 on 36 tokens: int(36 * 0.3) = 10 by attention (tokens 26..35), then int(36 * 0.09) = 3
+def test_default_fixed_reference_ratio_keeps_thirty_percent_plus_grid():
+    # r = 0.7 on 36 tokens: int(36 * 0.3) = 10 by attention (tokens 26..35) + 4 grid = 14 survivors,
+    # then int(14 * 0.09) = 1 (the code's second cut counts the survivors, not N); the budget is ignored
     context = handmade_context(grid_layout((6, 6)), 4, bottom_rows_entries())
-    method = Feather(budget_mode="fixed")
+    method = Feather()
+    assert method.budget_mode == "fixed"
     assert method.select(context).final_kept == (0, 3, 18, 21) + tuple(range(26, 36))
-    assert method.kept_counts(context) == (14, 3)
+    assert method.kept_counts(context) == (14, 1)
 
 
 def test_grid_is_per_group():
@@ -66,8 +68,10 @@ def test_not_applicable_on_a_two_layer_tiny_qwen2_vl():
 def test_runs_on_the_shipped_model():
     execution, context = check_on_shipped(Feather())
     stages = execution.plan.stages
-    assert [s.where for s in stages] == [1, 2] and len(stages[1].kept) == context.n_keep
+    assert [s.where for s in stages] == [1, 2] and len(stages[1].kept) == int(len(stages[0].kept) * 0.09)
     assert set(stride_grid(context.layout, 3)) <= set(stages[0].kept)
+    final, context = check_on_shipped(Feather(budget_mode="final"))
+    assert len(final.plan.stages[1].kept) == context.n_keep
 
 
 def test_first_cut_reads_what_the_second_cut_computes_live():

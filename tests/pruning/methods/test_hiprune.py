@@ -41,13 +41,23 @@ def test_anchor_buffers_then_deep_registers():
     assert plan.stages[0].scores[15] == pytest.approx(0.8)
 
 
-def test_buffers_are_grid_neighbours_not_flat_index_neighbours():
+def test_grid_buffers_are_grid_neighbours_not_flat_index_neighbours():
     layout = grid_layout((4, 4))
     # anchor 4 = cell (1, 0): neighbours 0, 8, 5 (the reference's flat -1 would add 3 = cell (0, 3));
     # 6 - 4 = 2 registers by deep attention: 15 and 14 (3 is the deep third)
     entries = {mean(8): scores({4: 0.9}), mean(22): scores({15: 0.9, 14: 0.8, 3: 0.7})}
-    plan = HiPrune(alpha=0.625).select(handmade_context(layout, 6, entries))
+    plan = HiPrune(alpha=0.625, neighbours="grid").select(handmade_context(layout, 6, entries))
     assert plan.final_kept == (0, 4, 5, 8, 14, 15)
+
+
+def test_default_flat_buffers_wrap_across_rows_and_clamp_like_the_reference():
+    layout = grid_layout((4, 4))
+    # anchor 4: flat 3, 5, 0, 8 (3 = the previous row's last token); one register: 15
+    entries = {mean(8): scores({4: 0.9}), mean(22): scores({15: 0.9, 14: 0.8, 3: 0.7})}
+    assert HiPrune(alpha=0.625).select(handmade_context(layout, 6, entries)).final_kept == (0, 3, 4, 5, 8, 15)
+    # anchor 1: flat 0, 2, clamp(1 - 4) = 0, 5; two registers: 15, 14
+    entries = {mean(8): scores({1: 0.9}), mean(22): scores({15: 0.9, 14: 0.8, 3: 0.7})}
+    assert HiPrune(alpha=0.625).select(handmade_context(layout, 6, entries)).final_kept == (0, 1, 2, 5, 14, 15)
 
 
 def test_default_alpha_rounds_like_the_reference():
@@ -78,6 +88,8 @@ def test_invalid_hyper_parameters():
         HiPrune(alpha=-0.1)
     with pytest.raises(ValueError, match="object_layer must be a 1-based layer"):
         HiPrune(object_layer=0)
+    with pytest.raises(ValueError, match="neighbours must be one of"):
+        HiPrune(neighbours="diagonal")
 
 
 def test_runs_on_tiny_llava():

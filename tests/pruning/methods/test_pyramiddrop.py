@@ -53,10 +53,12 @@ def test_parameters_are_checked():
 def test_runs_on_the_shipped_model():
     execution, _ = check_on_shipped(PyramidDrop())
     stages = execution.plan.stages
-    assert [len(s.kept) for s in stages] == [87, 52, 32]
+    assert [len(s.kept) for s in stages] == [72, 36, 18]  # the code's int(144 * 0.5**s); the budget is ignored
     assert [s.where for s in stages] == [1, 2, 3] and {s.position for s in stages} == {"reindex"}
     assert set(stages[1].kept) <= set(stages[0].kept)
     assert np.isnan(np.asarray(stages[1].scores)[[i for i in range(144) if i not in stages[0].kept]]).all()
+    final, _ = check_on_shipped(PyramidDrop(budget_mode="final"))  # lambda = (32/144)^(1/3)
+    assert [len(s.kept) for s in final.plan.stages] == [87, 52, 32]
 
 
 def test_falls_back_to_original_positions_on_m_rope():

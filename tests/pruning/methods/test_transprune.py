@@ -106,8 +106,13 @@ def test_schedule():
     context = SelectionContext(grid_layout((24, 24)), 72, None, LLAVA_FACTS)
     assert TransPrune().schedule(context) == [(7, 504), (9, 360), (12, 72)]
     assert TransPrune().accumulating(LLAVA_FACTS) == (6, 7, 8, 9, 10, 11)
+    # the default is the code's fixed ratios (the budget is ignored); "final" keeps the budget last
+    assert TransPrune().schedule(SelectionContext(grid_layout((24, 24)), 30, None, LLAVA_FACTS))[-1] == (12, 72)
+    assert TransPrune(budget_mode="final").schedule(
+        SelectionContext(grid_layout((24, 24)), 30, None, LLAVA_FACTS)) == [(7, 504), (9, 360), (12, 30)]
     shipped = SelectionContext(grid_layout((12, 12)), 0.22, None, ModelFacts("LlavaAdapter", 3, 3, True, 3))
-    assert TransPrune().schedule(shipped) == [(1, 32)]
+    assert TransPrune().schedule(shipped) == [(1, 18)]
+    assert TransPrune(budget_mode="final").schedule(shipped) == [(1, 32)]
     assert TransPrune().accumulating(shipped.model) == (0,)
 
 
@@ -116,13 +121,15 @@ def test_validation_and_applicability():
         TransPrune(ratios=(0.5,))
     with pytest.raises(ValueError, match="strictly increasing"):
         TransPrune(prune_layers=(9, 7, 12))
+    with pytest.raises(ValueError, match="budget_mode must be one of"):
+        TransPrune(budget_mode="average")
     with pytest.raises(MethodNotApplicable, match="at least 2 layers"):
         TransPrune().check_applies(ModelFacts("LlavaAdapter", 1, 3, True, 3))
 
 
 def test_shipped_model():
     execution, _ = check_on_shipped(TransPrune())
-    assert [len(st.kept) for st in execution.plan.stages] == [90, 32]
+    assert [len(st.kept) for st in execution.plan.stages] == [90, 18]  # int(144 * 0.625), int(144 * 0.125)
     assert [st.where for st in execution.plan.stages] == [1, 2]
     assert all(np.isfinite(st.score_array[list(st.kept)]).all() for st in execution.plan.stages)
     adapter = shipped_sample()[0]

@@ -37,7 +37,7 @@ def test_reference_splits_and_ratio():
 
 def test_dominant_then_stride_targets_among_the_remaining_tokens():
     layout = grid_layout((4, 4))
-    plan = VisionZip(contextual_ratio=0.5).select(handmade_context(layout, 4, entries()))
+    plan = VisionZip(contextual_ratio=0.5, cls_slot="patch").select(handmade_context(layout, 4, entries()))
     stage = plan.stages[0]
     # dominant: 2, 3. Remaining: 0, 1, 4, 5, ..., 15 (14 tokens); stride 14 // 2 = 7 -> targets are the
     # remaining tokens at positions 0 and 7: tokens 0 and 9 (a stride over all 16 tokens would give 8).
@@ -47,14 +47,27 @@ def test_dominant_then_stride_targets_among_the_remaining_tokens():
     assert stage.merges == (Merge(0, (1, 4, 5), (1.0, 1 / 3, 1 / 3, 1 / 3)),
                             Merge(9, (6, 7, 8, 10, 11, 12, 13, 14, 15), (1.0,) + (1 / 9,) * 9))
     assert stage.scores[2] == pytest.approx(0.5)
-    mean = VisionZip(contextual_ratio=0.5, merge="mean").select(handmade_context(layout, 4, entries()))
+    mean = VisionZip(contextual_ratio=0.5, merge="mean", cls_slot="patch").select(
+        handmade_context(layout, 4, entries()))
     assert mean.stages[0].merges[0] == Merge.mean(0, (1, 4, 5))
+
+
+def test_the_reference_cls_slot_takes_one_dominant_patch():
+    # dominant 2 = [CLS] + 1 patch (visionzip/main.py: dominant_num = dominant - 1): token 2 only.
+    # Remaining: the 15 others; stride 15 // 2 = 7 -> targets are remaining[0], remaining[7]: 0 and 8.
+    layout = grid_layout((4, 4))
+    context = handmade_context(layout, 4, entries())
+    plan = VisionZip(contextual_ratio=0.5).select(context)
+    assert plan.final_kept == (0, 2, 8)
+    assert VisionZip(contextual_ratio=0.5).kept_counts(context) == (3,)
+    assert VisionZip(contextual_ratio=0.5, cls_slot="patch").kept_counts(context) == (4,)
 
 
 def test_no_contextual_slots_is_plain_top_k():
     layout = grid_layout((4, 4))
-    plan = VisionZip(contextual_ratio=0.0).select(handmade_context(layout, 2, entries()))
+    plan = VisionZip(contextual_ratio=0.0, cls_slot="patch").select(handmade_context(layout, 2, entries()))
     assert plan.final_kept == (2, 3) and plan.stages[0].merges == ()
+    assert VisionZip(contextual_ratio=0.0).select(handmade_context(layout, 2, entries())).final_kept == (2,)
 
 
 def test_invalid_hyper_parameters():
@@ -62,6 +75,8 @@ def test_invalid_hyper_parameters():
         VisionZip(merge="sum")
     with pytest.raises(ValueError, match="contextual_ratio must be"):
         VisionZip(contextual_ratio=2.0)
+    with pytest.raises(ValueError, match="cls_slot must be one of"):
+        VisionZip(cls_slot="cls")
 
 
 def test_no_cls_tower_is_not_applicable():
@@ -74,7 +89,7 @@ def test_runs_on_tiny_llava():
     adapter, prepared = tiny_input("llava")
     execution, _ = run_checked(adapter, prepared, VisionZip(), 0.5, max_new_tokens=2)
     n_keep = len(execution.plan.final_kept)
-    assert n_keep == (prepared.layout.n_tokens + 1) // 2
+    assert n_keep == (prepared.layout.n_tokens + 1) // 2 - 1  # the [CLS] slot is not given to a patch
     assert execution.plan.stages[0].merges  # contextual tokens were merged
 
 
@@ -85,7 +100,7 @@ def test_runs_on_tiny_llava_next_through_the_tower_map_and_not_on_qwen2_vl():
     layout = prepared.layout
     execution, context = run_checked(adapter, prepared, VisionZip(), 0.5, max_new_tokens=2)
     recording, stage = context.recording, execution.plan.stages[0]
-    assert len(stage.kept) == context.n_keep and stage.merges
+    assert len(stage.kept) == context.n_keep - len(layout.groups) and stage.merges  # one [CLS] slot per crop
     layer = VisionZip().layer(context.model)
     np.testing.assert_allclose(stage.scores, folded(recording, layout, "attention", layer, "cls"))
     keys = tower_features(recording, layout, "visual_keys", layer)
@@ -100,5 +115,5 @@ def test_runs_on_tiny_llava_next_through_the_tower_map_and_not_on_qwen2_vl():
 
 def test_runs_on_the_shipped_model():
     execution, _ = check_on_shipped(VisionZip())
-    assert [len(st.kept) for st in execution.plan.stages] == [32]
+    assert [len(st.kept) for st in execution.plan.stages] == [31]  # 32 = [CLS] + 31 patches
     assert len(execution.plan.stages[0].merges) > 0

@@ -248,7 +248,14 @@ class HiRED(ClsAttentionMethod):
     (so it can keep fewer than the budget); we use largest remainders and keep exactly the budget.
     The reference maps the base view onto the sub-images by cutting its flattened token list into
     equal contiguous chunks (row bands, not the sub-images' regions); we use the regions, as the
-    paper describes. Our LLaVA-NeXT layout stitches all tiles into one group, so there the split is
+    paper describes.
+
+    Kept count (``count``): "floor" (default, the code: ``int(N * token_budget_rate)``,
+    models/llava/modeling_llava.py line 352) on a fractional budget, a count kept as given; "budget"
+    keeps the workbench's half-up ``n_keep`` (they differ where ``budget * N`` is not whole: 0.22 of
+    144 is 31 in the code, 32 here).
+
+    Our LLaVA-NeXT layout stitches all tiles into one group, so there the split is
     base vs tiles (per-tile shares would need a per-token tile id in ``VisualLayout``); its per-crop
     tower recording is folded onto the layout by the tower map (see ``row_scores``)."""
 
@@ -259,11 +266,13 @@ class HiRED(ClsAttentionMethod):
         "(HiRED_token_selection, HiRED_sub_img_budgets; vit_top_layer=0, vit_bottom_layer=22, heads summed) "
         "and models/llava/modeling_llava.py (single image: top-k by layer 22); alpha=0.5 from "
         "accuracy_benchmarks/*.sh. Code vs paper: the code maps the base view to sub-images by contiguous "
-        "chunks of its token list and floors shares; we follow the paper's spatial mapping and keep the exact budget.")
+        "chunks of its token list and floors shares; we follow the paper's spatial mapping and keep the exact budget. "
+        "Total count: the code's int(N * rate) (count='floor', default); count='budget' keeps n_keep.")
 
     alpha: float = 0.5
     early_layer: int = 0
     deep_layer: int = REFERENCE_FEED_LAYER
+    count: str = "floor"
 
     def __post_init__(self):
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
@@ -274,13 +283,25 @@ class HiRED(ClsAttentionMethod):
                     or not 0 <= value < REFERENCE_TOWER_DEPTH:
                 raise ValueError(f"hired: {name} must be an int in 0..{REFERENCE_TOWER_DEPTH - 1} "
                                  f"(0-based, 24-layer reference tower), got {value!r}")
+        if self.count not in ("floor", "budget"):
+            raise ValueError(f"hired: count must be one of ('floor', 'budget'), got {self.count!r}")
+
+    def kept_count(self, context: SelectionContext) -> int:
+        """Tokens kept: the code's ``int(N * rate)`` for a fractional budget under ``count="floor"``."""
+        budget = context.budget
+        if self.count == "floor" and isinstance(budget, float):
+            return min(int(context.n_visual * budget), context.n_visual)
+        return context.n_keep
+
+    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        return (self.kept_count(context),)
 
     def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
         return tuple(sorted({tower_layer(self.early_layer, model), tower_layer(self.deep_layer, model)}))
 
     def shares(self, context: SelectionContext, early: np.ndarray) -> list[int]:
         """Tokens each group keeps (see the class docstring)."""
-        layout, n_keep = context.layout, context.n_keep
+        layout, n_keep = context.layout, self.kept_count(context)
         members = group_members(layout)
         sizes = [len(m) for m in members]
         if len(members) == 1:

@@ -16,6 +16,8 @@ from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import cosine_matrix
 from workbench.pruning.registry import register_method
 
+COUNT_RULES = ("round", "budget")
+
 
 def cosine_distance(features) -> np.ndarray:
     """[N, N] distances 1 - cosine similarity (zero rows: cosine 0, distance 1)."""
@@ -81,7 +83,11 @@ class DivPrune(PruningMethod):
     1 - cosine similarity. As in the released code, the first token is the one whose nearest other
     token is farthest; every next token is the one farthest (max over candidates of the min
     distance) from the tokens already kept; ties go to the lower index (torch.argmax).
-    No hyper-parameters besides the budget (the code's SUBSET_RATIO)."""
+
+    Kept count (``count``): "round" (default, the code: ``int(round(SUBSET_RATIO * N))``, Python's
+    round half to even, llava_arch.py ``DivPrune``) on a fractional budget; a budget given as a count
+    is kept as is. "budget" keeps ``context.n_keep`` (the workbench's half-up rounding); the two
+    differ only where ``budget * N`` ends in exactly .5."""
 
     scored_by: ClassVar[str] = "similarity"
 
@@ -91,8 +97,25 @@ class DivPrune(PruningMethod):
         "LAYER_INDEX=0 on new_input_embeds, i.e. the projected visual tokens at the LLM input). Paper and code "
         "agree on the greedy max-min rule and the 1 - cosine distance; the first pick (largest nearest-neighbour "
         "distance, i.e. the second-smallest entry of its distance column) and the tie rule (first index) are "
-        "from the code. Kept count: the code keeps round(ratio * N); we keep context.n_keep."
+        "from the code. Kept count: the code keeps int(round(ratio * N)) (round half to even), followed by default "
+        "(count='round'); count='budget' keeps the workbench's half-up n_keep."
     )
+
+    count: str = "round"
+
+    def __post_init__(self):
+        if self.count not in COUNT_RULES:
+            raise ValueError(f"divprune: count must be one of {COUNT_RULES}, got {self.count!r}")
+
+    def kept_count(self, context: SelectionContext) -> int:
+        """Tokens kept: the code's ``int(round(ratio * N))`` for a fractional budget under "round"."""
+        budget = context.budget
+        if self.count == "round" and isinstance(budget, float):
+            return min(int(round(budget * context.n_visual)), context.n_visual)
+        return context.n_keep
+
+    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        return (self.kept_count(context),)
 
     def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
         return (SignalNeed("visual_states", "llm", 0),)
@@ -101,5 +124,5 @@ class DivPrune(PruningMethod):
         features = context.signal(SignalNeed("visual_states", "llm", 0))
         if features.shape[0] != context.n_visual:
             raise ValueError(f"divprune: {features.shape[0]} recorded visual states for {context.n_visual} tokens")
-        picks, scores = greedy_max_min(cosine_distance(features), context.n_keep)
+        picks, scores = greedy_max_min(cosine_distance(features), self.kept_count(context))
         return self.plan(context, [Stage(PRE_LLM, tuple(sorted(int(i) for i in picks)), tuple(scores))])

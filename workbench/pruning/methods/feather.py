@@ -52,19 +52,22 @@ class Feather(PruningMethod):
 
     Before layer K1=8 (scaled): the top ``int(N * (1 - r))`` visual tokens by the LAST token's
     attention computed without RoPE in layer K1-1 (on that layer's input), united with a uniform
-    stride-3 grid (``grid[::3, ::3]``, per group here). Before layer K2=16 (scaled): the top
-    ``int(N * (1 - r)^2)`` of the survivors by the same RoPE-free attention, now of layer K2-1 on
-    the live pruned sequence (a layer callback; the identity rotary makes LayerState's q/k pre-RoPE).
+    stride-3 grid (``grid[::3, ::3]``, per group here); M tokens survive. Before layer K2=16
+    (scaled): the top ``int(M * (1 - r)^2)`` of the M survivors (the code re-sets ``image_indices``
+    to the survivors after the first cut, llama2_models.py line 201, and the second cut keeps
+    ``int(len(image_indices) * fastV_ratio**2)``, line 162) by the same RoPE-free attention, now of
+    layer K2-1 on the live pruned sequence (a layer callback; the identity rotary makes LayerState's q/k pre-RoPE).
     Position ids are kept (the reference slices ``position_ids[:, keep_indexs]``).
 
     Both cuts rank as the reference does: each head's softmax over the image keys only, then the
     head mean. The first cut reads it from the unpruned recording (``attention_norope_visual``),
     the second computes it on the live pruned state.
 
-    Budget: ``budget_mode="final"`` (default) keeps keep-fraction f = sqrt(n_keep/N), so the final
-    cut keeps exactly n_keep and the first ``int(N*f)`` plus the grid (the reference's r=0.7 is
-    f=0.3, final 0.09 N); ``"fixed"`` uses ``ratio`` and ignores n_keep. ``kept_counts``: the first
-    stage's size (attention top-k united with the grid, read from the recording) and the final count.
+    Budget: ``budget_mode="fixed"`` (default, the reference code with eval_feather.sh's r=0.7) uses
+    ``ratio`` and ignores n_keep: ``int(N * (1 - r))`` then ``int(M * (1 - r)**2)``, as above.
+    ``"final"`` (ours) matches the final count to the budget with keep-fraction f = sqrt(n_keep/N):
+    the first cut's top ``int(N*f)`` plus the grid, the second exactly n_keep. ``kept_counts``: the
+    first stage's size (attention top-k united with the grid, read from the recording) and the final count.
     """
 
     scored_by: ClassVar[str] = "text_attention"
@@ -74,13 +77,14 @@ class Feather(PruningMethod):
         "models/backbones/llm/llama2_models.py + vlm-evaluation/scripts/eval_feather.sh (k=[8,16], r=0.7, "
         "no_rope_s=3). Cut 1 before layer 8: top int(N*0.3) by last-token RoPE-free attention of layer 7 "
         "united with a stride-3 grid; cut 2 before layer 16: top int(N*0.09) by layer 15's, original "
-        "positions; both rank by each head's softmax over the image keys, then the head mean. Deviation: "
-        "budget matched on the final count (f = sqrt(n_keep/N)).")
+        "positions; both rank by each head's softmax over the image keys, then the head mean. Default "
+        "budget_mode='fixed' is the code's count (cut 2 keeps int(M*0.09) of the M survivors; the budget is "
+        "ignored); variant budget_mode='final' matches the final count to the budget (f = sqrt(n_keep/N)).")
 
     layers: tuple[int, ...] = (8, 16)
     ratio: float = 0.7  # reduction ratio r per cut, used by budget_mode="fixed"
     stride: int = 3
-    budget_mode: str = "final"
+    budget_mode: str = "fixed"
 
     def __post_init__(self):
         layers = tuple(self.layers)
@@ -111,27 +115,36 @@ class Feather(PruningMethod):
     def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
         return (SignalNeed("attention_norope_visual", "llm", self.cut_layers(model)[0] - 1, "last"),)
 
-    def counts(self, context: SelectionContext) -> tuple[int, int]:
-        """(attention top-k of the first cut, tokens kept by the second cut)."""
+    def counts(self, context: SelectionContext, survivors: int | None = None) -> tuple[int, int]:
+        """(attention top-k of the first cut, tokens kept by the second cut); ``survivors``: the
+        first cut's kept count M (read from the recording when not given)."""
         n = context.n_visual
         if self.budget_mode == "fixed":
-            keep = 1.0 - self.ratio
-            return int(math.floor(n * keep + 1e-9)), int(math.floor(n * keep * keep + 1e-9))
+            keep = 1.0 - self.ratio  # the code's fastV_ratio = 1 - fastv_ratio
+            if survivors is None:
+                survivors = len(self.first_stage(context).kept)
+            return int(n * keep), int(survivors * (keep * keep))
         first = int(math.floor(math.sqrt(context.n_keep * n) + 1e-9))
         return max(first, context.n_keep), context.n_keep
+
+    def first_count(self, context: SelectionContext) -> int:
+        """The first cut's attention top-k (before the grid is added)."""
+        n = context.n_visual
+        if self.budget_mode == "fixed":
+            return int(n * (1.0 - self.ratio))
+        return max(int(math.floor(math.sqrt(context.n_keep * n) + 1e-9)), context.n_keep)
 
     def first_stage(self, context: SelectionContext) -> Stage:
         model = context.require_model()
         self.check_applies(model)
         (need,) = self.needs(model)
         scores = context.signal(need).mean(axis=0)
-        top, _ = self.counts(context)
-        kept = np.union1d(top_k(scores, top), stride_grid(context.layout, self.stride))
+        kept = np.union1d(top_k(scores, self.first_count(context)), stride_grid(context.layout, self.stride))
         return Stage(self.cut_layers(model)[0], tuple(kept), tuple(scores), position="original")
 
     def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
         first = len(self.first_stage(context).kept)
-        return first, min(self.counts(context)[1], first)
+        return first, min(self.counts(context, first)[1], first)
 
     def select(self, context: SelectionContext) -> KeepPlan:
         return self.plan(context, [self.first_stage(context)])
@@ -139,7 +152,6 @@ class Feather(PruningMethod):
     def layer_callback(self, context: SelectionContext):
         model = context.require_model()
         _, second = self.cut_layers(model)
-        count = self.counts(context)[1]
         n_visual = context.n_visual
         pending = {}
 
@@ -157,6 +169,7 @@ class Feather(PruningMethod):
                 raise RuntimeError("feather: the visual tokens changed between scoring and the second cut")
             scores = np.full(n_visual, np.nan)
             scores[alive] = pending["scores"]
+            count = self.counts(context, len(alive))[1]
             kept = top_k(scores, min(count, len(alive)), among=alive)
             return Stage(layer, tuple(kept), tuple(scores), position="original")
 

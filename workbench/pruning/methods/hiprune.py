@@ -19,6 +19,9 @@ CLIP_REFERENCE = (9, 24, 22)  # LLaVA-1.5 / LLaVA-NeXT: CLIP ViT-L/14-336, deep 
 QWEN_REFERENCE = (16, 32, 31)  # Qwen2.5-VL: 32-layer tower, deep = its last layer
 
 
+NEIGHBOUR_RULES = ("flat", "grid")
+
+
 def _neighbours(layout, members: np.ndarray) -> dict[int, list[int]]:
     """Token -> its up/down/left/right neighbours inside the same group grid."""
     at = {(int(layout.cell[i, 0]), int(layout.cell[i, 1])): int(i) for i in members}
@@ -26,6 +29,23 @@ def _neighbours(layout, members: np.ndarray) -> dict[int, list[int]]:
     for i in members:
         r, c = int(layout.cell[i, 0]), int(layout.cell[i, 1])
         out[int(i)] = [at[p] for p in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)) if p in at]
+    return out
+
+
+def _flat_neighbours(layout, members: np.ndarray) -> dict[int, list[int]]:
+    """Token -> the reference's flat "neighbours": row-major index -1, +1, -W, +W within its group
+    (W = the group's columns), each clamped to the group's first..last token (LLaVA/llava/model/
+    llava_arch.py, encode_images: ``cat([i, i-1, i+1, i-24, i+24]).clamp(0, 575)``), so a row's last
+    token takes the next row's first, and clamping can add the group's first or last token."""
+    order = sorted((int(layout.cell[i, 0]), int(layout.cell[i, 1]), int(i)) for i in members)
+    flat = [i for _, _, i in order]
+    local = {i: n for n, i in enumerate(flat)}
+    cols = int(layout.groups[int(layout.group[flat[0]])].cols) if flat else 1
+    last = len(flat) - 1
+    out = {}
+    for i in flat:
+        n = local[i]
+        out[i] = [flat[min(max(n + d, 0), last)] for d in (-1, 1, -cols, cols)]
     return out
 
 
@@ -55,9 +75,12 @@ class HiPrune(PruningMethod):
     a token owns: the 2x2 merge block on Qwen2-VL/2.5-VL, where the reference code also scores
     merged tokens; every crop of a LLaVA-NeXT image; see ``cls_attention.row_scores``).
 
-    Deviations: the reference takes neighbours as flat indices +-1 and +-row width, clamped to the
-    image, so a token at a row's end gets the next row's first token as a "neighbour"; we use true grid
-    neighbours within the group (the paper's spatial neighbours). When anchors + buffers exceed ``k``
+    Buffers (``neighbours``): "flat" (default, the reference code) takes row-major indices +-1 and
+    +-row width within the group, clamped to the group, so a token at a row's end gets the next row's
+    first token as a "neighbour" and clamping can add the group's first or last token; "grid" takes
+    true grid neighbours within the group (the paper's "spatial neighbours").
+
+    Deviations: when anchors + buffers exceed ``k``
     (tiny budgets, large ``alpha``) we keep anchors first, then buffers by object-layer attention (the
     reference would fail there). ``Stage.scores`` holds the deep-layer attention.
     """
@@ -71,11 +94,12 @@ class HiPrune(PruningMethod):
         "deep = attentions[mm_vision_select_layer=-2], anchors round(N*alpha/5), +-1/+-24 neighbours, deep top-k "
         "for the rest) and Qwen2_5_VL/qwen2_5_vl_HiPrune.py (object layer 16, deep = last layer); defaults "
         "alpha=0.1, object layer 9 (README). The paper says 'spatial neighbours'; the code's flat +-1 wraps "
-        "across rows: we follow the paper (true grid neighbours).")
+        "across rows and clamps: we follow the code (neighbours='flat'); neighbours='grid' is the paper's.")
 
     alpha: float = 0.1
     object_layer: int = CLIP_REFERENCE[0]
     object_layer_no_cls: int = QWEN_REFERENCE[0]
+    neighbours: str = "flat"
 
     def __post_init__(self):
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
@@ -84,6 +108,8 @@ class HiPrune(PruningMethod):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= depth:
                 raise ValueError(f"hiprune: {name} must be a 1-based layer in 1..{depth}, got {value!r}")
+        if self.neighbours not in NEIGHBOUR_RULES:
+            raise ValueError(f"hiprune: neighbours must be one of {NEIGHBOUR_RULES}, got {self.neighbours!r}")
 
     def layers(self, model: ModelFacts) -> tuple[int, int]:
         """(object layer, deep layer), 0-based on this model's tower."""
@@ -108,7 +134,7 @@ class HiPrune(PruningMethod):
                 continue
             n_anchor = min(int(round(k * self.alpha / 5)), k)
             anchors = top_k(shallow, n_anchor, among=members)
-            near = _neighbours(context.layout, members)
+            near = (_flat_neighbours if self.neighbours == "flat" else _neighbours)(context.layout, members)
             buffers = sorted({j for a in anchors for j in near[int(a)]} - {int(a) for a in anchors})
             if n_anchor + len(buffers) > k:
                 buffers = list(top_k(shallow, k - n_anchor, among=buffers))

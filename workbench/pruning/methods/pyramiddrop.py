@@ -60,11 +60,13 @@ class PyramidDrop(PruningMethod):
     The pruned sequence is re-numbered contiguously (``position_ids = arange``): ``position="reindex"``.
     Here that is a layer callback using ``LayerState.attention`` on the last text row.
 
-    Budget: the reference's average-token matching cannot reach budgets below N/4 with its layers
-    (the first quarter of the decoder always sees all N tokens), so we match the FINAL count:
-    ``budget_mode="final"`` (default) sets lambda = (n_keep/N)^(1/3), giving [N*lam, N*lam^2, n_keep]
-    (at n_keep = N/8 this is exactly the reference's lambda = 0.5 schedule); ``budget_mode="fixed"``
-    runs the reference's own schedule with ``ratio`` and ignores n_keep. ``kept_counts`` returns it.
+    Budget: ``budget_mode="fixed"`` (default, the reference code and its evaluation scripts,
+    ``--image_token_ratio_list "[0.5,0.25,0.125]"``) runs the reference's own schedule
+    ``int(N * ratio**s)`` and ignores n_keep, as the code has no budget but the ratio list.
+    ``budget_mode="final"`` (ours) matches the FINAL count to the budget: lambda = (n_keep/N)^(1/3),
+    giving [N*lam, N*lam^2, n_keep] (at n_keep = N/8 this is exactly the reference's schedule); the
+    reference's average-token matching cannot reach budgets below N/4 with its layers (the first
+    quarter of the decoder always sees all N tokens). ``kept_counts`` returns the schedule.
 
     M-RoPE models (3-axis position ids) cannot be re-indexed by the executor: there the stages fall
     back to ``"original"`` positions (a documented deviation from the reference).
@@ -76,12 +78,13 @@ class PyramidDrop(PruningMethod):
         "PyramidDrop (arXiv 2410.17247); code Cooperx521/PyramidDrop, llava/model/modeling_llama_pdrop.py "
         "(pdrop_rank_drop). Before layers 8/16/24 (scaled) the layer's own q/k attention of the last "
         "instruction token on the live pruned sequence, head mean, keeps int(N*lambda^s), lambda=0.5, "
-        "positions re-indexed. Deviations: budget matched on the final count (lambda=(n_keep/N)^(1/3)), "
-        "not the paper's average token count; 'original' positions on M-RoPE models.")
+        "positions re-indexed; default budget_mode='fixed' is the code's ratio list [0.5, 0.25, 0.125] (the budget "
+        "is ignored). Variant budget_mode='final' matches the final count to the budget "
+        "(lambda=(n_keep/N)^(1/3)). Deviation: 'original' positions on M-RoPE models.")
 
     layers: tuple[int, ...] = (8, 16, 24)
     ratio: float = 0.5  # lambda, used by budget_mode="fixed"
-    budget_mode: str = "final"
+    budget_mode: str = "fixed"
     position: str = "reindex"
 
     def __post_init__(self):

@@ -23,6 +23,7 @@ from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
 
 EPS = 1e-8  # the code's guard in both normalisations
+BUDGET_MODES = ("fixed", "final")
 
 
 def transition_weight(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -68,11 +69,14 @@ class TransPrune(PruningMethod):
     outputs with one-shot forward hooks on that layer's attention and MLP during the pruned prefill;
     nothing is read from the recording.
 
-    Schedule: before layer ``scaled_layer(p)`` keep ``floor(N * ratio)`` (at least the budget, at most
-    the previous stage); the last stage keeps ``n_keep`` (the budget plays the code's final 0.125).
-    Accumulating layers ``scaled_layer(a) - 1``; layers folding together keep the later stage. On
+    Schedule: before layer ``scaled_layer(p)`` keep ``int(N * ratio)`` (at most the previous stage).
+    ``budget_mode="fixed"`` (default, the code: ``keep_length = int(N * image_token_ratio_list[s+1])``,
+    transprune_rank_drop) ignores the budget, so the last stage keeps ``int(N * 0.125)``;
+    ``budget_mode="final"`` (ours) makes the last stage keep ``n_keep`` (the budget plays the code's
+    final 0.125) and the earlier ones at least the budget. Accumulating layers ``scaled_layer(a) - 1``;
+    layers folding together keep the later stage. On
     the shipped 4-layer decoder: TTV of layers 0-1, stages before layer 1 (keeping 62.5 % of the
-    visual tokens) and layer 2 (keeping the budget).
+    visual tokens) and layer 2 (keeping 12.5 %, or the budget under ``budget_mode="final"``).
     Needs a decoder layer with an ``mlp`` submodule (Llama/Qwen2 style). On M-RoPE models (Qwen2-VL)
     the stages keep the original positions (the executor cannot renumber 3-axis positions).
     """
@@ -85,7 +89,9 @@ class TransPrune(PruningMethod):
         "(compute_transf_weight, transprune_rank_drop). Code followed: TTV = sum over sublayers of "
         "norm ratio x softmax_seq(1-cos) on sublayer in/out (not the residual stream), accumulated over "
         "layers 6-11; score = TTV/sum + IGA/sum (instruction rows), stages before layers 7, 9, 12, "
-        "reindexed positions. Live pruned state (callback + hooks); final stage keeps the budget."
+        "reindexed positions. Live pruned state (callback + hooks). Default budget_mode='fixed' keeps the code's "
+        "int(N*ratio) per stage (final 0.125 N; the budget is ignored); variant budget_mode='final' keeps the budget "
+        "at the last stage."
     )
 
     accumulate_layers: tuple[int, ...] = (7, 8, 9, 10, 11, 12)
@@ -93,6 +99,7 @@ class TransPrune(PruningMethod):
     ratios: tuple[float, ...] = (0.875, 0.625, 0.125)
     ttv_weight: float = 1.0
     position: str = "reindex"
+    budget_mode: str = "fixed"
 
     def __post_init__(self):
         for name in ("accumulate_layers", "prune_layers", "ratios"):
@@ -114,6 +121,8 @@ class TransPrune(PruningMethod):
             raise ValueError(f"transprune: ttv_weight must be a non-negative number, got {self.ttv_weight!r}")
         if self.position not in POSITION_POLICIES:
             raise ValueError(f"transprune: position must be one of {POSITION_POLICIES}, got {self.position!r}")
+        if self.budget_mode not in BUDGET_MODES:
+            raise ValueError(f"transprune: budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
 
     def applicability(self, model: ModelFacts) -> str | None:
         if model.decoder_layers < 2:
@@ -131,7 +140,10 @@ class TransPrune(PruningMethod):
         layers = sorted(folded)
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1
-            count = context.n_keep if last else max(int(context.n_visual * folded[layer]), context.n_keep)
+            if self.budget_mode == "fixed":
+                count = int(context.n_visual * folded[layer])
+            else:
+                count = context.n_keep if last else max(int(context.n_visual * folded[layer]), context.n_keep)
             alive = min(count, alive)
             stages.append((layer, alive))
         return stages

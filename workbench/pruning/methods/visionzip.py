@@ -18,6 +18,7 @@ from workbench.pruning.registry import register_method
 from workbench.tower_map import tower_features
 
 MERGE_RULES = ("reference", "mean")
+CLS_SLOTS = ("reference", "patch")
 
 
 @register_method("visionzip")
@@ -39,11 +40,18 @@ class VisionZip(ClsAttentionMethod):
     Merge rule (``merge``): "reference" follows the code, ``contextual = target + mean(sources)``
     (weights 1 for the target and 1/c for each of its c sources); "mean" averages target and sources.
 
+    [CLS] slot (``cls_slot``): the reference's dominant set includes the [CLS] token itself
+    (visionzip/main.py line 7 passes ``dominant_num = dominant - 1`` to the top-k, clip_encoder.py
+    lines 53-54 add index 0), so ``dominant=54`` is [CLS] + 53 patches. "reference" (default) picks
+    ``dominant - 1`` patches per group, as the code does, and the contextual targets are strided over
+    the ``N - dominant + 1`` remaining patches; our plans index patch tokens only and cannot carry
+    the [CLS] output, so each group keeps one patch fewer than its share (``kept_counts``).
+    "patch" spends the [CLS] slot on one more patch (exactly ``n_keep`` patches).
+
     Deviations (documented): (a) the reference merges the tower's hidden states BEFORE the projector;
     our executor merges the projected embeddings at the LLM input (the projector is nonlinear, so
-    this is not the same vector). (b) The reference's dominant set includes the [CLS] token itself
-    (``dominant=54`` = [CLS] + 53 patches) and feeds it to the projector; our plans index patch
-    tokens only, so all ``dominant`` slots go to patches. (c) The reference's similarity metric is the
+    this is not the same vector). (b) The [CLS] token itself is not fed to the LLM (see above).
+    (c) The reference's similarity metric is the
     head-MEAN of the layer's keys ([N, d]), as here (the recording's [N, H*d] keys averaged over
     the tower's heads).
     (d) Multi-crop towers (LLaVA-NeXT) are read per crop and folded onto the layout's tokens by the
@@ -56,11 +64,14 @@ class VisionZip(ClsAttentionMethod):
         "(CLIPVisionTower_VisionZip.forward: attentions[-2] [CLS] row summed over heads, topk dominant; "
         "uniform-stride targets, argmax cosine of the layer's head-mean keys, target + mean of assigned), "
         "visionzip/utils.py (metric = head-mean keys), README (54+10 / 108+20 / 162+30). "
-        "Deviations: merge after the projector; [CLS] not kept as a token.")
+        "visionzip/main.py line 7 (dominant_num = dominant - 1: [CLS] fills one dominant slot; followed, "
+        "cls_slot='reference', its slot left empty; cls_slot='patch' gives it to a patch). "
+        "Deviations: merge after the projector; [CLS] not fed to the LLM.")
 
     contextual_ratio: float = 10 / 64
     merge: str = "reference"
     reference_layer: int = REFERENCE_FEED_LAYER
+    cls_slot: str = "reference"
 
     def __post_init__(self):
         if isinstance(self.contextual_ratio, bool) or not isinstance(self.contextual_ratio, (int, float)) \
@@ -68,6 +79,8 @@ class VisionZip(ClsAttentionMethod):
             raise ValueError(f"visionzip: contextual_ratio must be a number in [0, 1], got {self.contextual_ratio!r}")
         if self.merge not in MERGE_RULES:
             raise ValueError(f"visionzip: merge must be one of {MERGE_RULES}, got {self.merge!r}")
+        if self.cls_slot not in CLS_SLOTS:
+            raise ValueError(f"visionzip: cls_slot must be one of {CLS_SLOTS}, got {self.cls_slot!r}")
         if isinstance(self.reference_layer, bool) or not isinstance(self.reference_layer, (int, np.integer)) \
                 or not 0 <= self.reference_layer < REFERENCE_TOWER_DEPTH:
             raise ValueError(f"visionzip: reference_layer must be an int in 0..{REFERENCE_TOWER_DEPTH - 1}, "
@@ -89,6 +102,18 @@ class VisionZip(ClsAttentionMethod):
         contextual = min(int(math.floor(n_keep * self.contextual_ratio + 0.5)), n_keep)
         return n_keep - contextual, contextual
 
+    def dominant_patches(self, n_dominant: int) -> int:
+        """Patches the dominant top-k picks: one slot goes to [CLS] under ``cls_slot="reference"``."""
+        return max(n_dominant - 1, 0) if self.cls_slot == "reference" else n_dominant
+
+    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        kept = 0
+        for share in size_shares(context.layout, context.n_keep):
+            if share:
+                n_dominant, n_contextual = self.split(share)
+                kept += self.dominant_patches(n_dominant) + n_contextual
+        return (kept,)
+
     def select(self, context: SelectionContext) -> KeepPlan:
         model = context.require_model()
         self.check_applies(model)
@@ -102,7 +127,7 @@ class VisionZip(ClsAttentionMethod):
             if share == 0:
                 continue
             n_dominant, n_contextual = self.split(share)
-            dominant = top_k(attention, n_dominant, among=members)
+            dominant = top_k(attention, self.dominant_patches(n_dominant), among=members)
             kept += [int(i) for i in dominant]
             remaining = np.setdiff1d(members, dominant)  # sorted, index order
             if n_contextual == 0:
