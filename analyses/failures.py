@@ -41,6 +41,9 @@ these that applies:
  #    primary category                     rule
 ====  ===================================  ================================================================
  0    "not a failure"                      the pruned answer is correct (only if asked about such a sample)
+ 0b   "run-on answer"                      the pruned generation begins with the gold answer but does not
+                                           stop (it runs to the token limit): a failure to end the answer,
+                                           kept apart from losing the evidence
  1    "answer lost despite evidence kept"  the sample has evidence tokens and none was lost
  2    "over-merging"                       evidence was lost, the evidence restore recovers, and more than
                                            half of the lost evidence tokens were merged away
@@ -53,6 +56,7 @@ these that applies:
 
 The flags (each independent of the others):
 
+* ``flag_run_on``: the pruned generation begins with the gold answer and did not stop by itself.
 * ``flag_evidence_kept``: n_evidence > 0 and no evidence lost.
 * ``flag_evidence_dropped``: some lost evidence was discarded (not merged) and the evidence restore
   recovers.
@@ -81,7 +85,6 @@ was the problem.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -91,19 +94,20 @@ import polars as pl
 from scipy.stats import rankdata
 from tqdm import tqdm
 
-from workbench.evaluate import normalize_answer
 from workbench.models.base import ModelAdapter
 from workbench.pruning.budget import Budget, resolve_budget
-from workbench.pruning.executor import execute
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext
+from workbench import pipeline
+from workbench.pipeline import UNPRUNED, budget_label, plan_from_row, plan_json, prepare_sample
+from workbench.pruning.method import PruningMethod
 from workbench.pruning.plan import KeepPlan, Stage
-from workbench.pruning.run import record_needs
 from workbench.samples import Sample
-from workbench.sweep import UNPRUNED, MethodSpec, budget_label
+from workbench.scoring import normalize_answer
+from workbench.sweep import MethodSpec
 
 # --- the taxonomy's names and thresholds -------------------------------------------------------------
 
 NOT_A_FAILURE = "not a failure"
+RUN_ON = "run-on answer"
 EVIDENCE_KEPT = "answer lost despite evidence kept"
 OVER_MERGING = "over-merging"
 SINK_DISTRACTION = "sink distraction"
@@ -111,8 +115,8 @@ POSITIONAL_BIAS = "positional bias"
 EVIDENCE_DROPPED = "evidence dropped"
 OTHER = "other"
 # The failure categories, in the order of the rules (``taxonomy`` lists them in this order).
-CATEGORIES = (EVIDENCE_KEPT, OVER_MERGING, SINK_DISTRACTION, POSITIONAL_BIAS, EVIDENCE_DROPPED, OTHER)
-FLAG_OF = {EVIDENCE_KEPT: "flag_evidence_kept", OVER_MERGING: "flag_over_merging",
+CATEGORIES = (RUN_ON, EVIDENCE_KEPT, OVER_MERGING, SINK_DISTRACTION, POSITIONAL_BIAS, EVIDENCE_DROPPED, OTHER)
+FLAG_OF = {RUN_ON: "flag_run_on", EVIDENCE_KEPT: "flag_evidence_kept", OVER_MERGING: "flag_over_merging",
            SINK_DISTRACTION: "flag_sink_distraction", POSITIONAL_BIAS: "flag_positional_bias",
            EVIDENCE_DROPPED: "flag_evidence_dropped"}
 FLAGS = tuple(FLAG_OF.values())
@@ -281,12 +285,13 @@ def sink_metrics(top: Sequence[int], sink_scores, evidence, tau: float) -> tuple
 
 def classify(*, pruned_correct: bool, n_evidence: int, n_lost: int, n_merged: int,
              restore_recovers: bool | None, kept_position_skew: float = math.nan,
-             evidence_position_offset: float = math.nan, sink_share_top: float = math.nan
-             ) -> tuple[str, dict[str, bool]]:
+             evidence_position_offset: float = math.nan, sink_share_top: float = math.nan,
+             run_on: bool = False) -> tuple[str, dict[str, bool]]:
     """The primary category and every flag, by the rules of the module docstring."""
     recovers = bool(restore_recovers) and n_lost > 0
     share = sink_share_top if sink_share_top is not None else math.nan
     flags = {
+        "flag_run_on": bool(run_on) and not pruned_correct,
         "flag_evidence_kept": n_evidence > 0 and n_lost == 0,
         "flag_evidence_dropped": recovers and n_lost - n_merged > 0,
         "flag_over_merging": recovers and n_merged > 0,
@@ -295,6 +300,8 @@ def classify(*, pruned_correct: bool, n_evidence: int, n_lost: int, n_merged: in
     }
     if pruned_correct:
         category = NOT_A_FAILURE
+    elif flags["flag_run_on"]:
+        category = RUN_ON
     elif flags["flag_evidence_kept"]:
         category = EVIDENCE_KEPT
     elif recovers and 2 * n_merged > n_lost:
@@ -437,45 +444,61 @@ def _correct(answer: str | None, gold: str | None) -> bool:
     return gold is not None and normalize_answer(answer) == normalize_answer(gold)
 
 
-def _stages_json(plan: KeepPlan) -> str:
-    return json.dumps([{"where": s.where, "kept": list(s.kept), "position": s.position,
-                        "merges": [m.to_dict() for m in s.merges]} for s in plan.stages])
+def runs_on(answer: str | None, gold: str | None, stopped: bool | None) -> bool:
+    """The generation begins with the gold answer and did not stop by itself (a run-on answer)."""
+    if answer is None or gold is None or stopped is not False:
+        return False
+    words, expected = normalize_answer(answer).split(), normalize_answer(gold).split()
+    return bool(expected) and words[:len(expected)] == expected and len(words) > len(expected)
+
+
+def _restored(adapter: ModelAdapter, ready, plan: KeepPlan, tokens, max_new_tokens: int) -> str | None:
+    """The answer under ``plan`` with ``tokens`` put back (a pipeline run of the restored plan)."""
+    return pipeline.run(adapter, ready, None, plan=restore_plan(plan, tokens), max_new_tokens=max_new_tokens).generation
 
 
 def diagnose_sample(adapter: ModelAdapter, sample: Sample, method: PruningMethod, budget: Budget,
                     recording=None, saliency=None, *, label: str | None = None,
                     sweep_answer: str | None = None, sink_tau: float | None = None,
-                    max_new_tokens: int = 8) -> Diagnosis:
+                    max_new_tokens: int = 8, stored: dict | None = None,
+                    unpruned_answer: str | None = None) -> Diagnosis:
     """Diagnose ``method`` at ``budget`` on ``sample`` (see the module docstring).
 
-    ``recording``: the recording of the method's needs (made when None and the method needs one).
+    ``stored``: the sweep's row of this run; its lossless plan and answer are read instead of
+    running the method again (``unpruned_answer``, the sweep's unpruned answer, likewise).
+    Every model run left (the counterfactual restores) goes through ``workbench.pipeline``.
+    ``recording``: the recording of the method's needs (made when needed and None).
     ``saliency``: a ``Recording`` holding ``occlusion`` (llm, layer -1, rows "k1") and optionally
     ``visual_sink_score``, or a plain [N] occlusion array (then no sink scores); when None it is
     recorded (``saliency_request``) on the unpruned model for the gold answer.
     ``label``: the method's name in the output (default ``method.name``).
     """
     budget = parse_budget(budget)
-    prepared = adapter.prepare(sample.load_image(), sample.question)
-    layout = prepared.layout
+    replay = stored is not None and stored.get("stages") is not None
+    ready = prepare_sample(adapter, sample, () if replay or recording is not None else [method])
+    if recording is not None:
+        ready.recording = recording
+    layout = ready.prepared.layout
     n = layout.n_tokens
-    facts = ModelFacts.of(adapter)
-    method.check_applies(facts)
+    method.check_applies(ready.facts)
     gold = sample.answer
 
-    unpruned = execute(adapter, prepared, KeepPlan.keep_all(n, where=None, method=UNPRUNED), max_new_tokens)
-    if recording is None:
-        recording = record_needs(adapter, prepared, [method])
-    context = SelectionContext(layout, budget, recording, facts)
-    pruned = execute(adapter, prepared, method.select(context), max_new_tokens,
-                     callback=method.layer_callback(context))
-    plan = pruned.plan
+    if unpruned_answer is None:
+        unpruned_answer = pipeline.run(adapter, ready, None, max_new_tokens=max_new_tokens).generation
+    if replay:
+        plan, pruned_answer = plan_from_row(stored), stored["predicted_answer"]
+        stopped = stored.get("stopped")
+    else:
+        pruned = pipeline.run(adapter, ready, method, budget, max_new_tokens=max_new_tokens)
+        plan, pruned_answer, stopped = pruned.plan, pruned.generation, pruned.stopped
+    recording = ready.recording
 
-    saliency_answer = gold if gold is not None else unpruned.answer
+    saliency_answer = gold if gold is not None else unpruned_answer
     if saliency is None:
         from workbench.recorder import record
 
-        saliency = record(adapter, prepared, saliency_request(), sample_id=sample.id, question=sample.question,
-                          answer=saliency_answer)
+        saliency = record(adapter, ready.prepared, saliency_request(), sample_id=sample.id,
+                          question=sample.question, answer=saliency_answer)
     occlusion, sink_scores = _saliency_values(saliency, n)
     if sink_scores is None:  # a plain occlusion array: the method's own recording may hold them
         sink_scores = _sink_scores(recording)
@@ -501,30 +524,29 @@ def diagnose_sample(adapter: ModelAdapter, sample: Sample, method: PruningMethod
     evidence_answer = evidence_recovers = saliency_answer_r = saliency_recovers = None
     restored_by_saliency: list[int] = []
     if len(lost):
-        evidence_answer = execute(adapter, prepared, restore_plan(plan, lost), max_new_tokens).answer
+        evidence_answer = _restored(adapter, ready, plan, lost, max_new_tokens)
         evidence_recovers = _correct(evidence_answer, gold)
         dropped = np.flatnonzero(~kept_mask)
         key = np.where(np.isfinite(occlusion[dropped]), -occlusion[dropped], np.inf)
         restored_by_saliency = sorted(int(t) for t in dropped[np.lexsort((dropped, key))][: len(lost)])
-        saliency_answer_r = execute(adapter, prepared, restore_plan(plan, restored_by_saliency),
-                                    max_new_tokens).answer
+        saliency_answer_r = _restored(adapter, ready, plan, restored_by_saliency, max_new_tokens)
         saliency_recovers = _correct(saliency_answer_r, gold)
 
     skew, offset = position_metrics(n, kept, lost)
     scored = [s for s in sorted(set(stage_of)) if plan.stages[s].scores is not None]
     top = top_ranked(plan, scored[0]) if scored else np.zeros(0, dtype=np.int64)
     sinks_in_top, sink_share = sink_metrics(top, sink_scores, evidence, sink_tau)
-    pruned_correct = _correct(pruned.answer, gold)
+    pruned_correct = _correct(pruned_answer, gold)
     category, flags = classify(pruned_correct=pruned_correct, n_evidence=int(evidence.sum()), n_lost=len(lost),
                                n_merged=len(merged), restore_recovers=evidence_recovers,
                                kept_position_skew=skew, evidence_position_offset=offset,
-                               sink_share_top=sink_share)
+                               sink_share_top=sink_share, run_on=runs_on(pruned_answer, gold, stopped))
     return Diagnosis(
         sample_id=sample.id, question=sample.question, question_type=sample.question_type or "all", gold=gold,
         method=label or method.name, budget=budget_label(budget), budget_tokens=resolve_budget(budget, n),
-        n_visual=n, unpruned_answer=unpruned.answer, unpruned_correct=_correct(unpruned.answer, gold),
-        pruned_answer=pruned.answer, pruned_correct=pruned_correct, sweep_answer=sweep_answer,
-        stages=_stages_json(plan), kept=tuple(int(t) for t in kept),
+        n_visual=n, unpruned_answer=unpruned_answer, unpruned_correct=_correct(unpruned_answer, gold),
+        pruned_answer=pruned_answer, pruned_correct=pruned_correct, sweep_answer=sweep_answer,
+        stages=plan_json(plan), kept=tuple(int(t) for t in kept),
         evidence=tuple(int(t) for t in np.flatnonzero(evidence)), lost_evidence=tuple(int(t) for t in lost),
         merged_evidence=tuple(merged), lost_stage=tuple(str(plan.stages[s].where) for s in stage_of),
         method_ranks=tuple(float(r) for r in m_ranks), method_ranked=tuple(ranked),
@@ -585,7 +607,8 @@ def diagnose(adapter: ModelAdapter, samples: Sequence[Sample], table: pl.DataFra
                 saliency_cache[sample.id] = gold_saliency(adapter, sample)
             saliency = saliency_cache[sample.id]
         diagnosis = diagnose_sample(adapter, sample, method, value, saliency=saliency, label=label,
-                                    sweep_answer=row["predicted_answer"], max_new_tokens=max_new_tokens)
+                                    sweep_answer=row["predicted_answer"], max_new_tokens=max_new_tokens,
+                                    stored=row, unpruned_answer=row["unpruned_answer"])  # read, not re-run
         rows.append(diagnosis.to_row())
     return diagnosis_frame(rows)
 

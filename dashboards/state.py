@@ -19,7 +19,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from workbench.evaluate import normalize_answer
+from workbench.scoring import normalize_answer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = "data/eval/samples.jsonl"

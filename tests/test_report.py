@@ -6,9 +6,9 @@ import polars as pl
 import pytest
 
 from workbench.cli import main
-from workbench.report.config import ReportConfig, ReportConfigError, load_config
-from workbench.report.figures import FigureSpec, to_png
-from workbench.report.findings import accuracy_finding, failure_finding, positional_finding, redundancy_finding
+from reports.config import ReportConfig, ReportConfigError, load_config
+from reports.figures import FigureSpec, to_png
+from reports.findings import accuracy_finding, failure_finding, positional_finding, redundancy_finding
 
 
 def test_config_reads_toml_and_rejects_mistakes(tmp_path):
@@ -111,7 +111,7 @@ def test_png_figures_are_drawn_from_specs(tmp_path):
 
 def test_a_small_report_builds_offline_and_resumes(tmp_path):
     from workbench.models.loading import load
-    from workbench.report.write import build_report
+    from reports.write import build_report
 
     config = ReportConfig(samples=3, analysis_samples=1, methods=("fastv", "uniform_grid", "random"),
                           budgets=(0.5, 0.11), diagnose_budget=0.11, diagnose_per_method=1, out=str(tmp_path / "r"))
@@ -137,7 +137,7 @@ def test_a_sweep_made_with_other_weights_is_moved_aside_not_resumed(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from workbench.report.compute import set_aside_stale_sweep
+    from reports.compute import set_aside_stale_sweep
 
     def old_sweep(weights):
         (tmp_path / "sweep").mkdir()
@@ -163,7 +163,7 @@ def test_a_report_sweep_of_other_method_code_is_moved_aside_not_refused(tmp_path
     import json
 
     from workbench.models.loading import load
-    from workbench.report.compute import set_aside_stale_sweep
+    from reports.compute import set_aside_stale_sweep
     from workbench.samples import read_dataset
     from workbench.sweep import MethodSpec, run_sweep
 

@@ -3,7 +3,6 @@ control, and how strongly the answer position attends to the ground-truth eviden
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,13 +12,7 @@ from tqdm import tqdm
 
 from workbench.models.base import ModelAdapter
 from workbench.samples import Sample
-
-
-def normalize_answer(text: str | None) -> str:
-    """Lower-case, drop punctuation and articles, collapse spaces: "The Red." == "red"."""
-    text = re.sub(r"[^\w\s-]", " ", (text or "").lower())
-    words = [w for w in text.split() if w not in {"a", "an", "the"}]
-    return " ".join(words)
+from workbench.scoring import normalize_answer
 
 
 def blank_like(image: Image.Image) -> Image.Image:

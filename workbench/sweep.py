@@ -23,35 +23,29 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import numpy as np
 import polars as pl
 from tqdm import tqdm
 
 from workbench.errors import UserError
-from workbench.evaluate import normalize_answer
 from workbench.files import check_output, write_atomically, write_atomically_bytes
 from workbench.folder_lock import exclusive
+from workbench import pipeline
 from workbench.images import ImageError
 from workbench.models.base import ModelAdapter
 from workbench.pruning.budget import Budget, check_budget, resolve_budget
-from workbench.pruning.executor import execute
-from workbench.pruning.flops import DecoderShape, prefill_flops
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext
-from workbench.pruning.plan import KeepPlan
+from workbench.pruning.method import PruningMethod
 from workbench.pruning.registry import create_method
-from workbench.pruning.run import record_needs
+from workbench.pipeline import UNPRUNED, budget_label, prepare_sample
 from workbench.samples import Sample, sample_from_row, sample_to_row
 from workbench.sweep_identity import (SweepIdentityError, check_dataset, check_methods, dataset_fingerprint,
                                      method_version)
 
 FORMAT = "workbench-sweep"
-VERSION = 1
-UNPRUNED = "unpruned"
+VERSION = 2  # 2: rows hold the lossless plan (scores), the scorer's reading, loyalty and cost
 
 
 class SweepError(UserError, ValueError):
@@ -99,13 +93,6 @@ class MethodSpec:
         return MethodSpec(name.strip(), tuple(sorted(params, key=lambda p: p[0])))
 
 
-def budget_label(budget: Budget) -> str:
-    """"33%" for a fraction, "64" for a count: the budget column of every table."""
-    if isinstance(budget, float):
-        return f"{budget * 100:g}%"
-    return str(int(budget))
-
-
 @dataclass(frozen=True)
 class SweepTask:
     """One sample's work: plain data, JSON round-trip (``to_json`` / ``from_json``)."""
@@ -133,11 +120,6 @@ class SweepTask:
 
 # --- one sample ------------------------------------------------------------------------------------
 
-def _stages_json(plan: KeepPlan) -> str:
-    return json.dumps([{"where": s.where, "kept": list(s.kept), "position": s.position,
-                        "merges": [m.to_dict() for m in s.merges]} for s in plan.stages])
-
-
 def _row(sample: Sample, method: str, params: dict, budget: str, budget_tokens: int, n_visual: int) -> dict:
     return {"sample_id": sample.id, "question_type": sample.question_type or "all", "method": method,
             "params": json.dumps(params, sort_keys=True, default=list), "budget": budget,
@@ -145,66 +127,24 @@ def _row(sample: Sample, method: str, params: dict, budget: str, budget_tokens: 
 
 
 def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
-    """Every row of one sample: the unpruned run, then each method at each budget; one "error" row
-    per (method, budget) when the sample's image cannot be decoded."""
+    """Every row of one sample, each a ``pipeline.run``: the unpruned run, then each method at each
+    budget, with its loyalty to the unpruned answer; one "error" row per (method, budget) when the
+    sample's image cannot be decoded."""
     sample = sample_from_row(task.sample, Path(task.root), f"task {task.sample.get('id')}")
+    methods = [(spec, spec.create()) for spec in task.methods]
     try:
-        image = sample.load_image()
+        ready = prepare_sample(adapter, sample, [m for _, m in methods])
     except ImageError as e:
         return _error_rows(sample, task, str(e))
-    prepared = adapter.prepare(image, sample.question)
-    layout = prepared.layout
-    facts = ModelFacts.of(adapter)
-    shape = DecoderShape.of(adapter.language_model().config)
-    mask = sample.evidence_mask()
-    evidence = layout.evidence_tokens(mask) if mask is not None else np.zeros(layout.n_tokens, dtype=bool)
-    full_flops = prefill_flops(shape, [layout.sequence_length] * facts.decoder_layers)
-    methods = [(spec, spec.create()) for spec in task.methods]
-    runnable = [m for _, m in methods if m.applicability(facts) is None]
-    started = time.perf_counter()
-    recording = record_needs(adapter, prepared, runnable)
-    record_seconds = time.perf_counter() - started
-
-    def outcome(row: dict, plan_fn, callback_fn=None) -> dict:
-        started = time.perf_counter()
-        plan = plan_fn()
-        execution = execute(adapter, prepared, plan, task.max_new_tokens, gold_answer=sample.answer,
-                            callback=callback_fn() if callback_fn else None)
-        kept = np.asarray(execution.final_kept, dtype=np.int64)
-        flops = prefill_flops(shape, execution.tokens_per_layer)
-        # No gold answer: correctness is unknown (null), not wrong.
-        correct = None if sample.answer is None else normalize_answer(execution.answer) == normalize_answer(sample.answer)
-        return row | {
-            "status": "ok", "message": None, "stages": _stages_json(execution.plan), "kept_count": len(kept),
-            "visual_tokens_per_layer": list(execution.visual_tokens_per_layer),
-            "predicted_answer": execution.answer, "correct": correct, "gold_logprob": execution.gold_logprob,
-            "answer_logprob": execution.answer_logprob, "evidence_tokens": int(evidence.sum()),
-            "evidence_recall": float(evidence[kept].sum() / evidence.sum()) if evidence.any() else None,
-            "wall_time_s": time.perf_counter() - started, "prefill_flops": flops, "flops_ratio": flops / full_flops,
-        }
-
-    rows = []
-    n = layout.n_tokens
-    if task.include_unpruned:
-        row = _row(sample, UNPRUNED, {}, "100%", n, n) | {"record_time_s": 0.0}
-        rows.append(outcome(row, lambda: KeepPlan.keep_all(n, where=None, method=UNPRUNED)))
+    unpruned = pipeline.run(adapter, ready, None, max_new_tokens=task.max_new_tokens)
+    results = [unpruned] if task.include_unpruned else []
     for spec, method in methods:
-        reason = method.applicability(facts)
         for budget in task.budgets:
-            try:
-                tokens = resolve_budget(budget, n)
-            except ValueError as e:  # a count above this sample's visual tokens (they vary with AnyRes)
-                rows.append(_row(sample, spec.label, method.params(), budget_label(budget), None, n)
-                            | {"status": "error", "message": str(e)})
-                continue
-            row = _row(sample, spec.label, method.params(), budget_label(budget), tokens, n)
-            row["record_time_s"] = record_seconds
-            if reason is not None:
-                rows.append(row | {"status": "not_applicable", "message": reason})
-                continue
-            context = SelectionContext(layout, budget, recording, facts)
-            rows.append(outcome(row, lambda: method.select(context), lambda: method.layer_callback(context)))
-    return rows
+            result = pipeline.run(adapter, ready, method, budget, label=spec.label, max_new_tokens=task.max_new_tokens)
+            results.append(result)
+    context = {"question_type": sample.question_type or "all", "gold_answer": sample.answer}
+    return [result.row() | context | {"record_time_s": 0.0 if result is unpruned else ready.record_seconds,
+                                      "loyal": pipeline.loyal(result, unpruned)} for result in results]
 
 
 def _error_rows(sample: Sample, task: SweepTask, message: str) -> list[dict]:
@@ -221,10 +161,12 @@ SCHEMA = {
     "sample_id": pl.String, "question_type": pl.String, "method": pl.String, "params": pl.String,
     "budget": pl.String, "budget_tokens": pl.Int64, "n_visual": pl.Int64, "gold_answer": pl.String,
     "record_time_s": pl.Float64, "status": pl.String, "message": pl.String, "stages": pl.String,
-    "kept_count": pl.Int64, "visual_tokens_per_layer": pl.List(pl.Int64), "predicted_answer": pl.String,
-    "correct": pl.Boolean, "gold_logprob": pl.Float64, "answer_logprob": pl.Float64,
-    "evidence_tokens": pl.Int64, "evidence_recall": pl.Float64, "wall_time_s": pl.Float64,
-    "prefill_flops": pl.Float64, "flops_ratio": pl.Float64,
+    "kept_count": pl.Int64, "budget_gap": pl.Int64, "visual_tokens_per_layer": pl.List(pl.Int64),
+    "effective_tokens": pl.Float64, "predicted_answer": pl.String, "extracted_answer": pl.String,
+    "score": pl.Float64, "correct": pl.Boolean, "stopped": pl.Boolean, "loyal": pl.Boolean,
+    "gold_logprob": pl.Float64, "answer_logprob": pl.Float64, "evidence_tokens": pl.Int64,
+    "evidence_recall": pl.Float64, "select_time_s": pl.Float64, "prefill_time_s": pl.Float64,
+    "wall_time_s": pl.Float64, "prefill_flops": pl.Float64, "flops_ratio": pl.Float64,
 }
 KEY = ("sample_id", "method", "budget")
 # Journals written before the answer columns were named unambiguously.
@@ -319,6 +261,8 @@ def _merged_manifest(folder: Path, manifest: dict) -> dict:
     old = _read_manifest(folder)
     if old is None:
         return manifest
+    if old.get("version") != VERSION:
+        raise SweepError(_older_format(folder, old))
     for key in ("model", "dataset"):
         if old.get(key) != manifest[key]:
             raise SweepError(f"{folder} holds a sweep of {key} {old.get(key)!r}, not {manifest[key]!r}; "
@@ -335,6 +279,12 @@ def _merged_manifest(folder: Path, manifest: dict) -> dict:
                        "method_versions": old.get("method_versions", {}) | manifest["method_versions"]}
 
 
+def _older_format(folder: Path, old: dict) -> str:
+    return (f"{folder} holds a sweep of format version {old.get('version')}, this workbench writes version "
+            f"{VERSION} (rows with the lossless plan, the scorer's reading, loyalty and cost); resuming would "
+            "mix the two: use another --out folder, or move this one aside")
+
+
 def identity_mismatch(folder: str | Path, dataset: str, methods: Sequence[MethodSpec]) -> str | None:
     """Why the sweep in ``folder`` is of another data set content or other method versions than
     ``dataset`` and ``methods`` (the message a resume would refuse with), or None. Writes nothing."""
@@ -342,6 +292,8 @@ def identity_mismatch(folder: str | Path, dataset: str, methods: Sequence[Method
     old = _read_manifest(folder)
     if old is None:
         return None
+    if old.get("version") != VERSION:
+        return _older_format(folder, old)
     try:
         check_dataset(folder, old, dataset_fingerprint(dataset))
         check_methods(folder, old, {spec.label: method_version(spec.create()) for spec in methods})

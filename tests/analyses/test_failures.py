@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from analyses import failures as F
-from workbench.evaluate import normalize_answer
+from workbench.scoring import normalize_answer
 from workbench.pruning.executor import execute
 from workbench.pruning.method import PruningMethod, SelectionContext
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Merge, Stage
@@ -215,9 +215,10 @@ def _right(answer, sample) -> bool:
     return normalize_answer(answer) == normalize_answer(sample.answer)
 
 
-def find_case(adapter, method_for, limit=24):
+def find_case(adapter, method_for, limit=24, run_on=False):
     """The first sample (data set order) with evidence that the unpruned model answers right and
-    that ``method_for(evidence, rest)`` gets wrong, with that method."""
+    that ``method_for(evidence, rest)`` gets wrong, with that method: with a run-on answer (the
+    gold answer, then more until the token limit) when ``run_on``, else with any other."""
     for sample in _samples()[:limit]:
         prepared = adapter.prepare(sample.load_image(), sample.question)
         layout = prepared.layout
@@ -230,7 +231,8 @@ def find_case(adapter, method_for, limit=24):
         method = method_for(np.flatnonzero(evidence), np.flatnonzero(~evidence))
         context = SelectionContext(layout, n)
         pruned = execute(adapter, prepared, method.select(context), callback=method.layer_callback(context))
-        if not _right(pruned.answer, sample):
+        stopped = len(pruned.answer_ids) < 8
+        if not _right(pruned.answer, sample) and F.runs_on(pruned.answer, sample.answer, stopped) == run_on:
             return sample, method, prepared
     pytest.fail("no sample in the first samples of the eval set fits the constructed case")
 
@@ -278,6 +280,18 @@ def test_an_in_llm_drop_is_restored_into_the_stage_that_made_it(trained):
     live = execute(trained, prepared, method.select(context), callback=method.layer_callback(context))
     assert live.plan.stages[0].where == 1
     assert execute(trained, prepared, live.plan).answer_ids == live.answer_ids
+
+
+def test_an_answer_that_does_not_stop_is_a_run_on_not_lost_evidence(trained):
+    sample, method, prepared = find_case(trained, lambda e, rest: FixedPlan(kept=tuple(int(i) for i in e)),
+                                         run_on=True)
+    diagnosis = F.diagnose_sample(trained, sample, method, len(method.kept),
+                                  saliency=np.zeros(prepared.layout.n_tokens))
+    words = F.normalize_answer(diagnosis.pruned_answer).split()
+    assert words[0] == F.normalize_answer(sample.answer) and len(words) > 1
+    assert diagnosis.category == F.RUN_ON and diagnosis.flags["flag_run_on"]
+    assert not F.runs_on(sample.answer, sample.answer, False)  # the answer alone is not a run-on
+    assert not F.runs_on(diagnosis.pruned_answer, sample.answer, True)  # one that stopped is not either
 
 
 def test_keeping_all_evidence_and_still_failing(trained):

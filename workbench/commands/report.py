@@ -9,7 +9,7 @@ from workbench.subcommands import command
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="TOML file with ReportConfig keys (workbench/report/config.py); "
+    p.add_argument("--config", default=None, help="TOML file with ReportConfig keys (reports/config.py); "
                                                    "default: none, the defaults run on the shipped model")
     p.add_argument("--model", default=None, help="override the config's model (default: the config's)")
     p.add_argument("--dataset", default=None, help="override the config's data set (default: the config's)")
@@ -22,8 +22,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    "figures and tables", _arguments)
 def run(args):
     from workbench.models.loading import load
-    from workbench.report.config import load_config
-    from workbench.report.write import build_report
+    from reports.config import load_config
+    from reports.write import build_report
 
     from workbench.files import check_output
 

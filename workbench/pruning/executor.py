@@ -27,6 +27,7 @@ attention), "reindex" with multi-axis (M-RoPE) position ids, and sampling.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,7 +37,7 @@ from transformers import DynamicCache
 
 from workbench.models.base import ModelAdapter, PreparedInput
 from workbench.pruning.layer_state import LayerState, hooks_suspended
-from workbench.pruning.plan import PRE_LLM, KeepPlan, PlanError, Stage, describe_where
+from workbench.pruning.plan import KeepPlan, PlanError, Stage, describe_where
 
 LayerCallback = Callable[[int, LayerState], "Stage | None"]
 
@@ -67,6 +68,7 @@ class Execution:
     plan: KeepPlan
     tokens_per_layer: tuple[int, ...]
     visual_tokens_per_layer: tuple[int, ...]
+    prefill_seconds: float = 0.0  # wall time of the pruned prefill alone (in-LLM selection included)
 
     @property
     def kept_per_stage(self) -> dict:
@@ -350,7 +352,9 @@ def execute(adapter: ModelAdapter, prepared: PreparedInput, plan: KeepPlan, max_
     decoder = _Decoder(adapter, run, extra)
     handles = [layer.register_forward_pre_hook(run.hook(i), with_kwargs=True) for i, layer in enumerate(run.layers)]
     try:
+        started = time.perf_counter()
         logits, cache = decoder.prefill(embeds, mask, positions)
+        prefill_seconds = time.perf_counter() - started
         gold = None
         if gold_answer is not None:
             gold = _teacher_forced(decoder, logits, copy.deepcopy(cache),
@@ -365,7 +369,7 @@ def execute(adapter: ModelAdapter, prepared: PreparedInput, plan: KeepPlan, max_
         answer=text, answer_ids=tuple(ids), answer_logprob=logprob, gold_logprob=gold,
         logits=logits.detach().float().cpu(), plan=plan.with_stages(run.applied),
         tokens_per_layer=tuple(len(r.rows) for r in records),
-        visual_tokens_per_layer=tuple(r.visual for r in records),
+        visual_tokens_per_layer=tuple(r.visual for r in records), prefill_seconds=prefill_seconds,
     )
 
 

@@ -225,11 +225,6 @@ class VtcCls(ClsAttentionMethod):
 
 # --- HiRED -----------------------------------------------------------------------------------------
 
-def _is_base(name: str) -> bool:
-    kind = name.split(" / ")[-1].split(" ")[0]
-    return kind in ("base", "global")
-
-
 @register_method("hired")
 @dataclass(frozen=True)
 class HiRED(ClsAttentionMethod):
@@ -306,7 +301,7 @@ class HiRED(ClsAttentionMethod):
         sizes = [len(m) for m in members]
         if len(members) == 1:
             return [n_keep]
-        bases = [g for g, grp in enumerate(layout.groups) if _is_base(grp.name)]
+        bases = [g for g, grp in enumerate(layout.groups) if grp.is_base_view]
         if not bases:
             weights = [early[m].sum() for m in members]
             return weighted_split(n_keep, weights, sizes)

@@ -9,9 +9,9 @@ import polars as pl
 from tqdm import tqdm
 
 from analyses import comparison, failures, misalignment, redundancy
+from reports.config import ReportConfig
 from workbench.models.base import ModelAdapter
 from workbench.recording import CaptureRequest
-from workbench.report.config import ReportConfig
 from workbench.samples import Sample
 from workbench.sweep import MethodSpec, budget_label, identity_mismatch, recorded_weights, run_sweep
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import polars as pl
 
+from reports import compute
+from reports.config import ReportConfig
+from reports.figures import figure_specs, to_plotly, to_png
+from reports.findings import findings
 from workbench.models.base import ModelAdapter
-from workbench.report import compute
-from workbench.report.config import ReportConfig
-from workbench.report.figures import figure_specs, to_plotly, to_png
-from workbench.report.findings import findings
 from workbench.samples import read_dataset, write_atomically, write_atomically_bytes
 from workbench.sweep import budget_label
 

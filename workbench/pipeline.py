@@ -1,0 +1,193 @@
+"""One pipeline: (sample, method, budget) -> ``Result``. Sweeps, failure diagnosis, the report and
+the dashboard all go through it.
+
+A ``Result`` is complete and serialisable: the plan with its scores (every stage's kept tokens,
+merges and ranking scores: lossless, so diagnosis and views read it instead of re-running the
+model), the raw generation, what the data set's scorer extracted from it and the score, whether
+generation stopped by itself, the gold answer's log-probability, and the cost (visual tokens per
+decoder layer, prefill FLOPs, the method's own selection time and the run's wall time).
+
+``PreparedSample`` is one sample made ready once for many runs: its model inputs, the recording of
+the unpruned forward that every method reads, and its ground-truth evidence tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from workbench.models.base import ModelAdapter, PreparedInput
+from workbench.pruning.budget import Budget, resolve_budget
+from workbench.pruning.executor import execute
+from workbench.pruning.flops import DecoderShape, prefill_flops
+from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext
+from workbench.pruning.plan import KeepPlan, Stage
+from workbench.pruning.run import record_needs
+from workbench.samples import Sample
+from workbench.scoring import normalize_answer, score
+
+UNPRUNED = "unpruned"
+
+
+def budget_label(budget: Budget) -> str:
+    """"33%" for a fraction, "64" for a count: the budget column of every table."""
+    if isinstance(budget, float):
+        return f"{budget * 100:g}%"
+    return str(int(budget))
+
+
+def plan_json(plan: KeepPlan) -> str:
+    """The plan's stages, lossless (kept tokens, merges, positions and ranking scores)."""
+    return json.dumps([stage.to_dict() for stage in plan.stages])
+
+
+def plan_from_row(row: dict) -> KeepPlan:
+    """The plan a stored row ran (``Result.row``), scores included."""
+    stages = tuple(Stage.from_dict(s) for s in json.loads(row["stages"]))
+    return KeepPlan(row["method"], int(row["budget_tokens"]), int(row["n_visual"]), stages)
+
+
+@dataclass
+class PreparedSample:
+    """One sample ready for many runs (built by ``prepare_sample``)."""
+
+    sample: Sample
+    prepared: PreparedInput
+    facts: ModelFacts
+    shape: DecoderShape
+    evidence: np.ndarray  # bool [N]: visual tokens over the ground-truth evidence
+    recording: object | None = None
+    record_seconds: float = 0.0
+    scorer: str = "exact"
+
+    @property
+    def n_visual(self) -> int:
+        return self.prepared.layout.n_tokens
+
+    @property
+    def full_flops(self) -> float:
+        return prefill_flops(self.shape, [self.prepared.layout.sequence_length] * self.facts.decoder_layers)
+
+
+def prepare_sample(adapter: ModelAdapter, sample: Sample, methods: Sequence[PruningMethod] = (),
+                   scorer: str = "exact") -> PreparedSample:
+    """Inputs, evidence and the one recording every applicable method in ``methods`` reads.
+    Raises ``ImageError`` when the sample's image cannot be decoded."""
+    prepared = adapter.prepare(sample.load_image(), sample.question)
+    layout = prepared.layout
+    facts = ModelFacts.of(adapter)
+    mask = sample.evidence_mask()
+    evidence = layout.evidence_tokens(mask) if mask is not None else np.zeros(layout.n_tokens, dtype=bool)
+    started = time.perf_counter()
+    recording = record_needs(adapter, prepared, [m for m in methods if m.applicability(facts) is None])
+    return PreparedSample(sample, prepared, facts, DecoderShape.of(adapter.language_model().config), evidence,
+                          recording, time.perf_counter() - started, scorer)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One run; ``row()`` is its table row (the sweep's schema)."""
+
+    sample_id: str
+    method: str  # the label: "fastv" or "fastv(layer=3)"
+    params: dict
+    budget: str
+    budget_tokens: int | None
+    n_visual: int | None
+    status: str  # "ok", "not_applicable" or "error"
+    message: str | None = None
+    plan: KeepPlan | None = None
+    generation: str | None = None  # the decoded answer, as generated
+    extracted: str | None = None  # what the scorer read from it
+    score: float | None = None
+    stopped: bool | None = None  # generation ended by itself before the token limit
+    answer_logprob: float | None = None
+    gold_logprob: float | None = None
+    visual_tokens_per_layer: tuple[int, ...] = ()
+    prefill_flops: float | None = None
+    flops_ratio: float | None = None
+    select_time_s: float | None = None
+    prefill_time_s: float | None = None
+    wall_time_s: float | None = None
+    evidence_tokens: int | None = None
+    evidence_recall: float | None = None
+    extra: dict = field(default_factory=dict)  # per-table additions (record_time_s, loyal, ...)
+
+    @property
+    def kept_count(self) -> int | None:
+        return None if self.plan is None else len(self.plan.final_kept)
+
+    def row(self) -> dict:
+        effective = (float(np.mean(self.visual_tokens_per_layer)) if self.visual_tokens_per_layer else None)
+        gap = (self.kept_count - self.budget_tokens
+               if self.kept_count is not None and self.budget_tokens is not None else None)
+        return {
+            "sample_id": self.sample_id, "method": self.method,
+            "params": json.dumps(self.params, sort_keys=True, default=list), "budget": self.budget,
+            "budget_tokens": self.budget_tokens, "n_visual": self.n_visual, "status": self.status,
+            "message": self.message, "stages": None if self.plan is None else plan_json(self.plan),
+            "kept_count": self.kept_count, "budget_gap": gap, "visual_tokens_per_layer": list(self.visual_tokens_per_layer),
+            "effective_tokens": effective, "predicted_answer": self.generation, "extracted_answer": self.extracted,
+            "score": self.score, "correct": None if self.score is None else self.score == 1.0,
+            "stopped": self.stopped, "answer_logprob": self.answer_logprob, "gold_logprob": self.gold_logprob,
+            "evidence_tokens": self.evidence_tokens, "evidence_recall": self.evidence_recall,
+            "select_time_s": self.select_time_s, "prefill_time_s": self.prefill_time_s,
+            "wall_time_s": self.wall_time_s, "prefill_flops": self.prefill_flops, "flops_ratio": self.flops_ratio,
+        } | self.extra
+
+
+def run(adapter: ModelAdapter, ready: PreparedSample, method: PruningMethod | None, budget: Budget | None = None,
+        *, label: str | None = None, plan: KeepPlan | None = None, max_new_tokens: int = 8) -> Result:
+    """``method`` at ``budget`` on a prepared sample; ``method=None`` runs the unpruned model, or
+    ``plan`` when one is given (a counterfactual: a stored plan with tokens restored)."""
+    sample, layout = ready.sample, ready.prepared.layout
+    n = layout.n_tokens
+    name = label or (method.name if method is not None else (plan.method if plan is not None else UNPRUNED))
+    params = method.params() if method is not None else {}
+    if method is None:
+        tokens, budget_text = (n, "100%") if plan is None else (plan.budget, budget_label(plan.budget))
+    else:
+        budget_text = budget_label(budget)
+        try:
+            tokens = resolve_budget(budget, n)
+        except ValueError as e:  # a count above this sample's visual tokens (they vary with AnyRes)
+            return Result(sample.id, name, params, budget_text, None, n, "error", str(e))
+        reason = method.applicability(ready.facts)
+        if reason is not None:
+            return Result(sample.id, name, params, budget_text, tokens, n, "not_applicable", reason)
+    started = time.perf_counter()
+    callback = None
+    if method is not None:
+        context = SelectionContext(layout, budget, ready.recording, ready.facts)
+        plan, callback = method.select(context), method.layer_callback(context)
+    elif plan is None:
+        plan = KeepPlan.keep_all(n, where=None, method=UNPRUNED)
+    selected = time.perf_counter()
+    execution = execute(adapter, ready.prepared, plan, max_new_tokens, gold_answer=sample.answer, callback=callback)
+    done = time.perf_counter()
+    kept = np.asarray(execution.final_kept, dtype=np.int64)
+    flops = prefill_flops(ready.shape, execution.tokens_per_layer)
+    scored = score(ready.scorer, execution.answer, [sample.answer] if sample.answer is not None else [])
+    evidence = ready.evidence
+    return Result(
+        sample.id, name, params, budget_text, tokens, n, "ok", plan=execution.plan,
+        generation=execution.answer, extracted=scored.extracted, score=scored.value,
+        stopped=len(execution.answer_ids) < max_new_tokens, answer_logprob=execution.answer_logprob,
+        gold_logprob=execution.gold_logprob, visual_tokens_per_layer=tuple(execution.visual_tokens_per_layer),
+        prefill_flops=flops, flops_ratio=flops / ready.full_flops, select_time_s=selected - started,
+        prefill_time_s=execution.prefill_seconds, wall_time_s=done - started,
+        evidence_tokens=int(evidence.sum()),
+        evidence_recall=float(evidence[kept].sum() / evidence.sum()) if evidence.any() else None,
+    )
+
+
+def loyal(result: Result, unpruned: Result) -> bool | None:
+    """Whether a pruned run gives the unpruned model's answer on the same sample (EffiVLM-Bench's
+    loyalty), both as the scorer read them."""
+    if result.status != "ok" or unpruned.status != "ok":
+        return None
+    return normalize_answer(result.extracted) == normalize_answer(unpruned.extracted)
