@@ -57,3 +57,8 @@ def load_adapter(args: argparse.Namespace):
     from workbench.models.loading import load
 
     return load(args.model, device=args.device, allow_download=args.allow_download)
+
+
+def load_adapter_with_message(args):
+    print(f"loading {args.model} ...", flush=True)
+    return load_adapter(args)

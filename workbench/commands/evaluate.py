@@ -1,5 +1,6 @@
 from workbench.subcommands import command
-from workbench.commands.common import add_dataset_arguments, add_model_arguments, non_negative_int, positive_int
+from workbench.commands.common import (add_dataset_arguments, add_model_arguments, load_adapter_with_message,
+                                       non_negative_int, positive_int)
 
 
 def _arguments(p):
@@ -69,10 +70,3 @@ def check_answers_target(path) -> None:
     if not {"question_type", "correct"} <= columns:
         raise UserError(f"--out {path}: exists and is not an answers table written by evaluate; "
                         "refusing to overwrite it (give a new file)")
-
-
-def load_adapter_with_message(args):
-    from workbench.commands.common import load_adapter
-
-    print(f"loading {args.model} ...", flush=True)
-    return load_adapter(args)

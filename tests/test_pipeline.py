@@ -1,0 +1,65 @@
+"""The one pipeline: a complete, lossless, serialisable result per (sample, method, budget)."""
+
+
+import numpy as np
+import pytest
+
+from workbench import pipeline
+from workbench.models.loading import load
+from workbench.pruning.registry import create_method
+from workbench.samples import read_dataset
+
+
+@pytest.fixture(scope="module")
+def ready():
+    adapter = load()
+    sample = read_dataset("data/eval/samples.jsonl", limit=1)[0]
+    methods = [create_method("fastv"), create_method("hired")]
+    return adapter, pipeline.prepare_sample(adapter, sample, methods)
+
+
+def test_unpruned_result_is_complete(ready):
+    adapter, prepared = ready
+    result = pipeline.run(adapter, prepared, None)
+    n = prepared.n_visual
+    row = result.row()
+    assert (row["method"], row["budget"], row["kept_count"], row["budget_gap"]) == ("unpruned", "100%", n, 0)
+    assert row["effective_tokens"] == n and row["flops_ratio"] == pytest.approx(1.0)
+    assert row["stopped"] is True and row["score"] == 1.0 and row["correct"] is True
+    assert row["extracted_answer"] == row["predicted_answer"].strip()
+    assert row["prefill_time_s"] > 0 and row["wall_time_s"] >= row["prefill_time_s"]
+
+
+def test_the_stored_plan_is_lossless(ready):
+    adapter, prepared = ready
+    result = pipeline.run(adapter, prepared, create_method("fastv"), 0.25)
+    restored = pipeline.plan_from_row(result.row())
+    assert restored.stages[0].kept == result.plan.stages[0].kept
+    scores, again = result.plan.stages[0].score_array, restored.stages[0].score_array
+    assert np.array_equal(np.isnan(scores), np.isnan(again)) and np.allclose(scores[~np.isnan(scores)],
+                                                                            again[~np.isnan(again)])
+    assert restored.stages[0].where == result.plan.stages[0].where
+    # running the stored plan again gives the same answer: a replay needs no selection
+    replay = pipeline.run(adapter, prepared, None, plan=restored)
+    assert replay.generation == result.generation and replay.select_time_s < 0.01
+
+
+def test_a_method_that_keeps_other_than_the_budget_says_so(ready):
+    adapter, prepared = ready
+    # HiRED's code keeps int(N * rate): 0.22 of 144 is 31 tokens where the budget rounds to 32
+    row = pipeline.run(adapter, prepared, create_method("hired"), 0.22).row()
+    assert (row["budget_tokens"], row["kept_count"], row["budget_gap"]) == (32, 31, -1)
+    in_llm = pipeline.run(adapter, prepared, create_method("fastv"), 0.22).row()
+    layers = in_llm["visual_tokens_per_layer"]
+    assert layers[0] == prepared.n_visual and in_llm["effective_tokens"] == pytest.approx(np.mean(layers))
+    assert in_llm["effective_tokens"] > in_llm["kept_count"]  # the first layers still see every token
+
+
+def test_loyalty_compares_with_the_unpruned_answer(ready):
+    adapter, prepared = ready
+    unpruned = pipeline.run(adapter, prepared, None)
+    pruned = pipeline.run(adapter, prepared, create_method("random"), 0.11)
+    assert pipeline.loyal(unpruned, unpruned) is True
+    assert pipeline.loyal(pruned, unpruned) == (pruned.extracted.lower() == unpruned.extracted.lower())
+    not_run = pipeline.Result("s", "m", {}, "10%", 1, 2, "not_applicable", "no")
+    assert pipeline.loyal(not_run, unpruned) is None
