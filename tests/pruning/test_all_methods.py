@@ -81,3 +81,16 @@ def test_every_method_runs_or_says_why_not_on_every_family(family):
         run_checked(adapter, prepared, create_method(method.name), 0.25, recording=recording, max_new_tokens=2)
         ran.append(method.name)
     assert set(BASELINES) <= set(ran) and len(ran) >= len(BASELINES) + 8, ran
+
+
+def test_methods_say_where_they_act_on_the_loaded_model(capsys):
+    # FastV's K=2 of 32 layers lands before layer 1 of the shipped model's 4; PyramidDrop's three
+    # stages (8 / 16 / 24 of 32) before layers 1, 2 and 3; GlobalCom2 says why it does not apply.
+    assert main(["methods", "fastv", "pyramiddrop", "globalcom2", "--model", "shapes-vlm", "--budget", "0.25"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("  (")[0]: line for line in out.splitlines()}
+    acts = [line for line in out.splitlines() if "acts on shapes-vlm" in line]
+    assert acts[0].endswith("before decoder layer 1 (36 kept)")
+    assert "before decoder layer 1 (72 kept); before decoder layer 2 (36 kept); before decoder layer 3 (18 kept)" in acts[1]
+    assert "does not apply: its layouts have no thumbnail" in acts[2]
+    assert "fastv" in lines

@@ -10,6 +10,28 @@ from workbench.subcommands import command
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", help="only these methods (default: all)")
+    p.add_argument("--model", default=None,
+                   help="also say where each method acts on this model (its layers, found by running it on "
+                        "the first sample of --dataset), or why it does not apply (default: none)")
+    p.add_argument("--dataset", default="data/eval/samples.jsonl",
+                   help="the data set whose first sample --model runs (default: data/eval/samples.jsonl)")
+    p.add_argument("--budget", type=float, default=0.22,
+                   help="the budget that run uses, a fraction of the visual tokens (default 0.22)")
+    p.add_argument("--device", default="cpu", help="torch device for --model (default: cpu)")
+    p.add_argument("--allow-download", action="store_true", help="let --model be fetched (default: offline)")
+
+
+def acts_at(adapter, ready, name: str, budget: float) -> str:
+    """Where ``name`` prunes on the loaded model: every stage of the plan it actually ran."""
+    from workbench import pipeline
+    from workbench.pruning.plan import describe_where
+    from workbench.pruning.registry import create_method
+
+    result = pipeline.run(adapter, ready, create_method(name), budget, max_new_tokens=1)
+    if result.status != "ok":
+        return f"does not apply: {result.message}"
+    stages = [f"{describe_where(s.where)} ({len(s.kept)} kept)" for s in result.plan.stages]
+    return "; ".join(stages) or "prunes nothing"
 
 
 def describe(name: str) -> str:
@@ -36,4 +58,19 @@ def run(args):
     names = args.names or available_methods()
     for name in names:
         method_class(name)  # an unknown name: one clear error listing the known ones
-    print("\n\n".join(describe(name) for name in names))
+    where = {}
+    if args.model:
+        from workbench.commands.common import load_adapter_with_message
+        from workbench.pipeline import prepare_sample
+        from workbench.pruning.budget import check_budget
+        from workbench.pruning.registry import create_method
+        from workbench.samples import check_images, read_dataset
+
+        budget = check_budget(args.budget)
+        sample = read_dataset(args.dataset, 1)
+        check_images(sample)
+        adapter = load_adapter_with_message(args)
+        ready = prepare_sample(adapter, sample[0], [create_method(name) for name in names])
+        where = {name: f"  acts on {adapter.name} ({len(adapter.decoder_layers())} decoder layers, budget "
+                       f"{budget:g}): {acts_at(adapter, ready, name, budget)}" for name in names}
+    print("\n\n".join("\n".join(filter(None, [describe(name), where.get(name)])) for name in names))
