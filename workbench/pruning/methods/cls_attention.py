@@ -120,6 +120,13 @@ def size_shares(layout: VisualLayout, n_keep: int) -> list[int]:
     return split_budget(n_keep, [g.rows * g.cols for g in layout.groups])
 
 
+def check_tower_layer(method: str, value) -> None:
+    """Refuse a tower layer that is not a 0-based layer of the 24-layer reference tower."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < REFERENCE_TOWER_DEPTH:
+        raise ValueError(f"{method}: reference_layer must be an int in 0..{REFERENCE_TOWER_DEPTH - 1} "
+                         f"(0-based, 24-layer reference tower), got {value!r}")
+
+
 class ClsAttentionMethod(PruningMethod):
     """Base of the methods that read the tower's [CLS] row: not applicable without a [CLS]."""
 
@@ -142,6 +149,27 @@ class ClsAttentionMethod(PruningMethod):
     def top_k_plan(self, context: SelectionContext, scores: np.ndarray, shares) -> KeepPlan:
         kept = top_k_per_group(context.layout, scores, shares)
         return self.plan(context, [Stage(PRE_LLM, kept, tuple(scores))])
+
+
+class ClsAndFeaturesMethod(ClsAttentionMethod):
+    """Base of the methods that read the [CLS] row and the tokens' features at one tower layer
+    (``reference_layer`` of the 24-layer reference tower, placed by relative depth)."""
+
+    reference_layer: int
+
+    def layer(self, model: ModelFacts) -> int:
+        return tower_layer(self.reference_layer, model)
+
+    def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
+        return (self.layer(model),)
+
+    def _feature_need(self, model: ModelFacts) -> SignalNeed:
+        return SignalNeed("visual_states_out", "tower", self.layer(model))
+
+    def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
+        if self.applicability(model) is not None:
+            return ()
+        return (cls_need(self.layer(model)), self._feature_need(model))
 
 
 # --- FasterVLM -------------------------------------------------------------------------------------
@@ -167,10 +195,7 @@ class FasterVLM(ClsAttentionMethod):
     reference_layer: int = REFERENCE_FEED_LAYER
 
     def __post_init__(self):
-        if isinstance(self.reference_layer, bool) or not isinstance(self.reference_layer, (int, np.integer)) \
-                or not 0 <= self.reference_layer < REFERENCE_TOWER_DEPTH:
-            raise ValueError(f"fastervlm: reference_layer must be an int in 0..{REFERENCE_TOWER_DEPTH - 1}, "
-                             f"got {self.reference_layer!r}")
+        check_tower_layer("fastervlm", self.reference_layer)
 
     def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
         return (tower_layer(self.reference_layer, model),)

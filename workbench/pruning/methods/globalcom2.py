@@ -11,8 +11,8 @@ import numpy as np
 
 from workbench.layout import VisualLayout
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, SelectionContext
-from workbench.pruning.methods.cls_attention import (REFERENCE_TOWER_DEPTH, ClsAttentionMethod, cls_need, row_scores,
-                                                     weighted_split)
+from workbench.pruning.methods.cls_attention import (REFERENCE_TOWER_DEPTH, ClsAttentionMethod, check_tower_layer,
+                                                     cls_need, row_scores, weighted_split)
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import normalized, top_k
 from workbench.pruning.registry import register_method
@@ -112,10 +112,7 @@ class GlobalCom2(ClsAttentionMethod):
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"globalcom2: temperature must be a finite number > 0, got {self.temperature!r}")
-        if isinstance(self.reference_layer, bool) or not isinstance(self.reference_layer, (int, np.integer)) \
-                or not 0 <= self.reference_layer < REFERENCE_TOWER_DEPTH:
-            raise ValueError(f"globalcom2: reference_layer must be an int in 0..{REFERENCE_TOWER_DEPTH - 1} "
-                             f"(0-based, 24-layer reference tower), got {self.reference_layer!r}")
+        check_tower_layer("globalcom2", self.reference_layer)
 
     def applicability(self, model: ModelFacts) -> str | None:
         reason = super().applicability(model)

@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
-from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, REFERENCE_TOWER_DEPTH, ClsAttentionMethod,
-                                                     cls_need, group_members, row_scores, size_shares, tower_layer)
+from workbench.pruning.method import SelectionContext
+from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, ClsAndFeaturesMethod, check_tower_layer,
+                                                     cls_need, group_members, row_scores, size_shares)
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import cosine_matrix
 from workbench.pruning.registry import register_method
@@ -48,7 +48,7 @@ def saliency_coverage(similarity, saliency, k: int, alpha: float = 1.0, combine:
 
 @register_method("scope")
 @dataclass(frozen=True)
-class Scope(ClsAttentionMethod):
+class Scope(ClsAndFeaturesMethod):
     """SCOPE. At the projector-feed tower layer (``attentions[-2]`` / ``hidden_states[-2]`` = layer 22 of
     LLaVA's CLIP tower; here ``projector_feed_tower_layer``), for each token group (crop) with its share
     of the budget (by size; the reference gives every crop ``budget // crops``): greedy selection by
@@ -80,24 +80,7 @@ class Scope(ClsAttentionMethod):
             raise ValueError(f"scope: alpha must be a finite number >= 0, got {self.alpha!r}")
         if self.combine not in COMBINATIONS:
             raise ValueError(f"scope: combine must be one of {COMBINATIONS}, got {self.combine!r}")
-        if isinstance(self.reference_layer, bool) or not isinstance(self.reference_layer, (int, np.integer)) \
-                or not 0 <= self.reference_layer < REFERENCE_TOWER_DEPTH:
-            raise ValueError(f"scope: reference_layer must be an int in 0..{REFERENCE_TOWER_DEPTH - 1} "
-                             f"(0-based, 24-layer reference tower), got {self.reference_layer!r}")
-
-    def layer(self, model: ModelFacts) -> int:
-        return tower_layer(self.reference_layer, model)
-
-    def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
-        return (self.layer(model),)
-
-    def _feature_need(self, model: ModelFacts) -> SignalNeed:
-        return SignalNeed("visual_states_out", "tower", self.layer(model))
-
-    def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
-        if self.applicability(model) is not None:
-            return ()
-        return (cls_need(self.layer(model)), self._feature_need(model))
+        check_tower_layer("scope", self.reference_layer)
 
     def select(self, context: SelectionContext) -> KeepPlan:
         model = context.require_model()

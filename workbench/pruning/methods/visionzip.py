@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
-from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, REFERENCE_TOWER_DEPTH, ClsAttentionMethod,
+from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, ClsAttentionMethod, check_tower_layer,
                                                      cls_need, group_members, row_scores, size_shares, tower_layer)
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Merge, Stage
 from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
@@ -81,10 +81,7 @@ class VisionZip(ClsAttentionMethod):
             raise ValueError(f"visionzip: merge must be one of {MERGE_RULES}, got {self.merge!r}")
         if self.cls_slot not in CLS_SLOTS:
             raise ValueError(f"visionzip: cls_slot must be one of {CLS_SLOTS}, got {self.cls_slot!r}")
-        if isinstance(self.reference_layer, bool) or not isinstance(self.reference_layer, (int, np.integer)) \
-                or not 0 <= self.reference_layer < REFERENCE_TOWER_DEPTH:
-            raise ValueError(f"visionzip: reference_layer must be an int in 0..{REFERENCE_TOWER_DEPTH - 1}, "
-                             f"got {self.reference_layer!r}")
+        check_tower_layer("visionzip", self.reference_layer)
 
     def layer(self, model: ModelFacts) -> int:
         return tower_layer(self.reference_layer, model)

@@ -8,9 +8,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
-from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, REFERENCE_TOWER_DEPTH, ClsAttentionMethod,
-                                                     cls_need, group_members, row_scores, size_shares, tower_layer)
+from workbench.pruning.method import SelectionContext
+from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, ClsAndFeaturesMethod, check_tower_layer,
+                                                     cls_need, group_members, row_scores, size_shares)
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import normalized
 from workbench.pruning.registry import register_method
@@ -46,7 +46,7 @@ def remove_duplicates(features: np.ndarray, residual: np.ndarray, keep: int,
 
 @register_method("vispruner")
 @dataclass(frozen=True)
-class VisPruner(ClsAttentionMethod):
+class VisPruner(ClsAndFeaturesMethod):
     """VisPruner. At the projector-feed tower layer (``attentions[-2]`` / ``hidden_states[-2]``, layer 22 of
     LLaVA's 24-layer CLIP tower; here ``projector_feed_tower_layer``), for each token group (crop) with
     its share ``k`` of the budget (by size; the reference gives every crop the same count):
@@ -85,24 +85,7 @@ class VisPruner(ClsAttentionMethod):
         if isinstance(self.important_ratio, bool) or not isinstance(self.important_ratio, (int, float)) \
                 or not 0.0 <= self.important_ratio <= 1.0:
             raise ValueError(f"vispruner: important_ratio must be a number in [0, 1], got {self.important_ratio!r}")
-        if isinstance(self.reference_layer, bool) or not isinstance(self.reference_layer, (int, np.integer)) \
-                or not 0 <= self.reference_layer < REFERENCE_TOWER_DEPTH:
-            raise ValueError(f"vispruner: reference_layer must be an int in 0..{REFERENCE_TOWER_DEPTH - 1} "
-                             f"(0-based, 24-layer reference tower), got {self.reference_layer!r}")
-
-    def layer(self, model: ModelFacts) -> int:
-        return tower_layer(self.reference_layer, model)
-
-    def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
-        return (self.layer(model),)
-
-    def _feature_need(self, model: ModelFacts) -> SignalNeed:
-        return SignalNeed("visual_states_out", "tower", self.layer(model))
-
-    def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
-        if self.applicability(model) is not None:
-            return ()
-        return (cls_need(self.layer(model)), self._feature_need(model))
+        check_tower_layer("vispruner", self.reference_layer)
 
     def split(self, n_keep: int) -> tuple[int, int]:
         """(important, diverse) for a budget of ``n_keep`` tokens: ``int(T * r)`` as the reference."""
