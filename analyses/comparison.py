@@ -199,6 +199,39 @@ def accuracy_curves(table: pl.DataFrame, z: float = 1.96, include_unpruned: bool
     ).select("method", "budget", "budget_tokens", "n", "correct", "accuracy", "ci_low", "ci_high")
 
 
+def pareto_front(cost, accuracy) -> np.ndarray:
+    """bool [P]: the points no other point beats on both axes (lower cost, higher accuracy; a tie
+    on one axis and a win on the other beats)."""
+    cost, accuracy = np.asarray(cost, dtype=float), np.asarray(accuracy, dtype=float)
+    beaten = ((cost[None, :] <= cost[:, None]) & (accuracy[None, :] >= accuracy[:, None])
+              & ((cost[None, :] < cost[:, None]) | (accuracy[None, :] > accuracy[:, None])))
+    return ~beaten.any(axis=1)
+
+
+def accuracy_vs_cost(table: pl.DataFrame) -> pl.DataFrame:
+    """One point per method and budget: accuracy beside its mean cost, prefill FLOPs and measured
+    prefill time as fractions of the unpruned model's, and the effective visual tokens (averaged
+    over the decoder's layers); ``pareto_flops`` / ``pareto_time`` mark the points on each front.
+    Columns: method, budget, accuracy, flops_ratio, time_ratio, effective_tokens, kept, n,
+    pareto_flops, pareto_time."""
+    ok = ok_rows(table, True).filter(pl.col("correct").is_not_null())
+    if "prefill_time_s" not in ok.columns:  # sweeps from before the prefill was timed
+        ok = ok.with_columns(prefill_time_s=pl.lit(None, dtype=pl.Float64))
+    base = ok.filter(pl.col("method") == UNPRUNED)["prefill_time_s"].mean()
+    points = (ok.group_by("method", "budget")
+              .agg(accuracy=pl.col("correct").cast(pl.Float64).mean(), flops_ratio=pl.col("flops_ratio").mean(),
+                   prefill_time_s=pl.col("prefill_time_s").mean(), kept=pl.col("kept_count").cast(pl.Float64).mean(),
+                   effective_tokens=pl.col("visual_tokens_per_layer").list.mean().mean(), n=pl.len())
+              .with_columns(time_ratio=pl.col("prefill_time_s") / base if base else pl.lit(None, dtype=pl.Float64))
+              .sort("method", "budget"))
+    front_time = (pareto_front(points["time_ratio"].fill_null(np.inf), points["accuracy"])
+                  if points["time_ratio"].null_count() < points.height else np.zeros(points.height, dtype=bool))
+    return points.with_columns(pareto_flops=pl.Series(pareto_front(points["flops_ratio"], points["accuracy"])),
+                               pareto_time=pl.Series(front_time)).select(
+        "method", "budget", "accuracy", "flops_ratio", "time_ratio", "effective_tokens", "kept", "n",
+        "pareto_flops", "pareto_time")
+
+
 # --- where the kept tokens sit ----------------------------------------------------------------------
 
 def kept_position(table: pl.DataFrame, grid: tuple[int, int] | None = None,

@@ -42,7 +42,7 @@ these that applies:
 ====  ===================================  ================================================================
  0    "not a failure"                      the pruned answer is correct (only if asked about such a sample)
  0b   "run-on answer"                      the pruned generation begins with the gold answer but does not
-                                           stop (it runs to the token limit): a failure to end the answer,
+                                           stop after it (more words follow): a failure to end the answer,
                                            kept apart from losing the evidence
  1    "answer lost despite evidence kept"  the sample has evidence tokens and none was lost
  2    "over-merging"                       evidence was lost, the evidence restore recovers, and more than
@@ -56,7 +56,7 @@ these that applies:
 
 The flags (each independent of the others):
 
-* ``flag_run_on``: the pruned generation begins with the gold answer and did not stop by itself.
+* ``flag_run_on``: the pruned generation begins with the gold answer and more words follow it.
 * ``flag_evidence_kept``: n_evidence > 0 and no evidence lost.
 * ``flag_evidence_dropped``: some lost evidence was discarded (not merged) and the evidence restore
   recovers.
@@ -444,9 +444,10 @@ def _correct(answer: str | None, gold: str | None) -> bool:
     return gold is not None and normalize_answer(answer) == normalize_answer(gold)
 
 
-def runs_on(answer: str | None, gold: str | None, stopped: bool | None) -> bool:
-    """The generation begins with the gold answer and did not stop by itself (a run-on answer)."""
-    if answer is None or gold is None or stopped is not False:
+def runs_on(answer: str | None, gold: str | None) -> bool:
+    """The generation begins with the gold answer and does not stop after it (a run-on answer:
+    more words follow, up to the token limit or an end the model reached later)."""
+    if answer is None or gold is None:
         return False
     words, expected = normalize_answer(answer).split(), normalize_answer(gold).split()
     return bool(expected) and words[:len(expected)] == expected and len(words) > len(expected)
@@ -487,10 +488,9 @@ def diagnose_sample(adapter: ModelAdapter, sample: Sample, method: PruningMethod
         unpruned_answer = pipeline.run(adapter, ready, None, max_new_tokens=max_new_tokens).generation
     if replay:
         plan, pruned_answer = plan_from_row(stored), stored["predicted_answer"]
-        stopped = stored.get("stopped")
     else:
         pruned = pipeline.run(adapter, ready, method, budget, max_new_tokens=max_new_tokens)
-        plan, pruned_answer, stopped = pruned.plan, pruned.generation, pruned.stopped
+        plan, pruned_answer = pruned.plan, pruned.generation
     recording = ready.recording
 
     saliency_answer = gold if gold is not None else unpruned_answer
@@ -540,7 +540,7 @@ def diagnose_sample(adapter: ModelAdapter, sample: Sample, method: PruningMethod
     category, flags = classify(pruned_correct=pruned_correct, n_evidence=int(evidence.sum()), n_lost=len(lost),
                                n_merged=len(merged), restore_recovers=evidence_recovers,
                                kept_position_skew=skew, evidence_position_offset=offset,
-                               sink_share_top=sink_share, run_on=runs_on(pruned_answer, gold, stopped))
+                               sink_share_top=sink_share, run_on=runs_on(pruned_answer, gold))
     return Diagnosis(
         sample_id=sample.id, question=sample.question, question_type=sample.question_type or "all", gold=gold,
         method=label or method.name, budget=budget_label(budget), budget_tokens=resolve_budget(budget, n),

@@ -65,6 +65,7 @@ def sweep_tables(adapter: ModelAdapter, samples: list[Sample], config: ReportCon
     return {
         "sweep": sweep,
         "accuracy": comparison.accuracy_curves(sweep),
+        "accuracy_vs_cost": comparison.accuracy_vs_cost(sweep),
         "kept_overlap": comparison.kept_overlap(sweep),
         "evidence_recall": comparison.evidence_recall_by_budget(sweep),
         "spatial_coverage": comparison.spatial_coverage(sweep, layouts=layouts),

@@ -17,7 +17,7 @@ import polars as pl
 class FigureSpec:
     name: str
     title: str
-    kind: Literal["line", "bar", "stacked_bar", "heatmap"]
+    kind: Literal["line", "bar", "stacked_bar", "heatmap", "scatter"]
     data: pl.DataFrame
     x: str
     y: str
@@ -28,6 +28,13 @@ class FigureSpec:
     xlabel: str = ""
     ylabel: str = ""
     reference: float | None = None  # a horizontal line (e.g. the unpruned accuracy)
+    front: str | None = None  # scatter: a bool column; its points are joined by a line (a Pareto front)
+
+
+def _front(spec: FigureSpec) -> tuple[list, list]:
+    """The front's points, sorted by x."""
+    part = spec.data.filter(pl.col(spec.front)).sort(spec.x)
+    return part[spec.x].to_list(), part[spec.y].to_list()
 
 
 def _groups(spec: FigureSpec):
@@ -61,12 +68,17 @@ def to_plotly(spec: FigureSpec):
             if spec.low and spec.high:
                 error = dict(type="data", array=(part[spec.high] - part[spec.y]).to_list(),
                              arrayminus=(part[spec.y] - part[spec.low]).to_list())
-            if spec.kind == "line":
-                fig.add_trace(go.Scatter(x=x, y=y, name=name, mode="lines+markers", error_y=error))
+            if spec.kind in ("line", "scatter"):
+                mode = "lines+markers" if spec.kind == "line" else "markers"
+                fig.add_trace(go.Scatter(x=x, y=y, name=name, mode=mode, error_y=error,
+                                         text=part["budget"].to_list() if "budget" in part.columns else None))
             else:
                 fig.add_trace(go.Bar(x=x, y=y, name=name, error_y=error))
         if spec.kind == "stacked_bar":
             fig.update_layout(barmode="stack")
+        if spec.front:
+            x, y = _front(spec)
+            fig.add_trace(go.Scatter(x=x, y=y, name="Pareto front", mode="lines", line=dict(color="black", dash="dot")))
     if spec.reference is not None:
         fig.add_hline(y=spec.reference, line_dash="dash", annotation_text=f"{spec.reference:.3f}")
     fig.update_layout(title=spec.title, xaxis_title=spec.xlabel, yaxis_title=spec.ylabel, height=420,
@@ -105,6 +117,8 @@ def to_png(spec: FigureSpec, path: Path) -> None:
                     error = [(part[spec.y] - part[spec.low]).to_list(), (part[spec.high] - part[spec.y]).to_list()]
                 if spec.kind == "line":
                     ax.errorbar(x, y, yerr=error, capsize=3, label=name, elinewidth=0.6)
+                elif spec.kind == "scatter":
+                    ax.plot(x, y, linestyle="none", label=name)
                 else:
                     slots = [categories.index(v) for v in x]
                     if spec.kind == "stacked_bar":
@@ -114,7 +128,9 @@ def to_png(spec: FigureSpec, path: Path) -> None:
                     else:
                         ax.bar([s + (i - (len(groups) - 1) / 2) * width for s in slots], y, width, yerr=error,
                                label=name, capsize=2)
-            if spec.kind != "line":
+            if spec.front:
+                ax.plot(*_front(spec), color="black", linestyle=":", marker="", label="Pareto front")
+            if spec.kind not in ("line", "scatter"):
                 ax.set_xticks(range(len(categories)), categories, rotation=60, ha="right", fontsize=7)
             if len(groups) > 1:
                 ax.legend(fontsize=6, ncol=2 if len(groups) > 8 else 1, loc="best")
@@ -133,6 +149,17 @@ def to_png(spec: FigureSpec, path: Path) -> None:
 
 def figure_specs(tables: dict, budget: str) -> list[FigureSpec]:
     specs = []
+    cost = tables.get("accuracy_vs_cost")
+    if cost is not None and cost.height:
+        specs.append(FigureSpec(
+            "accuracy_vs_flops", "Accuracy against cost: prefill FLOPs (one point per method and budget; "
+            "Pareto front dotted)", "scatter", cost, "flops_ratio", "accuracy", series="method",
+            xlabel="prefill FLOPs / unpruned", ylabel="accuracy", front="pareto_flops"))
+        if cost["time_ratio"].null_count() < cost.height:
+            specs.append(FigureSpec(
+                "accuracy_vs_time", "Accuracy against cost: measured prefill time (Pareto front dotted)", "scatter",
+                cost.filter(pl.col("time_ratio").is_not_null()), "time_ratio", "accuracy", series="method",
+                xlabel="prefill wall time / unpruned", ylabel="accuracy", front="pareto_time"))
     accuracy = tables.get("accuracy")
     if accuracy is not None and accuracy.height:
         base = accuracy.filter(pl.col("method") == "unpruned")

@@ -158,7 +158,41 @@ def accuracy_finding(tables: dict, budget: str) -> str | None:
             f"(95 % Wilson intervals).")
 
 
+def cost_finding(tables: dict) -> str | None:
+    """Methods compared at equal cost: which points make the accuracy-FLOPs Pareto front, and what
+    the best method buys with the cheapest front point's FLOPs or fewer."""
+    cost = tables.get("accuracy_vs_cost")
+    if cost is None or not cost.height:
+        return None
+    pruned = cost.filter(pl.col("method") != UNPRUNED)
+    front = pruned.filter(pl.col("pareto_flops")).sort("flops_ratio")
+    if not front.height:
+        return None
+    points = ", ".join(f"{m} at {b} ({a:.3f} for {f:.2f} of the FLOPs)"
+                       for m, b, a, f in front.select("method", "budget", "accuracy", "flops_ratio").iter_rows())
+    cheapest = float(front["flops_ratio"][0])
+    within = pruned.filter(pl.col("flops_ratio") <= cheapest + 1e-9).sort("accuracy", descending=True)
+    best = within.row(0, named=True)
+    return (f"**Accuracy at equal cost**: the Pareto front of accuracy against prefill FLOPs is {points}. "
+            f"At the lowest cost on it ({cheapest:.2f} of the unpruned FLOPs) the best is {best['method']} at "
+            f"{best['budget']} ({best['accuracy']:.3f}); a method's nominal budget alone does not set its cost.")
+
+
+def run_on_finding(tables: dict, budget: str) -> str | None:
+    """Wrong answers that begin with the right one and do not stop, named as such."""
+    taxonomy = tables.get("failure_taxonomy")
+    if taxonomy is None or not taxonomy.height:
+        return None
+    run_on = (taxonomy.filter((pl.col("category") == "run-on answer") & (pl.col("count") > 0))
+              .sort("count", descending=True))
+    if not run_on.height:
+        return None
+    listing = ", ".join(f"{m} {c} of {n}" for m, c, n in run_on.select("method", "count", "diagnosed").iter_rows())
+    return (f"**Run-on answers** at {budget}: of the diagnosed failures, {listing} begin with the right answer "
+            "and do not stop; they fail to end the answer, not to see the evidence.")
+
+
 def findings(tables: dict, budget: str) -> list[str]:
-    found = [accuracy_finding(tables, budget), redundancy_finding(tables), positional_finding(tables, budget),
-             failure_finding(tables, budget)]
+    found = [accuracy_finding(tables, budget), cost_finding(tables), redundancy_finding(tables),
+             positional_finding(tables, budget), failure_finding(tables, budget), run_on_finding(tables, budget)]
     return [f for f in found if f]

@@ -144,3 +144,31 @@ def test_kept_position_reads_rows_and_columns_of_the_kept_tokens():
     assert out["bottom"]["row_centroid"] == 1.0 and out["bottom"]["n_samples"] == 2
     assert out["bottom"]["col_centroid"] == (0.5 + 0.25) / 2
     assert out["corners"]["row_centroid"] == 0.5 == out["corners"]["col_centroid"]
+
+
+def test_pareto_front_by_hand():
+    from analyses.comparison import pareto_front
+
+    # (cost, accuracy): b beats a (cheaper, as good); c is dearer but better; d is beaten by c; e ties c
+    cost = [0.5, 0.4, 0.8, 0.9, 0.8]
+    accuracy = [0.7, 0.7, 0.9, 0.85, 0.9]
+    assert pareto_front(cost, accuracy).tolist() == [False, True, True, False, True]
+
+
+def test_accuracy_vs_cost_marks_the_front():
+    from analyses.comparison import accuracy_vs_cost
+
+    rows = []
+    for sample in ("s0", "s1"):
+        for method, budget, correct, flops, time, layers in (
+                ("unpruned", "100%", True, 1.0, 2.0, [4, 4]), ("cheap", "25%", False, 0.2, 0.5, [1, 1]),
+                ("good", "25%", True, 0.5, 1.0, [4, 1]), ("waste", "25%", False, 0.6, 1.5, [4, 2])):
+            rows.append({"sample_id": sample, "method": method, "budget": budget, "status": "ok", "correct": correct,
+                         "flops_ratio": flops, "prefill_time_s": time, "kept_count": layers[-1],
+                         "visual_tokens_per_layer": layers, "budget_tokens": 1, "n_visual": 4, "stages": "[]"})
+    points = accuracy_vs_cost(pl.DataFrame(rows))
+    by = {r["method"]: r for r in points.iter_rows(named=True)}
+    assert by["good"]["time_ratio"] == 0.5 and by["good"]["effective_tokens"] == 2.5
+    # "good" is as accurate as the unpruned model for half its FLOPs: the unpruned point is beaten
+    assert {m for m, r in by.items() if r["pareto_flops"]} == {"cheap", "good"}
+    assert not by["waste"]["pareto_time"]

@@ -218,7 +218,7 @@ def _right(answer, sample) -> bool:
 def find_case(adapter, method_for, limit=24, run_on=False):
     """The first sample (data set order) with evidence that the unpruned model answers right and
     that ``method_for(evidence, rest)`` gets wrong, with that method: with a run-on answer (the
-    gold answer, then more until the token limit) when ``run_on``, else with any other."""
+    gold answer, then more words) when ``run_on``, else with any other."""
     for sample in _samples()[:limit]:
         prepared = adapter.prepare(sample.load_image(), sample.question)
         layout = prepared.layout
@@ -231,8 +231,7 @@ def find_case(adapter, method_for, limit=24, run_on=False):
         method = method_for(np.flatnonzero(evidence), np.flatnonzero(~evidence))
         context = SelectionContext(layout, n)
         pruned = execute(adapter, prepared, method.select(context), callback=method.layer_callback(context))
-        stopped = len(pruned.answer_ids) < 8
-        if not _right(pruned.answer, sample) and F.runs_on(pruned.answer, sample.answer, stopped) == run_on:
+        if not _right(pruned.answer, sample) and F.runs_on(pruned.answer, sample.answer) == run_on:
             return sample, method, prepared
     pytest.fail("no sample in the first samples of the eval set fits the constructed case")
 
@@ -290,8 +289,8 @@ def test_an_answer_that_does_not_stop_is_a_run_on_not_lost_evidence(trained):
     words = F.normalize_answer(diagnosis.pruned_answer).split()
     assert words[0] == F.normalize_answer(sample.answer) and len(words) > 1
     assert diagnosis.category == F.RUN_ON and diagnosis.flags["flag_run_on"]
-    assert not F.runs_on(sample.answer, sample.answer, False)  # the answer alone is not a run-on
-    assert not F.runs_on(diagnosis.pruned_answer, sample.answer, True)  # one that stopped is not either
+    assert not F.runs_on(sample.answer, sample.answer)  # the answer alone is not a run-on
+    assert not F.runs_on("zzz " + diagnosis.pruned_answer, sample.answer)  # nor one that starts otherwise
 
 
 def test_keeping_all_evidence_and_still_failing(trained):
