@@ -13,7 +13,8 @@ from reports.config import ReportConfig
 from workbench.models.base import ModelAdapter
 from workbench.recording import CaptureRequest
 from workbench.samples import Sample
-from workbench.sweep import MethodSpec, budget_label, identity_mismatch, recorded_weights, run_sweep
+from workbench.sweep import (CONTROLS, MethodSpec, all_methods, budget_label, identity_mismatch, recorded_weights,
+                             run_sweep)
 
 # What the redundancy and misalignment analyses read, recorded once per analysed sample.
 ANALYSIS_REQUEST = CaptureRequest(
@@ -24,10 +25,8 @@ ANALYSIS_REQUEST = CaptureRequest(
 
 
 def method_specs(names) -> list[MethodSpec]:
-    from workbench.pruning.registry import available_methods
-
     if tuple(names) == ("all",):
-        return [MethodSpec(name) for name in available_methods()]
+        return all_methods()
     return [MethodSpec.parse(name) for name in names]
 
 
@@ -59,12 +58,19 @@ def sweep_tables(adapter: ModelAdapter, samples: list[Sample], config: ReportCon
     sweep = run_sweep(adapter, samples, config.dataset, specs, config.budgets, folder / "sweep",
                       progress=progress).table
     ids = {s.id for s in samples}
-    sweep = sweep.filter(pl.col("sample_id").is_in(ids) & pl.col("method").is_in([s.label for s in specs] + ["unpruned"])
-                         & pl.col("budget").is_in([budget_label(b) for b in config.budgets] + ["100%"]))
+    sweep = sweep.filter(pl.col("sample_id").is_in(ids) & pl.col("budget").is_in(
+        [budget_label(b) for b in config.budgets] + ["100%", "0"]))
+    controls = sweep.filter(pl.col("method").is_in(CONTROLS))
+    seeds = [s.label for s in specs if s.name == "random" and s.params]  # the random baseline's other seeds
+    random_seeds = sweep.filter(pl.col("method").is_in(["random"] + seeds))
+    # The figures and analyses show each method once: the controls and the extra seeds are summarised apart.
+    sweep = sweep.filter(pl.col("method").is_in([s.label for s in specs if s.label not in seeds] + ["unpruned"]))
     layouts = {s.id: adapter.prepare(s.load_image(), s.question).layout for s in samples}
     return {
         "sweep": sweep,
         "accuracy": comparison.accuracy_curves(sweep),
+        "controls": comparison.accuracy_curves(controls, include_unpruned=False),
+        "random_seeds": comparison.accuracy_curves(random_seeds, include_unpruned=False),
         "accuracy_vs_cost": comparison.accuracy_vs_cost(sweep),
         "kept_overlap": comparison.kept_overlap(sweep),
         "evidence_recall": comparison.evidence_recall_by_budget(sweep),

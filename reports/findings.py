@@ -155,7 +155,27 @@ def accuracy_finding(tables: dict, budget: str) -> str | None:
 
     start = f"unpruned {base['accuracy'][0]:.3f}; " if base.height else ""
     return (f"**Accuracy** at {budget} ({best['n']} samples): {start}best {named(best)}, worst {named(worst)} "
-            f"(95 % Wilson intervals).")
+            f"(95 % Wilson intervals).{_controls(tables, budget)}")
+
+
+def _controls(tables: dict, budget: str) -> str:
+    """What the image is worth, and how far chance alone spreads: the sweep's controls and the
+    random baseline's seeds."""
+    text = ""
+    controls = tables.get("controls")
+    if controls is not None and controls.height:
+        value = dict(controls.select("method", "accuracy").iter_rows())
+        parts = [f"{label} {value[key]:.3f}" for key, label in (("control:zero_tokens", "with zero visual tokens"),
+                                                                ("control:blank_image", "on a blank image"))
+                 if key in value]
+        text += " Controls: " + ", ".join(parts) + "."
+    seeds = tables.get("random_seeds")
+    if seeds is not None and seeds.height:
+        at = seeds.filter(pl.col("budget") == budget)["accuracy"]
+        if at.len() > 1:
+            text += (f" The random baseline over {at.len()} seeds at {budget}: mean {at.mean():.3f}, "
+                     f"{at.min():.3f} to {at.max():.3f}.")
+    return text
 
 
 def cost_finding(tables: dict) -> str | None:
@@ -164,7 +184,7 @@ def cost_finding(tables: dict) -> str | None:
     cost = tables.get("accuracy_vs_cost")
     if cost is None or not cost.height:
         return None
-    pruned = cost.filter(pl.col("method") != UNPRUNED)
+    pruned = cost.filter((pl.col("method") != UNPRUNED) & ~pl.col("method").str.starts_with("control:"))
     front = pruned.filter(pl.col("pareto_flops")).sort("flops_ratio")
     if not front.height:
         return None

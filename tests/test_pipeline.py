@@ -63,3 +63,25 @@ def test_loyalty_compares_with_the_unpruned_answer(ready):
     assert pipeline.loyal(pruned, unpruned) == (pruned.extracted.lower() == unpruned.extracted.lower())
     not_run = pipeline.Result("s", "m", {}, "10%", 1, 2, "not_applicable", "no")
     assert pipeline.loyal(not_run, unpruned) is None
+
+
+def test_the_data_set_names_its_scorer(ready, tmp_path):
+    import json
+
+    from workbench import scoring
+    from workbench.samples import DatasetError
+
+    adapter, prepared = ready
+    row = {"id": "s", "image": str(prepared.sample.image_path.resolve()), "question": prepared.sample.question,
+           "answer": prepared.sample.answer, "scorer": "half"}
+    (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DatasetError, match="unknown scorer 'half'; available: exact"):
+        read_dataset(tmp_path / "d.jsonl")
+    scoring.register(scoring.Scorer("half", "every answer half right", lambda g, o: g, lambda e, refs: 0.5))
+    try:
+        sample = read_dataset(tmp_path / "d.jsonl")[0]
+        assert sample.scorer == "half"
+        result = pipeline.run(adapter, pipeline.prepare_sample(adapter, sample), None).row()
+        assert result["score"] == 0.5 and result["correct"] is False
+    finally:
+        del scoring.SCORERS["half"]

@@ -127,7 +127,7 @@ def test_a_small_report_builds_offline_and_resumes(tmp_path):
     assert {"sweep", "accuracy", "kept_overlap", "redundancy", "positional_bias", "diagnoses",
             "failure_taxonomy"} <= tables
     sweep = pl.read_parquet(folder / "tables" / "sweep.parquet")
-    assert sweep.height == 3 * (1 + 3 * 2)
+    assert sweep.height == 3 * (1 + 3 * 2)  # the report's tables show each method once, controls apart
     rows_before = (folder / "sweep" / "rows.jsonl").read_text()
     build_report(adapter, config, progress=False)
     assert (folder / "sweep" / "rows.jsonl").read_text() == rows_before  # the sweep resumed, nothing re-run

@@ -11,7 +11,7 @@ import pytest
 from workbench.cli import main
 from workbench.models.loading import load
 from workbench.samples import read_dataset, sample_to_row
-from workbench.sweep import (MethodSpec, SweepError, SweepTask, UNPRUNED, accuracy_by_budget, read_sweep,
+from workbench.sweep import (CONTROLS, MethodSpec, SweepError, SweepTask, UNPRUNED, accuracy_by_budget, read_sweep,
                              run_sweep, run_task)
 
 DATASET = "data/eval/samples.jsonl"
@@ -32,9 +32,15 @@ def samples(n: int = 3):
 def test_rows_cover_every_method_and_budget_with_their_kept_counts(tmp_path):
     result = run_sweep(shipped(), samples()[:2], DATASET, METHODS, BUDGETS, tmp_path / "s", progress=False)
     table = result.table
-    assert table.height == 2 * (1 + len(METHODS) * len(BUDGETS)) == result.new_rows
-    assert set(table["method"]) == {UNPRUNED, "uniform_grid", "random(seed=3)", "fastv"}
-    ok = table.filter(pl.col("method") != UNPRUNED)
+    assert table.height == 2 * (1 + len(CONTROLS) + len(METHODS) * len(BUDGETS)) == result.new_rows
+    assert set(table["method"]) == {UNPRUNED, *CONTROLS, "uniform_grid", "random(seed=3)", "fastv"}
+    controls = table.filter(pl.col("method").is_in(CONTROLS))
+    zero = controls.filter(pl.col("method") == "control:zero_tokens")
+    assert zero["kept_count"].to_list() == [0, 0] and zero["budget"].to_list() == ["0", "0"]
+    assert (zero["flops_ratio"] < 0.2).all()  # the text alone
+    blank = controls.filter(pl.col("method") == "control:blank_image")
+    assert blank["kept_count"].to_list() == [144, 144] and (blank["evidence_tokens"] > 0).all()
+    ok = table.filter(~pl.col("method").is_in([UNPRUNED, *CONTROLS]))
     assert (ok["status"] == "ok").all()
     assert sorted(set(ok["budget_tokens"])) == [16, 72]  # 0.5 of 144 and a count of 16
     assert (ok["kept_count"] == ok["budget_tokens"]).all()
@@ -56,11 +62,13 @@ def test_resuming_skips_finished_rows_and_adds_new_ones(tmp_path):
     folder = tmp_path / "s"
     run_sweep(shipped(), samples()[:1], DATASET, METHODS[:1], BUDGETS, folder, progress=False)
     again = run_sweep(shipped(), samples()[:1], DATASET, METHODS[:1], BUDGETS, folder, progress=False)
-    assert again.new_rows == 0 and again.table.height == 3
+    per_sample = 1 + len(CONTROLS)  # the unpruned run and the controls
+    assert again.new_rows == 0 and again.table.height == per_sample + 2
     more = run_sweep(shipped(), samples()[:2], DATASET, METHODS[:2], BUDGETS, folder, progress=False)
-    assert more.new_rows == 2 * 5 - 3  # the second sample in full, the first only for the new method
+    # the second sample in full, the first only for the new method
+    assert more.new_rows == (per_sample + 4) + 2
     keys = more.table.select("sample_id", "method", "budget")
-    assert keys.unique().height == keys.height == 10
+    assert keys.unique().height == keys.height == 2 * (per_sample + 4)
 
 
 def test_an_interrupted_sweep_keeps_finished_samples_and_resumes(tmp_path, monkeypatch):
@@ -78,14 +86,15 @@ def test_an_interrupted_sweep_keeps_finished_samples_and_resumes(tmp_path, monke
     monkeypatch.setattr(sweep, "run_task", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(shipped(), samples()[:2], DATASET, METHODS[:1], BUDGETS, folder, progress=False)
-    assert pl.read_parquet(folder / "results.parquet").height == 3  # the first sample's rows survive
+    # the first sample's rows survive: the unpruned run, the controls, one method at two budgets
+    assert pl.read_parquet(folder / "results.parquet").height == 1 + len(CONTROLS) + 2
     monkeypatch.setattr(sweep, "run_task", real)
     # A write torn by a kill leaves half a line: it is cut off, not read.
     with (folder / "rows.jsonl").open("a") as f:
         f.write('{"sample_id": "torn')
     resumed = run_sweep(shipped(), samples()[:2], DATASET, METHODS[:1], BUDGETS, folder, progress=False)
-    assert resumed.new_rows == 3 and resumed.table.height == 6
-    assert read_sweep(folder).height == 6
+    per_sample = 1 + len(CONTROLS) + 2
+    assert resumed.new_rows == per_sample and resumed.table.height == read_sweep(folder).height == 2 * per_sample
 
 
 def test_a_task_is_plain_data_and_its_rows_depend_only_on_it():
@@ -168,7 +177,7 @@ def test_sweep_command_prints_the_accuracy_table(tmp_path, capsys):
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "33%" in printed and "11%" in printed and "uniform_grid" in printed and "unpruned" in printed
-    assert read_sweep(out).height == 2 * 5
+    assert read_sweep(out).height == 2 * (1 + len(CONTROLS) + 4)
 
 
 def test_samples_without_gold_answers_have_unknown_correctness(tmp_path):
@@ -181,6 +190,6 @@ def test_samples_without_gold_answers_have_unknown_correctness(tmp_path):
     dataset = write_dataset([Sample("q1", tmp_path / "img.png", source.question)], tmp_path / "s.jsonl")
     table = run_sweep(shipped(), read_dataset(dataset), str(dataset), METHODS[:1], (0.5,), tmp_path / "s",
                       progress=False).table
-    assert table["correct"].null_count() == table.height == 2
-    assert table["gold_logprob"].null_count() == 2 and table["evidence_recall"].null_count() == 2
-    assert accuracy_by_budget(table).row(0)[1:] == (None, None)
+    assert table["correct"].null_count() == table.height == 2 + len(CONTROLS)
+    assert table["gold_logprob"].null_count() == table["evidence_recall"].null_count() == table.height
+    assert accuracy_by_budget(table).row(0)[1:] == (None, None, None, None)  # 50%, unpruned, the two controls

@@ -16,7 +16,7 @@ from workbench.cli import main
 from workbench.folder_lock import FolderLocked, exclusive
 from workbench.models.loading import load
 from workbench.samples import read_dataset
-from workbench.sweep import MethodSpec, read_sweep, run_sweep
+from workbench.sweep import CONTROLS, MethodSpec, read_sweep, run_sweep
 from workbench.sweep_identity import SweepIdentityError
 
 DATASET = "data/eval/samples.jsonl"
@@ -70,7 +70,7 @@ def test_reading_a_sweep_never_changes_its_journal(tmp_path):
     with journal.open("a") as f:
         f.write('{"sample_id": "torn')  # a writer mid-append, or killed there
     before = journal.read_bytes()
-    assert read_sweep(folder).height == 2
+    assert read_sweep(folder).height == 2 + len(CONTROLS)
     assert journal.read_bytes() == before
 
 
@@ -130,8 +130,9 @@ def test_an_undecodable_image_is_an_error_row_and_the_sweep_goes_on(tmp_path):
     table = run_sweep(shipped(), read_dataset(dataset), str(dataset), RANDOM, (0.5,), tmp_path / "s",
                       progress=False).table
     errors = table.filter(pl.col("status") == "error")
-    assert errors.height == 2 and errors["message"].str.contains(broken.name).all()
-    assert (table.filter(pl.col("status") == "ok").height == 4)
+    per_sample = 2 + len(CONTROLS)  # the unpruned run, the controls, random at one budget
+    assert errors.height == per_sample and errors["message"].str.contains(broken.name).all()
+    assert (table.filter(pl.col("status") == "ok").height == 2 * per_sample)
 
 
 # --- 4, 11. results follow the umask; the answer columns say whose answer --------------------------------

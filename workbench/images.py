@@ -85,3 +85,8 @@ def open_rgb(path: str | Path) -> Image.Image:
     """The image at ``path`` as 8-bit RGB, upright, transparency on white; ``ImageError`` if it
     cannot be decoded."""
     return open_image(path, convert=lambda image: to_rgb(image, name=str(path)))
+
+
+def blank_image(size: tuple[int, int]) -> Image.Image:
+    """A uniform mid-grey image of ``size`` (width, height): the blank-image control."""
+    return Image.new("RGB", size, (128, 128, 128))

@@ -74,10 +74,11 @@ class PreparedSample:
 
 
 def prepare_sample(adapter: ModelAdapter, sample: Sample, methods: Sequence[PruningMethod] = (),
-                   scorer: str = "exact") -> PreparedSample:
-    """Inputs, evidence and the one recording every applicable method in ``methods`` reads.
-    Raises ``ImageError`` when the sample's image cannot be decoded."""
-    prepared = adapter.prepare(sample.load_image(), sample.question)
+                   image=None) -> PreparedSample:
+    """Inputs, evidence and the one recording every applicable method in ``methods`` reads, scored
+    as the sample's data set says. ``image``: another image in place of the sample's (the
+    blank-image control). Raises ``ImageError`` when the sample's image cannot be decoded."""
+    prepared = adapter.prepare(sample.load_image() if image is None else image, sample.question)
     layout = prepared.layout
     facts = ModelFacts.of(adapter)
     mask = sample.evidence_mask()
@@ -85,7 +86,7 @@ def prepare_sample(adapter: ModelAdapter, sample: Sample, methods: Sequence[Prun
     started = time.perf_counter()
     recording = record_needs(adapter, prepared, [m for m in methods if m.applicability(facts) is None])
     return PreparedSample(sample, prepared, facts, DecoderShape.of(adapter.language_model().config), evidence,
-                          recording, time.perf_counter() - started, scorer)
+                          recording, time.perf_counter() - started, sample.scorer)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from PIL import Image
 
 from workbench.files import write_atomically, write_atomically_bytes  # noqa: F401  (re-exported)
 from workbench.images import open_image, open_rgb
+from workbench.scoring import SCORERS
 
 Box = tuple[float, float, float, float]
 
@@ -48,6 +49,7 @@ class Sample:
     evidence_boxes: tuple[Box, ...] = ()
     mask_path: Path | None = None
     mask_values: tuple[int, ...] = ()
+    scorer: str = "exact"  # how the data set scores an answer (``workbench.scoring``)
     extra: dict = field(default_factory=dict, compare=False)
 
     def load_image(self) -> Image.Image:
@@ -101,7 +103,7 @@ def sample_from_row(row: dict, root: Path, where: str) -> Sample:
     mask = _field(row, "mask", dict, where, required=False)
     if mask is not None and not isinstance(mask.get("path"), str):
         raise DatasetError(f"{where}: field 'mask' needs a 'path' string, got {mask!r}")
-    known = {"id", "image", "question", "answer", "question_type", "evidence_boxes", "mask"}
+    known = {"id", "image", "question", "answer", "question_type", "evidence_boxes", "mask", "scorer"}
     sample_id = _field(row, "id", (str, int), where)
     if isinstance(sample_id, bool) or not str(sample_id).strip():
         raise DatasetError(f"{where}: field 'id' must be a non-empty string or an integer, got {sample_id!r}")
@@ -109,6 +111,9 @@ def sample_from_row(row: dict, root: Path, where: str) -> Sample:
     answer = _field(row, "answer", (str, int), where, required=False)
     if not question.strip():
         raise DatasetError(f"{where}: field 'question' is empty")
+    scorer = _field(row, "scorer", str, where, required=False) or "exact"
+    if scorer not in SCORERS:
+        raise DatasetError(f"{where}: unknown scorer {scorer!r}; available: {', '.join(sorted(SCORERS))}")
     try:
         mask_values = tuple(int(v) for v in mask.get("values", ())) if mask else ()
     except (TypeError, ValueError):
@@ -122,6 +127,7 @@ def sample_from_row(row: dict, root: Path, where: str) -> Sample:
         evidence_boxes=_boxes(row.get("evidence_boxes"), where),
         mask_path=root / mask["path"] if mask else None,
         mask_values=mask_values,
+        scorer=scorer,
         extra={k: v for k, v in row.items() if k not in known},
     )
 
@@ -172,6 +178,8 @@ def sample_to_row(sample: Sample, root: Path) -> dict:
         row["evidence_boxes"] = [list(b) for b in sample.evidence_boxes]
     if sample.mask_path is not None:
         row["mask"] = {"path": os.path.relpath(sample.mask_path, root), "values": list(sample.mask_values)}
+    if sample.scorer != "exact":
+        row["scorer"] = sample.scorer
     return row | sample.extra
 
 

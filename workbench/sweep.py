@@ -34,10 +34,11 @@ from workbench.errors import UserError
 from workbench.files import check_output, write_atomically, write_atomically_bytes
 from workbench.folder_lock import exclusive
 from workbench import pipeline
-from workbench.images import ImageError
+from workbench.images import ImageError, blank_image
 from workbench.models.base import ModelAdapter
 from workbench.pruning.budget import Budget, check_budget, resolve_budget
 from workbench.pruning.method import PruningMethod
+from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.registry import create_method
 from workbench.pipeline import UNPRUNED, budget_label, prepare_sample
 from workbench.samples import Sample, sample_from_row, sample_to_row
@@ -118,6 +119,18 @@ class SweepTask:
                          data["include_unpruned"], data["max_new_tokens"])
 
 
+RANDOM_SEEDS = 5  # the random baseline runs this many seeds in the default method list, for its spread
+
+
+def all_methods() -> list[MethodSpec]:
+    """Every registered method with its defaults, and the random baseline over ``RANDOM_SEEDS``
+    seeds (seed 0 is its default)."""
+    from workbench.pruning.registry import available_methods
+
+    specs = [MethodSpec(name) for name in available_methods()]
+    return specs + [MethodSpec("random", (("seed", seed),)) for seed in range(1, RANDOM_SEEDS)]
+
+
 # --- one sample ------------------------------------------------------------------------------------
 
 def _row(sample: Sample, method: str, params: dict, budget: str, budget_tokens: int, n_visual: int) -> dict:
@@ -126,10 +139,14 @@ def _row(sample: Sample, method: str, params: dict, budget: str, budget_tokens: 
             "budget_tokens": budget_tokens, "n_visual": n_visual, "gold_answer": sample.answer}
 
 
+CONTROLS = ("control:zero_tokens", "control:blank_image")
+
+
 def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
-    """Every row of one sample, each a ``pipeline.run``: the unpruned run, then each method at each
-    budget, with its loyalty to the unpruned answer; one "error" row per (method, budget) when the
-    sample's image cannot be decoded."""
+    """Every row of one sample, each a ``pipeline.run``: the unpruned run and the controls (every
+    visual token removed before the LLM: what the image is worth; the unpruned model on a blank
+    image of the same size), then each method at each budget, with its loyalty to the unpruned
+    answer; one "error" row per (method, budget) when the sample's image cannot be decoded."""
     sample = sample_from_row(task.sample, Path(task.root), f"task {task.sample.get('id')}")
     methods = [(spec, spec.create()) for spec in task.methods]
     try:
@@ -137,7 +154,7 @@ def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
     except ImageError as e:
         return _error_rows(sample, task, str(e))
     unpruned = pipeline.run(adapter, ready, None, max_new_tokens=task.max_new_tokens)
-    results = [unpruned] if task.include_unpruned else []
+    results = [unpruned] + _controls(adapter, ready, task.max_new_tokens) if task.include_unpruned else []
     for spec, method in methods:
         for budget in task.budgets:
             result = pipeline.run(adapter, ready, method, budget, label=spec.label, max_new_tokens=task.max_new_tokens)
@@ -147,9 +164,18 @@ def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
                                       "loyal": pipeline.loyal(result, unpruned)} for result in results]
 
 
+def _controls(adapter: ModelAdapter, ready, max_new_tokens: int) -> list:
+    n = ready.n_visual
+    zero = KeepPlan(CONTROLS[0], 0, n, (Stage(PRE_LLM, ()),))
+    blank = prepare_sample(adapter, ready.sample, image=blank_image(ready.prepared.image_size))
+    return [pipeline.run(adapter, ready, None, plan=zero, label=CONTROLS[0], max_new_tokens=max_new_tokens),
+            pipeline.run(adapter, blank, None, label=CONTROLS[1], max_new_tokens=max_new_tokens)]
+
+
 def _error_rows(sample: Sample, task: SweepTask, message: str) -> list[dict]:
     """The rows of a sample that could not be run: same keys as its rows would have had."""
-    labels = ([(UNPRUNED, "100%", {})] if task.include_unpruned else []) + \
+    references = [(UNPRUNED, "100%", {}), (CONTROLS[0], "0", {}), (CONTROLS[1], "100%", {})]
+    labels = (references if task.include_unpruned else []) + \
         [(spec.label, budget_label(b), spec.create().params()) for spec in task.methods for b in task.budgets]
     return [_row(sample, label, params, budget, None, None) | {"status": "error", "message": message}
             for label, budget, params in labels]
@@ -388,15 +414,19 @@ def read_sweep(folder: str | Path) -> pl.DataFrame:
 
 def accuracy_by_budget(table: pl.DataFrame) -> pl.DataFrame:
     """Accuracy per method (rows) and budget (columns, largest first), with the unpruned accuracy
-    on the same samples beside it; "n/a" methods show as nulls."""
+    on the same samples beside it and the controls' (zero visual tokens, blank image) after it;
+    "n/a" methods show as nulls."""
     ok = table.filter(pl.col("status") == "ok")
     unpruned = ok.filter(pl.col("method") == UNPRUNED)
     base = unpruned["correct"].mean() if unpruned.height else None
-    pruned = ok.filter(pl.col("method") != UNPRUNED)
+    controls = {name: ok.filter(pl.col("method") == name)["correct"].mean() for name in CONTROLS
+                if ok.filter(pl.col("method") == name).height}
+    pruned = ok.filter(~pl.col("method").is_in([UNPRUNED, *CONTROLS]))
     if not pruned.height:
         return pl.DataFrame({"method": [UNPRUNED], "unpruned": [base]})
     order = (pruned.select("budget", "budget_tokens").unique().sort("budget_tokens", descending=True)["budget"].to_list())
     acc = pruned.group_by("method", "budget").agg(pl.col("correct").mean())
     wide = acc.pivot(on="budget", index="method", values="correct").sort("method")
-    return wide.select("method", *[c for c in order if c in wide.columns]).with_columns(unpruned=pl.lit(base))
+    return wide.select("method", *[c for c in order if c in wide.columns]).with_columns(
+        unpruned=pl.lit(base), **{name.removeprefix("control:"): pl.lit(value) for name, value in controls.items()})
 

@@ -18,7 +18,7 @@ from transformers.utils import is_torchvision_available
 from tests.tiny_models import QUESTION, TINY_FAMILIES, TINY_SPECS, noise_image, save_tiny, tiny_adapter
 from workbench.recording import Recording
 from workbench.samples import Sample, write_dataset
-from workbench.sweep import UNPRUNED, read_sweep, recorded_weights
+from workbench.sweep import CONTROLS, UNPRUNED, read_sweep, recorded_weights
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_IDS = ("s0", "s1")
@@ -102,8 +102,9 @@ def check_sweep(folder: Path, weights: str, n_visual: int) -> None:
     """Every sample x (unpruned + each method) answered, each method keeping its budget."""
     rows = read_sweep(folder)
     assert recorded_weights(folder) == weights
-    assert rows.height == len(SAMPLE_IDS) * (1 + len(METHODS)) and set(rows["sample_id"]) == set(SAMPLE_IDS)
-    assert set(rows["method"]) == {UNPRUNED, *METHODS.values()}
+    assert rows.height == len(SAMPLE_IDS) * (1 + len(CONTROLS) + len(METHODS)) and set(rows["sample_id"]) == set(SAMPLE_IDS)
+    assert set(rows["method"]) == {UNPRUNED, *CONTROLS, *METHODS.values()}
+    rows = rows.filter(~pl.col("method").is_in(CONTROLS))
     assert (rows["status"] == "ok").all(), rows["message"].to_list()
     assert (rows["n_visual"] == n_visual).all()
     pruned = rows.filter(pl.col("method") != UNPRUNED)

@@ -45,11 +45,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def method_specs(text: str):
-    from workbench.pruning.registry import available_methods
-    from workbench.sweep import MethodSpec
+    from workbench.sweep import MethodSpec, all_methods
 
     if text.strip() == "all":
-        return [MethodSpec(name) for name in available_methods()]
+        return all_methods()
     parts = text.split(";") if ";" in text or ":" in text else text.split(",")
     return [MethodSpec.parse(part) for part in parts if part.strip()]
 
