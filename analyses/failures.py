@@ -32,7 +32,7 @@ is right and the pruned one wrong; ``diagnose_sample`` opens one of them up:
      or not), the ones with the highest occlusion, restored the same way. A control: does
      restoring *the evidence* matter more than restoring the same number of tokens the model's
      own saliency likes?
-   Each records its answer and whether it recovers the gold answer (``normalize_answer`` equal).
+   Each records its answer and whether it recovers the gold answer (by the data set's scorer).
 
 The taxonomy (``classify``): every sample gets flags, and one primary category, the first of
 these that applies:
@@ -101,7 +101,7 @@ from workbench.pipeline import UNPRUNED, budget_label, plan_from_row, plan_json,
 from workbench.pruning.method import PruningMethod
 from workbench.pruning.plan import KeepPlan, Stage
 from workbench.samples import Sample
-from workbench.scoring import normalize_answer
+from workbench.scoring import normalize_answer, score
 from workbench.sweep import MethodSpec
 
 # --- the taxonomy's names and thresholds -------------------------------------------------------------
@@ -440,8 +440,9 @@ def _saliency_values(saliency, n: int) -> tuple[np.ndarray, np.ndarray | None]:
     return occlusion, sinks
 
 
-def _correct(answer: str | None, gold: str | None) -> bool:
-    return gold is not None and normalize_answer(answer) == normalize_answer(gold)
+def _correct(answer: str | None, gold: str | None, scorer: str = "exact") -> bool:
+    """Right by the data set's scorer (the sweep's one way of scoring)."""
+    return gold is not None and score(scorer, answer or "", [gold]).value == 1.0
 
 
 def runs_on(answer: str | None, gold: str | None) -> bool:
@@ -525,18 +526,18 @@ def diagnose_sample(adapter: ModelAdapter, sample: Sample, method: PruningMethod
     restored_by_saliency: list[int] = []
     if len(lost):
         evidence_answer = _restored(adapter, ready, plan, lost, max_new_tokens)
-        evidence_recovers = _correct(evidence_answer, gold)
+        evidence_recovers = _correct(evidence_answer, gold, sample.scorer)
         dropped = np.flatnonzero(~kept_mask)
         key = np.where(np.isfinite(occlusion[dropped]), -occlusion[dropped], np.inf)
         restored_by_saliency = sorted(int(t) for t in dropped[np.lexsort((dropped, key))][: len(lost)])
         saliency_answer_r = _restored(adapter, ready, plan, restored_by_saliency, max_new_tokens)
-        saliency_recovers = _correct(saliency_answer_r, gold)
+        saliency_recovers = _correct(saliency_answer_r, gold, sample.scorer)
 
     skew, offset = position_metrics(n, kept, lost)
     scored = [s for s in sorted(set(stage_of)) if plan.stages[s].scores is not None]
     top = top_ranked(plan, scored[0]) if scored else np.zeros(0, dtype=np.int64)
     sinks_in_top, sink_share = sink_metrics(top, sink_scores, evidence, sink_tau)
-    pruned_correct = _correct(pruned_answer, gold)
+    pruned_correct = _correct(pruned_answer, gold, sample.scorer)
     category, flags = classify(pruned_correct=pruned_correct, n_evidence=int(evidence.sum()), n_lost=len(lost),
                                n_merged=len(merged), restore_recovers=evidence_recovers,
                                kept_position_skew=skew, evidence_position_offset=offset,
@@ -544,7 +545,7 @@ def diagnose_sample(adapter: ModelAdapter, sample: Sample, method: PruningMethod
     return Diagnosis(
         sample_id=sample.id, question=sample.question, question_type=sample.question_type or "all", gold=gold,
         method=label or method.name, budget=budget_label(budget), budget_tokens=resolve_budget(budget, n),
-        n_visual=n, unpruned_answer=unpruned_answer, unpruned_correct=_correct(unpruned_answer, gold),
+        n_visual=n, unpruned_answer=unpruned_answer, unpruned_correct=_correct(unpruned_answer, gold, sample.scorer),
         pruned_answer=pruned_answer, pruned_correct=pruned_correct, sweep_answer=sweep_answer,
         stages=plan_json(plan), kept=tuple(int(t) for t in kept),
         evidence=tuple(int(t) for t in np.flatnonzero(evidence)), lost_evidence=tuple(int(t) for t in lost),

@@ -19,7 +19,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from workbench.scoring import normalize_answer
+from workbench.scoring import score
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = "data/eval/samples.jsonl"
@@ -70,16 +70,18 @@ class Subject:
     gold: str | None = None
     sample_id: str = "upload"
     evidence: np.ndarray | None = field(default=None, compare=False, repr=False)  # boolean [H, W] mask
+    scorer: str = "exact"  # the data set's scorer (``workbench.scoring``)
 
     @staticmethod
-    def of(image: Image.Image, question: str, gold=None, sample_id="upload", evidence=None) -> "Subject":
+    def of(image: Image.Image, question: str, gold=None, sample_id="upload", evidence=None,
+           scorer: str = "exact") -> "Subject":
         digest = hashlib.sha256(image.tobytes() + repr(image.size).encode() + question.encode()).hexdigest()[:20]
-        return Subject(digest, image, question, gold, sample_id, evidence)
+        return Subject(digest, image, question, gold, sample_id, evidence, scorer)
 
     def is_correct(self, answer: str) -> bool | None:
         if self.gold is None:
             return None
-        return normalize_answer(answer) == normalize_answer(self.gold)
+        return score(self.scorer, answer, [self.gold]).value == 1.0
 
 
 def decode_upload(name: str, data: bytes) -> Image.Image:
@@ -110,7 +112,8 @@ def dataset(path: str) -> list:
 
 
 def subject_of_sample(sample) -> Subject:
-    return Subject.of(sample.load_image(), sample.question, sample.answer, sample.id, sample.evidence_mask())
+    return Subject.of(sample.load_image(), sample.question, sample.answer, sample.id, sample.evidence_mask(),
+                      sample.scorer)
 
 
 # --- the model -----------------------------------------------------------------------------------

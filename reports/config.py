@@ -18,7 +18,7 @@ class ReportConfigError(UserError, ValueError):
 class ReportConfig:
     model: str = "shapes-vlm"
     dataset: str = "data/eval/samples.jsonl"
-    samples: int = 80  # the first N samples of the data set are swept
+    samples: int = 64  # the first N samples of the data set are swept
     analysis_samples: int = 16  # of those, the first N are recorded for redundancy / misalignment
     methods: tuple[str, ...] = ("all",)  # method names, "name:key=value,..." or "all"
     budgets: tuple[float | int, ...] = (0.33, 0.22, 0.11)

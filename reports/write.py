@@ -67,8 +67,11 @@ PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;font-size:13px;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 7px;text-align:right}}
 th{{background:#f3f3f3}}td:first-child,th:first-child{{text-align:left}}li{{margin:.4em 0}}</style>
-</head><body><h1>{title}</h1><p>{meta}</p><h2>Findings</h2><ul>{findings}</ul>{tables}<h2>Figures</h2>{figures}
+</head><body><h1>{title}</h1><p>{meta}</p><h2>Findings</h2><ul>{findings}</ul>{lead}{tables}<h2>Figures</h2>{figures}
 </body></html>"""
+
+
+LEAD = ("accuracy_vs_flops", "accuracy_vs_time")  # the figures the page opens with
 
 
 def _md_bold_to_html(text: str) -> str:
@@ -86,14 +89,18 @@ def write_report(folder: Path, config: ReportConfig, tables: dict, meta: str) ->
         write_atomically_bytes(folder / "tables" / f"{name}.parquet", frame.write_parquet)
     for spec in specs:
         write_atomically_bytes(folder / "figures" / f"{spec.name}.png", lambda tmp, spec=spec: to_png(spec, Path(tmp)))
-    figures_html = "".join(
-        to_plotly(spec).to_html(full_html=False, include_plotlyjs=(i == 0), default_height="420px")
-        for i, spec in enumerate(specs))  # plotly.js inlined once: the page works offline
+    # The page leads with accuracy against cost; plotly.js is inlined once, so it works offline.
+    ordered = [s for s in specs if s.name in LEAD] + [s for s in specs if s.name not in LEAD]
+    rendered = {spec.name: to_plotly(spec).to_html(full_html=False, include_plotlyjs=(i == 0), default_height="420px")
+                for i, spec in enumerate(ordered)}
+    lead = "".join(rendered[s.name] for s in ordered if s.name in LEAD)
+    figures_html = "".join(rendered[s.name] for s in ordered if s.name not in LEAD)
     title = f"Pruning report: {config.model}"
     page = PAGE.format(title=html.escape(title), meta=html.escape(meta),
                        findings="".join(f"<li>{_md_bold_to_html(f)}</li>" for f in found),
                        tables="".join(f"<h2>{html.escape(k)}</h2>{html_table(v)}" for k, v in keys.items()),
-                       figures=figures_html)
+                       figures=figures_html,
+                       lead=f"<h2>Accuracy against cost</h2>{lead}" if lead else "")
     write_atomically(folder / "index.html", page)
     summary = [f"# {title}", "", meta, "", "## Findings", ""] + [f"- {f}" for f in found] + [""]
     for name, frame in keys.items():
