@@ -14,6 +14,7 @@ import streamlit as st
 
 from dashboards import state
 from dashboards.views.common import pick_results_table, show_kept, verdict
+from workbench.sweep import CONTROLS
 
 
 def sweep_dataset(folder: Path) -> str:
@@ -25,31 +26,36 @@ def sweep_dataset(folder: Path) -> str:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def diagnosis(model: str, dataset: str, sample_id: str, method: str, budget: str):
+def diagnosis(model: str, dataset: str, sample_id: str, method: str, budget: str, stored_json: str):
+    """The diagnosis of a stored run: its plan and answers are read from the sweep's row
+    (``stored_json``); only the occlusion saliency and the restores run the model."""
     from analyses.failures import diagnose_sample
     from workbench.sweep import MethodSpec
 
     sample = next(s for s in state.dataset(dataset) if s.id == sample_id)
     spec = MethodSpec.parse(method)
+    stored = json.loads(stored_json)
     loaded = state.load_model(model)
     with loaded.lock:
-        return diagnose_sample(loaded.adapter, sample, spec.create(), budget, label=spec.label)
+        return diagnose_sample(loaded.adapter, sample, spec.create(), budget, label=spec.label, stored=stored,
+                               unpruned_answer=stored.get("unpruned_answer"))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def restored_answer(model: str, dataset: str, sample_id: str, stages: str, method: str, budget_tokens: int,
                     n_visual: int, tokens: tuple[int, ...]) -> str:
-    """The sample re-run under the executed plan with ``tokens`` put back (``restore_plan``)."""
+    """The sample re-run under the executed plan with ``tokens`` put back (``restore_plan``), a
+    pipeline run of the restored plan."""
     from analyses.failures import restore_plan
-    from workbench.pruning.executor import execute
+    from workbench import pipeline
     from workbench.pruning.plan import KeepPlan, Stage
 
     sample = next(s for s in state.dataset(dataset) if s.id == sample_id)
     plan = KeepPlan(method, budget_tokens, n_visual, tuple(Stage.from_dict(s) for s in json.loads(stages)))
     loaded = state.load_model(model)
     with loaded.lock:
-        prepared = loaded.adapter.prepare(sample.load_image(), sample.question)
-        return execute(loaded.adapter, prepared, restore_plan(plan, tokens)).answer
+        ready = pipeline.prepare_sample(loaded.adapter, sample)
+        return pipeline.run(loaded.adapter, ready, None, plan=restore_plan(plan, tokens)).generation
 
 
 def render(model: str) -> None:
@@ -60,7 +66,7 @@ def render(model: str) -> None:
     if picked is None:
         return
     folder, table = picked
-    methods = sorted(m for m in table["method"].unique().to_list() if m != "unpruned")
+    methods = sorted(m for m in table["method"].unique().to_list() if m != "unpruned" and m not in CONTROLS)
     if not methods:
         st.info("this folder holds no pruned rows")
         return
@@ -82,8 +88,9 @@ def render(model: str) -> None:
     except Exception as e:
         st.error(f"cannot open sample {sample_id!r} from {dataset!r}: {e}")
         return
-    with st.spinner("diagnosing (re-runs the method, occlusion saliency, restores) ..."):
-        d = diagnosis(model, dataset, sample_id, method, budget)
+    row = failed.filter(pl.col("sample_id") == sample_id).row(0, named=True)
+    with st.spinner("diagnosing (occlusion saliency and restores; the plan is read from the sweep) ..."):
+        d = diagnosis(model, dataset, sample_id, method, budget, json.dumps(row, default=str))
     subject = state.subject_of_sample(sample)
     layout = state.layout(model, subject.key, subject)
     evidence = np.zeros(layout.n_tokens, dtype=bool)
