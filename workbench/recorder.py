@@ -210,6 +210,11 @@ class _Session:
         pending.observed = True
         if self.at_call:
             self.observe(pending.plan, pending.layer, self.at_call, pending.hidden_in, reading=reading)
+        # Let go before the MLP, where a forward's memory peaks: the pre-RoPE q/k and, unless a
+        # probe of the layer's output reads it, the layer's input.
+        pending.pre_rope = None
+        if not self.at_output:
+            pending.hidden_in = None
 
     def observe(self, plan: StackPlan, layer: int, probes: list, hidden_in, reading=None, hidden_out=None) -> None:
         views = 1
