@@ -35,8 +35,13 @@ from workbench.layout import VisualLayout, grid_cells
 UNPRUNED = "unpruned"
 
 
-def ok_rows(table: pl.DataFrame, include_unpruned: bool = True) -> pl.DataFrame:
+CONTROL_PREFIX = "control:"  # the sweep's controls (zero visual tokens, blank image): not methods
+
+
+def ok_rows(table: pl.DataFrame, include_unpruned: bool = True, include_controls: bool = False) -> pl.DataFrame:
     ok = table.filter(pl.col("status") == "ok")
+    if not include_controls:
+        ok = ok.filter(~pl.col("method").str.starts_with(CONTROL_PREFIX))
     return ok if include_unpruned else ok.filter(pl.col("method") != UNPRUNED)
 
 
@@ -183,10 +188,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float | No
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def accuracy_curves(table: pl.DataFrame, z: float = 1.96, include_unpruned: bool = True) -> pl.DataFrame:
+def accuracy_curves(table: pl.DataFrame, z: float = 1.96, include_unpruned: bool = True,
+                    include_controls: bool = False) -> pl.DataFrame:
     """Accuracy per method and budget. Columns: method, budget, budget_tokens, n (samples),
     correct (count), accuracy, ci_low, ci_high (Wilson, z)."""
-    ok = ok_rows(table, include_unpruned).filter(pl.col("correct").is_not_null())
+    ok = ok_rows(table, include_unpruned, include_controls).filter(pl.col("correct").is_not_null())
     agg = (ok.group_by("method", "budget")
            .agg(pl.col("budget_tokens").cast(pl.Float64).mean(), pl.len().cast(pl.Int64).alias("n"),
                 pl.col("correct").cast(pl.Int64).sum().alias("correct"))

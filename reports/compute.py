@@ -69,7 +69,7 @@ def sweep_tables(adapter: ModelAdapter, samples: list[Sample], config: ReportCon
     return {
         "sweep": sweep,
         "accuracy": comparison.accuracy_curves(sweep),
-        "controls": comparison.accuracy_curves(controls, include_unpruned=False),
+        "controls": comparison.accuracy_curves(controls, include_unpruned=False, include_controls=True),
         "random_seeds": comparison.accuracy_curves(random_seeds, include_unpruned=False),
         "accuracy_vs_cost": comparison.accuracy_vs_cost(sweep),
         "kept_overlap": comparison.kept_overlap(sweep),
