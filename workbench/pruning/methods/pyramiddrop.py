@@ -46,6 +46,25 @@ def rank_stage(layer: int, alive: np.ndarray, alive_scores: np.ndarray, count: i
     return Stage(layer, tuple(kept), tuple(scores), position=position)
 
 
+def last_token_callback(method: str, schedule: dict[int, int], n_visual: int, position: str):
+    """A layer callback that, before each scheduled layer, keeps ``schedule[layer]`` of the live visual
+    tokens by the last instruction token's head-mean attention in that layer, on the pruned
+    sequence (PyramidDrop's rule; VScan's LLM stage). M-RoPE models keep their original positions."""
+    def callback(layer, state):
+        count = schedule.get(layer)
+        if count is None:
+            return None
+        if len(state.text_rows) == 0:
+            raise MethodNotApplicable(f"{method}: no text token after the image to rank with")
+        probs = state.attention(state.text_rows[-1:])  # [H, 1, S]
+        visual = probs.mean(0)[0, state.visual_rows.to(probs.device)]
+        kept_position = position if state.position_ids.dim() == 2 else "original"
+        return rank_stage(layer, np.asarray(state.visual_indices), visual.double().cpu().numpy(),
+                          count, n_visual, kept_position)
+
+    return callback
+
+
 @register_method("pyramiddrop")
 @dataclass(frozen=True)
 class PyramidDrop(PruningMethod):
@@ -119,20 +138,4 @@ class PyramidDrop(PruningMethod):
         return self.plan(context, [])  # every stage is chosen on the live state by the callback
 
     def layer_callback(self, context: SelectionContext):
-        schedule = dict(self.schedule(context))
-        n_visual = context.n_visual
-
-        def callback(layer, state):
-            count = schedule.get(layer)
-            if count is None:
-                return None
-            if len(state.text_rows) == 0:
-                raise MethodNotApplicable("pyramiddrop: no text token after the image to rank with")
-            last = state.text_rows[-1:]
-            probs = state.attention(last)  # [H, 1, S]
-            visual = probs.mean(0)[0, state.visual_rows.to(probs.device)]
-            position = self.position if state.position_ids.dim() == 2 else "original"
-            return rank_stage(layer, np.asarray(state.visual_indices), visual.double().cpu().numpy(),
-                              count, n_visual, position)
-
-        return callback
+        return last_token_callback("pyramiddrop", dict(self.schedule(context)), context.n_visual, self.position)

@@ -18,8 +18,8 @@ import numpy as np
 from workbench.layout import VisualLayout
 from workbench.pruning.budget import split_budget
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed
-from workbench.pruning.methods.pyramiddrop import rank_stage
+from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.methods.pyramiddrop import last_token_callback
 from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, Stage
 from workbench.pruning.ranking import cosine_matrix, top_k
 from workbench.pruning.registry import register_method
@@ -235,20 +235,4 @@ class VScan(PruningMethod):
 
     def layer_callback(self, context: SelectionContext):
         stages = dict(self.counts(context)[1])
-        if not stages:
-            return None
-        n_visual = context.n_visual
-
-        def callback(layer, state):
-            count = stages.get(layer)
-            if count is None:
-                return None
-            if len(state.text_rows) == 0:
-                raise MethodNotApplicable("vscan: no text token after the image to rank with")
-            probs = state.attention(state.text_rows[-1:])  # [H, 1, S]
-            visual = probs.mean(0)[0, state.visual_rows.to(probs.device)]
-            position = self.position if state.position_ids.dim() == 2 else "original"
-            return rank_stage(layer, np.asarray(state.visual_indices), visual.double().cpu().numpy(),
-                              count, n_visual, position)
-
-        return callback
+        return last_token_callback("vscan", stages, context.n_visual, self.position) if stages else None
