@@ -41,7 +41,8 @@ def test_the_stored_plan_is_lossless(ready):
     assert restored.stages[0].where == result.plan.stages[0].where
     # running the stored plan again gives the same answer: a replay needs no selection
     replay = pipeline.run(adapter, prepared, None, plan=restored)
-    assert replay.generation == result.generation and replay.select_time_s < 0.01
+    assert replay.generation == result.generation
+    assert replay.plan.stages[0].kept == result.plan.stages[0].kept and replay.method == "fastv"
 
 
 def test_a_method_that_keeps_other_than_the_budget_says_so(ready):
