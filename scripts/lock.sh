@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Refresh requirements.lock: the exact version of every direct and transitive dependency of the
-# workbench and its test extra, resolved by pip-tools within pyproject.toml's ranges, newest first.
+# workbench and its test and ray extras, resolved by pip-tools within pyproject.toml's ranges, newest first.
 # torch is left out of the lock (setup.sh installs its CPU build first, so no CUDA wheel is ever
 # pulled); the resolution runs against that CPU build, so none of its CUDA dependencies appear.
 # Needs network access to the package index and the CPU torch wheel where pip can find it.
@@ -14,7 +14,7 @@ trap 'rm -rf "$tools"' EXIT
 "$tools/venv/bin/python" -m pip install --quiet pip-tools
 echo "torch==${TORCH_VERSION}" > "$tools/torch.txt"
 CUSTOM_COMPILE_COMMAND="bash scripts/lock.sh" "$tools/venv/bin/pip-compile" --quiet --upgrade --strip-extras --no-emit-index-url --no-emit-find-links \
-  --extra test --constraint "$tools/torch.txt" --unsafe-package torch \
+  --extra test --extra ray --constraint "$tools/torch.txt" --unsafe-package torch \
   --output-file requirements.lock pyproject.toml
 # The header names the releases it was resolved against, for the README.
 "$tools/venv/bin/python" - <<'PY'
