@@ -101,7 +101,7 @@ from workbench.pipeline import UNPRUNED, budget_label, plan_from_row, plan_json,
 from workbench.pruning.method import PruningMethod
 from workbench.pruning.plan import KeepPlan, Stage
 from workbench.samples import Sample
-from workbench.scoring import normalize_answer, score
+from workbench.scoring import normalize_answer
 from workbench.sweep import MethodSpec
 
 # --- the taxonomy's names and thresholds -------------------------------------------------------------
@@ -440,9 +440,10 @@ def _saliency_values(saliency, n: int) -> tuple[np.ndarray, np.ndarray | None]:
     return occlusion, sinks
 
 
-def _correct(answer: str | None, gold: str | None, scorer: str = "exact") -> bool:
-    """Right by the data set's scorer (the sweep's one way of scoring)."""
-    return gold is not None and score(scorer, answer or "", [gold]).value == 1.0
+def _correct(answer: str | None, sample: Sample) -> bool:
+    """Right by the data set's scorer with all its references and options (the sweep's one way of
+    scoring)."""
+    return sample.answer is not None and sample.score(answer or "").value == 1.0
 
 
 def runs_on(answer: str | None, gold: str | None) -> bool:
@@ -526,18 +527,18 @@ def diagnose_sample(adapter: ModelAdapter, sample: Sample, method: PruningMethod
     restored_by_saliency: list[int] = []
     if len(lost):
         evidence_answer = _restored(adapter, ready, plan, lost, max_new_tokens)
-        evidence_recovers = _correct(evidence_answer, gold, sample.scorer)
+        evidence_recovers = _correct(evidence_answer, sample)
         dropped = np.flatnonzero(~kept_mask)
         key = np.where(np.isfinite(occlusion[dropped]), -occlusion[dropped], np.inf)
         restored_by_saliency = sorted(int(t) for t in dropped[np.lexsort((dropped, key))][: len(lost)])
         saliency_answer_r = _restored(adapter, ready, plan, restored_by_saliency, max_new_tokens)
-        saliency_recovers = _correct(saliency_answer_r, gold, sample.scorer)
+        saliency_recovers = _correct(saliency_answer_r, sample)
 
     skew, offset = position_metrics(n, kept, lost)
     scored = [s for s in sorted(set(stage_of)) if plan.stages[s].scores is not None]
     top = top_ranked(plan, scored[0]) if scored else np.zeros(0, dtype=np.int64)
     sinks_in_top, sink_share = sink_metrics(top, sink_scores, evidence, sink_tau)
-    pruned_correct = _correct(pruned_answer, gold, sample.scorer)
+    pruned_correct = _correct(pruned_answer, sample)
     category, flags = classify(pruned_correct=pruned_correct, n_evidence=int(evidence.sum()), n_lost=len(lost),
                                n_merged=len(merged), restore_recovers=evidence_recovers,
                                kept_position_skew=skew, evidence_position_offset=offset,
@@ -545,7 +546,7 @@ def diagnose_sample(adapter: ModelAdapter, sample: Sample, method: PruningMethod
     return Diagnosis(
         sample_id=sample.id, question=sample.question, question_type=sample.question_type or "all", gold=gold,
         method=label or method.name, budget=budget_label(budget), budget_tokens=resolve_budget(budget, n),
-        n_visual=n, unpruned_answer=unpruned_answer, unpruned_correct=_correct(unpruned_answer, gold, sample.scorer),
+        n_visual=n, unpruned_answer=unpruned_answer, unpruned_correct=_correct(unpruned_answer, sample),
         pruned_answer=pruned_answer, pruned_correct=pruned_correct, sweep_answer=sweep_answer,
         stages=plan_json(plan), kept=tuple(int(t) for t in kept),
         evidence=tuple(int(t) for t in np.flatnonzero(evidence)), lost_evidence=tuple(int(t) for t in lost),

@@ -15,11 +15,14 @@ paper reports for its own model.
 * ``topk_overlap``: the Jaccard overlap of the top-k visual tokens chosen independently at each pair
   of decoder layers by the last token's attention (near zero on LLaVA-1.5-7B).
 * ``zero_token_accuracy``: accuracy with every visual token removed before the LLM, and as a share
-  of the unpruned accuracy (MMTok's image-contribution analysis, LLaVA-1.5-7B: 92 % of its MMMU
-  accuracy and 91 % of its ScienceQA accuracy remain).
+  of the unpruned accuracy, per benchmark (MMTok's image-contribution analysis, LLaVA-1.5-7B: 92 %
+  of its MMMU accuracy and 91 % of its ScienceQA accuracy remain). Each sample is scored as its
+  data set says (``Sample.score``: POPE, VQA soft accuracy, option letters, ...).
 
 Every function reads recordings of the unpruned forward (``REQUEST``) or, for the last one,
-executions of plans; ``claims`` lines the measured values up with the papers'.
+executions of plans; ``claims`` lines the measured values up with the papers'; ``measure`` runs
+them all on a model and samples of any stored form (``workbench findings`` and the report's
+literature section both call it).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ REQUEST = CaptureRequest(signals=("attention", "attention_norope", "attention_ma
                                   "visual_sink_score"), rows=("last",), stacks=("llm",))
 ROLES = ("visual", "text", "system")  # the first three columns of attention_mass (KEY_CATEGORIES)
 VAR_TAU, VAR_HIDDEN = 20.0, 4096
+VAR_SINK_DIMS = (2533, 1415)  # VAR's sink dimensions of LLaVA-1.5-7B's residual stream
+VAR_FROM_LAYER = 2
 
 
 @dataclass(frozen=True)
@@ -193,12 +198,12 @@ def zero_retention(zero: pl.DataFrame) -> float | None:
     return None if not full else float(zero["zero_score"].mean() / full)
 
 
-def zero_token_accuracy(adapter, samples, scorer: str = "exact", max_new_tokens: int = 8) -> pl.DataFrame:
+def zero_token_accuracy(adapter, samples, max_new_tokens: int = 8) -> pl.DataFrame:
     """Per sample: the score of the unpruned answer and of the answer with every visual token
-    removed before the LLM (what the image is worth on this data set)."""
+    removed before the LLM (what the image is worth on this data set), each scored as the sample's
+    data set says."""
     from workbench.pruning.executor import execute
     from workbench.pruning.plan import KeepPlan, Stage
-    from workbench.scoring import score
 
     rows = []
     for sample in samples:
@@ -209,10 +214,68 @@ def zero_token_accuracy(adapter, samples, scorer: str = "exact", max_new_tokens:
         plans = {"unpruned": KeepPlan.keep_all(n, where=None, method="unpruned"),
                  "zero": KeepPlan("zero_visual_tokens", 0, n, (Stage("pre_llm", ()),))}
         answers = {name: execute(adapter, prepared, plan, max_new_tokens).answer for name, plan in plans.items()}
-        rows.append({"sample_id": sample.id, "question_type": sample.question_type or "all",
+        rows.append({"sample_id": sample.id, "benchmark": sample.benchmark or "dataset",
+                     "question_type": sample.question_type or "all",
                      "unpruned_answer": answers["unpruned"], "zero_answer": answers["zero"],
-                     "unpruned_score": score(scorer, answers["unpruned"], [sample.answer]).value,
-                     "zero_score": score(scorer, answers["zero"], [sample.answer]).value})
-    return pl.DataFrame(rows, schema={"sample_id": pl.String, "question_type": pl.String,
+                     "unpruned_score": sample.score(answers["unpruned"]).value,
+                     "zero_score": sample.score(answers["zero"]).value})
+    return pl.DataFrame(rows, schema={"sample_id": pl.String, "benchmark": pl.String, "question_type": pl.String,
                                       "unpruned_answer": pl.String, "zero_answer": pl.String,
                                       "unpruned_score": pl.Float64, "zero_score": pl.Float64})
+
+
+def zero_by_benchmark(zero: pl.DataFrame) -> pl.DataFrame:
+    """Accuracy unpruned and with zero visual tokens, and their ratio, per benchmark."""
+    return (zero.group_by("benchmark", maintain_order=True)
+            .agg(n=pl.len(), unpruned=pl.col("unpruned_score").mean(), zero_tokens=pl.col("zero_score").mean())
+            .with_columns(retention=pl.when(pl.col("unpruned") > 0)
+                          .then(pl.col("zero_tokens") / pl.col("unpruned")).otherwise(None)))
+
+
+def role_shares(by_role: pl.DataFrame) -> pl.DataFrame:
+    """The last token's attention share on system, image and text tokens per layer (mean over
+    samples), with each role's share of the tokens: FastV's figure, one row per layer."""
+    mean = by_role.group_by("layer", "role").agg(pl.col("attention").mean(), pl.col("token_share").mean())
+    wide = mean.pivot(on="role", index="layer", values="attention").sort("layer")
+    tokens = {r: float(mean.filter(pl.col("role") == r)["token_share"].mean()) for r in ROLES}
+    return wide.select("layer", *[pl.col(r).alias(f"{r}_attention") for r in ("system", "visual", "text")]).with_columns(
+        **{f"{r}_tokens": pl.lit(tokens[r]) for r in ("system", "visual", "text")})
+
+
+def sink_dimensions(sinks: pl.DataFrame, decoder_layers: int) -> pl.DataFrame:
+    """The residual-stream dimensions found as sink dimensions from VAR's layer 2 on, with the
+    share of (sample, layer) pairs they were found in, most frequent first; VAR's are 2533, 1415."""
+    late = sinks.filter(pl.col("layer") >= min(VAR_FROM_LAYER, decoder_layers - 1))
+    schema = {"dim": pl.Int64, "share": pl.Float64, "in_var": pl.Boolean}
+    if late.is_empty():
+        return pl.DataFrame(schema=schema)
+    counts = late.select(pl.col("sink_dims").explode().alias("dim")).drop_nulls().group_by("dim").len()
+    return (counts.with_columns(share=pl.col("len") / late.height, in_var=pl.col("dim").is_in(VAR_SINK_DIMS))
+            .sort(["share", "dim"], descending=[True, False]).select(list(schema)).cast(schema))
+
+
+def measure(adapter, samples, progress: bool = True, max_new_tokens: int = 8) -> dict[str, pl.DataFrame]:
+    """Every observation on ``samples`` (recorded once each with ``REQUEST``), the claims beside
+    the papers', and the summaries printed and reported."""
+    from tqdm import tqdm
+
+    from workbench.recorder import record
+
+    recordings = [record(adapter, adapter.prepare(s.load_image(), s.question), REQUEST, sample_id=s.id,
+                         question=s.question) for s in tqdm(samples, desc="recording", disable=not progress)]
+    depth = len(adapter.decoder_layers())
+    by_role = attention_by_role(recordings)
+    tables = {
+        "attention_by_role": by_role,
+        "fastv_rows": fastv_rows(recordings, depth),
+        "visual_sinks": visual_sinks(recordings, int(adapter.language_model().config.hidden_size)),
+        "topk_overlap": topk_overlap(recordings),
+        "zero_tokens": zero_token_accuracy(adapter, tqdm(samples, desc="zero visual tokens", disable=not progress),
+                                           max_new_tokens),
+    }
+    tables["claims"] = claims(by_role, tables["fastv_rows"], tables["visual_sinks"], tables["topk_overlap"],
+                              tables["zero_tokens"], depth)
+    tables["role_shares"] = role_shares(by_role)
+    tables["sink_dimensions"] = sink_dimensions(tables["visual_sinks"], depth)
+    tables["zero_by_benchmark"] = zero_by_benchmark(tables["zero_tokens"])
+    return tables

@@ -37,7 +37,7 @@ def choose_model() -> str | None:
         with st.spinner(f"loading {name} ..."):
             state.load_model(name)
     except ModelNotAvailable as e:
-        st.error(f"cannot load model {name!r}: {e}")
+        st.error(f"cannot load model {name!r}: {state.model_unavailable(name, e)}")
         return None
     except Exception as e:  # an unsupported architecture, a broken folder: shown, never a traceback
         st.error(f"cannot load model {name!r}: {type(e).__name__}: {e}")
@@ -58,7 +58,8 @@ def choose_subject():
         ids = [s.id for s in samples]
         chosen = st.sidebar.selectbox("sample", ids, key="sample")
         return state.subject_of_sample(samples[ids.index(chosen)])
-    upload = st.sidebar.file_uploader("image", key="upload")
+    # The uploader's own limit is the app's, so the size it announces is the one enforced.
+    upload = st.sidebar.file_uploader("image", key="upload", max_upload_size=state.MAX_UPLOAD_BYTES // 2**20)
     question = st.sidebar.text_input("question", "what colour is the circle ?", key="question")
     gold = st.sidebar.text_input("gold answer (optional)", "", key="gold").strip() or None
     if upload is None:
@@ -76,7 +77,7 @@ def choose_subject():
 def main() -> None:
     st.set_page_config(page_title="VLM pruning workbench", layout="wide")
     page = choose_page()
-    st.sidebar.caption(f"results folder: {state.results_root()}")
+    st.sidebar.caption(f"results folder: {state.shown_path(state.results_root())}")
     if page == "Compare":
         from dashboards.views import compare
         compare.render()

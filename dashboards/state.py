@@ -46,6 +46,25 @@ def results_root() -> Path:
     return (path if path.is_absolute() else Path.cwd() / path).resolve()
 
 
+def shown_path(path: Path) -> str:
+    """``path`` as the pages show it: relative to the working folder when inside it."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix() or "."
+    except ValueError:
+        return str(path)
+
+
+def model_unavailable(name: str, error: Exception) -> str:
+    """Why ``name`` cannot be loaded, saying what can be done here: the loader's own message names
+    command-line flags, which the dashboard has none of (it loads offline)."""
+    cause = str(error).split("Cause: ", 1)[-1] if "Cause: " in str(error) else ""
+    if Path(name).exists() or "Cause: " not in str(error):
+        return str(error).replace("--model", "the model box")
+    return (f"weights for {name!r} are not available locally; the dashboard loads models offline. Type a "
+            f"local checkpoint folder (config.json, the weights and the processor files) into the sidebar's "
+            f"model box, or download it first, e.g. `huggingface-cli download {name}`. Cause: {cause}")
+
+
 def inside_results(text: str, root: Path | None = None) -> Path:
     """``text`` (relative to the results folder, or absolute) resolved, refused with ValueError
     when it leaves the results folder (``..``, an absolute path elsewhere, a symlink out)."""
@@ -71,17 +90,20 @@ class Subject:
     sample_id: str = "upload"
     evidence: np.ndarray | None = field(default=None, compare=False, repr=False)  # boolean [H, W] mask
     scorer: str = "exact"  # the data set's scorer (``workbench.scoring``)
+    references: tuple[str, ...] = ()  # all reference answers where there are several (VQA)
+    options: tuple[str, ...] = ()  # multiple-choice option texts
 
     @staticmethod
     def of(image: Image.Image, question: str, gold=None, sample_id="upload", evidence=None,
-           scorer: str = "exact") -> "Subject":
+           scorer: str = "exact", references=(), options=()) -> "Subject":
         digest = hashlib.sha256(image.tobytes() + repr(image.size).encode() + question.encode()).hexdigest()[:20]
-        return Subject(digest, image, question, gold, sample_id, evidence, scorer)
+        return Subject(digest, image, question, gold, sample_id, evidence, scorer, tuple(references), tuple(options))
 
     def is_correct(self, answer: str) -> bool | None:
+        """Right by the data set's scorer, with all its references and options (as the sweep scores)."""
         if self.gold is None:
             return None
-        return score(self.scorer, answer, [self.gold]).value == 1.0
+        return score(self.scorer, answer, self.references or (self.gold,), self.options).value == 1.0
 
 
 def decode_upload(name: str, data: bytes) -> Image.Image:
@@ -113,7 +135,7 @@ def dataset(path: str) -> list:
 
 def subject_of_sample(sample) -> Subject:
     return Subject.of(sample.load_image(), sample.question, sample.answer, sample.id, sample.evidence_mask(),
-                      sample.scorer)
+                      sample.scorer, sample.references, sample.options)
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -151,6 +173,24 @@ def answer(model: str, key: str, _subject: Subject) -> str:
         return loaded.adapter.answer(_subject.image, _subject.question).text
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def answer_ids(model: str, key: str, _subject: Subject) -> tuple[int, ...]:
+    """The token ids of the unpruned model's greedy answer."""
+    loaded = load_model(model)
+    with loaded.lock:
+        return tuple(loaded.adapter.answer(_subject.image, _subject.question).token_ids)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def logit_lens(model: str, key: str, token_id: int, _subject: Subject):
+    """``probes.logit_lens.logit_lens`` of the subject for ``token_id``."""
+    from probes.logit_lens import logit_lens as lens
+
+    loaded = load_model(model)
+    with loaded.lock:
+        return lens(loaded.adapter, loaded.adapter.prepare(_subject.image, _subject.question), token_id)
+
+
 @st.cache_data(show_spinner=False, max_entries=32)
 def recording(model: str, key: str, signals: tuple[str, ...], rows: tuple[str, ...], per_head: bool,
               layers: tuple[int, ...] | None, _subject: Subject):
@@ -183,6 +223,13 @@ class MethodRun:
     answer: str
     correct: bool | None
     error: str | None = None
+    visual_tokens_per_layer: tuple[int, ...] = ()  # visual tokens each decoder layer ran on
+    flops_ratio: float | None = None  # prefill FLOPs as a fraction of the unpruned prefill's
+
+    @property
+    def effective_tokens(self) -> float | None:
+        """Visual tokens averaged over the decoder's layers (the sweep's ``effective_tokens``)."""
+        return float(np.mean(self.visual_tokens_per_layer)) if self.visual_tokens_per_layer else None
 
     @property
     def kept_count(self) -> int:
@@ -205,7 +252,13 @@ def method_run(model: str, key: str, method: str, budget: int, _subject: Subject
                                    gold_answer=_subject.gold)
     except (UserError, ValueError) as e:
         return MethodRun(method, None, "", None, str(e))
-    return MethodRun(method, execution.plan, execution.answer, _subject.is_correct(execution.answer))
+    from workbench.pruning.flops import DecoderShape, prefill_flops
+
+    shape = DecoderShape.of(loaded.adapter.language_model().config)
+    full = prefill_flops(shape, [prepared_input.layout.sequence_length] * len(loaded.adapter.decoder_layers()))
+    return MethodRun(method, execution.plan, execution.answer, _subject.is_correct(execution.answer),
+                     visual_tokens_per_layer=tuple(int(n) for n in execution.visual_tokens_per_layer),
+                     flops_ratio=prefill_flops(shape, execution.tokens_per_layer) / full)
 
 
 def evidence_tokens(layout, subject: Subject) -> np.ndarray | None:
@@ -219,15 +272,26 @@ def evidence_tokens(layout, subject: Subject) -> np.ndarray | None:
 
 @st.cache_data(show_spinner=False, max_entries=16, ttl=60)
 def results_table(folder: str):
-    """The rows of a sweep folder (``workbench.sweep.read_sweep``) or of a report folder's
-    ``results.parquet``. The caller has checked that ``folder`` is inside the results folder."""
+    """The rows of a sweep folder (``workbench.sweep.read_sweep``), of a folder's ``results.parquet``,
+    or of the ``sweep/`` inside a report folder. The caller has checked that ``folder`` is inside the
+    results folder."""
     import polars as pl
 
     from workbench.sweep import SweepError, read_sweep
 
-    path = Path(folder)
+    path = sweep_folder(Path(folder))
     if (path / "sweep.json").exists():
         return read_sweep(path)
     if (path / "results.parquet").exists():
         return pl.read_parquet(path / "results.parquet")
-    raise SweepError(f"{folder} is neither a sweep folder (sweep.json) nor a report folder (results.parquet)")
+    raise SweepError(f"{folder} holds no sweep: neither sweep.json nor results.parquet, nor a report's sweep/ "
+                     "folder with them")
+
+
+def sweep_folder(path: Path) -> Path:
+    """The folder whose rows to read: ``path`` itself, or the ``sweep/`` a report folder holds."""
+    inner = path / "sweep"
+    if not (path / "sweep.json").exists() and not (path / "results.parquet").exists() and (
+            (inner / "sweep.json").exists() or (inner / "results.parquet").exists()):
+        return inner
+    return path

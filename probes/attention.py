@@ -12,6 +12,9 @@ i.e. before RoPE; where a module applies no rotary embedding it equals ``attenti
 ``attention_norope_visual`` is FEATHER's ranking: the same RoPE-free probabilities with each head's
 row renormalised over the visual keys (a softmax over the image keys alone) before the head mean,
 so a head that looks mostly at text weighs as much as one that looks at the image.
+``attention_logits`` (tower only) holds the scores before the softmax, ``q.k * scaling`` on the
+same q/k, for methods whose code ranks by logits (GlobalCom2 averages them over heads); the LLM's
+causal mask would leave them infinite, so it is not recorded there.
 """
 
 from __future__ import annotations
@@ -60,6 +63,21 @@ def visual_rows(state: LayerCapture, kind: str, rope: bool, per_head: bool,
     return out, mass
 
 
+def logit_rows(state: LayerCapture, kind: str, per_head: bool) -> torch.Tensor:
+    """Pre-softmax scores (scaled, masked) of the rows of ``kind`` on the visual keys: [H, R, N] when
+    ``per_head``, else the head mean [R, N]; an aggregate kind ("mean") averages its rows into one.
+    Computed in row chunks so the [H, r, Sk] working set stays within the chunk budget."""
+    call = state.call
+    visual = state.roles.visual.to(call.query.device)
+    rows = state.rows[kind]
+    step = max(1, state.chunk_bytes // (2 * 4 * call.heads * call.n_keys))
+    parts = [call.logits(rows[start:start + step])[..., visual] for start in range(0, len(rows), step)]
+    values = torch.cat(parts, dim=1) if parts else torch.zeros(call.heads, 0, len(visual), device=visual.device)
+    if ROW_KINDS[kind].aggregate:
+        values = values.mean(1, keepdim=True)
+    return values if per_head else values.mean(0)
+
+
 @register_probe("attention")
 class AttentionProbe(Probe):
     signals = (
@@ -71,6 +89,8 @@ class AttentionProbe(Probe):
                    "attention on visual keys scored with q/k before the rotary embedding"),
         SignalSpec("attention_norope_visual", ("tower", "llm"), "query", "visual", "mean",
                    "RoPE-free attention, each head's softmax taken over the visual keys alone (FEATHER)"),
+        SignalSpec("attention_logits", ("tower",), "query", "visual", "mean",
+                   "pre-softmax attention scores q.k x scaling of each query row on each visual key (GlobalCom2)"),
     )
     needs = frozenset({"call", "hidden_in"})
 
@@ -96,3 +116,5 @@ class AttentionProbe(Probe):
                 values, _ = visual_rows(state, kind, False, per_head=True)
                 values = values / values.sum(-1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
                 yield Observation("attention_norope_visual", kind, values if per_head else values.mean(0), per_head)
+            if "attention_logits" in self.wanted and state.stack == "tower":
+                yield Observation("attention_logits", kind, logit_rows(state, kind, per_head), per_head)

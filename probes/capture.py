@@ -22,6 +22,7 @@ is more than one query (``is_causal`` with top-left alignment, as ``scaled_dot_p
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator, Mapping
@@ -78,23 +79,22 @@ class AttentionCall:
         if q is None or k is None:
             raise CaptureError("this call was captured without its pre-RoPE query and key")
         rows = rows.to(q.device)
-        scores = (torch.matmul(q[:, rows], k.transpose(-1, -2)) * self.scaling).float()
-        return scores + self.row_mask(rows)
-
-    def row_mask(self, rows: torch.Tensor) -> torch.Tensor:
-        """Additive mask [1|H, R, Sk] for query ``rows`` (zeros when nothing is masked)."""
+        # In place on the fresh product: the same numbers as ``(q k^T * scaling).float() + mask``
+        # without a [H, R, Sk] temporary per step (they dominate a sweep's time on a CPU).
+        scores = torch.matmul(q[:, rows], k.transpose(-1, -2)).mul_(self.scaling).float()
         if self.mask is not None:
-            return self.mask[:, rows.to(self.mask.device)]
-        out = torch.zeros(1, len(rows), self.n_keys, device=self.query.device)
-        if self.causal:
-            keys = torch.arange(self.n_keys, device=out.device)
-            out[0].masked_fill_(keys[None, :] > rows.to(out.device)[:, None], -math.inf)
-        return out
+            return scores.add_(self.mask[:, rows.to(self.mask.device)])
+        if self.causal:  # adding 0 or -inf is keeping or filling
+            keys = torch.arange(self.n_keys, device=scores.device)
+            scores.masked_fill_(keys[None, None, :] > rows[None, :, None], -math.inf)
+        return scores
 
     def probs(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
         """Attention probabilities [H, R, Sk] (float32) of query ``rows``."""
+        probs = torch.softmax(self.logits(rows, rope), dim=-1)
         # A fully masked row (a padding query) is all -inf: softmax gives NaN; it attends nowhere.
-        return torch.softmax(self.logits(rows, rope), dim=-1).nan_to_num_(0.0)
+        # Only an explicit mask can mask a whole row (a causal row always sees its first key).
+        return probs if self.mask is None else probs.nan_to_num_(0.0)
 
     def chunks(self, rows: torch.Tensor, budget: int = DEFAULT_CHUNK_BYTES,
                rope: bool = True) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -295,13 +295,36 @@ class FullPass:
     weighted: torch.Tensor | None = None
 
 
-def value_output_norms(value: torch.Tensor, out_slices: torch.Tensor) -> torch.Tensor:
+def value_output_norms(value: torch.Tensor, out_slices: torch.Tensor | None,
+                       gram: torch.Tensor | None = None) -> torch.Tensor:
     """||v_k^h W_O^h||_2 for every head and key: value [H, S, dv], out_slices [H, D, dv] -> [H, S].
 
-    From the per-head Gram matrix ``W_O^h^T W_O^h`` [dv, dv], so no [S, D] product is formed."""
-    gram = torch.einsum("hda,hdb->hab", out_slices.float(), out_slices.float())
+    From the per-head Gram matrix ``W_O^h^T W_O^h`` [dv, dv] (``gram``, when already at hand), so no
+    [S, D] product is formed."""
+    gram = output_grams(out_slices) if gram is None else gram
     squared = ((value.float() @ gram) * value.float()).sum(-1)
     return squared.clamp(min=0).sqrt()
+
+
+def output_grams(out_slices: torch.Tensor) -> torch.Tensor:
+    """``W_O^h^T W_O^h`` [H, dv, dv] of the per-head slices [H, D, dv] of an output projection."""
+    return torch.einsum("hda,hdb->hab", out_slices.float(), out_slices.float())
+
+
+_GRAMS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def projection_grams(out_proj: torch.nn.Linear, heads: int) -> torch.Tensor:
+    """``output_grams`` of ``out_proj``, kept per module while its weight is unchanged: they depend
+    on the weights alone (D x dv^2 per head, a few percent of a layer's FLOPs at 7B scale), so a
+    model recorded on many samples computes them once."""
+    weight = out_proj.weight
+    version = (weight.data_ptr(), weight._version, weight.dtype, weight.device, heads)
+    cached = _GRAMS.get(out_proj)
+    if cached is None or cached[0] != version:
+        with torch.no_grad():
+            cached = _GRAMS[out_proj] = (version, output_grams(head_slices(out_proj, heads)))
+    return cached[1]
 
 
 @dataclass(frozen=True)
@@ -329,6 +352,7 @@ class LayerCapture:
     final_norm: torch.nn.Module | None = None  # the decoder's last norm (llm stack), for normed states
     sinks: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     sink_dims: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    massive: object | None = None  # ``probes.sinks.Massive`` of ``hidden_in`` when the sinks were found from it
     recorded: bool = True
     sweep: bool = False
     weighted: bool = False
@@ -348,7 +372,7 @@ class LayerCapture:
     @cached_property
     def value_norms(self) -> torch.Tensor:
         """||v_k^h W_O^h|| for every head and key, [H, Sk]."""
-        return value_output_norms(self.call.value, head_slices(self.out_proj, self.call.heads))
+        return value_output_norms(self.call.value, None, projection_grams(self.out_proj, self.call.heads))
 
     @cached_property
     def categories(self) -> torch.Tensor:

@@ -57,14 +57,20 @@ def contributions(probs: torch.Tensor, value: torch.Tensor, out_slices: torch.Te
     whole = whole.float()
     whole_norm = whole.abs().sum(-1)  # [R]
     parts = torch.empty(heads, rows, keys, device=probs.device)
-    step = max(1, budget // (4 * 3 * whole.shape[-1]))
+    step = min(keys, max(1, budget // (4 * 3 * whole.shape[-1])))
+    # Two [k, D] buffers reused for every block: the element-wise passes over them cost more than
+    # the product itself on a CPU when each allocates (and faults in) fresh pages.
+    per_key = torch.empty(step, whole.shape[-1], device=probs.device)
+    scratch = torch.empty_like(per_key)
     for h in range(heads):
         out_h = out_slices[h].float().T  # [dv, D]
         for start in range(0, keys, step):
             block = slice(start, start + step)
-            per_key = value[h, block].float() @ out_h  # [k, D]: v_k^h W_O^h
+            n = min(step, keys - start)
+            torch.matmul(value[h, block].float(), out_h, out=per_key[:n])  # [k, D]: v_k^h W_O^h
             for r in range(rows):
-                distance = (whole[r] - probs[h, r, block, None] * per_key).abs().sum(-1)
+                scaled = torch.mul(per_key[:n], probs[h, r, block, None], out=scratch[:n])
+                distance = torch.sub(whole[r], scaled, out=scaled).abs_().sum(-1)
                 parts[h, r, block] = (whole_norm[r] - distance).clamp(min=EPS)
     residual = (whole_norm - (whole - resid).abs().sum(-1)).clamp(min=EPS)
     total = parts.sum((0, 2)) + residual

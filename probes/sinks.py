@@ -89,7 +89,9 @@ class SinksProbe(Probe):
             return
         options = self.options
         if "massive_activations" in self.wanted:
-            found = massive_activations(state.hidden_in, options.sink_ratio, options.sink_floor, state.roles.valid)
+            found = state.massive  # found already for the layer's sink tokens, with the same thresholds
+            if found is None:
+                found = massive_activations(state.hidden_in, options.sink_ratio, options.sink_floor, state.roles.valid)
             role = {int(p): "visual" for p in state.roles.visual}
             role.update({int(p): "text" for p in state.roles.text})
             yield TableRows("massive_activations", {

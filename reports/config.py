@@ -7,7 +7,7 @@ from pathlib import Path
 
 from workbench.errors import UserError
 
-ANALYSES = ("comparison", "redundancy", "misalignment", "failures")
+ANALYSES = ("comparison", "redundancy", "misalignment", "failures", "literature")
 
 
 class ReportConfigError(UserError, ValueError):
@@ -18,6 +18,7 @@ class ReportConfigError(UserError, ValueError):
 class ReportConfig:
     model: str = "shapes-vlm"
     dataset: str = "data/eval/samples.jsonl"
+    benchmark: str | None = None  # how to read a stored benchmark (workbench.benchmarks); None: inferred
     samples: int = 64  # the first N samples of the data set are swept
     analysis_samples: int = 16  # of those, the first N are recorded for redundancy / misalignment
     methods: tuple[str, ...] = ("all",)  # method names, "name:key=value,..." or "all"

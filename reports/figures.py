@@ -12,6 +12,7 @@ from typing import Literal
 
 import polars as pl
 
+from analyses.method_style import ordered, styles
 
 @dataclass(frozen=True)
 class FigureSpec:
@@ -41,8 +42,22 @@ def _groups(spec: FigureSpec):
     if spec.series is None:
         yield spec.y, spec.data
         return
-    for (key,), part in spec.data.sort(spec.series).group_by(spec.series, maintain_order=True):
-        yield str(key), part
+    parts = {str(key): part for (key,), part in spec.data.sort(spec.series).group_by(spec.series, maintain_order=True)}
+    # methods in their groups (by what scores their tokens), so the legend reads family by family
+    names = ordered(parts) if spec.series == "method" else list(parts)
+    for name in names:
+        yield name, parts[name]
+
+
+def _method_styles(spec: FigureSpec) -> dict:
+    """Each method's colour and marker when the series are methods (``analyses.method_style``)."""
+    if spec.series != "method":
+        return {}
+    return styles(spec.data[spec.series].cast(pl.String).unique().to_list())
+
+
+def _integer_x(spec: FigureSpec) -> bool:
+    return spec.x == "layer"  # layers are whole numbers: no 0.5 ticks
 
 
 def _heatmap_grid(spec: FigureSpec):
@@ -58,11 +73,23 @@ def to_plotly(spec: FigureSpec):
     import plotly.graph_objects as go
 
     fig = go.Figure()
+    style = _method_styles(spec)
+    height = 420
     if spec.kind == "heatmap":
         xs, ys, z = _heatmap_grid(spec)
         fig.add_trace(go.Heatmap(x=xs, y=ys, z=z, colorscale="Viridis", zmin=0, zmax=1))
+        height = max(420, 20 * len(ys) + 160)
+        # every label on both axes: plotly thins category ticks unless given each one
+        fig.update_xaxes(tickmode="array", tickvals=xs, ticktext=xs, tickangle=-60, type="category")
+        fig.update_yaxes(tickmode="array", tickvals=ys, ticktext=ys, type="category", autorange="reversed")
     else:
         for name, part in _groups(spec):
+            look = {}
+            if name in style:
+                look = dict(marker=dict(color=style[name].colour, symbol=style[name].marker, size=8),
+                            legendgroup=style[name].group_label, legendgrouptitle_text=style[name].group_label)
+                if spec.kind == "line":
+                    look["line"] = dict(color=style[name].colour)
             x, y = part[spec.x].to_list(), part[spec.y].to_list()
             error = None
             if spec.low and spec.high:
@@ -71,9 +98,11 @@ def to_plotly(spec: FigureSpec):
             if spec.kind in ("line", "scatter"):
                 mode = "lines+markers" if spec.kind == "line" else "markers"
                 fig.add_trace(go.Scatter(x=x, y=y, name=name, mode=mode, error_y=error,
-                                         text=part["budget"].to_list() if "budget" in part.columns else None))
+                                         text=part["budget"].to_list() if "budget" in part.columns else None, **look))
             else:
                 fig.add_trace(go.Bar(x=x, y=y, name=name, error_y=error))
+        if style:
+            height = max(420, 24 * len(style) + 200)  # the legend lists every method and each group's title
         if spec.kind == "stacked_bar":
             fig.update_layout(barmode="stack")
         if spec.front:
@@ -81,8 +110,12 @@ def to_plotly(spec: FigureSpec):
             fig.add_trace(go.Scatter(x=x, y=y, name="Pareto front", mode="lines", line=dict(color="black", dash="dot")))
     if spec.reference is not None:
         fig.add_hline(y=spec.reference, line_dash="dash", annotation_text=f"{spec.reference:.3f}")
-    fig.update_layout(title=spec.title, xaxis_title=spec.xlabel, yaxis_title=spec.ylabel, height=420,
-                      margin=dict(l=60, r=20, t=50, b=60), template="plotly_white")
+    fig.update_layout(title=spec.title, xaxis_title=spec.xlabel, yaxis_title=spec.ylabel, height=height,
+                      margin=dict(l=60, r=20, t=50, b=60), template="plotly_white", legend=dict(font=dict(size=10)))
+    if _integer_x(spec):
+        fig.update_xaxes(tickmode="linear", dtick=1)
+    if spec.kind in ("bar", "stacked_bar"):
+        fig.update_xaxes(tickmode="array", tickvals=spec.data[spec.x].unique(maintain_order=True).to_list())
     return fig
 
 
@@ -94,9 +127,12 @@ def to_png(spec: FigureSpec, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    # Up to 20 series (every method) stay distinguishable: 20 colours, markers cycling beside them.
+    # Other series (not methods) cycle 20 colours with markers beside them; methods get their own style.
     ax.set_prop_cycle(color=plt.cm.tab20.colors, marker=["o", "s", "^", "D", "v"] * 4)
+    style = _method_styles(spec)
     try:
         if spec.kind == "heatmap":
             xs, ys, z = _heatmap_grid(spec)
@@ -115,10 +151,11 @@ def to_png(spec: FigureSpec, path: Path) -> None:
                 error = None
                 if spec.low and spec.high:
                     error = [(part[spec.y] - part[spec.low]).to_list(), (part[spec.high] - part[spec.y]).to_list()]
+                look = ({"color": style[name].colour, "marker": style[name].mpl_marker} if name in style else {})
                 if spec.kind == "line":
-                    ax.errorbar(x, y, yerr=error, capsize=3, label=name, elinewidth=0.6)
+                    ax.errorbar(x, y, yerr=error, capsize=3, label=name, elinewidth=0.6, **look)
                 elif spec.kind == "scatter":
-                    ax.plot(x, y, linestyle="none", label=name)
+                    ax.plot(x, y, linestyle="none", label=name, **look)
                 else:
                     slots = [categories.index(v) for v in x]
                     if spec.kind == "stacked_bar":
@@ -136,6 +173,8 @@ def to_png(spec: FigureSpec, path: Path) -> None:
                 ax.legend(fontsize=6, ncol=2 if len(groups) > 8 else 1, loc="best")
         if spec.reference is not None:
             ax.axhline(spec.reference, linestyle="--", color="grey")
+        if _integer_x(spec):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(spec.title, fontsize=10)
         ax.set_xlabel(spec.xlabel)
         ax.set_ylabel(spec.ylabel)
@@ -216,8 +255,14 @@ def figure_specs(tables: dict, budget: str) -> list[FigureSpec]:
             ylabel="MDI", reference=1.0))
     taxonomy = tables.get("failure_taxonomy")
     if taxonomy is not None and taxonomy.height:
+        # Only the first few failures of each method are diagnosed: the bars count those, and each
+        # method's label says how many of its failures that is.
+        most = int(taxonomy["diagnosed"].max())
+        labelled = taxonomy.filter(pl.col("count") > 0).with_columns(
+            method=pl.format("{} ({} of {})", "method", "diagnosed", "failures"))
         specs.append(FigureSpec(
-            "failure_taxonomy", f"Diagnosed failures by cause, at {taxonomy['budget'][0]}", "stacked_bar",
-            taxonomy.filter(pl.col("count") > 0).sort("method"), "method", "count", series="category",
-            ylabel="diagnosed failures"))
+            "failure_taxonomy", f"Causes of the diagnosed failures at {taxonomy['budget'][0]}: at most {most} "
+            "diagnosed per method (label: diagnosed of all its failures)", "stacked_bar",
+            labelled.sort("method"), "method", "count", series="category",
+            ylabel="diagnosed failures (not all failures)"))
     return specs

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from workbench.pruning.registry import UnknownMethod, method_class
-from workbench.sweep import UNPRUNED, MethodSpec, SweepError
+from analyses.method_style import scored_by
+from workbench.sweep import UNPRUNED
 
 SPATIAL_BASELINE = "uniform_grid"
 POSITION_MARGIN = 0.1  # a kept-row centroid this far from 0.5 counts as a positional skew
@@ -34,17 +34,6 @@ def trend_verdict(rho: float | None, n_layers: int | None = None, first: float |
     if rho is not None and rho <= -TREND_RHO:
         return "falls with depth"
     return "has no monotone trend with depth"
-
-
-def scored_by(label: str) -> str | None:
-    """What scores the tokens of the method behind a table label (a variant such as
-    "fastv(layer=3)" included); None for the unpruned rows and for methods this version lacks."""
-    if label == UNPRUNED:
-        return None
-    try:
-        return method_class(MethodSpec.parse(label).name).scored_by
-    except (UnknownMethod, SweepError):
-        return None
 
 
 def _labels_scored_by(frame: pl.DataFrame, *sources: str) -> list[str]:
@@ -213,6 +202,98 @@ def run_on_finding(tables: dict, budget: str) -> str | None:
 
 
 def findings(tables: dict, budget: str) -> list[str]:
-    found = [accuracy_finding(tables, budget), cost_finding(tables), redundancy_finding(tables),
-             positional_finding(tables, budget), failure_finding(tables, budget), run_on_finding(tables, budget)]
+    found = [accuracy_finding(tables, budget), benchmark_finding(tables, budget), cost_finding(tables),
+             redundancy_finding(tables), positional_finding(tables, budget), failure_finding(tables, budget),
+             run_on_finding(tables, budget), literature_finding(tables)]
     return [f for f in found if f]
+
+
+# --- the standard benchmarks' metrics and the literature's observations ---------------------------------
+
+def report_tables(adapter, samples, tables: dict, config, progress: bool = True) -> dict:
+    """The tables of the report's benchmark and literature sections: the official metrics of each
+    benchmark among the samples (from the sweep's rows, scored the one way), and the literature's
+    observations measured on the first ``analysis_samples`` samples."""
+    from analyses import literature
+    from workbench.benchmarks import benchmark_summary
+
+    out = {}
+    sweep = tables.get("sweep")
+    if sweep is not None and sweep.height:
+        summary = benchmark_summary(sweep, samples)
+        if summary.height:
+            out["benchmark_metrics"] = summary
+    if "literature" in config.analyses and config.analysis_samples:
+        measured = literature.measure(adapter, samples[: config.analysis_samples], progress)
+        out |= {f"literature_{name}": frame for name, frame in measured.items()}
+    return out
+
+
+def report_key_tables(tables: dict, budget: str) -> dict[str, pl.DataFrame]:
+    """The benchmark metrics (unpruned, controls and every method at ``budget``) and the literature
+    claims beside the papers' values, shown in full in the report."""
+    from workbench.benchmarks import summary_wide
+
+    out = {}
+    metrics = tables.get("benchmark_metrics")
+    if metrics is not None and metrics.height:
+        at = metrics.filter((pl.col("budget") == budget) | (pl.col("method") == UNPRUNED)
+                            | pl.col("method").str.starts_with("control:"))
+        out[f"Official benchmark metrics (unpruned, controls and at {budget})"] = summary_wide(at)
+    claims = tables.get("literature_claims")
+    if claims is not None and claims.height:
+        out["The literature's observations on this model"] = claims.select(
+            "finding", "paper", "paper_model", "paper_value", "measured")
+    return out
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def literature_finding(tables: dict) -> str | None:
+    """One sentence per paper's observation, the value measured here beside the paper's."""
+    claims = tables.get("literature_claims")
+    if claims is None or not claims.height:
+        return None
+    got = dict(claims.select("finding", "measured").iter_rows())
+    n = tables["literature_attention_by_role"]["sample_id"].n_unique()
+    dims = tables.get("literature_sink_dimensions")
+    found = ", ".join(str(d) for d in dims["dim"].head(3)) if dims is not None and dims.height else "none"
+    zero = tables.get("literature_zero_by_benchmark")
+    per = ("; " + ", ".join(f"{b} {_percent(z)} vs {_percent(u)} unpruned" for b, z, u in
+                            zero.select("benchmark", "zero_tokens", "unpruned").iter_rows())
+           if zero is not None and zero.height else "")
+    return (f"**The literature on this model** ({n} samples; the papers' values are for LLaVA-1.5-7B): image tokens "
+            f"are {_percent(got['image_token_share'])} of the input (FastV 0.64) and get the least attention per token "
+            f"in {_percent(got['image_least_attended_after_2'])} of the layers from 2 on (FastV 1.00); the system "
+            f"prompt takes {_percent(got['system_attention_deep'])} of the last token's attention in the deeper half "
+            f"(FastV 0.85); FastV's kept tokens (K=3, R=0.75) sit at mean row {_percent(got['fastv_kept_row_rope'])} "
+            f"with RoPE and {_percent(got['fastv_kept_row_norope'])} without (FEATHER 0.807); "
+            f"{_percent(got['visual_sink_share'])} of the visual tokens are visual sinks, sink dimensions {found} "
+            f"(VAR 2533, 1415); top-k tokens chosen at two layers overlap by {_percent(got['topk_overlap'])} "
+            f"(near 0); with zero visual tokens {_percent(got['zero_token_retention'])} of the unpruned accuracy "
+            f"remains (MMTok 0.92){per}.")
+
+
+def benchmark_finding(tables: dict, budget: str) -> str | None:
+    """The headline official metric of each benchmark, unpruned and for the best method at ``budget``."""
+    from workbench.benchmarks import BENCHMARKS, HEADLINE
+
+    metrics = tables.get("benchmark_metrics")
+    if metrics is None or not metrics.height:
+        return None
+    parts = []
+    for name in metrics["benchmark"].unique(maintain_order=True).to_list():
+        headline = HEADLINE.get(name)
+        rows = metrics.filter((pl.col("benchmark") == name) & (pl.col("metric") == headline))
+        base = rows.filter(pl.col("method") == UNPRUNED)
+        at = rows.filter((pl.col("budget") == budget) & (pl.col("method") != UNPRUNED)
+                         & ~pl.col("method").str.starts_with("control:")).sort("value", descending=True)
+        if not base.height:
+            continue
+        text = f"{BENCHMARKS[name].title.split(' (')[0]} {headline} {base['value'][0]:.3f} unpruned"
+        if at.height:
+            text += f", best at {budget} {at['method'][0]} {at['value'][0]:.3f}"
+        parts.append(text + f" (scorer {BENCHMARKS[name].scorer})")
+    return ("**Official benchmark metrics**: " + "; ".join(parts) + ".") if parts else None

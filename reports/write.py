@@ -13,7 +13,7 @@ import polars as pl
 from reports import compute
 from reports.config import ReportConfig
 from reports.figures import figure_specs, to_plotly, to_png
-from reports.findings import findings
+from reports.findings import findings, report_key_tables, report_tables
 from workbench.models.base import ModelAdapter
 from workbench.samples import read_dataset, write_atomically, write_atomically_bytes
 from workbench.sweep import budget_label
@@ -79,10 +79,24 @@ def _md_bold_to_html(text: str) -> str:
     return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
 
-def write_report(folder: Path, config: ReportConfig, tables: dict, meta: str) -> Path:
+KEPT_IMAGE = "kept_tokens"  # figures/kept_tokens.png: what each method keeps on one sample
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def write_report(folder: Path, config: ReportConfig, tables: dict, meta: str, kept_image=None) -> Path:
+    """``kept_image``: (PIL image, caption) of what each method keeps on one sample, or None."""
+    import base64
+
     budget = budget_label(config.diagnose_budget)
     found = findings(tables, budget)
-    keys = key_tables(tables, budget)
+    keys = key_tables(tables, budget) | report_key_tables(tables, budget)
     specs = figure_specs(tables, budget)
     (folder / "figures").mkdir(parents=True, exist_ok=True)
     for name, frame in tables.items():
@@ -94,15 +108,24 @@ def write_report(folder: Path, config: ReportConfig, tables: dict, meta: str) ->
     rendered = {spec.name: to_plotly(spec).to_html(full_html=False, include_plotlyjs=(i == 0), default_height="420px")
                 for i, spec in enumerate(ordered)}
     lead = "".join(rendered[s.name] for s in ordered if s.name in LEAD)
+    kept_html, kept_md = "", []
+    if kept_image is not None:
+        png, caption = _png_bytes(kept_image[0]), kept_image[1]
+        write_atomically_bytes(folder / "figures" / f"{KEPT_IMAGE}.png", lambda tmp: Path(tmp).write_bytes(png))
+        kept_html = (f"<h2>What the methods keep</h2><p>{html.escape(caption)}</p><img alt='kept tokens per method' "
+                     f"style='max-width:100%' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        kept_md = ["## What the methods keep", "", caption, "", f"![kept tokens per method](figures/{KEPT_IMAGE}.png)",
+                   ""]
     figures_html = "".join(rendered[s.name] for s in ordered if s.name not in LEAD)
     title = f"Pruning report: {config.model}"
     page = PAGE.format(title=html.escape(title), meta=html.escape(meta),
                        findings="".join(f"<li>{_md_bold_to_html(f)}</li>" for f in found),
                        tables="".join(f"<h2>{html.escape(k)}</h2>{html_table(v)}" for k, v in keys.items()),
                        figures=figures_html,
-                       lead=f"<h2>Accuracy against cost</h2>{lead}" if lead else "")
+                       lead=(f"<h2>Accuracy against cost</h2>{lead}" if lead else "") + kept_html)
     write_atomically(folder / "index.html", page)
     summary = [f"# {title}", "", meta, "", "## Findings", ""] + [f"- {f}" for f in found] + [""]
+    summary += kept_md
     for name, frame in keys.items():
         summary += [f"## {name}", "", markdown_table(frame), ""]
     summary += ["## Figures", ""] + [f"![{s.title}](figures/{s.name}.png)" for s in specs] + [""]
@@ -115,7 +138,7 @@ def write_report(folder: Path, config: ReportConfig, tables: dict, meta: str) ->
 def build_report(adapter: ModelAdapter, config: ReportConfig, progress: bool = True) -> Path:
     started = time.perf_counter()
     folder = Path(config.out)
-    samples = read_dataset(config.dataset, config.samples)
+    samples = read_dataset(config.dataset, config.samples, config.benchmark)
     tables: dict[str, pl.DataFrame] = {}
     if {"comparison", "failures"} & set(config.analyses):
         tables |= compute.sweep_tables(adapter, samples, config, folder, progress)
@@ -123,8 +146,14 @@ def build_report(adapter: ModelAdapter, config: ReportConfig, progress: bool = T
         tables |= compute.recording_tables(adapter, samples[: config.analysis_samples], config, progress)
     if "failures" in config.analyses and config.diagnose_per_method:
         tables |= compute.failure_tables(adapter, samples, tables["sweep"], config, progress)
+    tables |= report_tables(adapter, samples, tables, config, progress)  # benchmark metrics, literature
     analysed = min(config.analysis_samples, len(samples))
     meta = (f"{adapter.name} on {len(samples)} samples of {config.dataset} ({analysed} recorded for "
             f"the redundancy and misalignment analyses); budgets {', '.join(budget_label(b) for b in config.budgets)}; "
             f"built in {time.perf_counter() - started:.0f} s.")
-    return write_report(folder, config, tables, meta)
+    kept_image = None
+    if "sweep" in tables:
+        from reports.kept_tokens import kept_tokens_image
+
+        kept_image = kept_tokens_image(adapter, samples, tables["sweep"], budget_label(config.diagnose_budget))
+    return write_report(folder, config, tables, meta, kept_image)

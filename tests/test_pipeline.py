@@ -76,7 +76,7 @@ def test_the_data_set_names_its_scorer(ready, tmp_path):
     row = {"id": "s", "image": str(prepared.sample.image_path.resolve()), "question": prepared.sample.question,
            "answer": prepared.sample.answer, "scorer": "half"}
     (tmp_path / "d.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(DatasetError, match="unknown scorer 'half'; available: exact"):
+    with pytest.raises(DatasetError, match="unknown scorer 'half'; available: box_iou, exact"):
         read_dataset(tmp_path / "d.jsonl")
     scoring.register(scoring.Scorer("half", "every answer half right", lambda g, o: g, lambda e, refs: 0.5))
     try:

@@ -123,6 +123,15 @@ def test_a_small_report_builds_offline_and_resumes(tmp_path):
     summary = (folder / "summary.md").read_text()
     assert "**Accuracy** at 11%" in summary and "**Positional bias**" in summary and "**Redundancy**" in summary
     assert (folder / "figures" / "accuracy.png").stat().st_size > 1000
+    # an image of the kept tokens, in the page (inlined) and beside the summary
+    from PIL import Image
+
+    kept = Image.open(folder / "figures" / "kept_tokens.png")
+    assert kept.width > 3 * 150 and "What the methods keep" in page and "data:image/png;base64," in page
+    assert "![kept tokens per method](figures/kept_tokens.png)" in summary
+    import re
+
+    assert re.search(r"Causes of the diagnosed failures at 11%: at most \d diagnosed per method", page)
     tables = {p.stem for p in (folder / "tables").glob("*.parquet")}
     assert {"sweep", "accuracy", "kept_overlap", "redundancy", "positional_bias", "diagnoses",
             "failure_taxonomy"} <= tables
@@ -174,3 +183,35 @@ def test_a_report_sweep_of_other_method_code_is_moved_aside_not_refused(tmp_path
     aside = set_aside_stale_sweep(adapter, tmp_path, dataset, specs)
     assert aside is not None and json.loads((aside / "sweep.json").read_text())["methods"] == ["random"]
     assert not (tmp_path / "sweep").exists()
+
+
+def test_layer_axes_have_whole_ticks_and_methods_their_group_colours(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from analyses.method_style import styles
+    from reports.figures import to_plotly
+
+    layers = FigureSpec("l", "l", "line", pl.DataFrame({"layer": [0, 1, 2], "value": [0.1, 0.2, 0.3]}), "layer",
+                        "value")
+    assert to_plotly(layers).layout.xaxis.dtick == 1
+    ticks = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: ticks.setdefault("x", list(fig.axes[0].get_xticks())))
+    to_png(layers, tmp_path / "l.png")
+    assert ticks["x"] and all(float(t).is_integer() for t in ticks["x"])
+    methods = pl.DataFrame({"method": ["uniform_grid", "fastv", "divprune"], "flops_ratio": [0.2, 0.3, 0.25],
+                            "accuracy": [0.5, 0.7, 0.6], "budget": ["11%"] * 3})
+    figure = to_plotly(FigureSpec("c", "c", "scatter", methods, "flops_ratio", "accuracy", series="method"))
+    style = styles(["uniform_grid", "fastv", "divprune"])
+    assert [t.name for t in figure.data] == ["fastv", "divprune", "uniform_grid"]  # grouped by what scores them
+    assert [t.marker.color for t in figure.data] == [style[m].colour for m in ("fastv", "divprune", "uniform_grid")]
+
+
+def test_every_heatmap_row_is_labelled():
+    from reports.figures import to_plotly
+
+    names = [f"m{i:02d}" for i in range(20)]
+    data = pl.DataFrame({"a": [a for a in names for _ in names], "b": [b for _ in names for b in names],
+                         "j": [0.5] * 400})
+    figure = to_plotly(FigureSpec("h", "h", "heatmap", data, "a", "b", z="j"))
+    assert list(figure.layout.yaxis.tickvals) == names and list(figure.layout.xaxis.tickvals) == names

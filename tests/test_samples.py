@@ -53,6 +53,8 @@ def test_user_dataset_without_optional_fields(tmp_path, small_set):
     ('{"id": "a", "question": "q"}', "missing field 'image'"),
     ('{"id": "a", "image": "nowhere.png", "question": "q"}', "image file not found"),
     ('{"id": "a", "image": "IMG", "question": "q", "evidence_boxes": [[5, 5, 1, 1]]}', "bad evidence box"),
+    ('{"id": "a", "image": "IMG", "question": "q", "references": "red"}', "'references' must be a list of strings"),
+    ('{"id": "a", "image": {"row": 1}, "question": "q"}', "a stored-image reference"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, small_set, line, message):
     _, samples = small_set
@@ -70,3 +72,22 @@ def test_write_is_atomic_and_relative(tmp_path, small_set):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert all(not r["image"].startswith("/") for r in rows)
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_row_may_carry_every_reference_its_options_and_its_group(tmp_path, small_set):
+    _, samples = small_set
+    row = {"id": "v", "image": str(samples[0].image_path), "question": "how many?", "answer": "2",
+           "references": ["2", "two", "3", "2"], "scorer": "vqa_soft", "group": "g1", "benchmark": "vqav2"}
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (s,) = read_dataset(path)
+    assert s.golds == ("2", "two", "3", "2") and s.group == "g1" and s.benchmark == "vqav2"
+    # leave-one-out over 4 references, 3 of which read "2": (3 * 2/3 + 1 * 1) / 4
+    assert s.score("2").value == pytest.approx(0.75)
+    (again,) = read_dataset(write_dataset([s], tmp_path / "again.jsonl"))
+    assert (again.references, again.group, again.benchmark, again.scorer) == (s.references, "g1", "vqav2", "vqa_soft")
+    mc = {"id": "m", "image": str(samples[0].image_path), "question": "which?", "answer": "B",
+          "options": ["cat", "dog"], "scorer": "multiple_choice"}
+    path.write_text(json.dumps(mc) + "\n")
+    (m,) = read_dataset(path)
+    assert m.score("a dog").value == 1.0 and m.score("a cat").value == 0.0  # read through the options

@@ -55,5 +55,51 @@ def test_vqa_soft_accuracy_by_hand():
 
 
 def test_unknown_scorer_lists_the_known_ones():
-    with pytest.raises(UnknownScorer, match="available: exact, first_phrase, multiple_choice"):
+    with pytest.raises(UnknownScorer, match="available: box_iou, exact, first_phrase, mme_lmms_eval, multiple_choice"):
         score("bleu", "x", ["y"])
+
+
+def test_vqa_soft_with_a_single_reference_is_an_exact_match_after_normalisation():
+    # no annotator subset to leave out: the old leave-one-out gave 0 whatever was answered
+    assert score("vqa_soft", "Two.", ["2"]).value == 1.0
+    assert score("vqa_soft", "three", ["2"]).value == 0.0
+
+
+def test_mme_reads_yes_no_as_lmms_eval_does():
+    from workbench.scoring import mme_yes_no
+
+    assert [mme_yes_no(t) for t in ("Yes.", "n", "x", "No, it is not", "Maybe yes", "")] == \
+        ["yes", "no", "other", "no", "other", "other"]
+    assert score("mme_lmms_eval", "Yes, there is a dog.", ["Yes"]).value == 1.0
+    assert score("mme_lmms_eval", "There is no dog", ["No"]).value == 0.0  # "no" is not in its first 4 letters
+
+
+def test_box_iou_reads_the_first_box_and_hits_at_half_overlap():
+    from workbench.scoring import box_iou, parse_box
+
+    assert parse_box("it is [0.1, 0.2,0.5, 0.6] or [0, 0, 1, 1]") == (0.1, 0.2, 0.5, 0.6)
+    assert parse_box("left side") is None
+    assert box_iou((0, 0, 2, 1), (1, 0, 3, 1)) == pytest.approx(1 / 3)
+    # IoU of [0.1,0.1,0.5,0.5] and [0.1,0.1,0.5,0.6]: 0.16 / 0.20 = 0.8 -> a hit; a box below half misses
+    hit = score("box_iou", "[0.1, 0.1, 0.5, 0.5]", ["[0.100, 0.100, 0.500, 0.600]"])
+    assert hit.value == 1.0 and hit.extracted == "[0.100, 0.100, 0.500, 0.500]"
+    assert score("box_iou", "[0.3, 0.1, 0.5, 0.6]", ["[0.0, 0.1, 0.5, 0.6]"]).value == 0.0  # IoU 0.4
+    assert score("box_iou", "no box", ["[0.0, 0.1, 0.5, 0.6]"]).value == 0.0
+
+
+def test_pope_metrics_by_hand():
+    from workbench.scoring import pope_metrics
+
+    # tp 1 (row 0), fp 1 (row 4), fn 1 (row 2), tn 1 (row 1); row 3's "maybe" is wrong and no positive
+    metrics = pope_metrics(["yes", "no", "no", "maybe", "yes"], ["yes", "no", "yes", "no", "no"])
+    assert metrics == pytest.approx({"accuracy": 2 / 5, "precision": 0.5, "recall": 0.5, "f1": 0.5,
+                                     "yes_ratio": 2 / 5})
+
+
+def test_mme_pair_score_and_mmbench_circular_accuracy_by_hand():
+    from workbench.scoring import circular_accuracy, pair_score
+
+    # image a: both right -> 100 + 100; image b: one of two -> 50 + 0; mean 125
+    assert pair_score(["a", "a", "b", "b"], [True, True, True, False]) == 125.0
+    # question 5 fails one rotation, question 6 passes its only one
+    assert circular_accuracy(["5", "5", "6"], [True, False, True]) == 0.5

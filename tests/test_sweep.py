@@ -75,20 +75,20 @@ def test_an_interrupted_sweep_keeps_finished_samples_and_resumes(tmp_path, monke
     import workbench.sweep as sweep
 
     folder, calls = tmp_path / "s", []
-    real = sweep.run_task
+    real = sweep.run_tasks
 
-    def flaky(adapter, task):
-        calls.append(task.sample["id"])
+    def flaky(adapter, tasks):
+        calls.extend(task.sample["id"] for task in tasks)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(adapter, task)
+        return real(adapter, tasks)
 
-    monkeypatch.setattr(sweep, "run_task", flaky)
+    monkeypatch.setattr(sweep, "run_tasks", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(shipped(), samples()[:2], DATASET, METHODS[:1], BUDGETS, folder, progress=False)
     # the first sample's rows survive: the unpruned run, the controls, one method at two budgets
     assert pl.read_parquet(folder / "results.parquet").height == 1 + len(CONTROLS) + 2
-    monkeypatch.setattr(sweep, "run_task", real)
+    monkeypatch.setattr(sweep, "run_tasks", real)
     # A write torn by a kill leaves half a line: it is cut off, not read.
     with (folder / "rows.jsonl").open("a") as f:
         f.write('{"sample_id": "torn')
@@ -193,3 +193,29 @@ def test_samples_without_gold_answers_have_unknown_correctness(tmp_path):
     assert table["correct"].null_count() == table.height == 2 + len(CONTROLS)
     assert table["gold_logprob"].null_count() == table["evidence_recall"].null_count() == table.height
     assert accuracy_by_budget(table).row(0)[1:] == (None, None, None, None)  # 50%, unpruned, the two controls
+
+
+def test_a_batched_sweep_writes_the_rows_of_one_sample_at_a_time(tmp_path):
+    """--batch-size: every run executes the batch's samples together (pre-LLM, in-LLM and
+    callback methods, the controls); the rows are those of a sweep one sample at a time."""
+    import dataclasses
+
+    from workbench.samples import write_dataset
+
+    # Questions of different lengths: the batch is padded, and masks must keep padding out.
+    varied = [dataclasses.replace(s, question=s.question + " ?" * (3 * i)) for i, s in enumerate(samples())]
+    dataset = str(write_dataset(varied, tmp_path / "varied.jsonl"))
+    methods = METHODS + (MethodSpec("pyramiddrop"),)
+    one = run_sweep(shipped(), read_dataset(dataset), dataset, methods, BUDGETS, tmp_path / "one", progress=False).table
+    assert main(["sweep", "--dataset", dataset, "--methods", "uniform_grid;random:seed=3;fastv;pyramiddrop",
+                 "--budgets", "0.5,16", "--batch-size", "2", "--out", str(tmp_path / "two")]) == 0
+    two = read_sweep(tmp_path / "two")
+    key = ["sample_id", "method", "budget"]
+    one, two = one.sort(key), two.sort(key)
+    assert one.height == two.height == 3 * (1 + len(CONTROLS) + len(methods) * len(BUDGETS))
+    for column in ("status", "predicted_answer", "kept_count", "visual_tokens_per_layer", "correct", "loyal"):
+        assert one[column].to_list() == two[column].to_list(), column
+    kept = [[s["kept"] for s in json.loads(stages)] for stages in one["stages"]]
+    assert kept == [[s["kept"] for s in json.loads(stages)] for stages in two["stages"]]
+    for column in ("gold_logprob", "answer_logprob"):
+        assert (one[column] - two[column]).abs().max() < 1e-4, column

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from workbench.images import blank_image
 from workbench.models.base import ModelAdapter
 from workbench.samples import Sample
-from workbench.scoring import normalize_answer, score
+from workbench.scoring import normalize_answer
 
 
 def blank_like(image: Image.Image) -> Image.Image:
@@ -36,7 +36,7 @@ def answer_dataset(adapter: ModelAdapter, samples: list[Sample], batch_size: int
             for s, a in zip(chunk, answers):
                 rows.append({"id": s.id, "question_type": s.question_type or "all", "gold_answer": s.answer,
                              "predicted_answer": a.text, "logprob": a.logprob,
-                             "correct": s.answer is not None and score(s.scorer, a.text, [s.answer]).value == 1.0})
+                             "correct": s.answer is not None and s.score(a.text).value == 1.0})
             bar.update(len(chunk))
     return pl.DataFrame(rows)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from workbench.models.base import ModelAdapter, PreparedInput
 from workbench.pruning.budget import Budget, resolve_budget
-from workbench.pruning.executor import execute
+from workbench.pruning.executor import Job, UnprunedPrefill, execute_batch
 from workbench.pruning.flops import DecoderShape, prefill_flops
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext
 from workbench.pruning.plan import KeepPlan, Stage
@@ -63,6 +63,8 @@ class PreparedSample:
     recording: object | None = None
     record_seconds: float = 0.0
     scorer: str = "exact"
+    # The unpruned run's prefill (kept by ``run``): later runs start from it where they first prune.
+    unpruned_prefill: UnprunedPrefill | None = None
 
     @property
     def n_visual(self) -> int:
@@ -145,42 +147,79 @@ def run(adapter: ModelAdapter, ready: PreparedSample, method: PruningMethod | No
         *, label: str | None = None, plan: KeepPlan | None = None, max_new_tokens: int = 8) -> Result:
     """``method`` at ``budget`` on a prepared sample; ``method=None`` runs the unpruned model, or
     ``plan`` when one is given (a counterfactual: a stored plan with tokens restored)."""
-    sample, layout = ready.sample, ready.prepared.layout
-    n = layout.n_tokens
-    name = label or (method.name if method is not None else (plan.method if plan is not None else UNPRUNED))
-    params = method.params() if method is not None else {}
-    if method is None:
-        tokens, budget_text = (n, "100%") if plan is None else (plan.budget, budget_label(plan.budget))
-    else:
-        budget_text = budget_label(budget)
-        try:
-            tokens = resolve_budget(budget, n)
-        except ValueError as e:  # a count above this sample's visual tokens (they vary with AnyRes)
-            return Result(sample.id, name, params, budget_text, None, n, "error", str(e))
-        reason = method.applicability(ready.facts)
-        if reason is not None:
-            return Result(sample.id, name, params, budget_text, tokens, n, "not_applicable", reason)
+    return run_batch(adapter, [ready], method, budget, label=label, plans=None if plan is None else [plan],
+                     max_new_tokens=max_new_tokens)[0]
+
+
+def run_batch(adapter: ModelAdapter, readies: Sequence[PreparedSample], method: PruningMethod | None,
+              budget: Budget | None = None, *, label: str | None = None, plans: Sequence[KeepPlan] | None = None,
+              max_new_tokens: int = 8) -> list[Result]:
+    """``run`` on several prepared samples as one batch (each with its own plan, padding and
+    masks): the same answers as one at a time. The unpruned run keeps each sample's prefill
+    (``PreparedSample.unpruned_prefill``); later runs on the sample start from it at the first
+    layer they prune before, so no decoder layer is computed twice. In a batch, the prefill and
+    wall times of a result are the batch's divided by its size."""
+    results: list[Result | None] = [None] * len(readies)
+    todo = []  # (index, plan, callback, tower callback, selection seconds, budget text, tokens)
+    for i, ready in enumerate(readies):
+        sample, n = ready.sample, ready.n_visual
+        plan = None if plans is None else plans[i]
+        name = label or (method.name if method is not None else (plan.method if plan is not None else UNPRUNED))
+        params = method.params() if method is not None else {}
+        if method is None:
+            tokens, budget_text = (n, "100%") if plan is None else (plan.budget, budget_label(plan.budget))
+        else:
+            budget_text = budget_label(budget)
+            try:
+                tokens = resolve_budget(budget, n)
+            except ValueError as e:  # a count above this sample's visual tokens (they vary with AnyRes)
+                results[i] = Result(sample.id, name, params, budget_text, None, n, "error", str(e))
+                continue
+            reason = method.applicability(ready.facts)
+            if reason is not None:
+                results[i] = Result(sample.id, name, params, budget_text, tokens, n, "not_applicable", reason)
+                continue
+        started = time.perf_counter()
+        callback = tower_callback = None
+        if method is not None:
+            context = SelectionContext(ready.prepared.layout, budget, ready.recording, ready.facts)
+            plan, callback = method.select(context), method.layer_callback(context)
+            tower_callback = method.tower_callback(context)
+        elif plan is None:
+            plan = KeepPlan.keep_all(n, where=None, method=UNPRUNED)
+        todo.append((i, name, params, plan, callback, tower_callback, time.perf_counter() - started, budget_text, tokens))
+    if not todo:
+        return results
+    # The unpruned run (no method, no plan) keeps the prefill the others start from.
+    capture = method is None and plans is None and any(readies[i].unpruned_prefill is None for i, *_ in todo)
+    live = capture or (method is not None and method.hooks_layers)
+    jobs = [Job(readies[i].prepared, plan, callback, readies[i].sample.answer,
+                None if live else readies[i].unpruned_prefill, tower_callback)
+            for i, _, _, plan, callback, tower_callback, *_ in todo]
     started = time.perf_counter()
-    callback = None
-    if method is not None:
-        context = SelectionContext(layout, budget, ready.recording, ready.facts)
-        plan, callback = method.select(context), method.layer_callback(context)
-    elif plan is None:
-        plan = KeepPlan.keep_all(n, where=None, method=UNPRUNED)
-    selected = time.perf_counter()
-    execution = execute(adapter, ready.prepared, plan, max_new_tokens, gold_answer=sample.answer, callback=callback)
-    done = time.perf_counter()
+    executions = execute_batch(adapter, jobs, max_new_tokens, capture=capture)
+    share = (time.perf_counter() - started) / len(jobs)
+    for (i, name, params, _, _, _, select_s, budget_text, tokens), execution in zip(todo, executions):
+        ready = readies[i]
+        if capture:
+            ready.unpruned_prefill = execution.prefill
+        results[i] = _result(ready, name, params, budget_text, tokens, execution, select_s, share, max_new_tokens)
+    return results
+
+
+def _result(ready: PreparedSample, name: str, params: dict, budget_text: str, tokens: int, execution,
+            select_s: float, run_s: float, max_new_tokens: int) -> Result:
+    sample, evidence = ready.sample, ready.evidence
     kept = np.asarray(execution.final_kept, dtype=np.int64)
     flops = prefill_flops(ready.shape, execution.tokens_per_layer)
-    scored = score(ready.scorer, execution.answer, [sample.answer] if sample.answer is not None else [])
-    evidence = ready.evidence
+    scored = score(ready.scorer, execution.answer, sample.golds, sample.options)
     return Result(
-        sample.id, name, params, budget_text, tokens, n, "ok", plan=execution.plan,
+        sample.id, name, params, budget_text, tokens, ready.n_visual, "ok", plan=execution.plan,
         generation=execution.answer, extracted=scored.extracted, score=scored.value,
         stopped=len(execution.answer_ids) < max_new_tokens, answer_logprob=execution.answer_logprob,
         gold_logprob=execution.gold_logprob, visual_tokens_per_layer=tuple(execution.visual_tokens_per_layer),
-        prefill_flops=flops, flops_ratio=flops / ready.full_flops, select_time_s=selected - started,
-        prefill_time_s=execution.prefill_seconds, wall_time_s=done - started,
+        prefill_flops=flops, flops_ratio=flops / ready.full_flops, select_time_s=select_s,
+        prefill_time_s=execution.prefill_seconds, wall_time_s=select_s + run_s,
         evidence_tokens=int(evidence.sum()),
         evidence_recall=float(evidence[kept].sum() / evidence.sum()) if evidence.any() else None,
     )

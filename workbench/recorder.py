@@ -258,7 +258,7 @@ class _Session:
         key = (stack, view)
         dims = torch.unique(torch.cat([self.sink_dims.get(key, torch.zeros(0, dtype=torch.long)), found.dimensions]))
         self.sink_dims[key] = dims
-        return {"sinks": found.tokens, "sink_dims": dims}
+        return {"sinks": found.tokens, "sink_dims": dims, "massive": found}
 
 
 def _view(hidden, view: int):

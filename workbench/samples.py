@@ -11,6 +11,20 @@ A data set is a JSONL file, one sample per line; paths are relative to the file'
      "mask": {"path": "masks/scene-00000.png", "values": [2]}}   # optional: evidence pixels are
                                                # those whose mask value is in "values"
 
+Optional keys a benchmark's samples carry (``workbench.benchmarks`` builds them from the stored
+forms of the standard sets; a JSONL row may give them too):
+
+    "references": ["2", "two", ...],           # every reference answer (VQA's ten annotators)
+    "options": ["cat", "dog"],                 # multiple-choice option texts, in letter order
+    "group": "img-12.jpg",                     # rows scored together (MME's image pairs, MMBench's
+                                               # circular rotations)
+    "benchmark": "pope"                        # the benchmark whose aggregates apply
+
+Besides a JSONL file, ``read_dataset`` reads the other stored forms of ``workbench.dataset_formats``
+(parquet shards, ``save_to_disk`` folders, COCO-style annotation JSON) through a benchmark of
+``workbench.benchmarks``; their samples point at their image inside the table (``image_ref``),
+decoded only when ``load_image`` is called.
+
 Boxes are in pixels of the original image, x1/y1 exclusive. Extra keys are kept in ``extra``.
 An id is a non-empty string or integer (where it names a folder, ``workbench.files.safe_name`` keeps
 it inside the output folder); a question is never empty; an integer answer is read as its text.
@@ -21,21 +35,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from PIL import Image
 
+from workbench.dataset_formats import ImageRef, detect, load_image as load_stored_image
+from workbench.errors import UserError
 from workbench.files import write_atomically, write_atomically_bytes  # noqa: F401  (re-exported)
 from workbench.images import open_image, open_rgb
-from workbench.scoring import SCORERS
+from workbench.scoring import SCORERS, Score, score
 
 Box = tuple[float, float, float, float]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A data-set file that cannot be read; the message names the file, line and field."""
 
 
@@ -50,10 +66,24 @@ class Sample:
     mask_path: Path | None = None
     mask_values: tuple[int, ...] = ()
     scorer: str = "exact"  # how the data set scores an answer (``workbench.scoring``)
+    references: tuple[str, ...] = ()  # every reference answer, where there are several (VQA)
+    options: tuple[str, ...] = ()  # multiple-choice option texts, in letter order
+    group: str | None = None  # rows scored together (MME image pairs, MMBench rotations)
+    benchmark: str | None = None  # ``workbench.benchmarks`` name whose aggregates apply
+    image_ref: ImageRef | None = None  # the image inside a stored table (then image_path is the table)
     extra: dict = field(default_factory=dict, compare=False)
 
     def load_image(self) -> Image.Image:
-        return open_rgb(self.image_path)
+        return open_rgb(self.image_path) if self.image_ref is None else load_stored_image(self.image_ref)
+
+    @property
+    def golds(self) -> tuple[str, ...]:
+        """The references an answer is scored against: all of them, or else the one answer."""
+        return self.references or (() if self.answer is None else (self.answer,))
+
+    def score(self, generation: str) -> Score:
+        """The generation scored as this sample's data set says (the one way every command scores)."""
+        return score(self.scorer, generation, self.golds, self.options)
 
     def evidence_mask(self) -> np.ndarray | None:
         """Boolean [H, W] mask of the evidence pixels, from the mask file or else the boxes."""
@@ -94,16 +124,36 @@ def _boxes(value, where: str) -> tuple[Box, ...]:
     return boxes  # type: ignore[return-value]
 
 
+def _strings(row: dict, name: str, where: str) -> tuple[str, ...]:
+    value = row.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        raise DatasetError(f"{where}: field {name!r} must be a list of strings, got {value!r}")
+    return tuple(str(v) for v in value)
+
+
+def _image_ref(value: dict, where: str) -> ImageRef:
+    try:
+        return ImageRef(str(value["format"]), str(value["source"]), int(value["row"]), str(value["column"]),
+                        None if value.get("item") is None else int(value["item"]))
+    except (KeyError, TypeError, ValueError):
+        raise DatasetError(f"{where}: field 'image' must be a path or a stored-image reference "
+                           "{format, source, row, column}") from None
+
+
 def sample_from_row(row: dict, root: Path, where: str) -> Sample:
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: each line must be a JSON object")
-    image = root / _field(row, "image", str, where)
-    if not image.is_file():
+    image_ref = _image_ref(row["image"], where) if isinstance(row.get("image"), dict) else None
+    image = Path(image_ref.source) if image_ref else root / _field(row, "image", str, where)
+    if not image.exists() if image_ref else not image.is_file():
         raise DatasetError(f"{where}: image file not found: {image}")
     mask = _field(row, "mask", dict, where, required=False)
     if mask is not None and not isinstance(mask.get("path"), str):
         raise DatasetError(f"{where}: field 'mask' needs a 'path' string, got {mask!r}")
-    known = {"id", "image", "question", "answer", "question_type", "evidence_boxes", "mask", "scorer"}
+    known = {"id", "image", "question", "answer", "question_type", "evidence_boxes", "mask", "scorer",
+             "references", "options", "group", "benchmark"}
     sample_id = _field(row, "id", (str, int), where)
     if isinstance(sample_id, bool) or not str(sample_id).strip():
         raise DatasetError(f"{where}: field 'id' must be a non-empty string or an integer, got {sample_id!r}")
@@ -128,17 +178,32 @@ def sample_from_row(row: dict, root: Path, where: str) -> Sample:
         mask_path=root / mask["path"] if mask else None,
         mask_values=mask_values,
         scorer=scorer,
+        references=_strings(row, "references", where),
+        options=_strings(row, "options", where),
+        group=None if row.get("group") is None else str(row["group"]),
+        benchmark=_field(row, "benchmark", str, where, required=False),
+        image_ref=image_ref,
         extra={k: v for k, v in row.items() if k not in known},
     )
 
 
-def read_dataset(path: str | Path, limit: int | None = None) -> list[Sample]:
-    """Read a JSONL data set; any malformed line fails with its line number."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "samples.jsonl"
-    if not path.is_file():
+def read_dataset(path: str | Path, limit: int | None = None, benchmark: str | None = None) -> list[Sample]:
+    """Read a data set in any stored form (``workbench.dataset_formats``). A JSONL file is the
+    workbench's own format (any malformed line fails with its line number); the other forms are
+    read through ``benchmark`` (a ``workbench.benchmarks`` name), inferred from their columns when
+    it is None."""
+    if not Path(path).exists():
         raise DatasetError(f"data set not found: {path}")
+    form = detect(path)
+    if form.format != "jsonl":
+        from workbench.benchmarks import read_benchmark
+
+        return read_benchmark(form, benchmark, limit)
+    if benchmark is not None:
+        from workbench.benchmarks import check_benchmark_name
+
+        check_benchmark_name(benchmark)
+    path = form.path
     samples, seen = [], set()
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -150,6 +215,8 @@ def read_dataset(path: str | Path, limit: int | None = None) -> list[Sample]:
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{where}: not valid JSON ({e.msg})") from None
             sample = sample_from_row(row, path.parent, where)
+            if benchmark is not None and sample.benchmark is None:
+                sample = replace(sample, benchmark=benchmark)
             if sample.id in seen:
                 raise DatasetError(f"{where}: duplicate id {sample.id!r}")
             seen.add(sample.id)
@@ -165,11 +232,14 @@ def check_images(samples: Iterable[Sample]) -> None:
     """Decode every sample's image once: an undecodable file is one ``ImageError`` naming it,
     before a model is loaded."""
     for sample in samples:
-        open_rgb(sample.image_path)
+        sample.load_image()
 
 
 def sample_to_row(sample: Sample, root: Path) -> dict:
-    row = {"id": sample.id, "image": os.path.relpath(sample.image_path, root), "question": sample.question}
+    ref = sample.image_ref
+    image = (os.path.relpath(sample.image_path, root) if ref is None else
+             {"format": ref.format, "source": ref.source, "row": ref.row, "column": ref.column, "item": ref.item})
+    row = {"id": sample.id, "image": image, "question": sample.question}
     if sample.answer is not None:
         row["answer"] = sample.answer
     if sample.question_type is not None:
@@ -180,6 +250,12 @@ def sample_to_row(sample: Sample, root: Path) -> dict:
         row["mask"] = {"path": os.path.relpath(sample.mask_path, root), "values": list(sample.mask_values)}
     if sample.scorer != "exact":
         row["scorer"] = sample.scorer
+    for name in ("references", "options"):
+        if getattr(sample, name):
+            row[name] = list(getattr(sample, name))
+    for name in ("group", "benchmark"):
+        if getattr(sample, name) is not None:
+            row[name] = getattr(sample, name)
     return row | sample.extra
 
 

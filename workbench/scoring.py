@@ -16,6 +16,14 @@ follows, since harnesses differ (lmms-eval scores POPE on the whole generation, 
 ``vqa_soft``        VQA accuracy (VQAv2, TextVQA): the EvalAI answer normalisation (punctuation, number
                     words, articles, contractions), then min(#references equal to it / 3, 1) averaged
                     over the leave-one-out subsets of the references
+``mme_lmms_eval``   MME as lmms-eval reads it: "yes" / "no" (or "y" / "n"), else the first four characters
+                    holding "yes" or "no", else "other"; equals the reference
+``box_iou``         RefCOCO grounding as lmms-eval scores it: the first "[x0, y0, x1, y1]" in the generation
+                    (image fractions) has IoU >= 0.5 with the reference box
+
+The aggregates benchmarks report over many scored answers (POPE's precision, recall and F1, MME's
+perception and cognition scores with accuracy+, MMBench's circular accuracy) are the pure
+functions at the end; ``workbench.benchmarks`` applies them to a sweep's rows.
 """
 
 from __future__ import annotations
@@ -177,11 +185,100 @@ def vqa_normalize(text: str) -> str:
 
 
 def vqa_accuracy(answer: str, references: Sequence[str]) -> float:
-    """min(#other references equal to the answer / 3, 1), averaged over leaving each reference out."""
+    """min(#other references equal to the answer / 3, 1), averaged over leaving each reference out.
+    A single reference (a gold answer without the annotators' list) has no subset to leave out:
+    there it is an exact match after the normalisation."""
     refs = [vqa_normalize(r) for r in references]
+    if len(refs) == 1:
+        return float(refs[0] == answer)
     return statistics.mean(min(1.0, sum(r == answer for j, r in enumerate(refs) if j != i) / 3)
                            for i in range(len(refs)))
 
 
 register(Scorer("vqa_soft", "VQA accuracy: min(#matching references / 3, 1) over leave-one-out subsets, after "
                 "the official answer normalisation", lambda g, o: vqa_normalize(g), vqa_accuracy))
+
+
+# --- MME ------------------------------------------------------------------------------------------------
+
+def mme_yes_no(text: str) -> str:
+    """lmms-eval's MME reading (from the Otter evaluation): "yes", "no" or "other"."""
+    answer = text.lower().strip().replace(".", "")
+    if answer in ("yes", "no"):
+        return answer
+    if len(answer) == 1:
+        return {"y": "yes", "n": "no"}.get(answer, "other")
+    head = answer[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+register(Scorer("mme_lmms_eval", 'yes / no (or y / n), else the first four characters holding "yes" or "no"; '
+                "equals the reference", lambda g, o: mme_yes_no(g),
+                lambda e, refs: float(e == refs[0].lower().strip().replace(".", ""))))
+
+# --- grounding (RefCOCO) --------------------------------------------------------------------------------
+
+_FLOAT = r"(-?\d+(?:\.\d+)?)"
+_BOX = re.compile(r"\[\s*" + r",\s*".join([_FLOAT] * 4) + r"\s*\]")
+IOU_HIT = 0.5  # lmms-eval's headline ACC@0.5
+
+
+def box_text(box: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.3f}" for v in box) + "]"
+
+
+def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    """The first "[x0, y0, x1, y1]" of four numbers in the text, or None."""
+    match = _BOX.search(text or "")
+    return tuple(float(match[i]) for i in range(1, 5)) if match else None  # type: ignore[return-value]
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _box_hit(extracted: str | None, references: Sequence[str]) -> float:
+    box, gold = parse_box(extracted), parse_box(references[0])
+    return float(box is not None and gold is not None and box_iou(box, gold) >= IOU_HIT)
+
+
+register(Scorer("box_iou", f"the first [x0, y0, x1, y1] in the generation has IoU >= {IOU_HIT} with the reference box",
+                lambda g, o: None if parse_box(g) is None else box_text(parse_box(g)), _box_hit))
+
+# --- aggregates over many scored answers ----------------------------------------------------------------
+
+
+def pope_metrics(predicted: Sequence[str | None], gold: Sequence[str]) -> dict[str, float]:
+    """POPE's accuracy, precision, recall, F1 and yes-ratio with "yes" as the positive class, over
+    the answers as the scorer read them (lmms-eval's aggregation: an answer that is neither yes nor
+    no counts as wrong, and as a negative prediction)."""
+    pairs = [((p or "").lower().strip(), g.lower().strip()) for p, g in zip(predicted, gold)]
+    tp = sum(p == "yes" and g == "yes" for p, g in pairs)
+    fp = sum(p == "yes" and g == "no" for p, g in pairs)
+    fn = sum(p == "no" and g == "yes" for p, g in pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    n = len(pairs)
+    return {"accuracy": sum(p == g for p, g in pairs) / n if n else 0.0, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "yes_ratio": sum(p == "yes" for p, _ in pairs) / n if n else 0.0}
+
+
+def pair_score(groups: Sequence[str], correct: Sequence[bool]) -> float:
+    """MME's subtask score: accuracy + accuracy+ in percent, where accuracy+ counts the images whose
+    questions (two each) are all answered right; averaged over images as the reference does."""
+    by_image: dict[str, list[bool]] = {}
+    for group, right in zip(groups, correct):
+        by_image.setdefault(group, []).append(bool(right))
+    return statistics.mean(100.0 * sum(v) / len(v) + 100.0 * all(v) for v in by_image.values())
+
+
+def circular_accuracy(groups: Sequence[str], correct: Sequence[bool]) -> float:
+    """MMBench's circular evaluation: a question counts as right only when every rotation of its
+    options (the rows sharing its group) is answered right."""
+    by_question: dict[str, bool] = {}
+    for group, right in zip(groups, correct):
+        by_question[group] = by_question.get(group, True) and bool(right)
+    return sum(by_question.values()) / len(by_question) if by_question else 0.0

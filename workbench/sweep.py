@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import polars as pl
 from tqdm import tqdm
@@ -75,7 +75,7 @@ class MethodSpec:
     def parse(text: str) -> "MethodSpec":
         """"fastv" or "fastv:rows=text,layer=3" (values parsed as JSON where they can be), or a
         ``label`` as tables show it: "fastv(rows=text,layer=3)"."""
-        label = re.fullmatch(r"\s*([\w-]+)\((.*)\)\s*", text)
+        label = re.fullmatch(r"\s*([\w+-]+)\((.*)\)\s*", text)
         if label:
             text = f"{label[1]}:{label[2]}"
         name, _, rest = text.strip().partition(":")
@@ -140,6 +140,8 @@ def _row(sample: Sample, method: str, params: dict, budget: str, budget_tokens: 
 
 
 CONTROLS = ("control:zero_tokens", "control:blank_image")
+# The rows every sample gets besides its methods': (label, budget column).
+REFERENCE_ROWS = ((UNPRUNED, "100%"), (CONTROLS[0], "0"), (CONTROLS[1], "100%"))
 
 
 def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
@@ -147,34 +149,74 @@ def run_task(adapter: ModelAdapter, task: SweepTask) -> list[dict]:
     visual token removed before the LLM: what the image is worth; the unpruned model on a blank
     image of the same size), then each method at each budget, with its loyalty to the unpruned
     answer; one "error" row per (method, budget) when the sample's image cannot be decoded."""
-    sample = sample_from_row(task.sample, Path(task.root), f"task {task.sample.get('id')}")
-    methods = [(spec, spec.create()) for spec in task.methods]
-    try:
-        ready = prepare_sample(adapter, sample, [m for _, m in methods])
-    except ImageError as e:
-        return _error_rows(sample, task, str(e))
-    unpruned = pipeline.run(adapter, ready, None, max_new_tokens=task.max_new_tokens)
-    results = [unpruned] + _controls(adapter, ready, task.max_new_tokens) if task.include_unpruned else []
-    for spec, method in methods:
-        for budget in task.budgets:
-            result = pipeline.run(adapter, ready, method, budget, label=spec.label, max_new_tokens=task.max_new_tokens)
-            results.append(result)
-    context = {"question_type": sample.question_type or "all", "gold_answer": sample.answer}
-    return [result.row() | context | {"record_time_s": 0.0 if result is unpruned else ready.record_seconds,
-                                      "loyal": pipeline.loyal(result, unpruned)} for result in results]
+    return run_tasks(adapter, [task])[0]
 
 
-def _controls(adapter: ModelAdapter, ready, max_new_tokens: int) -> list:
-    n = ready.n_visual
-    zero = KeepPlan(CONTROLS[0], 0, n, (Stage(PRE_LLM, ()),))
-    blank = prepare_sample(adapter, ready.sample, image=blank_image(ready.prepared.image_size))
-    return [pipeline.run(adapter, ready, None, plan=zero, label=CONTROLS[0], max_new_tokens=max_new_tokens),
-            pipeline.run(adapter, blank, None, label=CONTROLS[1], max_new_tokens=max_new_tokens)]
+def run_tasks(adapter: ModelAdapter, tasks: Sequence[SweepTask]) -> list[list[dict]]:
+    """``run_task`` of several samples at once: each run (the unpruned one, each control, each
+    method at each budget) executes the samples as one batch (``pipeline.run_batch``). The rows
+    are those of one sample at a time, timings and float rounding aside."""
+    rows: list[list[dict] | None] = [None] * len(tasks)
+    created: dict[str, PruningMethod] = {}
+    readies = {}
+    for i, task in enumerate(tasks):
+        sample = sample_from_row(task.sample, Path(task.root), f"task {task.sample.get('id')}")
+        methods = [created.setdefault(spec.label, spec.create()) for spec in task.methods]
+        try:
+            readies[i] = prepare_sample(adapter, sample, methods)
+        except ImageError as e:
+            rows[i] = _error_rows(sample, task, str(e))
+    # One batch per (what runs, max_new_tokens): the unpruned run first (the others start from its
+    # prefill), then the controls, then each method at each budget, in the tasks' order.
+    results: dict[int, list] = {i: [] for i in readies}
+    unpruned = {}
+    for tokens, members in _groups(readies, tasks, lambda task: True):
+        for i, result in zip(members, pipeline.run_batch(adapter, [readies[i] for i in members], None,
+                                                         max_new_tokens=tokens)):
+            unpruned[i] = result
+    for tokens, members in _groups(readies, tasks, lambda task: task.include_unpruned):
+        controls = _controls(adapter, [readies[i] for i in members], tokens)
+        for i, *mine in zip(members, *controls):
+            results[i] += [unpruned[i], *mine]
+    keys = list(dict.fromkeys(key for task in tasks for key in _units(task)))
+    for label, budget in keys:
+        for tokens, members in _groups(readies, tasks, lambda task: (label, budget) in _units(task)):
+            batch = pipeline.run_batch(adapter, [readies[i] for i in members], created[label], budget, label=label,
+                                       max_new_tokens=tokens)
+            for i, result in zip(members, batch):
+                results[i].append(result)
+    for i, ready in readies.items():
+        sample = ready.sample
+        context = {"question_type": sample.question_type or "all", "gold_answer": sample.answer}
+        rows[i] = [result.row() | context | {"record_time_s": 0.0 if result is unpruned[i] else ready.record_seconds,
+                                             "loyal": pipeline.loyal(result, unpruned[i])} for result in results[i]]
+    return rows
+
+
+def _units(task: SweepTask) -> list[tuple[str, Budget]]:
+    return [(spec.label, budget) for spec in task.methods for budget in task.budgets]
+
+
+def _groups(readies: dict, tasks: Sequence[SweepTask], wanted: Callable[[SweepTask], bool]) -> list[tuple[int, list[int]]]:
+    """The prepared tasks that ``wanted``, grouped by ``max_new_tokens``."""
+    groups: dict[int, list[int]] = {}
+    for i in readies:
+        if wanted(tasks[i]):
+            groups.setdefault(tasks[i].max_new_tokens, []).append(i)
+    return list(groups.items())
+
+
+def _controls(adapter: ModelAdapter, readies: list, max_new_tokens: int) -> tuple[list, list]:
+    """The zero-token and blank-image controls of each prepared sample, each run as one batch."""
+    zero = [KeepPlan(CONTROLS[0], 0, ready.n_visual, (Stage(PRE_LLM, ()),)) for ready in readies]
+    blank = [prepare_sample(adapter, ready.sample, image=blank_image(ready.prepared.image_size)) for ready in readies]
+    return (pipeline.run_batch(adapter, readies, None, plans=zero, label=CONTROLS[0], max_new_tokens=max_new_tokens),
+            pipeline.run_batch(adapter, blank, None, label=CONTROLS[1], max_new_tokens=max_new_tokens))
 
 
 def _error_rows(sample: Sample, task: SweepTask, message: str) -> list[dict]:
     """The rows of a sample that could not be run: same keys as its rows would have had."""
-    references = [(UNPRUNED, "100%", {}), (CONTROLS[0], "0", {}), (CONTROLS[1], "100%", {})]
+    references = [(label, budget, {}) for label, budget in REFERENCE_ROWS]
     labels = (references if task.include_unpruned else []) + \
         [(spec.label, budget_label(b), spec.create().params()) for spec in task.methods for b in task.budgets]
     return [_row(sample, label, params, budget, None, None) | {"status": "error", "message": message}
@@ -328,7 +370,7 @@ def identity_mismatch(folder: str | Path, dataset: str, methods: Sequence[Method
     return None
 
 
-def _check_budget_counts(adapter: ModelAdapter, samples: Sequence[Sample], budgets: Sequence[Budget]) -> None:
+def _check_budget_counts(runner: "Runner", samples: Sequence[Sample], budgets: Sequence[Budget]) -> None:
     """Budgets that cannot apply to this model, before the folder is touched: counts are checked
     against the visual tokens of the first sample whose image decodes."""
     for budget in budgets:
@@ -337,29 +379,65 @@ def _check_budget_counts(adapter: ModelAdapter, samples: Sequence[Sample], budge
         except ValueError as e:
             raise SweepError(str(e)) from None
     for sample in samples:
-        try:
-            image = sample.load_image()
-        except ImageError:
-            continue  # becomes that sample's error rows
-        n = adapter.prepare(image, sample.question).layout.n_tokens
+        n = runner.visual_tokens(sample)
+        if n is None:
+            continue  # the image does not decode: becomes that sample's error rows
         for budget in budgets:
             try:
                 resolve_budget(budget, n)
             except ValueError as e:
-                raise SweepError(f"{e} of {adapter.name}") from None
+                raise SweepError(f"{e} of {runner.model}") from None
         return
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How a sweep reaches its model: which model it is (name and weights fingerprint, for the
+    folder's manifest), how many visual tokens a sample gets (None when its image does not decode;
+    for the budget checks), and ``run``: each task's rows, in the order the tasks finish. In this
+    process (``local_runner``) or on workers (``workbench.distributed``); either way the process
+    that calls ``sweep_with`` is the folder's one writer."""
+
+    model: str
+    fingerprint: str
+    visual_tokens: Callable[[Sample], int | None]
+    run: Callable[[Sequence[SweepTask]], Iterator[list[dict]]]
+
+
+def local_runner(adapter: ModelAdapter, batch_size: int = 1) -> Runner:
+    """Every task in this process on ``adapter``, ``batch_size`` samples at a time (``run_tasks``)."""
+
+    def visual_tokens(sample: Sample) -> int | None:
+        try:
+            return adapter.prepare(sample.load_image(), sample.question).layout.n_tokens
+        except ImageError:
+            return None
+
+    return Runner(adapter.name, adapter.fingerprint, visual_tokens,
+                  lambda tasks: (rows for start in range(0, len(tasks), batch_size)
+                                 for rows in run_tasks(adapter, tasks[start: start + batch_size])))
 
 
 def run_sweep(adapter: ModelAdapter, samples: Sequence[Sample], dataset: str, methods: Sequence[MethodSpec],
               budgets: Sequence[Budget], folder: str | Path, max_new_tokens: int = 8,
-              progress: bool = True) -> SweepResult:
-    """Run (or resume) a sweep into ``folder``; returns every row the folder holds. Everything is
-    checked before the folder is created or changed; ``FolderLocked`` if another process writes it."""
+              progress: bool = True, batch_size: int = 1) -> SweepResult:
+    """Run (or resume) a sweep into ``folder`` in this process, ``batch_size`` samples per batch;
+    returns every row the folder holds."""
+    return sweep_with(local_runner(adapter, batch_size), samples, dataset, methods, budgets, folder,
+                      max_new_tokens, progress)
+
+
+def sweep_with(runner: Runner, samples: Sequence[Sample], dataset: str, methods: Sequence[MethodSpec],
+               budgets: Sequence[Budget], folder: str | Path, max_new_tokens: int = 8,
+               progress: bool = True) -> SweepResult:
+    """Run (or resume) a sweep into ``folder`` with ``runner``; returns every row the folder holds.
+    Everything is checked before the folder is created or changed; ``FolderLocked`` if another
+    process writes it."""
     folder = Path(folder)
     created = {spec.label: spec.create() for spec in methods}  # unknown names and bad parameters
     check_sweep_folder(folder)
-    _check_budget_counts(adapter, samples, budgets)
-    manifest = {"format": FORMAT, "version": VERSION, "model": adapter.name, "weights": adapter.fingerprint,
+    _check_budget_counts(runner, samples, budgets)
+    manifest = {"format": FORMAT, "version": VERSION, "model": runner.model, "weights": runner.fingerprint,
                 "dataset": str(dataset), "dataset_sha256": dataset_fingerprint(dataset),
                 "methods": [m.label for m in methods], "budgets": [budget_label(b) for b in budgets],
                 "method_versions": {label: method_version(m) for label, m in created.items()}}
@@ -368,10 +446,11 @@ def run_sweep(adapter: ModelAdapter, samples: Sequence[Sample], dataset: str, me
     with exclusive(folder, "sweep folder"):
         # Checked again under the lock: another writer may have changed the folder meanwhile.
         write_atomically(folder / "sweep.json", json.dumps(_merged_manifest(folder, manifest), indent=1))
-        return _run_locked(adapter, samples, dataset, methods, budgets, folder, max_new_tokens, progress)
+        return _run_locked(runner, samples, dataset, methods, budgets, folder, max_new_tokens, progress)
 
 
-def _run_locked(adapter, samples, dataset, methods, budgets, folder: Path, max_new_tokens, progress) -> SweepResult:
+def _run_locked(runner: Runner, samples, dataset, methods, budgets, folder: Path, max_new_tokens,
+                progress) -> SweepResult:
     journal = folder / "rows.jsonl"
     _repair_journal(journal)
     rows = _read_journal(journal)
@@ -380,16 +459,21 @@ def _run_locked(adapter, samples, dataset, methods, budgets, folder: Path, max_n
     done = {tuple(r[k] for k in KEY) for r in rows}
     new = 0
     root = Path(dataset).parent if Path(dataset).suffix else Path(dataset)
+    tasks = []
+    for sample in samples:
+        todo = [m for m in methods if any((sample.id, m.label, budget_label(b)) not in done for b in budgets)]
+        # A journal cut after the unpruned row still lacks a control: the references run again
+        # (their rows already journalled are not written twice).
+        unpruned = any((sample.id, label, budget) not in done for label, budget in REFERENCE_ROWS)
+        if todo or unpruned:
+            tasks.append(SweepTask(sample_to_row(sample, root), str(root), tuple(todo), tuple(budgets),
+                                   unpruned, max_new_tokens))
     try:
         with journal.open("a", encoding="utf-8") as out:
-            for sample in tqdm(samples, desc="sweep", disable=not progress):
-                todo = [m for m in methods if any((sample.id, m.label, budget_label(b)) not in done for b in budgets)]
-                unpruned = (sample.id, UNPRUNED, "100%") not in done
-                if not todo and not unpruned:
-                    continue
-                task = SweepTask(sample_to_row(sample, root), str(root), tuple(todo), tuple(budgets),
-                                 unpruned, max_new_tokens)
-                fresh = [r for r in run_task(adapter, task) if tuple(r[k] for k in KEY) not in done]
+            # Rows are journalled as each task finishes (in any order when tasks run in parallel),
+            # and only here: the one writer. A key already journalled is never written twice.
+            for task_rows in tqdm(runner.run(tasks), desc="sweep", total=len(tasks), disable=not progress):
+                fresh = [r for r in task_rows if tuple(r[k] for k in KEY) not in done]
                 out.write("".join(json.dumps(r) + "\n" for r in fresh))
                 out.flush()
                 os.fsync(out.fileno())

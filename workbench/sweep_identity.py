@@ -30,6 +30,9 @@ def dataset_fingerprint(dataset: str | Path) -> str:
     Files that are missing or rows that do not parse are hashed as their text: the reader reports
     them, and a fingerprint must never fail."""
     path = Path(dataset)
+    stored = _stored_digest(path)
+    if stored is not None:
+        return stored
     if path.is_dir():
         path = path / "samples.jsonl"
     digest = hashlib.sha256()
@@ -49,6 +52,29 @@ def dataset_fingerprint(dataset: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _stored_digest(path: Path) -> str | None:
+    """For a parquet / arrow / COCO-style data set: the digest of every file that holds it
+    (``dataset_formats.data_files``), each streamed, never read whole; None for a JSONL one."""
+    from workbench.dataset_formats import DatasetFormatError, data_files, detect
+
+    try:
+        stored = detect(path)
+        files = data_files(stored) if stored.format != "jsonl" else None
+    except DatasetFormatError:
+        return None  # the reader reports it
+    if files is None:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        try:
+            with file.open("rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+        except OSError:
+            digest.update(b"missing")
+    return digest.hexdigest()
+
+
 def _file_digest(path: Path) -> bytes:
     try:
         return hashlib.sha256(path.read_bytes()).digest()
@@ -57,8 +83,10 @@ def _file_digest(path: Path) -> bytes:
 
 
 def code_version(method) -> str:
-    """A short hash of the source of the module that defines ``method``'s class."""
-    source = inspect.getsource(sys.modules[type(method).__module__])
+    """A short hash of the source of the module that defines ``method``'s class (and, for a
+    composition, of each of its ``parts``' modules)."""
+    methods = (method, *getattr(method, "parts", ()))
+    source = "".join(inspect.getsource(sys.modules[type(m).__module__]) for m in methods)
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 

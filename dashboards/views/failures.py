@@ -13,14 +13,38 @@ import polars as pl
 import streamlit as st
 
 from dashboards import state
-from dashboards.views.common import pick_results_table, show_kept, verdict
+from dashboards.views.common import pick_results_table, show_kept, show_original, verdict
 from workbench.sweep import CONTROLS
+
+
+def category_notes() -> dict[str, str]:
+    """What each failure category of ``analyses.failures.classify`` means, in a line."""
+    from analyses import failures as f
+
+    return {
+        f.RUN_ON: "the answer starts right but does not stop (more words follow the gold answer)",
+        f.EVIDENCE_KEPT: "every evidence token was kept, yet the answer was lost",
+        f.OVER_MERGING: "evidence was lost, mostly merged into other tokens; restoring it recovers the answer",
+        f.SINK_DISTRACTION: "evidence was lost while visual sinks without evidence took 10 % or more of the "
+                            "method's top-ranked tokens; restoring the evidence recovers the answer",
+        f.POSITIONAL_BIAS: "evidence was lost, the kept tokens crowd one end of the sequence and the lost evidence "
+                           "sits towards the other; restoring it recovers the answer",
+        f.EVIDENCE_DROPPED: "evidence was dropped; putting it back recovers the answer",
+        f.OTHER: "no evidence annotated, or the evidence was put back and the answer still did not recover",
+    }
+
+
+def all_merges(stages_json: str) -> list:
+    """Every merge of every stage of a stored plan (what the dropped tokens were folded into)."""
+    from workbench.pruning.plan import Stage
+
+    return [m for s in json.loads(stages_json) for m in Stage.from_dict(s).merges]
 
 
 def sweep_dataset(folder: Path) -> str:
     """The data set a sweep ran on (its ``sweep.json``), else the default one."""
     try:
-        return json.loads((folder / "sweep.json").read_text())["dataset"]
+        return json.loads((state.sweep_folder(folder) / "sweep.json").read_text())["dataset"]
     except (OSError, ValueError, KeyError):
         return state.DEFAULT_DATASET
 
@@ -99,18 +123,26 @@ def render(model: str) -> None:
                 f" · pruned {verdict(d.pruned_answer, d.pruned_correct)}  \n"
                 f"category: **{d.category}** · evidence {d.n_evidence} tokens, {len(d.lost_evidence)} dropped"
                 f" ({len(d.merged_evidence)} merged away) · {len(d.kept)} kept")
-    picture, facts = st.columns([3, 2])
+    notes = category_notes()
+    st.caption(f"**{d.category}**: {notes.get(d.category, '')}")
+    original, picture, facts = st.columns([2, 2, 3])
+    with original:
+        show_original(subject, 300)
     with picture:
-        show_kept(subject, layout, d.kept, "kept tokens; evidence outlined green, dropped evidence red",
-                  evidence=evidence)
+        show_kept(subject, layout, d.kept, "kept tokens; evidence outlined (green kept, red dropped)",
+                  merges=all_merges(d.stages), evidence=evidence, width=300)
     with facts:
         if d.lost_evidence:
-            st.dataframe(pl.DataFrame({"dropped evidence token": d.lost_evidence, "removed at": d.lost_stage,
+            # the occlusion rank first: how much the answer needed the token, beside the method's rank of it
+            st.dataframe(pl.DataFrame({"dropped evidence token": d.lost_evidence,
+                                       "rank under occlusion": d.saliency_ranks,
                                        "rank under the method": d.method_ranks,
-                                       "tokens ranked": d.method_ranked,
-                                       "rank under occlusion": d.saliency_ranks}), hide_index=True)
+                                       "tokens ranked": d.method_ranked, "removed at": d.lost_stage}),
+                         hide_index=True)
         flags = [name.removeprefix("flag_").replace("_", " ") for name, on in d.flags.items() if on]
         st.caption("flags: " + (", ".join(flags) if flags else "none"))
+        with st.expander("what the categories mean"):
+            st.markdown("\n".join(f"- **{name}**: {text}" for name, text in notes.items()))
     if not d.lost_evidence:
         st.info("no evidence token was dropped: the answer was lost with its evidence kept")
         return
@@ -123,4 +155,4 @@ def render(model: str) -> None:
         (st.success if recovered else st.warning)(message + (" — the answer recovers" if recovered
                                                              else " — the answer does not recover"))
         restored = sorted(set(d.kept) | set(d.lost_evidence))
-        show_kept(subject, layout, restored, "kept tokens after the restore", evidence=evidence, width=256)
+        show_kept(subject, layout, restored, "kept tokens after the restore", evidence=evidence, width=300)

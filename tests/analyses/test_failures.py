@@ -316,3 +316,19 @@ def test_merging_the_evidence_away_is_diagnosed_as_over_merging(trained):
     assert diagnosis.merged_evidence == diagnosis.lost_evidence == diagnosis.evidence
     assert diagnosis.evidence_restore_recovers is True
     assert diagnosis.category == F.OVER_MERGING and diagnosis.flags["flag_over_merging"]
+
+
+def test_diagnosis_scores_with_every_reference_and_option():
+    """Correctness in the diagnosis is the sample's own scoring: all its references and options,
+    not the single majority answer."""
+    from pathlib import Path
+
+    from workbench.samples import Sample
+    choice = Sample("q", Path("x.png"), "Which animal?", answer="B", scorer="multiple_choice",
+                    options=("dog", "cat", "bird"))
+    assert F._correct("It is a cat.", choice)  # names option B's text
+    assert not F._correct("It is a bird.", choice)
+    vqa = Sample("v", Path("x.png"), "What colour?", answer="red", scorer="vqa_soft",
+                 references=("blue",) * 4 + ("red",) * 3 + ("green",) * 3)
+    assert F._correct("blue", vqa)  # four annotators said blue: full credit though "red" is stored
+    assert not F._correct("green", vqa)  # three of ten: 0.9 soft credit, not right

@@ -90,3 +90,46 @@ def test_the_command_measures_the_shipped_model(tmp_path, capsys):
     assert claims.height == len(L.CLAIMS) and claims["measured"].null_count() == 0
     zero = pl.read_parquet(tmp_path / "out" / "zero_tokens.parquet")
     assert zero.height == 2 and set(zero.columns) >= {"zero_answer", "zero_score", "unpruned_score"}
+
+
+def test_role_shares_per_layer(recording):
+    shares = L.role_shares(L.attention_by_role([recording]))
+    row = shares.filter(pl.col("layer") == 2).row(0, named=True)
+    assert (row["system_attention"], row["visual_attention"], row["text_attention"]) == pytest.approx((0.8, 0.1, 0.1))
+    assert row["visual_tokens"] == pytest.approx(6 / 14) and row["system_tokens"] == pytest.approx(3 / 14)
+    assert shares["layer"].to_list() == [0, 1, 2]
+
+
+def test_sink_dimensions_from_layer_two_beside_vars():
+    sinks = pl.DataFrame({"sample_id": ["a", "a", "b"], "layer": [1, 2, 2],
+                          "sink_dims": [[9], [2533, 7], [2533]], "threshold": [20.0] * 3, "visual_sinks": [0] * 3,
+                          "visual_sink_share": [0.0] * 3})
+    dims = L.sink_dimensions(sinks, decoder_layers=32)  # layer 1 is before VAR's layer 2: dim 9 not counted
+    assert dims.rows() == [(2533, 1.0, True), (7, 0.5, False)]
+
+
+def test_zero_token_accuracy_per_benchmark():
+    zero = pl.DataFrame({"sample_id": list("abc"), "benchmark": ["pope", "pope", "mme"],
+                         "question_type": ["x"] * 3, "unpruned_answer": ["yes"] * 3, "zero_answer": ["no"] * 3,
+                         "unpruned_score": [1.0, 1.0, 0.0], "zero_score": [1.0, 0.0, 0.0]})
+    by = {r["benchmark"]: r for r in L.zero_by_benchmark(zero).iter_rows(named=True)}
+    assert (by["pope"]["n"], by["pope"]["unpruned"], by["pope"]["zero_tokens"], by["pope"]["retention"]) == \
+        (2, 1.0, 0.5, 0.5)
+    assert by["mme"]["retention"] is None  # nothing right unpruned: no ratio
+
+
+def test_the_command_reads_a_stored_benchmark(tmp_path, capsys):
+    from tests import benchmark_files as B
+
+    pope = B.build("pope", tmp_path)
+    capsys.readouterr()
+    assert main(["findings", "--dataset", str(pope), "--samples", "2", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "2 samples from" in printed and "2533, 1415" in printed and "system_attention" in printed
+    zero = pl.read_parquet(tmp_path / "out" / "zero_by_benchmark.parquet")
+    assert zero["benchmark"].to_list() == ["pope"] and zero["n"].to_list() == [2]
+    # scored as POPE is (lmms-eval's protocol), not by the default exact match
+    answers = pl.read_parquet(tmp_path / "out" / "zero_tokens.parquet")
+    from workbench.scoring import score
+    for answer, value, gold in zip(answers["zero_answer"], answers["zero_score"], ["yes", "no"]):
+        assert value == score("pope_lmms_eval", answer, [gold]).value

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dashboards import overlay
+from workbench import overlay
 from workbench.layout import TokenGroup, VisualLayout, grid_boxes, grid_cells
 
 
@@ -60,14 +60,58 @@ def test_dropped_tokens_are_dimmed_and_kept_ones_untouched():
     assert (out[0:4, 4:8] < 100).all() and (out[4:8, 0:4] < 100).all()  # dropped
 
 
-def test_dropped_evidence_is_highlighted_and_evidence_outlined():
+def test_evidence_is_outlined_green_when_kept_and_red_when_dropped_never_filled():
+    layout = grid_layout()
+    image = Image.new("RGB", (8, 8), (0, 0, 200))
+    evidence = np.array([True, True, False, False])
+    out = np.asarray(overlay.kept_overlay(image, layout, [0], scale=4, evidence=evidence))  # 16 px tokens
+    assert tuple(out[0, 0]) == overlay.EVIDENCE  # outline of kept evidence token 0
+    assert tuple(out[0, 16]) == overlay.DROPPED_EVIDENCE  # outline of dropped evidence token 1
+    assert (out[4:12, 20:28] == (0, 0, 200)).all()  # its inside: the image itself, undimmed and unfilled
+    assert (out[20:28, 4:12] == (0, 0, 50)).all()  # no evidence, dropped: dimmed
+
+
+def test_merge_colours_are_never_the_evidence_colours():
+    for colour in overlay.MERGE_COLOURS:
+        assert colour not in (overlay.EVIDENCE, overlay.DROPPED_EVIDENCE)
+        r, g, b = colour
+        assert not (g > 150 and r < 100 and b < 100) and not (r > 200 and g < 100 and b < 100), colour
+
+
+def test_a_signed_map_is_centred_on_white_and_a_shared_scale_spans_every_map():
+    signed = overlay.value_scale(np.array([-1.0, 0.0, 4.0]), signed=True)
+    assert (signed.lo, signed.hi, signed.cmap) == (-4.0, 4.0, overlay.SIGNED_CMAP)
+    zero = overlay.colours(signed.to01(np.array([0.0])), signed.cmap)[0]
+    assert (zero > 235).all()  # zero is (near) white, not the dark end a one-sided map gives it
+    high, low = overlay.colours(signed.to01(np.array([4.0, -4.0])), signed.cmap)
+    assert high[0] > high[2] and low[2] > low[0]  # positive red, negative blue
+    shared = overlay.value_scale(None, over=[np.array([0.0, 1.0]), np.array([2.0, 5.0])])
+    assert (shared.lo, shared.hi) == (0.0, 5.0)
     layout = grid_layout()
     image = Image.new("RGB", (8, 8), (0, 0, 0))
-    evidence = np.array([True, True, False, False])
-    out = np.asarray(overlay.kept_overlay(image, layout, [0], scale=1, evidence=evidence))
-    assert tuple(out[0, 0]) == overlay.EVIDENCE  # outline of kept evidence token 0
-    assert out[1:3, 5:7, 0].min() > 100  # inside of dropped evidence token 1: red
-    assert (out[4:8, 0:4] == 0).all()  # no evidence, dropped: dimmed black stays black
+    own = np.asarray(overlay.heatmap(image, layout, np.array([0.0, 1.0, 0.0, 0.0]), 1, alpha=1.0))
+    common = np.asarray(overlay.heatmap(image, layout, np.array([0.0, 1.0, 0.0, 0.0]), 1, alpha=1.0,
+                                        colour_scale=shared))
+    assert (own[0, 4] != common[0, 4]).any()  # 1.0 is the top of its own scale, a fifth of the shared one
+    assert (common[0, 4] == overlay.colours(np.array([0.2]))[0]).all()
+
+
+def test_an_all_equal_map_is_no_signal():
+    assert overlay.is_no_signal(np.zeros(5)) and overlay.is_no_signal(np.full(3, np.nan))
+    assert overlay.is_no_signal(np.full(4, 7.5)) and not overlay.is_no_signal(np.array([0.0, 0.0, 1e-6]))
+    greyed = np.asarray(overlay.no_signal(Image.new("RGB", (80, 80), (255, 0, 0)), 1.0))
+    assert np.abs(greyed[..., 0].astype(int) - greyed[..., 1]).max() < 5  # grey: no colour of a wash
+
+
+def test_colour_bar_and_key_are_drawn_at_the_width_asked():
+    bar = overlay.colour_bar(overlay.Scale(-2.0, 2.0, overlay.SIGNED_CMAP, True), 300)
+    pixels = np.asarray(bar)
+    assert bar.width == 300 and pixels[5, 2, 2] > pixels[5, 2, 0] and pixels[5, -3, 0] > pixels[5, -3, 2]
+    key = overlay.kept_key(300)
+    assert key.width == 300
+    colours = {tuple(c) for c in np.asarray(key).reshape(-1, 3)}
+    assert {overlay.EVIDENCE, overlay.DROPPED_EVIDENCE, overlay.MERGE_COLOURS[0]} <= colours
+    assert overlay.DROPPED_EVIDENCE not in {tuple(c) for c in np.asarray(overlay.kept_key(300, ("kept",))).reshape(-1, 3)}
 
 
 def test_merge_groups_are_outlined():
@@ -96,3 +140,11 @@ def test_overlapping_views_go_to_separate_panels():
 def test_wrong_value_count_is_refused():
     with pytest.raises(ValueError, match="4 visual tokens"):
         overlay.heatmap(Image.new("RGB", (8, 8)), grid_layout(), np.zeros(3))
+
+
+def test_outlines_land_on_the_tokens_of_an_already_scaled_image():
+    layout = grid_layout()  # 8 x 8 image, 4 px tokens
+    drawn = Image.new("RGB", (32, 32), (0, 0, 0))  # drawn at scale 4: 16 px tokens
+    out = np.asarray(overlay.outline(drawn, layout, np.array([False, False, False, True]), 4))
+    assert tuple(out[16, 16]) == overlay.EVIDENCE and tuple(out[31, 31]) == overlay.EVIDENCE  # token 3's corners
+    assert (out[20:28, 20:28] == 0).all() and (out[0:16, 0:16] == 0).all()  # inside and elsewhere untouched

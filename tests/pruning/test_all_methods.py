@@ -16,7 +16,7 @@ from workbench.pruning.run import record_needs
 
 PUBLISHED = ("fastv", "fastervlm", "vtc_cls", "visionzip", "sparsevlm", "pyramiddrop", "flowcut", "divprune",
              "hiprune", "feather", "visiondrop", "dart", "transprune", "mmtok", "todre", "hired",
-             "vispruner", "cdpruner", "scope", "holov", "aim", "vscan", "vflowopt")
+             "vispruner", "cdpruner", "scope", "holov", "aim", "vscan", "vflowopt", "fopru", "gprune", "topv")
 BASELINES = ("random", "uniform_grid", "average_pool")
 
 

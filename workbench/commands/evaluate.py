@@ -31,7 +31,7 @@ def run(args):
     # (not found out after all the work) and every image must decode.
     if args.out:
         check_answers_target(check_output(args.out, folder=False))
-    samples = read_dataset(args.dataset, args.limit)
+    samples = read_dataset(args.dataset, args.limit, args.benchmark)
     check_images(samples)
     adapter = load_adapter_with_message(args)
     answers = answer_dataset(adapter, samples, args.batch_size)

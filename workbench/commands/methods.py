@@ -9,7 +9,8 @@ from workbench.subcommands import command
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("names", nargs="*", help="only these methods (default: all)")
+    p.add_argument("names", nargs="*", help="only these methods (default: all); a composition 'first+second' "
+                                            "(e.g. visionzip+pyramiddrop) shows its two stages")
     p.add_argument("--model", default=None,
                    help="also say where each method acts on this model (its layers, found by running it on "
                         "the first sample of --dataset), or why it does not apply (default: none)")
@@ -34,15 +35,37 @@ def acts_at(adapter, ready, name: str, budget: float) -> str:
     return "; ".join(stages) or "prunes nothing"
 
 
-def describe(name: str) -> str:
+def _summary(cls) -> str:
     import inspect
 
+    return (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+
+
+def describe_composed(name: str) -> str:
+    """A composition "first+second": its stages in order, its parameters, and each part's summary."""
+    from workbench.pruning.registry import create_method
+
+    method = create_method(name)
+    params = ", ".join(f"{k}={v!r}" for k, v in method.params().items())
+    lines = [f"{name}  (composition: {method.first.name} before the LLM, then {method.second.name} inside it on "
+             "the tokens the first kept)", f"  scored by: {method.scored_by} (the second stage's)",
+             f"  defaults: {params}"]
+    for role, part in (("first", method.first), ("then", method.second)):
+        lines += textwrap.wrap(f"{role}: {part.name}: {_summary(type(part))}", 100,
+                               initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+def describe(name: str) -> str:
+    from workbench.pruning.compose import is_composed
     from workbench.pruning.registry import method_class
 
+    if is_composed(name):
+        return describe_composed(name)
     cls = method_class(name)
     method = cls()
     params = ", ".join(f"{k}={v!r}" for k, v in method.params().items()) or "none"
-    summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+    summary = _summary(cls)
     lines = [f"{name}  ({cls.__module__}.{cls.__name__})", f"  scored by: {cls.scored_by}", f"  defaults: {params}"]
     lines += textwrap.wrap(summary, 100, initial_indent="  ", subsequent_indent="  ")
     if cls.reference:
@@ -55,9 +78,13 @@ def describe(name: str) -> str:
 def run(args):
     from workbench.pruning.registry import available_methods, method_class
 
+    from workbench.pruning.compose import is_composed
+    from workbench.pruning.registry import create_method
+
     names = args.names or available_methods()
     for name in names:
-        method_class(name)  # an unknown name: one clear error listing the known ones
+        # an unknown name: one clear error listing the known ones (a composition: also a misfit part)
+        create_method(name) if is_composed(name) else method_class(name)
     where = {}
     if args.model:
         from workbench.commands.common import load_adapter_with_message

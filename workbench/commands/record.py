@@ -129,12 +129,12 @@ def run(args):
         samples = read_dataset(args.dataset, args.limit)
         jobs = [(check_target(child_folder(args.out, s.id)), s, s.image_path, s.question,
                  s.answer if args.reference_answers else None) for s in samples]
-    for _, _, image_path, _, _ in jobs:
-        open_rgb(image_path)  # an undecodable image is one line naming it, before any work
+    for _, sample, image_path, _, _ in jobs:  # an undecodable image is one line naming it, before any work
+        sample.load_image() if sample else open_rgb(image_path)
     adapter = load_adapter(args)
     limit = int(args.memory_limit_gib * 2**30)
     for folder, sample, image_path, question, answer in tqdm(jobs, desc="recording", unit="sample"):
-        prepared = adapter.prepare(open_rgb(image_path), question)
+        prepared = adapter.prepare(sample.load_image() if sample else open_rgb(image_path), question)
         try:
             recording = record(adapter, prepared, request, sample_id=sample.id if sample else Path(image_path).stem,
                                question=question, answer=answer, memory_limit=limit)

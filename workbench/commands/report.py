@@ -13,6 +13,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                                                    "default: none, the defaults run on the shipped model")
     p.add_argument("--model", default=None, help="override the config's model (default: the config's)")
     p.add_argument("--dataset", default=None, help="override the config's data set (default: the config's)")
+    p.add_argument("--benchmark", default=None, help="how to read a stored benchmark (see `workbench benchmarks`; "
+                                                      "default: the config's, else inferred from its columns)")
     p.add_argument("--samples", type=positive_int, default=None,
                    help="override how many samples are swept (default: the config's)")
     p.add_argument("--out", default=None, help="override the output folder (default runs/report)")
@@ -27,7 +29,8 @@ def run(args):
 
     from workbench.files import check_output
 
-    config = load_config(args.config, model=args.model, dataset=args.dataset, samples=args.samples, out=args.out)
+    config = load_config(args.config, model=args.model, dataset=args.dataset, benchmark=args.benchmark,
+                         samples=args.samples, out=args.out)
     check_output(config.out)  # before the model loads, not after the sweep
     print(f"loading {config.model} ...", flush=True)
     adapter = load(config.model, device=config.device)

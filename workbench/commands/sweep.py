@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 from workbench.commands.common import add_dataset_arguments, add_model_arguments, positive_int
+from workbench.errors import UserError
 from workbench.subcommands import command
 
 DEFAULT_BUDGETS = (0.33, 0.22, 0.11)
@@ -42,6 +44,15 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="fractions of the visual tokens and/or token counts (default 0.33,0.22,0.11)")
     p.add_argument("--out", default="runs/sweep", help="sweep folder; re-running into it resumes (default runs/sweep)")
     p.add_argument("--max-new-tokens", type=positive_int, default=8, help="longest answer generated (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="samples run together, each under its own plan (padded, masked per sample); "
+                        "the same answers as one at a time (default 1)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the samples on Ray workers, each holding the model once (GPUs as Ray resources with "
+                        "--device cuda); a new local cluster when no ADDRESS is given; needs the .[ray] extra "
+                        "(default: no Ray, this process)")
+    p.add_argument("--ray-workers", type=positive_int, default=None,
+                   help="with --ray: how many workers (default: one per GPU with --device cuda, else one per CPU)")
 
 
 def method_specs(text: str):
@@ -53,12 +64,20 @@ def method_specs(text: str):
     return [MethodSpec.parse(part) for part in parts if part.strip()]
 
 
+def _load_on(args, device: str):
+    """The model as ``args`` ask for it, on ``device`` (a Ray worker's own GPU or CPU)."""
+    from workbench.commands.common import load_adapter
+
+    return load_adapter(argparse.Namespace(**(vars(args) | {"device": device})))
+
+
 @command("sweep", "run every method at every budget on a data set; writes a resumable parquet table "
                   "and prints accuracy per method and budget next to the unpruned model", _arguments)
 def run(args):
     import polars as pl
 
     from workbench.commands.common import load_adapter
+    from workbench.benchmarks import print_benchmark_summary
     from workbench.samples import read_dataset
     from workbench.sweep import accuracy_by_budget, check_sweep_folder, run_sweep
 
@@ -66,22 +85,33 @@ def run(args):
     specs = method_specs(args.methods)
     for spec in specs:
         spec.create()  # unknown names and bad parameters
+    if args.ray_workers is not None and args.ray is None:
+        raise UserError("--ray-workers is for sweeps on Ray: add --ray (or drop --ray-workers)")
     check_sweep_folder(args.out)
-    samples = read_dataset(args.dataset, args.limit)
-    print(f"loading {args.model} ...", flush=True)
-    adapter = load_adapter(args)
+    samples = read_dataset(args.dataset, args.limit, args.benchmark)
+    if args.ray is None:
+        print(f"loading {args.model} ...", flush=True)
+        sweep = functools.partial(run_sweep, load_adapter(args), batch_size=args.batch_size)
+    else:
+        from workbench.distributed import require_ray, run_on_ray
+
+        require_ray()
+        print(f"starting Ray workers, each loading {args.model} ...", flush=True)
+        sweep = functools.partial(run_on_ray, functools.partial(_load_on, args), device=args.device,
+                                  address=args.ray or None, workers=args.ray_workers, batch_size=args.batch_size)
     try:
-        result = run_sweep(adapter, samples, args.dataset, specs, args.budgets, args.out, args.max_new_tokens)
+        result = sweep(samples, args.dataset, specs, args.budgets, args.out, args.max_new_tokens)
     except KeyboardInterrupt:
         print(f"\ninterrupted: every finished sample is saved in {args.out}; run the same command to resume")
         return 130
     table = result.table.filter(pl.col("sample_id").is_in([s.id for s in samples]))
     skipped = table.filter(pl.col("status") == "not_applicable").select("method", "message").unique()
-    print(f"\n{adapter.name}: {len(samples)} samples from {args.dataset}; {result.new_rows} new rows, "
+    print(f"\n{args.model}: {len(samples)} samples from {args.dataset}; {result.new_rows} new rows, "
           f"{result.table.height} in {result.folder}/results.parquet")
     with pl.Config(tbl_rows=100, float_precision=3, tbl_hide_dataframe_shape=True, tbl_width_chars=160):
         print("accuracy by method and budget (fraction of the visual tokens or token count):")
         print(accuracy_by_budget(table))
+        print_benchmark_summary(table, samples)
     for method, message in skipped.iter_rows():
         print(f"  {method}: not applicable ({message})")
     failed = table.filter(pl.col("status") == "error").select("sample_id", "message").unique(maintain_order=True)

@@ -42,16 +42,35 @@ def _not_available(name: str, error: Exception, allow_download: bool) -> ModelNo
     )
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
+    """A torch dtype from its name in ``DTYPES``; None or "auto": the checkpoint's own."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype or "auto"
+    if dtype not in DTYPES:
+        raise ModelNotAvailable(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)} (or auto)")
+    return DTYPES[dtype]
+
+
 def load(name_or_path: str = SHIPPED_MODEL, device: str = "cpu", dtype: torch.dtype | str | None = None,
          allow_download: bool = False, trust_remote_code: bool = False,
-         attn_implementation: str = "sdpa") -> ModelAdapter:
+         attn_implementation: str = "sdpa", device_map: str | None = None) -> ModelAdapter:
     """Load a supported VLM and wrap it in its family's adapter.
 
     Offline by default (``local_files_only``), so a missing checkpoint fails at once with a message
-    saying where to put it instead of waiting on the network.
+    saying where to put it instead of waiting on the network. ``dtype``: a torch dtype or one of
+    ``DTYPES``' names (default: the checkpoint's). ``device_map``: "auto" or a device list to split
+    a model too large for one device over several (``workbench.models.placement``); ``device`` is
+    then unused. Attention runs on PyTorch's SDPA kernels in every dtype (the probes listen there).
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from workbench.models.placement import devices_of, place
+
+    devices = None if device_map is None else devices_of(device_map)  # checked before any loading
+    torch_dtype = parse_dtype(dtype)
     name = resolve(name_or_path)
     local_only = not allow_download or os.environ.get("HF_HUB_OFFLINE") == "1"
     common = {"local_files_only": local_only, "trust_remote_code": trust_remote_code}
@@ -71,10 +90,14 @@ def load(name_or_path: str = SHIPPED_MODEL, device: str = "cpu", dtype: torch.dt
         raise ModelNotAvailable(f"the processor of {name!r} needs a package that is not installed: {message}") from None
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=dtype or "auto", attn_implementation=attn_implementation, **common)
+            name, dtype=torch_dtype, attn_implementation=attn_implementation, **common)
     except (OSError, ValueError) as e:
         raise _not_available(name, e, allow_download) from None
-    return cls(model.to(device), processor, name=name_or_path)
+    if devices is None:
+        return cls(model.to(device), processor, name=name_or_path)
+    adapter = cls(model, processor, name=name_or_path)
+    place(adapter, devices)
+    return adapter
 
 
 def _load_processor(name: str, config, common: dict, shown_name: str):

@@ -1,31 +1,42 @@
 """Run a model under a ``KeepPlan``: the pruned prefill, the answer, and what each layer processed.
 
-How it works, for one sample (batch size 1; pruning makes every sequence a different length):
+How it works, for a batch of samples (each under its own plan; a batch of one is the plain case):
 
 * The decoder's inputs are taken from the model's own forward (``adapter.llm_inputs``): the
   merged embeddings, the padding mask and the position ids (3-D for M-RoPE). A ``"pre_llm"``
   stage merges and drops embedding rows at the visual positions and the decoder stack is called
   directly with the shorter ``inputs_embeds``, so no wrapper's image-placeholder check is in the
-  way. Text and the layout's separators are never dropped.
-* A stage "before layer k" is a forward pre-hook on decoder layer k that slices the hidden states;
-  since the decoder computes the mask and rotary embeddings once for the whole sequence, every
-  layer from the first in-LLM stage on also gets its mask, ``position_embeddings`` and position
-  ids cut to the surviving rows ("original" policy), or its rotary embeddings recomputed for
-  contiguous positions with the model's rotary module ("reindex"). Layer k onwards therefore
-  writes shorter keys/values into the ``DynamicCache``.
-* Decoding is greedy, one token at a time on that cache. Each layer continues from the position
-  after its own last prefill token and its mask is cut to the keys its cache holds, so layers
-  that saw different sequences decode consistently.
+  way. Text and the layout's separators are never dropped. The samples are then left-padded to
+  one length, with a padding mask, so the model builds every sample's causal mask itself.
+* A stage "before layer k" is a forward pre-hook on decoder layer k that slices each sample's
+  hidden states; since the decoder computes the mask and rotary embeddings once for the whole
+  sequence, every layer from the first in-LLM stage on also gets its mask, ``position_embeddings``
+  and position ids cut to the surviving rows ("original" policy), or its rotary embeddings
+  recomputed for contiguous positions with the model's rotary module ("reindex"). Each sample is
+  cut on its own (``_Run``, which sees a batch of one) and the batch re-packed (``_Batch``): left
+  padding again, a per-sample mask in which a padding row sees only itself. Layer k onwards
+  therefore writes shorter keys/values into the ``DynamicCache``.
+* Decoding is greedy, one token per sample at a time on that cache. Each layer continues from the
+  position after its own last prefill token and its mask says which of its cached rows are real,
+  so layers that saw different sequences decode consistently.
+* Stages ``"tower:i"`` (a plan's, or a job's ``tower_callback``'s) run inside the vision tower during
+  the pass that makes the decoder's inputs (``workbench/pruning/tower_stages.py``); the tokens they
+  drop never enter the decoder.
 * ``callback(layer, LayerState) -> Stage | None`` is consulted before every decoder layer during
-  the prefill (after that layer's planned stage, if any), for methods that select inside the LLM
-  after earlier pruning. Every stage applied ends up in ``Execution.plan``.
+  the prefill (after that layer's planned stage, if any), per sample, for methods that select
+  inside the LLM after earlier pruning. Every stage applied ends up in ``Execution.plan``.
+* No layer computed twice: a run given the sample's ``UnprunedPrefill`` (kept by the unpruned run
+  with ``capture=True``) starts at the first layer it prunes before. Layers below it are stood in
+  for by ``_Replay`` modules that put the unpruned keys/values into the cache and hand over the
+  unpruned hidden states, so the result is exactly that of running from the first layer.
 
-Not supported: batches, sliding-window attention layers (the cache-aware mask slicing assumes full
+Not supported: sliding-window attention layers (the cache-aware mask slicing assumes full
 attention), "reindex" with multi-axis (M-RoPE) position ids, and sampling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -37,7 +48,7 @@ from transformers import DynamicCache
 
 from workbench.models.base import ModelAdapter, PreparedInput
 from workbench.pruning.layer_state import LayerState, hooks_suspended
-from workbench.pruning.plan import KeepPlan, PlanError, Stage, describe_where
+from workbench.pruning.plan import PRE_LLM, KeepPlan, PlanError, Stage, describe_where
 
 LayerCallback = Callable[[int, LayerState], "Stage | None"]
 
@@ -68,7 +79,10 @@ class Execution:
     plan: KeepPlan
     tokens_per_layer: tuple[int, ...]
     visual_tokens_per_layer: tuple[int, ...]
-    prefill_seconds: float = 0.0  # wall time of the pruned prefill alone (in-LLM selection included)
+    prefill_seconds: float = 0.0  # wall time of the pruned prefill alone (in-LLM selection included;
+    # in a batch, the batch's divided by its size)
+    first_layer: int = 0  # the first decoder layer the prefill computed (resumed runs start later)
+    prefill: "UnprunedPrefill | None" = None  # kept for later runs when asked (``capture``)
 
     @property
     def kept_per_stage(self) -> dict:
@@ -113,21 +127,101 @@ def _reindexed(positions: torch.Tensor, count: int, where) -> torch.Tensor:
     return torch.arange(count, device=positions.device).unsqueeze(0).expand(positions.shape[0], -1)
 
 
+# --- batches -------------------------------------------------------------------------------------
+# A batch is left-padded: every sample's rows sit at the end of the sequence axis, so the last row is
+# every sample's last token and decoding appends after it. Dims: hidden [B, S, D], masks [B, 1, S, S],
+# position ids [B, S] or [A, B, S] (M-RoPE), rotary cos/sin [B, S, d] or [A, B, S, d], keys/values
+# [B, H, S, d]; the batch axis sits just before the sequence axis except for masks and keys/values.
+
+def _sample_rows(tensor: torch.Tensor, b: int, start: int, batch_dim: int, seq_dims: tuple[int, ...]) -> torch.Tensor:
+    """Sample ``b`` of a batch tensor (kept as a batch of one), its sequence axes from ``start`` on."""
+    out = tensor.narrow(batch_dim % tensor.dim(), b, 1)
+    for dim in seq_dims:
+        dim %= tensor.dim()
+        out = out.narrow(dim, start, out.shape[dim] - start)
+    return out
+
+
+def _pack(parts: list[torch.Tensor], batch_dim: int, seq_dim: int) -> torch.Tensor:
+    """Samples (each a batch of one) left-padded with zeros along ``seq_dim`` to the longest, then
+    stacked along ``batch_dim``. Zero padding keeps every padded row finite (no NaN can leak)."""
+    if len(parts) == 1:
+        return parts[0]
+    longest = max(p.shape[seq_dim] for p in parts)
+    padded = []
+    for part in parts:
+        missing = longest - part.shape[seq_dim]
+        if missing:
+            shape = list(part.shape)
+            shape[seq_dim] = missing
+            part = torch.cat([part.new_zeros(shape), part], dim=seq_dim)
+        padded.append(part)
+    return torch.cat(padded, dim=batch_dim)
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Where a 4-D mask lets a query see a key (bool masks as they are; additive ones where 0)."""
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def _pack_masks(masks: list, lengths: list[int], device) -> torch.Tensor | None:
+    """One [B, 1, S, S] bool mask from each sample's own (None: causal). A padding row sees only
+    itself, so attention never meets a row with no key at all."""
+    if len(masks) == 1:
+        return masks[0]
+    longest = max(lengths)
+    if all(m is None for m in masks) and min(lengths) == longest:
+        return None
+    out = torch.zeros(len(masks), 1, longest, longest, dtype=torch.bool, device=device)
+    for b, (mask, n) in enumerate(zip(masks, lengths)):
+        start = longest - n
+        out[b, :, start:, start:] = (torch.ones(n, n, dtype=torch.bool, device=device).tril() if mask is None
+                                     else _allowed(mask)[0].to(device))
+        pad = torch.arange(start, device=device)
+        out[b, :, pad, pad] = True
+    return out
+
+
+def _valid_rows(lengths: list[int], device) -> torch.Tensor | None:
+    """[B, S] bool, False on the padding rows; None when no sample is padded."""
+    longest = max(lengths)
+    if min(lengths) == longest:
+        return None
+    return torch.arange(longest, device=device).unsqueeze(0) >= torch.tensor(
+        [longest - n for n in lengths], device=device).unsqueeze(1)
+
+
 # --- the run ---------------------------------------------------------------------------------------
 
 @dataclass
 class _LayerRecord:
     rows: torch.Tensor  # rows of the decoder-input sequence this layer processed (and caches)
-    last_position: torch.Tensor  # position ids of its last row, [B, 1] or [3, B, 1]
+    last_position: torch.Tensor  # position ids of its last row, [1, 1] or [A, 1, 1]
     visual: int
 
 
+@dataclass(frozen=True)
+class UnprunedPrefill:
+    """The unpruned prefill of one sample (``execute(..., capture=True)``): the hidden states entering
+    every decoder layer, every layer's keys and values, and what the layers were called with. A
+    run that first prunes before layer k starts there (``resume``) instead of recomputing layers
+    0..k-1, which are the same."""
+
+    inputs: tuple[torch.Tensor, ...]  # per layer, [1, L, D]
+    keys: tuple[torch.Tensor, ...]  # per layer, [1, H, L, d]
+    values: tuple[torch.Tensor, ...]
+    kwargs: dict  # attention_mask, position_embeddings, position_ids as every layer got them
+
+
 class _Run:
-    """The mutable bookkeeping of one execution; lives only inside ``execute``."""
+    """One sample's side of a run: which original rows are alive, their positions and rotary
+    embeddings, the stages applied, what each layer processed. It sees its own sample only (a batch
+    of one); ``_Batch`` packs the samples together."""
 
     def __init__(self, adapter: ModelAdapter, prepared: PreparedInput, plan: KeepPlan,
-                 callback: LayerCallback | None):
-        self.adapter, self.layout, self.plan, self.callback = adapter, prepared.layout, plan, callback
+                 callback: LayerCallback | None, tower_callback=None):
+        self.adapter, self.prepared, self.layout, self.plan, self.callback = adapter, prepared, prepared.layout, plan, callback
+        self.tower_callback = tower_callback
         self.layers = list(adapter.decoder_layers())
         self.planned = {s.where: s for s in plan.stages if s.in_llm}
         too_deep = [w for w in self.planned if w >= len(self.layers)]
@@ -135,15 +229,19 @@ class _Run:
             raise ExecutionError(f"plan has stages before layers {too_deep}; the decoder has {len(self.layers)} layers")
         self.applied: list[Stage] = []
         self.records: dict[int, _LayerRecord] = {}
-        self.mode = "prefill"
-        self.decode_step = 0
+        self.consulted = 0  # the callback has already answered None for the layers below this one
+        self.prechosen: dict[int, Stage] = {}  # a callback's answer obtained while finding the resume layer
 
     # --- pre-LLM ------------------------------------------------------------------------------
-    def decoder_inputs(self, prepared: PreparedInput):
-        llm = self.adapter.decoder_inputs(prepared)
+    def decoder_inputs(self):
+        # Stages inside the vision tower run during the tower pass that makes the decoder's inputs.
+        from workbench.pruning.tower_stages import llm_entry, tower_inputs  # it builds on this module
+
+        llm, tower = tower_inputs(self.adapter, self.prepared, self.plan, self.tower_callback)
+        self.applied.extend(tower)
         embeds, mask, positions = llm.inputs_embeds, llm.attention_mask, llm.position_ids
         if embeds.shape[0] != 1:
-            raise ExecutionError(f"the executor runs one sample at a time, got a batch of {embeds.shape[0]}")
+            raise ExecutionError(f"each prepared input holds one sample, got a batch of {embeds.shape[0]}")
         length = embeds.shape[1]
         if self.layout.sequence_length != length:
             raise ExecutionError(f"layout describes {self.layout.sequence_length} tokens, the decoder got {length}")
@@ -154,8 +252,10 @@ class _Run:
             where = next(s.where for s in self.plan.stages if s.position == "reindex")
             _reindexed(positions, length, where)  # raises: reindex needs 1-D positions
         self.sequence_index = np.arange(length)  # original sequence index of each decoder-input row
-        stage = next((s for s in self.plan.stages if not s.in_llm), None)
-        if stage is not None:
+        stage = next((s for s in self.plan.stages if s.where == PRE_LLM), None)
+        entry = stage if stage is not None else llm_entry(tower)  # what the tower dropped never enters
+        if entry is not None:
+            stage, planned_stage = entry, stage
             row_of = {int(v): i for i, v in enumerate(kinds) if v >= 0}
             embeds = _apply_merges(embeds, stage, row_of)
             keep = torch.from_numpy(np.flatnonzero((kinds < 0) | np.isin(kinds, stage.kept_array)))
@@ -165,7 +265,8 @@ class _Run:
             else:
                 positions = _take(positions, keep, -1)
             kinds, self.sequence_index = kinds[keep.numpy()], self.sequence_index[keep.numpy()]
-            self.applied.append(stage)
+            if planned_stage is not None:
+                self.applied.append(stage)
         self.kinds = kinds  # per decoder-input row: visual index, or _OTHER / _SEPARATOR
         self.rows = torch.arange(len(kinds))  # rows alive now, into the decoder-input sequence
         self.positions = positions  # position ids of the alive rows
@@ -173,26 +274,7 @@ class _Run:
         self.reindexed = False
         return embeds, mask, positions, llm.extra
 
-    # --- hooks ----------------------------------------------------------------------------------
-    def hook(self, index: int):
-        def pre_hook(module, args, kwargs):
-            if hooks_suspended.get():
-                return None
-            if self.mode == "prefill":
-                return self.prefill_layer(index, module, args, kwargs)
-            return self.decode_layer(index, args, kwargs)
-        return pre_hook
-
-    @staticmethod
-    def _hidden(args, kwargs) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
-
-    @staticmethod
-    def _with_hidden(args, kwargs, hidden):
-        if args:
-            return (hidden,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden}
-
+    # --- per layer ------------------------------------------------------------------------------
     def _cut_kwargs(self, kwargs: dict) -> dict:
         """The model passes every layer full-length mask and rotary embeddings; cut them to the
         rows alive now (a no-op until the first in-LLM stage)."""
@@ -256,43 +338,195 @@ class _Run:
             attention_module=self.adapter.decoder_attention(index), layout=self.layout,
         )
 
-    def prefill_layer(self, index: int, module, args, kwargs):
-        hidden = self._hidden(args, kwargs)
+    def consult(self, index: int, module, hidden, kwargs) -> Stage | None:
+        """The callback's stage before layer ``index`` (each layer is asked once)."""
+        if index in self.prechosen:
+            return self.prechosen.pop(index)
+        if self.callback is None or index < self.consulted:
+            return None
+        self.consulted = index + 1
+        chosen = self.callback(index, self._state(index, module, hidden, kwargs))
+        if chosen is not None and chosen.where != index:
+            raise PlanError(f"the callback before layer {index} returned a stage for {describe_where(chosen.where)}")
+        return chosen
+
+    def first_pruned_layer(self, prefill: UnprunedPrefill) -> int:
+        """The first decoder layer this run prunes before, found on the unpruned prefill (asking the
+        callback there, as it would be asked live: nothing before that layer differs); 0 when the
+        plan prunes before the LLM."""
+        if self.tower_callback is not None or any(not s.in_llm for s in self.plan.stages):
+            return 0
+        for index, module in enumerate(self.layers):
+            if index in self.planned:
+                return index
+            chosen = self.consult(index, module, prefill.inputs[index], prefill.kwargs)
+            if chosen is not None:
+                self.prechosen[index] = chosen
+                return index
+        return len(self.layers)
+
+    def record(self, index: int) -> None:
+        alive = self.kinds[self.rows.numpy()]
+        self.records[index] = _LayerRecord(self.rows, self.positions[..., -1:], int((alive >= 0).sum()))
+
+    def prefill_layer(self, index: int, module, hidden, kwargs):
         kwargs = self._cut_kwargs(kwargs)
         planned = self.planned.get(index)
         if planned is not None:
             hidden, kwargs = self._apply_stage(planned, hidden, kwargs)
-        if self.callback is not None:
-            chosen = self.callback(index, self._state(index, module, hidden, kwargs))
-            if chosen is not None:
-                if chosen.where != index:
-                    raise PlanError(f"the callback before layer {index} returned a stage for "
-                                    f"{describe_where(chosen.where)}")
-                if planned is not None:
-                    raise PlanError(f"both the plan and the callback prune before layer {index}; "
-                                    "a layer takes one stage")
-                hidden, kwargs = self._apply_stage(chosen, hidden, kwargs)
-        alive = self.kinds[self.rows.numpy()]
-        self.records[index] = _LayerRecord(self.rows, self.positions[..., -1:], int((alive >= 0).sum()))
-        args, kwargs = self._with_hidden(args, kwargs, hidden)
-        return args, kwargs
+        chosen = self.consult(index, module, hidden, kwargs)
+        if chosen is not None:
+            if planned is not None:
+                raise PlanError(f"both the plan and the callback prune before layer {index}; a layer takes one stage")
+            hidden, kwargs = self._apply_stage(chosen, hidden, kwargs)
+        self.record(index)
+        return hidden, kwargs
+
+
+class _Batch:
+    """The samples of one run together: packs their decoder inputs, asks each sample's ``_Run``
+    before every layer, and re-packs the batch (padding, per-sample masks, positions and rotary
+    embeddings) once any sample pruned inside the LLM. Lives only inside ``execute_batch``."""
+
+    def __init__(self, adapter: ModelAdapter, runs: list[_Run], capture: bool):
+        self.adapter, self.runs = adapter, runs
+        self.layers = runs[0].layers
+        self.mode = "prefill"
+        self.decode_step = 0
+        self.repacked = False  # some sample pruned inside the LLM: layers get the batch's own tensors
+        self.valid: dict[int, torch.Tensor | None] = {}  # per layer: [B, S] real (not padding) rows
+        self.captured: list[dict] | None = [{} for _ in runs] if capture else None
+
+    def decoder_inputs(self):
+        parts = [run.decoder_inputs() for run in self.runs]
+        if len(parts) > 1 and any(extra for *_, extra in parts):
+            raise ExecutionError("this model passes its decoder extra inputs; it runs one sample at a time")
+        lengths = [embeds.shape[1] for embeds, *_ in parts]
+        self.offsets = [max(lengths) - n for n in lengths]
+        embeds = _pack([p[0] for p in parts], 0, 1)
+        mask = _pack([p[1] for p in parts], 0, 1)
+        positions = _pack([p[2] for p in parts], -2, -1)
+        self.input_valid = _valid_rows(lengths, embeds.device)
+        return embeds, mask, positions, parts[0][3]
+
+    def _view(self, kwargs: dict, b: int) -> dict:
+        """Sample ``b``'s part of what the model passes every layer (its rows of the input batch)."""
+        if len(self.runs) == 1:
+            return kwargs
+        start, out = self.offsets[b], dict(kwargs)
+        if kwargs.get("attention_mask") is not None:
+            out["attention_mask"] = _sample_rows(kwargs["attention_mask"], b, start, 0, (2, 3))
+        if kwargs.get("position_embeddings") is not None:
+            out["position_embeddings"] = tuple(_sample_rows(t, b, start, -3, (-2,)) for t in kwargs["position_embeddings"])
+        if kwargs.get("position_ids") is not None:
+            out["position_ids"] = _sample_rows(kwargs["position_ids"], b, start, -2, (-1,))
+        return out
+
+    def hook(self, index: int):
+        def pre_hook(module, args, kwargs):
+            if hooks_suspended.get():
+                return None
+            if self.mode == "prefill":
+                return self.prefill_layer(index, module, args, kwargs)
+            return self.decode_layer(index, args, kwargs)
+        return pre_hook
+
+    def prefill_layer(self, index: int, module, args, kwargs):
+        hidden = _hidden(args, kwargs)
+        outs = []
+        for b, run in enumerate(self.runs):
+            mine = hidden if len(self.runs) == 1 else hidden[b:b + 1, hidden.shape[1] - len(run.rows):]
+            view = self._view(kwargs, b)
+            if self.captured is not None:
+                self.captured[b][index] = mine
+                self.captured[b].setdefault("kwargs", {k: view.get(k) for k in _LAYER_KWARGS})
+            outs.append(run.prefill_layer(index, module, mine, view))
+        if not self.repacked and all(run.rotary is None for run in self.runs):
+            # Nothing pruned inside the LLM yet: the model's own tensors serve this layer.
+            self.valid[index] = self.input_valid
+            return None
+        self.repacked = True
+        lengths = [h.shape[1] for h, _ in outs]
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = _pack_masks([k.get("attention_mask") for _, k in outs], lengths, hidden.device)
+        if kwargs.get("position_embeddings") is not None:
+            rotary = [k["position_embeddings"] for _, k in outs]
+            kwargs["position_embeddings"] = tuple(_pack([r[i] for r in rotary], -3, -2) for i in range(2))
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = _pack([k["position_ids"] for _, k in outs], -2, -1)
+        self.valid[index] = _valid_rows(lengths, hidden.device)
+        return _with_hidden(args, kwargs, _pack([h for h, _ in outs], 0, 1))
+
+    def last_positions(self, index: int) -> torch.Tensor:
+        return torch.cat([run.records[index].last_position for run in self.runs], dim=-2)
 
     def decode_layer(self, index: int, args, kwargs):
-        record, first = self.records[index], self.records[0]
         kwargs = dict(kwargs)
-        mask = kwargs.get("attention_mask")
-        if mask is not None and len(record.rows) != len(first.rows):
-            # The mask is sized to layer 0's cache (its rows, then the decoded tokens).
-            past = torch.searchsorted(first.rows, record.rows)
-            decoded = torch.arange(len(first.rows), mask.shape[-1])
-            kwargs["attention_mask"] = _take(mask, torch.cat([past, decoded]), -1)
-        if not torch.equal(record.last_position, first.last_position):
+        valid, length = self.valid[index], max(len(run.records[index].rows) for run in self.runs)
+        if valid is not None or length != max(len(run.records[0].rows) for run in self.runs):
+            # Each layer's cache holds its own rows (and padding): the mask says which are real.
+            hidden = _hidden(args, kwargs)
+            keys = valid if valid is not None else torch.ones(len(self.runs), length, dtype=torch.bool)
+            decoded = torch.ones(len(self.runs), self.decode_step + 1, dtype=torch.bool)
+            kwargs["attention_mask"] = torch.cat([keys.to(hidden.device), decoded.to(hidden.device)], -1)[:, None, None, :]
+        last = self.last_positions(index)
+        if not torch.equal(last, self.last_positions(0)):
             # Under "reindex" this layer numbered its sequence differently: continue its own count.
-            position = record.last_position + 1 + self.decode_step
-            kwargs["position_embeddings"] = self.adapter.decoder_rotary()(self._hidden(args, kwargs), position)
+            position = last + 1 + self.decode_step
+            kwargs["position_embeddings"] = self.adapter.decoder_rotary()(_hidden(args, kwargs), position)
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = position
         return args, kwargs
+
+
+_LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+
+
+def _hidden(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for decoder layer ``index`` during a resumed prefill: it puts the unpruned
+    prefill's keys and values into the cache and passes the hidden states on; the last one before
+    the resume layer hands over the unpruned hidden states entering that layer."""
+
+    def __init__(self, index: int, keys: torch.Tensor, values: torch.Tensor, output: torch.Tensor | None):
+        super().__init__()
+        self.index, self.keys, self.values, self.output = index, keys, values, output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None:
+            cache.update(self.keys, self.values, self.index)
+        return hidden_states if self.output is None else self.output
+
+
+@contextlib.contextmanager
+def _resumed(adapter: ModelAdapter, batch: _Batch, prefills: list[UnprunedPrefill], start: int):
+    """Decoder layers 0..start-1 replaced by ``_Replay`` for the prefill (their records as the
+    unpruned forward's), put back afterwards."""
+    container = adapter.decoder_layers()
+    originals = [container[i] for i in range(start)]
+    for index in range(start):
+        keys = _pack([p.keys[index] for p in prefills], 0, 2)
+        values = _pack([p.values[index] for p in prefills], 0, 2)
+        output = _pack([p.inputs[start] for p in prefills], 0, 1) if index == start - 1 else None
+        container[index] = _Replay(index, keys, values, output)
+        for run in batch.runs:
+            run.record(index)
+        batch.valid[index] = batch.input_valid
+    try:
+        yield
+    finally:
+        for index, layer in enumerate(originals):
+            container[index] = layer
 
 
 # --- running the decoder ---------------------------------------------------------------------------
@@ -309,88 +543,158 @@ def answer_tokens(adapter: ModelAdapter, prompt: str, answer: str) -> list[int]:
 
 
 class _Decoder:
-    """Prefill and single-token steps on the decoder stack with a cache."""
+    """Prefill and single-token steps (one token per sample) on the decoder stack with a cache."""
 
-    def __init__(self, adapter: ModelAdapter, run: _Run, extra: dict):
-        self.adapter, self.run, self.extra = adapter, run, extra
+    def __init__(self, adapter: ModelAdapter, batch: _Batch, extra: dict):
+        self.adapter, self.batch, self.extra = adapter, batch, extra
         self.stack = adapter.language_model()
         self.head = adapter.output_head()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The head on the last position only, as ``generate`` does (logits_to_keep=1).
-        return self.head(hidden[:, -1:])[0, -1]
+        # The head on the last position only, as ``generate`` does (logits_to_keep=1): [B, V].
+        return self.head(hidden[:, -1:])[:, -1]
 
     def prefill(self, embeds, mask, positions) -> tuple[torch.Tensor, DynamicCache]:
         cache = DynamicCache(config=self.stack.config)
-        self.run.mode = "prefill"
+        self.batch.mode = "prefill"
         out = self.stack(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                          cache=cache, use_cache=True, **self.extra)
         return self.logits(out.last_hidden_state), cache
 
-    def step(self, token: int, cache: DynamicCache, step: int) -> torch.Tensor:
-        """Logits after feeding ``token`` as the ``step``-th token after the prompt."""
-        self.run.mode, self.run.decode_step = "decode", step
+    def step(self, tokens: list[int], cache: DynamicCache, step: int) -> torch.Tensor:
+        """Logits [B, V] after feeding ``tokens`` (one per sample) as the ``step``-th token after the prompt."""
+        self.batch.mode, self.batch.decode_step = "decode", step
         device = self.adapter.device
-        embeds = self.adapter.token_embeddings()(torch.tensor([[token]], device=device))
-        position = self.run.records[0].last_position + 1 + step
-        mask = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long, device=device)
-        out = self.stack(inputs_embeds=embeds, attention_mask=mask, position_ids=position,
+        embeds = self.adapter.token_embeddings()(torch.tensor(tokens, device=device).unsqueeze(1))
+        position = self.batch.last_positions(0) + 1 + step
+        first = self.batch.valid[0]
+        keys = (first.long() if first is not None else
+                torch.ones(len(tokens), max(len(run.records[0].rows) for run in self.batch.runs), dtype=torch.long))
+        mask = torch.cat([keys.to(device), torch.ones(len(tokens), step + 1, dtype=torch.long, device=device)], -1)
+        out = self.stack(inputs_embeds=embeds, attention_mask=mask, position_ids=position.to(device),
                          cache=cache, use_cache=True, **self.extra)
         return self.logits(out.last_hidden_state)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One sample's part of a batched run: its input, plan, callback, gold answer, and the unpruned
+    prefill to start from (``resume``; None: from the first layer)."""
+
+    prepared: PreparedInput
+    plan: KeepPlan
+    callback: LayerCallback | None = None
+    gold_answer: str | None = None
+    resume: UnprunedPrefill | None = None
+    tower_callback: object = None  # ``workbench.pruning.tower_stages.TowerCallback``: stages inside the tower
+
+
 @torch.no_grad()
 def execute(adapter: ModelAdapter, prepared: PreparedInput, plan: KeepPlan, max_new_tokens: int = 8,
-            gold_answer: str | None = None, callback: LayerCallback | None = None) -> Execution:
+            gold_answer: str | None = None, callback: LayerCallback | None = None,
+            resume: UnprunedPrefill | None = None, capture: bool = False, tower_callback=None) -> Execution:
     """Run ``prepared`` (one sample) under ``plan``; see the module docstring for how."""
-    if plan.n_visual != prepared.layout.n_tokens:
-        raise PlanError(f"plan is for {plan.n_visual} visual tokens, this sample has {prepared.layout.n_tokens}")
+    job = Job(prepared, plan, callback, gold_answer, resume, tower_callback)
+    return execute_batch(adapter, [job], max_new_tokens, capture)[0]
+
+
+@torch.no_grad()
+def execute_batch(adapter: ModelAdapter, jobs: list[Job], max_new_tokens: int = 8,
+                  capture: bool = False) -> list[Execution]:
+    """Run several samples, each under its own plan, as one batch: the same answers as one at a
+    time and the same logits up to float rounding (padding rows are masked out). ``capture``: keep
+    each sample's unpruned prefill (``Execution.prefill``) for later runs to ``resume`` from."""
+    if not jobs:
+        return []
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    run = _Run(adapter, prepared, plan, callback)
-    embeds, mask, positions, extra = run.decoder_inputs(prepared)
-    decoder = _Decoder(adapter, run, extra)
-    handles = [layer.register_forward_pre_hook(run.hook(i), with_kwargs=True) for i, layer in enumerate(run.layers)]
+    for job in jobs:
+        if job.plan.n_visual != job.prepared.layout.n_tokens:
+            raise PlanError(f"plan is for {job.plan.n_visual} visual tokens, this sample has "
+                            f"{job.prepared.layout.n_tokens}")
+    runs = [_Run(adapter, job.prepared, job.plan, job.callback, job.tower_callback) for job in jobs]
+    batch = _Batch(adapter, runs, capture)
+    embeds, mask, positions, extra = batch.decoder_inputs()
+    decoder = _Decoder(adapter, batch, extra)
+    start = 0
+    if not capture and all(job.resume is not None for job in jobs):
+        start = min(run.first_pruned_layer(job.resume) for run, job in zip(runs, jobs))
+        start = min(start, len(runs[0].layers) - 1)  # the last layer always runs: its output is not kept
+    resumed = _resumed(adapter, batch, [job.resume for job in jobs], start) if start else contextlib.nullcontext()
+    handles = [layer.register_forward_pre_hook(batch.hook(i), with_kwargs=True) for i, layer in enumerate(batch.layers)]
     try:
         started = time.perf_counter()
-        logits, cache = decoder.prefill(embeds, mask, positions)
+        with resumed:
+            logits, cache = decoder.prefill(embeds, mask, positions)
         prefill_seconds = time.perf_counter() - started
-        gold = None
-        if gold_answer is not None:
-            gold = _teacher_forced(decoder, logits, copy.deepcopy(cache),
-                                   answer_tokens(adapter, prepared.prompt, gold_answer))
-        ids, logprob = _greedy(adapter, decoder, logits, cache, max_new_tokens)
+        prefills = _captured(batch, cache) if capture else [None] * len(jobs)
+        golds = [None if job.gold_answer is None else answer_tokens(adapter, job.prepared.prompt, job.gold_answer)
+                 for job in jobs]
+        gold = (_teacher_forced(adapter, decoder, logits, copy.deepcopy(cache), golds)
+                if any(g is not None for g in golds) else [None] * len(jobs))
+        answers = _greedy(adapter, decoder, logits, cache, max_new_tokens)
     finally:
         for handle in handles:
             handle.remove()
-    text = adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
-    records = [run.records[i] for i in range(len(run.layers))]
-    return Execution(
-        answer=text, answer_ids=tuple(ids), answer_logprob=logprob, gold_logprob=gold,
-        logits=logits.detach().float().cpu(), plan=plan.with_stages(run.applied),
-        tokens_per_layer=tuple(len(r.rows) for r in records),
-        visual_tokens_per_layer=tuple(r.visual for r in records), prefill_seconds=prefill_seconds,
-    )
+    executions = []
+    for b, (run, (ids, logprob)) in enumerate(zip(runs, answers)):
+        records = [run.records[i] for i in range(len(run.layers))]
+        executions.append(Execution(
+            answer=adapter.tokenizer.decode(ids, skip_special_tokens=True).strip(), answer_ids=tuple(ids),
+            answer_logprob=logprob, gold_logprob=gold[b], logits=logits[b].detach().float().cpu(),
+            plan=run.plan.with_stages(run.applied), tokens_per_layer=tuple(len(r.rows) for r in records),
+            visual_tokens_per_layer=tuple(r.visual for r in records), prefill_seconds=prefill_seconds / len(jobs),
+            first_layer=start, prefill=prefills[b],
+        ))
+    return executions
 
 
-def _greedy(adapter, decoder: _Decoder, logits, cache, max_new_tokens: int) -> tuple[list[int], float]:
+def _captured(batch: _Batch, cache: DynamicCache) -> list[UnprunedPrefill]:
+    """Each sample's unpruned prefill: its layer inputs and its rows of every layer's cache."""
+    out = []
+    for b, (run, captured) in enumerate(zip(batch.runs, batch.captured)):
+        start = batch.offsets[b]
+        layers = range(len(batch.layers))
+        keys = tuple(_sample_rows(cache.layers[i].keys, b, start, 0, (2,)) for i in layers)
+        values = tuple(_sample_rows(cache.layers[i].values, b, start, 0, (2,)) for i in layers)
+        out.append(UnprunedPrefill(tuple(captured[i] for i in layers), keys, values, captured["kwargs"]))
+    return out
+
+
+def _greedy(adapter, decoder: _Decoder, logits, cache, max_new_tokens: int) -> list[tuple[list[int], float]]:
+    """Greedy answers of every sample; a sample that stopped is fed padding until all have."""
     stop = set(adapter._eos_ids()) | {adapter.tokenizer.pad_token_id}
-    ids, logprob = [], 0.0
+    count = logits.shape[0]
+    ids, logprobs, done = [[] for _ in range(count)], [0.0] * count, [False] * count
     for step in range(max_new_tokens):
-        token = int(logits.argmax())
-        if token in stop:
+        tokens = logits.argmax(-1).tolist()
+        logp = torch.log_softmax(logits.float(), -1)
+        for b, token in enumerate(tokens):
+            if done[b]:
+                continue
+            if token in stop:
+                done[b] = True
+                continue
+            ids[b].append(token)
+            logprobs[b] += float(logp[b, token])
+        if all(done) or step + 1 >= max_new_tokens:
             break
-        ids.append(token)
-        logprob += float(torch.log_softmax(logits.float(), -1)[token])
-        if step + 1 < max_new_tokens:
-            logits = decoder.step(token, cache, step)
-    return ids, logprob
+        pad = adapter.tokenizer.pad_token_id
+        logits = decoder.step([pad if d else t for t, d in zip(tokens, done)], cache, step)
+    return list(zip(ids, logprobs))
 
 
-def _teacher_forced(decoder: _Decoder, logits, cache, tokens: list[int]) -> float:
-    total = 0.0
-    for step, token in enumerate(tokens):
-        total += float(torch.log_softmax(logits.float(), -1)[token])
-        if step + 1 < len(tokens):
-            logits = decoder.step(token, cache, step)
-    return total
+def _teacher_forced(adapter, decoder: _Decoder, logits, cache, answers: list) -> list[float | None]:
+    """Log-probability of each sample's gold tokens (None: no gold answer), teacher forced."""
+    longest = max(len(a) for a in answers if a is not None)
+    totals = [None if a is None else 0.0 for a in answers]
+    pad = adapter.tokenizer.pad_token_id
+    for step in range(longest):
+        logp = torch.log_softmax(logits.float(), -1)
+        for b, tokens in enumerate(answers):
+            if tokens is not None and step < len(tokens):
+                totals[b] += float(logp[b, tokens[step]])
+        if step + 1 < longest:
+            feed = [tokens[step] if tokens is not None and step < len(tokens) else pad for tokens in answers]
+            logits = decoder.step(feed, cache, step)
+    return totals

@@ -125,6 +125,9 @@ class PruningMethod(ABC):
     # Where the reference behaviour comes from, for ``workbench methods``: the paper, the
     # reference repository and file, and one line on where paper and code differ.
     reference: ClassVar[str] = ""
+    # A layer callback that hooks the modules of the layers it is asked at (to measure what they
+    # compute) needs those layers run live, so such a run never starts from the unpruned prefill.
+    hooks_layers: ClassVar[bool] = False
 
     @abstractmethod
     def select(self, context: SelectionContext) -> KeepPlan:
@@ -145,6 +148,11 @@ class PruningMethod(ABC):
 
     def layer_callback(self, context: SelectionContext) -> LayerCallback | None:
         """For methods that select inside the LLM on the live pruned state; None for the others."""
+        return None
+
+    def tower_callback(self, context: SelectionContext):
+        """For methods that prune inside the vision tower on its live state
+        (``workbench.pruning.tower_stages.TowerCallback``); None for the others."""
         return None
 
     def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:

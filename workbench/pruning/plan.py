@@ -17,10 +17,13 @@ from typing import Literal, Union
 import numpy as np
 
 PRE_LLM = "pre_llm"
+TOWER = "tower:"  # "tower:i": on the vision tower's hidden states after tower layer i
 POSITION_POLICIES = ("original", "reindex")
 
-# "pre_llm": on the decoder's input embeddings; an int k: on the hidden states entering decoder layer k.
-Where = Union[Literal["pre_llm"], int]
+# "tower:i": inside the vision tower, after its layer i (later tower layers, and the LLM, see only the
+# kept tokens); "pre_llm": on the decoder's input embeddings; an int k: on the hidden states entering
+# decoder layer k.
+Where = Union[Literal["pre_llm"], int, str]
 PositionPolicy = Literal["original", "reindex"]
 
 
@@ -28,11 +31,29 @@ class PlanError(ValueError):
     """A plan that cannot be executed as written; the message says which stage and why."""
 
 
+def tower_where(layer: int) -> str:
+    """The ``where`` of a stage after vision-tower layer ``layer``."""
+    return f"{TOWER}{int(layer)}"
+
+
+def tower_layer(where: Where) -> int | None:
+    """The tower layer of a ``"tower:i"`` stage, None for any other ``where``."""
+    if isinstance(where, str) and where.startswith(TOWER) and where[len(TOWER):].isdigit():
+        return int(where[len(TOWER):])
+    return None
+
+
 def _stage_order(where: Where) -> int:
+    layer = tower_layer(where)
+    if layer is not None:
+        return layer - 2**31  # every tower stage runs before the LLM
     return -1 if where == PRE_LLM else int(where)
 
 
 def describe_where(where: Where) -> str:
+    layer = tower_layer(where)
+    if layer is not None:
+        return f"after vision-tower layer {layer}"
     return "before the LLM" if where == PRE_LLM else f"before decoder layer {where}"
 
 
@@ -84,7 +105,9 @@ class Stage:
     """One pruning step.
 
     ``where``: ``"pre_llm"`` or decoder layer index k ("before layer k": layers < k see the tokens
-    that entered this stage, layers >= k only ``kept``).
+    that entered this stage, layers >= k only ``kept``), or ``"tower:i"`` (after vision-tower layer
+    i: later tower layers and the LLM see only ``kept``; merges act on the tower's hidden states;
+    ``position`` then says how the LLM numbers the tokens the tower passed on).
     ``kept``: sorted original visual indices that survive this stage.
     ``scores``: the [N] score that ranked the tokens (NaN where a token was not scored), or None
     for methods that rank nothing (random, uniform grid).
@@ -99,9 +122,10 @@ class Stage:
     position: PositionPolicy = "original"
 
     def __post_init__(self):
-        if self.where != PRE_LLM:
+        if self.where != PRE_LLM and tower_layer(self.where) is None:
             if isinstance(self.where, bool) or not isinstance(self.where, (int, np.integer)):
-                raise PlanError(f"stage 'where' must be {PRE_LLM!r} or a decoder layer index, got {self.where!r}")
+                raise PlanError(f"stage 'where' must be {PRE_LLM!r} or a decoder layer index (or 'tower:<layer>' "
+                                f"inside the vision tower), got {self.where!r}")
             if self.where < 0:
                 raise PlanError(f"stage 'where' must be a non-negative layer index, got {self.where}")
             object.__setattr__(self, "where", int(self.where))
@@ -125,7 +149,11 @@ class Stage:
 
     @property
     def in_llm(self) -> bool:
-        return self.where != PRE_LLM
+        return self.where != PRE_LLM and not self.in_tower
+
+    @property
+    def in_tower(self) -> bool:
+        return tower_layer(self.where) is not None
 
     @property
     def kept_array(self) -> np.ndarray:

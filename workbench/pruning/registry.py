@@ -50,7 +50,12 @@ def method_class(name: str) -> type["PruningMethod"]:
 
 
 def create_method(name: str, **params) -> "PruningMethod":
-    """An instance of method ``name`` with ``params`` overriding its defaults (validated)."""
+    """An instance of method ``name`` with ``params`` overriding its defaults (validated). A name
+    "first+second" is a composition (``workbench.pruning.compose``)."""
+    from workbench.pruning.compose import compose, is_composed  # compose builds on this module
+
+    if is_composed(name):
+        return compose(name, **params)
     cls = method_class(name)
     try:
         return cls(**params)

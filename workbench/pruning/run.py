@@ -43,4 +43,4 @@ def run_method(adapter: ModelAdapter, prepared: PreparedInput, method: PruningMe
     context = SelectionContext(prepared.layout, budget, recording, facts)
     plan = method.select(context)
     return execute(adapter, prepared, plan, max_new_tokens=max_new_tokens, gold_answer=gold_answer,
-                   callback=method.layer_callback(context))
+                   callback=method.layer_callback(context), tower_callback=method.tower_callback(context))

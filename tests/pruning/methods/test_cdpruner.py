@@ -50,9 +50,9 @@ def test_select_conditions_on_the_instruction():
     # kernel diagonal r^2 -> pick 0, then 1 (gain .97 * (1 - .97) = .029 beats token 2's ~1e-12).
     layout = grid_layout((1, 3))
     entries = {PROJECTED: [unit(0), unit(10), unit(90)], TEXT: [unit(0)]}
-    assert CDPruner().select(handmade_context(layout, 2, entries)).final_kept == (0, 1)
-    # the code's negated relevance: ~0, .015, ~1 -> pick 2, then 1 (gain ~2.2e-4 beats token 0's ~1e-12)
-    assert CDPruner(negate_relevance=True).select(handmade_context(layout, 2, entries)).final_kept == (1, 2)
+    assert CDPruner(negate_relevance=False).select(handmade_context(layout, 2, entries)).final_kept == (0, 1)
+    # the code's negated relevance (the default): ~0, .015, ~1 -> pick 2, then 1 (gain ~2.2e-4 beats ~1e-12)
+    assert CDPruner().select(handmade_context(layout, 2, entries)).final_kept == (1, 2)
 
 
 def test_diversity_beats_a_duplicate():
@@ -61,7 +61,7 @@ def test_diversity_beats_a_duplicate():
     # 1: 1 - 1 = 0, 2: .75 - (.5 * .866)^2 = .5625, 3: 0 -> 2. Top-2 by relevance would be the duplicates.
     layout = grid_layout((1, 4))
     entries = {PROJECTED: [unit(0), unit(0), unit(60), unit(180)], TEXT: [unit(15)]}
-    plan = CDPruner().select(handmade_context(layout, 2, entries))
+    plan = CDPruner(negate_relevance=False).select(handmade_context(layout, 2, entries))
     assert plan.final_kept == (0, 2)
     assert np.isnan(plan.stages[0].score_array[[1, 3]]).all()
 
@@ -69,7 +69,7 @@ def test_diversity_beats_a_duplicate():
 def test_needs_validation_and_missing_text():
     assert set(CDPruner().needs(LLAVA_FACTS)) == {PROJECTED, TEXT}
     assert CDPruner().applicability(NO_CLS_FACTS) is None  # no [CLS] needed
-    assert (CDPruner().negate_relevance, CDPruner().theta) == (False, None)
+    assert (CDPruner().negate_relevance, CDPruner().theta) == (True, None)  # the code's sign
     with pytest.raises(ValueError, match="cdpruner: theta must be None or a number in \\[0, 1\\), got 1.0"):
         CDPruner(theta=1.0)
     with pytest.raises(ValueError, match="cdpruner: negate_relevance must be True or False, got 1"):
@@ -120,5 +120,5 @@ def official_cdpruner(k: int, negate: bool) -> set[int]:
 
 @pytest.mark.parametrize("k", [16, 32, 48])
 def test_parity_with_the_official_rule_on_the_shipped_model(k):
-    assert set(workbench_kept(CDPruner(), k)) == official_cdpruner(k, negate=False)
-    assert set(workbench_kept(CDPruner(negate_relevance=True), k)) == official_cdpruner(k, negate=True)
+    assert set(workbench_kept(CDPruner(), k)) == official_cdpruner(k, negate=True)
+    assert set(workbench_kept(CDPruner(negate_relevance=False), k)) == official_cdpruner(k, negate=False)

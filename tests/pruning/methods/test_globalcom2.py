@@ -17,6 +17,9 @@ from workbench.recording import CaptureRequest, EntryKey, Identity, Recording
 NEXT_FACTS = ModelFacts("LlavaNextAdapter", decoder_layers=32, vision_layers=24, has_cls_token=True, multi_view=True,
                         projector_feed_layer=23)
 CLS23 = SignalNeed("attention", "tower", 23, "cls")  # the LAST tower layer (attn_maps[-1])
+LOGITS23 = SignalNeed("attention_logits", "tower", 23, "cls")  # the default: the code's pre-softmax scores
+# the handmade recordings hold probabilities; "budget" keeps exactly n_keep
+PROBS = dict(scores="probabilities", count="budget")
 
 
 def anyres_layout() -> VisualLayout:
@@ -61,16 +64,24 @@ def test_thumbnail_commands_the_crop_budgets_and_scores():
     # 4 left -> crop 0 keeps 3, crop 1 keeps 1. Crop 0 (flat own scores): by the resized thumbnail .4, .325,
     # .3, .275 at tokens 4, 5, 8, 9 -> 4, 5, 8. Crop 1: l2norm(own .3 .35 .2 .15) + l2norm(thumbnail .175 .1
     # .225 .2) = 1.055, .943, 1.002, .838 at tokens 6, 7, 10, 11 -> 6 (own alone: 7; thumbnail alone: 10).
-    plan = GlobalCom2(temperature=0.1).select(anyres_context(6))
+    plan = GlobalCom2(temperature=0.1, **PROBS).select(anyres_context(6))
     assert plan.final_kept == (0, 2, 4, 5, 6, 8)
     assert plan.stages[0].scores[6] == pytest.approx(1.055, abs=1e-3)
     # the code's temperature 10: scales .505, .495 -> 2 + 2; crop 1 keeps 6 and 10
-    assert GlobalCom2().select(anyres_context(6)).final_kept == (0, 2, 4, 5, 6, 10)
+    assert GlobalCom2(**PROBS).select(anyres_context(6)).final_kept == (0, 2, 4, 5, 6, 10)
 
 
-def test_every_budget_is_kept_exactly():
+def test_count_budget_keeps_every_budget_exactly():
     for budget in range(1, 13):
-        assert len(GlobalCom2().select(anyres_context(budget)).final_kept) == budget
+        assert len(GlobalCom2(**PROBS).select(anyres_context(budget)).final_kept) == budget
+
+
+def test_reference_count_floors_each_view_as_the_code():
+    # 6 of 12: R = .5, thumbnail int(4 * .5) = 2; temperature .1 scales .741, .259 -> int(4 * .741) = 2 and
+    # int(4 * .259) = 1: 5 tokens, reported by kept_counts. Crop 0 keeps 4, 5; crop 1 keeps 6.
+    method = GlobalCom2(temperature=0.1, scores="probabilities")
+    assert method.select(anyres_context(6)).final_kept == (0, 2, 4, 5, 6)
+    assert method.kept_counts(anyres_context(6)) == (5,)
 
 
 def test_applicability_and_single_view_layouts():
@@ -78,7 +89,8 @@ def test_applicability_and_single_view_layouts():
     assert "no [CLS]" in GlobalCom2().applicability(NO_CLS_FACTS)
     assert "no thumbnail" in GlobalCom2().applicability(LLAVA_FACTS)
     assert GlobalCom2().needs(LLAVA_FACTS) == ()
-    assert GlobalCom2().needs(NEXT_FACTS) == (CLS23,)
+    assert GlobalCom2().needs(NEXT_FACTS) == (LOGITS23,)
+    assert GlobalCom2(scores="probabilities").needs(NEXT_FACTS) == (CLS23,)
     with pytest.raises(MethodNotApplicable, match="globalcom2 does not apply to LlavaAdapter: .*no thumbnail"):
         GlobalCom2().select(SelectionContext(grid_layout((2, 2)), 1, None, LLAVA_FACTS))
     with pytest.raises(MethodNotApplicable, match="globalcom2: this sample's layout has no base view plus crops"):
@@ -90,16 +102,22 @@ def test_invalid_hyper_parameters():
         GlobalCom2(temperature=0)
     with pytest.raises(ValueError, match="globalcom2: reference_layer must be an int in 0..23"):
         GlobalCom2(reference_layer=-1)
+    for name in ("scores", "regions", "count"):
+        with pytest.raises(ValueError, match=f"globalcom2: {name} must be one of"):
+            GlobalCom2(**{name: "nope"})
 
 
 def test_runs_on_tiny_llava_next_and_is_refused_on_the_shipped_model():
     adapter, prepared = tiny_input("llava_next")
     execution, context = run_checked(adapter, prepared, GlobalCom2(), 0.25, max_new_tokens=2)
-    assert len(execution.plan.final_kept) == context.n_keep
+    assert (len(execution.plan.final_kept),) == GlobalCom2().kept_counts(context)
+    assert 0 < len(execution.plan.final_kept) <= context.n_keep
     layer = GlobalCom2().layer(context.model)
     assert layer == context.model.vision_layers - 1
     base = prepared.layout.group == 0
     np.testing.assert_allclose(np.asarray(execution.plan.stages[0].scores)[base],
-                               folded(context.recording, prepared.layout, "attention", layer, "cls")[base])
+                               folded(context.recording, prepared.layout, "attention_logits", layer, "cls")[base])
+    execution, context = run_checked(adapter, prepared, GlobalCom2(**PROBS), 0.25, max_new_tokens=2)
+    assert len(execution.plan.final_kept) == context.n_keep
     with pytest.raises(MethodNotApplicable, match="globalcom2 does not apply"):
         check_on_shipped(GlobalCom2())

@@ -41,6 +41,8 @@ def test_allocation_by_hand():
     # 10, 1, 1 of 5: floor 4, 0, 0 + 1 -> crop 0 gets 5 but holds 2; its 3 go to crops 1 and 2 (1.5 each ->
     # 1, 1, the one left to the earlier crop)
     assert allocate([10.0, 1.0, 1.0], 5, [2, 4, 4]) == [2, 2, 1]
+    # the reference drops the overflow instead (the default): crop 0 keeps its 2, the others 0 + 0
+    assert allocate([10.0, 1.0, 1.0], 5, [2, 4, 4], "drop") == [2, 0, 0]
 
 
 def test_select_spreads_the_budget_over_the_crops():
@@ -64,7 +66,9 @@ def test_signals_with_and_without_cls():
 
 
 def test_invalid_hyper_parameters():
-    assert (HoloV().alpha, HoloV().num_patches) == (0.09, None)
+    assert (HoloV().alpha, HoloV().num_patches, HoloV().overflow) == (0.09, None, "drop")
+    with pytest.raises(ValueError, match="holov: overflow must be one of"):
+        HoloV(overflow="pad")
     with pytest.raises(ValueError, match="holov: alpha must be a finite number >= 0, got -0.1"):
         HoloV(alpha=-0.1)
     with pytest.raises(ValueError, match="holov: num_patches must be None .* or an int >= 1, got 0"):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+import torch
 
 from tests.pruning.handmade import LLAVA_FACTS, grid_layout, handmade_context
 from tests.pruning.shipped import check_on_shipped, run_checked, tiny_input
 from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
-from workbench.pruning.methods.sparsevlm import SparseVLM, dpc_knn, select_raters, sparse_stage
+from workbench.pruning.methods.sparsevlm import (SparseVLM, dpc_knn, priority_head_count, relation_v2, rope_gravity,
+                                                select_raters, sparse_stage)
 from workbench.pruning.plan import Merge
 
 
@@ -40,7 +44,8 @@ def test_stage_keeps_top_and_recycles_the_best_deleted():
     # keep 0, 2, 4; 7 deleted -> int(7 * 0.3) + 1 = 3 recycled (5, 7, 3), int(3 / 10) + 1 = 1 cluster;
     # equal densities (k=1: each token's own distance) -> the lowest index is the centre
     assert stage.kept == (0, 2, 3, 4) and stage.where == 3 and stage.position == "reindex"
-    assert stage.merges == (Merge.mean(3, (5, 7)),)
+    # the cluster's average as cluster_and_merge: each member weighted 1 / (3 + 1e-6)
+    assert stage.merges == (Merge(3, (5, 7), (1 / (3 + 1e-6),) * 3),)
     plain = sparse_stage(3, np.arange(10), relation, 3, None, 10, "original", recycle=False)
     assert plain.kept == (0, 2, 4) and plain.merges == ()
     # asking for all 10 keeps M - 1 = 9; the one deleted (8) is recycled as a cluster of itself
@@ -76,3 +81,39 @@ def test_runs_on_the_shipped_model():
 def test_runs_on_a_tiny_qwen2_vl_with_original_positions():
     execution, _ = run_checked(*tiny_input("qwen2_vl"), SparseVLM(), 0.25, max_new_tokens=2)
     assert [(s.where, s.position) for s in execution.plan.stages] == [(1, "original")]
+
+
+def test_version_2_gravity_is_the_rope_only_logit():
+    # head_dim 2, frequency 1: an all-ones vector rotated at p is (cos p - sin p, cos p + sin p), so
+    # the product at (i, j) is 2 cos(i - j), over sqrt(2)
+    angles = torch.arange(3, dtype=torch.float64)[:, None].repeat(1, 2)
+    gravity = rope_gravity(angles.cos(), angles.sin(), torch.tensor([2]), torch.tensor([0, 1, 2]))
+    np.testing.assert_allclose(gravity[0].numpy(), [math.sqrt(2) * math.cos(d) for d in (2, 1, 0)], atol=1e-12)
+
+
+def test_version_2_keeps_the_priority_heads_after_the_correction():
+    # 4 heads keep round(14 * 4 / 32) = 2. Uncorrected head sums .2, .6, .5, 0 -> heads 1, 2 -> (.3, .25);
+    # gravity (2, 1) halves the first column: sums .15, .35, .45, 0 -> heads 2, 1 -> (.15, .25): the order flips
+    probs = torch.tensor([[[0.1, 0.1]], [[0.5, 0.1]], [[0.1, 0.4]], [[0.0, 0.0]]], dtype=torch.float64)
+    assert priority_head_count(4) == 2 and priority_head_count(32) == 14 and priority_head_count(1) == 1
+    np.testing.assert_allclose(relation_v2(probs, torch.ones(1, 2)).numpy(), [0.3, 0.25])
+    np.testing.assert_allclose(relation_v2(probs, torch.tensor([[2.0, 1.0]])).numpy(), [0.15, 0.25])
+
+
+def test_version_2_schedule_positions_and_no_recycling():
+    context = SelectionContext(grid_layout((24, 24)), 128, None, LLAVA_FACTS)
+    v2 = SparseVLM(version="2_0")
+    assert v2.scoring_schedule(context) == ((2, 238), (6, 108), (15, 60))
+    assert v2.kept_counts(context) == (238, 108, 60)  # no recycled tokens
+    assert (v2.recycles, v2.positions) == (False, "original")
+    assert (SparseVLM().recycles, SparseVLM().positions) == (True, "reindex")
+    assert SparseVLM(version="2_0", recycle=True, position="reindex").positions == "reindex"
+    with pytest.raises(ValueError, match="sparsevlm: version must be one of"):
+        SparseVLM(version="2")
+    assert "M-RoPE" in SparseVLM(version="2_0").applicability(ModelFacts("X", 32, 24, True, 23, mrope=True))
+
+
+def test_version_2_runs_on_the_shipped_model():
+    execution, _ = check_on_shipped(SparseVLM(version="2_0"))
+    (stage,) = execution.plan.stages
+    assert stage.where == 3 and stage.position == "original" and stage.merges == ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,16 +31,22 @@ def tower_entries():
 
 
 def test_tower_stage_by_hand():
-    # dominant: 5, 10, 15. Others in layout order (13): step 13 // 2 = 6 -> targets at 0 and 6 = tokens 0, 7.
-    # 1, 2, 3, 4, 12, 13 are closest to token 0; 6, 8, 9, 11, 14 to token 7. Target + mean(sources).
-    # (Merging into the dominant tokens instead would fold 1-4, 12, 13 into 5.)
-    method = VisionDrop(dominant=3, contextual=2, llm_layers=(), llm_tokens=(), reference_budget=5)
+    # dominant 4 = [CLS] + 3 patches: 5, 10, 15. Others in layout order (13): step 13 // 2 = 6 -> targets
+    # at 0 and 6 = tokens 0, 7. 1, 2, 3, 4, 12, 13 are closest to token 0; 6, 8, 9, 11, 14 to token 7.
+    # Target + mean(sources). (Merging into the dominant tokens instead would fold 1-4, 12, 13 into 5.)
+    method = VisionDrop(dominant=4, contextual=2, llm_layers=(), llm_tokens=(), reference_budget=5)
     plan = method.select(handmade_context(grid_layout((4, 4)), 5, tower_entries()))
     (stage,) = plan.stages
-    assert stage.where == PRE_LLM and stage.kept == (0, 5, 7, 10, 15)
+    assert stage.where == f"tower:{FEED}" and stage.kept == (0, 5, 7, 10, 15)  # inside the tower, after layer 22
     assert stage.position == "reindex"
     assert set(stage.merges) == {Merge(0, (1, 2, 3, 4, 12, 13), (1.0,) + (1 / 6,) * 6),
                                  Merge(7, (6, 8, 9, 11, 14), (1.0,) + (1 / 5,) * 5)}
+    # The deviations as named values: the same selection as a pre_llm stage; no [CLS] slot: 4 patches.
+    simulated = dataclasses.replace(method, progression="simulated")
+    (pre,) = simulated.select(handmade_context(grid_layout((4, 4)), 5, tower_entries())).stages
+    assert pre.where == PRE_LLM and pre.kept == stage.kept and pre.merges == stage.merges
+    no_slot = dataclasses.replace(method, cls_slot=False)
+    assert len(no_slot.select(handmade_context(grid_layout((4, 4)), 5, tower_entries())).final_kept) == 6
 
 
 def test_llm_stage_averages_visual_rows():
@@ -54,7 +61,7 @@ def test_llm_stage_averages_visual_rows():
                             keys=lambda: torch.tensor([[[0.0, 0], [1, 0], [0, 1], [1, 1], [1, 2], [0, 0]]]))
     method = VisionDrop(dominant=4, contextual=0, llm_layers=(8,), llm_tokens=((1, 1),), reference_budget=2)
     context = SelectionContext(grid_layout((4, 4)), 2, None, LLAVA_FACTS)
-    assert method.kept_counts(context) == (4, 2)
+    assert method.kept_counts(context) == (3, 2)  # [CLS] + 3 patches in the tower
     callback = method.layer_callback(context)
     assert callback(7, state) is None
     stage = callback(8, state)
@@ -65,10 +72,12 @@ def test_llm_stage_averages_visual_rows():
 
 def test_schedule_scales_the_reference():
     context = SelectionContext(grid_layout((24, 24)), 32, None, LLAVA_FACTS)
-    assert VisionDrop().schedule(context) == [(PRE_LLM, 42, 6), (8, 30, 5), (16, 22, 4), (24, 16, 3)]
+    # the tower stage after the feed layer: 41 patches + the [CLS] (main.py: dominant - 1)
+    assert VisionDrop().schedule(context) == [(f"tower:{FEED}", 41, 6), (8, 30, 5), (16, 22, 4), (24, 16, 3)]
+    assert VisionDrop(progression="simulated", cls_slot=False).schedule(context)[0] == (PRE_LLM, 42, 6)
     shallow = SelectionContext(grid_layout((12, 12)), 64, None, ModelFacts("LlavaAdapter", 3, 3, True, 3))
     # x2; 8 -> 1, 16 and 24 -> 2 (the later counts win)
-    assert VisionDrop().kept_counts(shallow) == (96, 70, 38)
+    assert VisionDrop().kept_counts(shallow) == (95, 70, 38)
 
 
 def test_validation_and_applicability():
@@ -76,15 +85,21 @@ def test_validation_and_applicability():
         VisionDrop(tower_score="text")
     with pytest.raises(ValueError, match="one \\(dominant, contextual\\) pair"):
         VisionDrop(llm_tokens=((1, 1),))
+    with pytest.raises(ValueError, match="progression"):
+        VisionDrop(progression="inside")
+    with pytest.raises(ValueError, match="cls_slot"):
+        VisionDrop(cls_slot=1)
     with pytest.raises(MethodNotApplicable, match="tower_score='visual'"):
         VisionDrop().check_applies(NO_CLS_FACTS)
-    assert VisionDrop(tower_score="visual").applicability(NO_CLS_FACTS) is None
+    with pytest.raises(MethodNotApplicable, match="inside the vision tower.*progression=simulated"):
+        VisionDrop(tower_score="visual").check_applies(NO_CLS_FACTS)
+    assert VisionDrop(tower_score="visual", progression="simulated").applicability(NO_CLS_FACTS) is None
 
 
 def test_shipped_model():
     execution, _ = check_on_shipped(VisionDrop())
-    assert [len(st.kept) for st in execution.plan.stages] == [48, 35, 26, 19]
-    assert [st.where for st in execution.plan.stages] == [PRE_LLM, 1, 2, 3]
+    assert [len(st.kept) for st in execution.plan.stages] == [47, 35, 26, 19]
+    assert [st.where for st in execution.plan.stages] == ["tower:2", 1, 2, 3]
     assert all(st.merges for st in execution.plan.stages)
 
 
@@ -97,7 +112,7 @@ def test_visual_fallback_by_hand():
     entries = {SignalNeed("attention", "tower", 31, "visual"): attention,
                SignalNeed("visual_keys", "tower", 31): np.eye(16)}
     method = VisionDrop(dominant=1, contextual=0, llm_layers=(), llm_tokens=(), reference_budget=1,
-                        tower_score="visual", position="original")
+                        tower_score="visual", position="original", progression="simulated")
     plan = method.select(handmade_context(grid_layout((4, 4)), 1, entries, NO_CLS_FACTS))
     assert plan.final_kept == (3,) and plan.stages[0].merges == ()
 
@@ -109,10 +124,13 @@ def test_tiny_families():
     with pytest.raises(MethodNotApplicable, match="no \\[CLS\\]"):
         run_method(adapter, prepared, VisionDrop(), 0.5)
     # Qwen2-VL merges 2x2 tower patches into one LLM token: the tower map folds them (visual fallback).
-    run_checked(adapter, prepared, VisionDrop(tower_score="visual", position="original"), 0.5)
+    run_checked(adapter, prepared, VisionDrop(tower_score="visual", position="original", progression="simulated"), 0.5)
 
-    # LLaVA-NeXT: several tiles, each read in the tower and folded onto the layout by the map.
+    # LLaVA-NeXT: several tiles, each read in the tower and folded onto the layout by the map; the
+    # tower stage cannot run inside a tiled tower, so only the simulated one applies.
     adapter, prepared = tiny_input("llava_next")
     assert len(prepared.layout.tower_owner) > 1
-    for method in (VisionDrop(), VisionDrop(tower_score="visual")):
+    with pytest.raises(MethodNotApplicable, match="several views"):
+        run_method(adapter, prepared, VisionDrop(), 0.5)
+    for method in (VisionDrop(progression="simulated"), VisionDrop(tower_score="visual", progression="simulated")):
         run_checked(adapter, prepared, method, 0.5)

@@ -89,10 +89,10 @@ class CDPruner(PruningMethod):
     answer-format prompt and chat-template tokens.
 
     Sign (paper vs code): the paper scores relevance by the cosine; the code negates it
-    (``(-relevance).mean``), which the authors attribute to a phenomenon they observed only in CLIP's
-    penultimate-layer features (issues #14 / #19 of the reference repository). Since our relevance is
-    not computed in CLIP's space we follow the paper by default; ``negate_relevance=True`` is the
-    code's sign. ``theta`` (None = off, as the code) is the code's commented-out exponential weighting.
+    (``(-relevance).mean``, llava_arch.py line 159), which the authors attribute to a phenomenon they
+    observed in CLIP's penultimate-layer features (issues #14 / #19 of the reference repository). The
+    default is the code's sign (``negate_relevance=True``); ``negate_relevance=False`` is the paper's.
+    ``theta`` (None = off, as the code) is the code's commented-out exponential weighting.
 
     Deviations: the reference computes relevance min-max over all crops of an image and gives every
     crop the same count; we normalise over all visual tokens and share the budget among layout groups
@@ -110,10 +110,10 @@ class CDPruner(PruningMethod):
         "(encode_images: cosine of mm_projector outputs, relevance = min-max of -mean cosine with CLIP text "
         "embeds, kernel r S r, fast greedy MAP loop) and llava/model/multimodal_encoder/clip_encoder.py "
         "(CLIP text tower, visual_projection of hidden_states[-2]). Deviation: no CLIP text tower here, so the "
-        "instruction is the text tokens' LLM input embeddings vs the projected visual tokens; relevance sign "
-        "follows the paper (the code's negation is a CLIP-specific choice; negate_relevance=True).")
+        "instruction is the text tokens' LLM input embeddings vs the projected visual tokens. Relevance sign: the "
+        "code's negation by default; negate_relevance=False is the paper's sign.")
 
-    negate_relevance: bool = False
+    negate_relevance: bool = True
     theta: float | None = None
 
     def __post_init__(self):

@@ -10,9 +10,9 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.layout import VisualLayout
-from workbench.pruning.method import MethodNotApplicable, ModelFacts, SelectionContext
+from workbench.pruning.method import MethodNotApplicable, ModelFacts, SelectionContext, SignalNeed
 from workbench.pruning.methods.cls_attention import (REFERENCE_TOWER_DEPTH, ClsAttentionMethod, check_tower_layer,
-                                                     cls_need, row_scores, weighted_split)
+                                                     row_scores, weighted_split)
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import normalized, top_k
 from workbench.pruning.registry import register_method
@@ -20,6 +20,14 @@ from workbench.pruning.registry import register_method
 # Adapters whose layouts hold a thumbnail (base view) followed by the stitched AnyRes crops.
 SINGLE_VIEW_REASON = ("its layouts have no thumbnail (base view) plus crops: GlobalCom² only re-allocates the budget "
                       "of AnyRes crops (the reference compresses nothing on a single view)")
+# scores: the recorded signal the [CLS] row is read from. "logits": the head mean of the pre-softmax scores,
+# as the code (apply_customvit.py); "probabilities": the head mean of the softmax, as the paper's wording.
+SCORE_SIGNALS = {"logits": "attention_logits", "probabilities": "attention"}
+# regions: which crop a thumbnail patch counts for. "bands": the code's equal integer bands of the thumbnail
+# grid; "pixels": the crop whose unpadded token boxes contain the patch's pixel-box centre.
+REGION_RULES = ("bands", "pixels")
+# count: "reference": int(N * ratio) per view, as the code (fewer than the budget); "budget": exactly n_keep.
+COUNT_RULES = ("reference", "budget")
 LAYOUT_REASON = "globalcom2: this sample's layout has no base view plus crops with a tower map to tell the crops apart"
 
 
@@ -31,6 +39,15 @@ def crop_scales(region_scores, retention: float, temperature: float) -> np.ndarr
     e = np.exp((s - s.max()) / temperature)
     p = e / (e.sum() + 1e-8)
     return np.minimum(retention * (1.0 + p - p.mean()), 1.0)
+
+
+def crop_grid(layout: VisualLayout, crops) -> tuple[list[tuple[int, int]], int, int]:
+    """(grid (row, col) of each crop, grid rows, grid cols): crops ordered by their first stitched row and
+    column (unpadding removes rows or columns at the edges, not whole crops' order)."""
+    tops = [int(layout.cell[t, 0].min()) for t in crops]
+    lefts = [int(layout.cell[t, 1].min()) for t in crops]
+    rows, cols = sorted(set(tops)), sorted(set(lefts))
+    return [(rows.index(t), cols.index(c)) for t, c in zip(tops, lefts)], len(rows), len(cols)
 
 
 def bilinear(grid: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -71,8 +88,7 @@ class GlobalCom2(ClsAttentionMethod):
     1. Thumbnail: keeps ``int(N_base * R)`` tokens by its [CLS] attention (top-k).
     2. Crop ratios: the thumbnail's [CLS] attention summed over the region each crop covers gives
        ``scale_i = R * (1 + p_i - mean(p))`` (clipped at 1), ``p = softmax((s - max s) / temperature)``
-       (``crop_scales``); the crops share the rest of the budget in proportion to ``N_i * scale_i``
-       (N_i: the crop's tokens after unpadding), never more than a crop holds.
+       (``crop_scales``); crop i keeps ``int(N_i * scale_i)`` (N_i: the crop's tokens after unpadding).
     3. Within each crop: top-k of ``l2norm(crop [CLS] attention) + l2norm(thumbnail [CLS] attention
        bilinearly resized to the unpadded stitched grid, at the crop's cells)``.
 
@@ -85,14 +101,19 @@ class GlobalCom2(ClsAttentionMethod):
     other models it declares itself not applicable, and a sample whose layout is not a base view plus
     mapped crops is refused (MethodNotApplicable).
 
-    Deviations: (a) the reference's "attention" is the head mean of the pre-softmax logits (its custom
-    CLIP attention averages ``q k^T`` before the softmax); the recording holds attention probabilities,
-    so we use those, as the paper describes [CLS] attention. With probabilities (summing to 1 over the
-    thumbnail) and the code's temperature 10 the crop ratios are close to equal. (b) The reference
-    assigns thumbnail patches to crops by equal integer bands of the thumbnail grid; we assign each
-    thumbnail token to the crop whose unpadded token boxes contain its pixel-box centre (the region it
-    shows). (c) The reference's retention ratio is fixed (0.25) and its floors make the kept count
-    approximate; we derive R from the budget and keep exactly the budget (largest remainders).
+    As the code by default: (a) ``scores="logits"``: the "attention" is the head mean of the
+    pre-softmax scores ``q.k x scale`` (the code's custom CLIP attention averages them before the
+    softmax; the recorded ``attention_logits``). ``scores="probabilities"`` reads the head-mean softmax
+    instead, as the paper describes [CLS] attention; with probabilities (summing to 1 over the
+    thumbnail) and the code's temperature 10 the crop ratios are close to equal. (b) ``regions="bands"``:
+    thumbnail patch (i, j) counts for crop (min(i // (side // rows), rows - 1), likewise j), the code's
+    equal integer bands; ``regions="pixels"`` assigns it to the crop whose unpadded token boxes contain
+    its pixel-box centre (the region it shows). (c) ``count="reference"``: the thumbnail keeps
+    ``int(N_base R)`` and crop i ``int(N_i scale_i)``, the code's floors, so fewer than the budget stay
+    (``kept_counts`` says how many); ``count="budget"`` keeps exactly the budget (the crops share the rest
+    by largest remainders). The one deviation left: R is the budget's ratio n_keep / N where the code
+    fixes 0.25 (R = 0.25 is the code). Crops are found from the layout's tower map; a crop that
+    unpadding removes entirely holds no tokens and no band.
     ``Stage.scores``: the thumbnail's [CLS] attention on thumbnail tokens, the combined score on crop tokens.
     """
 
@@ -102,13 +123,19 @@ class GlobalCom2(ClsAttentionMethod):
         "llava/model/llava_arch.py (retention_ratio 0.25, generate_scale_for_crop_features: temperature 10, "
         "compress_thumbnail, interpolate_and_split_cls_attn_scores, select_topk_crop_features: l2-normalised crop "
         "+ thumbnail scores) and llava/model/multimodal_encoder/apply_customvit.py (head-mean pre-softmax scores, "
-        "attn_maps[-1]). Deviations: attention probabilities instead of logits; crops' thumbnail regions by pixel "
-        "position; exact budget instead of the fixed 0.25 ratio.")
+        "attn_maps[-1]). Defaults follow the code (logits, integer bands, int(N x ratio) counts) with the ratio "
+        "set by the budget; scores='probabilities', regions='pixels', count='budget' are the named deviations.")
 
     temperature: float = 10.0
     reference_layer: int = REFERENCE_TOWER_DEPTH - 1
+    scores: str = "logits"
+    regions: str = "bands"
+    count: str = "reference"
 
     def __post_init__(self):
+        for name, allowed in (("scores", tuple(SCORE_SIGNALS)), ("regions", REGION_RULES), ("count", COUNT_RULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"globalcom2: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"globalcom2: temperature must be a finite number > 0, got {self.temperature!r}")
@@ -130,13 +157,26 @@ class GlobalCom2(ClsAttentionMethod):
     def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
         return (self.layer(model),)
 
-    def shares(self, layout: VisualLayout, n_keep: int, cls: np.ndarray, base: int, crops) -> tuple[int, list[int]]:
-        """(thumbnail count, count of each crop) for ``n_keep`` tokens."""
+    def cls_need(self, model: ModelFacts) -> SignalNeed:
+        return SignalNeed(SCORE_SIGNALS[self.scores], "tower", self.layer(model), "cls")
+
+    def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
+        if self.applicability(model) is not None:
+            return ()  # select() raises MethodNotApplicable; a sweep's shared recording needs nothing
+        return (self.cls_need(model),)
+
+    def crop_ratios(self, layout: VisualLayout, cls: np.ndarray, base: int, crops, retention: float) -> np.ndarray:
+        """Each crop's retention ratio from the thumbnail's scores summed over the crop's region."""
         base_tokens = np.flatnonzero(layout.group == base)
-        sizes = [len(c) for c in crops]
-        retention = n_keep / layout.n_tokens
-        base_keep = min(int(len(base_tokens) * retention), len(base_tokens))
-        base_keep = max(base_keep, n_keep - sum(sizes))
+        if self.regions == "bands":
+            places, rows, cols = crop_grid(layout, crops)
+            grp = layout.groups[base]
+            band_rows, band_cols = max(grp.rows // rows, 1), max(grp.cols // cols, 1)
+            cells = layout.cell[base_tokens]
+            band = (np.minimum(cells[:, 0] // band_rows, rows - 1) * cols
+                    + np.minimum(cells[:, 1] // band_cols, cols - 1))
+            sums = np.bincount(band, weights=cls[base_tokens], minlength=rows * cols)
+            return crop_scales(sums, retention, self.temperature)[[r * cols + c for r, c in places]]
         boxes = layout.boxes[base_tokens]
         centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
         region = []
@@ -145,16 +185,30 @@ class GlobalCom2(ClsAttentionMethod):
             x0, y0, x1, y1 = b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()
             inside = (centres[:, 0] >= x0) & (centres[:, 0] < x1) & (centres[:, 1] >= y0) & (centres[:, 1] < y1)
             region.append(float(cls[base_tokens[inside]].sum()))
-        scales = crop_scales(region, retention, self.temperature)
+        return crop_scales(region, retention, self.temperature)
+
+    def shares(self, layout: VisualLayout, n_keep: int, cls: np.ndarray, base: int, crops) -> tuple[int, list[int]]:
+        """(thumbnail count, count of each crop) for ``n_keep`` tokens."""
+        n_base = int(np.sum(layout.group == base))
+        sizes = [len(c) for c in crops]
+        retention = n_keep / layout.n_tokens
+        base_keep = min(int(n_base * retention), n_base)
+        scales = self.crop_ratios(layout, cls, base, crops, retention)
+        if self.count == "reference":
+            return base_keep, [int(n * s) for n, s in zip(sizes, scales)]
+        base_keep = max(base_keep, n_keep - sum(sizes))
         weights = [n * s for n, s in zip(sizes, scales)]
         return base_keep, weighted_split(n_keep - base_keep, weights, sizes)
+
+    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        return (len(self.select(context).final_kept),)
 
     def select(self, context: SelectionContext) -> KeepPlan:
         model = context.require_model()
         self.check_applies(model)
         layout = context.layout
         base, crop_group, crops = _crops(layout)
-        cls = row_scores(context, cls_need(self.layer(model)))
+        cls = row_scores(context, self.cls_need(model))
         base_keep, crop_keep = self.shares(layout, context.n_keep, cls, base, crops)
         base_tokens = np.flatnonzero(layout.group == base)
         scores = cls.copy()

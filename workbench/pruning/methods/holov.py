@@ -57,11 +57,15 @@ def crop_score(features: np.ndarray, attention: np.ndarray, alpha: float) -> flo
     return float((scaled + alpha * variance).mean())
 
 
-def allocate(scores, total: int, caps) -> list[int]:
+OVERFLOWS = ("drop", "reallocate")
+
+
+def allocate(scores, total: int, caps, overflow: str = "reallocate") -> list[int]:
     """The reference's allocation: ``floor(w * total)`` with ``w = s / (sum s + 1e-6)``, then one more
     token to each of the ``remaining`` highest-weight crops (ties: the earlier crop). A crop allotted
-    more than it holds keeps all its tokens and its overflow is allocated the same way among the
-    crops with room (the reference drops the overflow and pads with zero embeddings)."""
+    more than it holds keeps all its tokens; its overflow is lost (``"drop"``, the reference, which
+    then pads with zero embeddings) or allocated the same way among the crops with room
+    (``"reallocate"``)."""
     scores = np.asarray(scores, dtype=np.float64)
     caps = np.asarray(caps, dtype=np.int64)
     shares = np.zeros(len(scores), dtype=np.int64)
@@ -75,6 +79,8 @@ def allocate(scores, total: int, caps) -> list[int]:
         add[order[: min(extra, len(open_))]] += 1
         room = caps[open_] - shares[open_]
         shares[open_] += np.minimum(add, room)
+        if overflow == "drop":
+            break
         left = int(total - shares.sum())
         if left > 0 and not (shares < caps).any():
             raise ValueError(f"cannot keep {total} tokens out of {int(caps.sum())}")
@@ -107,9 +113,12 @@ class HoloV(PruningMethod):
     contiguous runs of the flattened token sequence (36 tokens = 1.5 rows of LLaVA-1.5's 24x24 grid; on
     LLaVA-NeXT the thumbnail then the unpadded tiles, newlines excluded). We follow the code. Its LLaVA code
     hard-codes 16 crops and 64 tokens; its Qwen2.5-VL port derives the count from the budget (16 at 64 of
-    576); we use the port's rule by default. Deviation: where a crop is allotted more tokens than it holds,
-    the reference drops the overflow and pads the sequence with zero embeddings; we give the overflow to
-    the other crops by the same rule and keep exactly the budget. ``Stage.scores``: the attention.
+    576); we use the port's rule by default. Where a crop is allotted more tokens than it holds, the
+    reference drops the overflow (``overflow="drop"``, the default: fewer tokens than the budget are
+    kept) and pads the sequence with zero embeddings, which a plan cannot insert (not reproduced);
+    ``overflow="reallocate"`` gives the overflow to the other crops by the same rule and keeps exactly
+    the budget. The reference also orders each crop's kept tokens by attention in the sequence; the
+    executor keeps the layout order (same kept set). ``Stage.scores``: the attention.
     """
 
     scored_by: ClassVar[str] = "visual_attention"
@@ -121,12 +130,16 @@ class HoloV(PruningMethod):
         "allocation, per-chunk top-k by attention), llava/model/llava_arch.py (num_patches=16, 64 tokens; "
         "projected features) and qwen-model-HoloV/ (chunk count max(1, int(1024/576 * N / keep)); last-layer "
         "received attention without [CLS]). The paper speaks of spatial crops, the code cuts the token sequence "
-        "(followed); overflow re-allocated instead of zero padding.")
+        "(followed); a crop's overflow is dropped as the code (its zero-embedding padding is not inserted); "
+        "overflow='reallocate' keeps exactly the budget.")
 
     alpha: float = 0.09
     num_patches: int | None = None
+    overflow: str = "drop"
 
     def __post_init__(self):
+        if self.overflow not in OVERFLOWS:
+            raise ValueError(f"holov: overflow must be one of {OVERFLOWS}, got {self.overflow!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
                 or self.alpha < 0:
             raise ValueError(f"holov: alpha must be a finite number >= 0, got {self.alpha!r}")
@@ -155,6 +168,6 @@ class HoloV(PruningMethod):
         if n_keep > 0:
             runs = chunks(n, self.num_patches or chunk_count(n, n_keep))
             scores = [crop_score(features[run], attention[run], self.alpha) for run in runs]
-            for run, k in zip(runs, allocate(scores, n_keep, [len(r) for r in runs])):
+            for run, k in zip(runs, allocate(scores, n_keep, [len(r) for r in runs], self.overflow)):
                 kept += [int(i) for i in top_k(attention, k, among=run)]
         return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(attention))])

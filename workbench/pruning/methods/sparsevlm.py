@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -15,9 +16,17 @@ from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
 
 REFERENCE_TOKENS = 576  # LLaVA-1.5's visual tokens, for which the schedules are written
-# ``sparse_token_list_<budget>`` of llava/model/language_model/score.py (version 1.0).
-REFERENCE_SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
+# ``sparse_token_list_<budget>`` of llava/model/language_model/score.py lines 11-14, per ``USE_VERSION``.
+REFERENCE_SCHEDULES = {
+    "1_0": {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)},
+    "2_0": {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)},
+}
+VERSIONS = tuple(REFERENCE_SCHEDULES)
 POSITIONS = ("reindex", "original")
+# Version 2.0 keeps the ``topk(14)`` heads (score.py line 53) of LLaVA-1.5-7B's 32; other decoders keep
+# the same fraction of theirs.
+PRIORITY_HEADS, REFERENCE_HEADS = 14, 32
+MERGE_EPS = 1e-6  # cluster_and_merge divides each member by (cluster size + 1e-6), utils.py line 229
 
 
 def select_raters(visual: np.ndarray, text: np.ndarray) -> np.ndarray:
@@ -63,7 +72,7 @@ def sparse_stage(layer: int, alive: np.ndarray, relation: np.ndarray, count: int
     """One SparseVLM step on the live ``alive`` tokens (original indices) scored by ``relation``:
     keep the top ``min(count, M - 1)``; recycle the top 30 % (+1) of the deleted by score, cluster
     them on ``states`` (their hidden states, rows aligned with ``alive``) and merge each cluster
-    (plain mean, as the reference's cluster average) into its centre, which is kept."""
+    (its average, as the reference's) into its centre, which is kept."""
     scores = np.full(n_visual, np.nan)
     scores[alive] = relation
     kept = top_k(scores, max(min(count, len(alive) - 1), 0), among=alive)
@@ -77,18 +86,47 @@ def sparse_stage(layer: int, alive: np.ndarray, relation: np.ndarray, count: int
         for c, centre in enumerate(centres):
             members = chosen[labels == c]
             sources = [int(t) for t in members if t != chosen[centre]]
-            if sources:
-                merges.append(Merge.mean(int(chosen[centre]), sources))
+            if sources:  # the cluster's average, weights 1 / (size + 1e-6) as cluster_and_merge
+                weight = 1.0 / (len(members) + MERGE_EPS)
+                merges.append(Merge(int(chosen[centre]), sources, (weight,) * len(members)))
         kept = np.union1d(kept, chosen[centres])
     return Stage(layer, tuple(kept), tuple(scores), tuple(merges), position=position)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_gravity(cos: torch.Tensor, sin: torch.Tensor, rows, cols) -> torch.Tensor:
+    """[R, C] version 2.0's "attention gravity": the scaled dot product of an all-ones query at
+    ``rows`` with an all-ones key at ``cols`` after rotary embedding (``cos``/``sin`` [S, d] of the
+    sequence), i.e. the part of an attention logit that only RoPE contributes."""
+    ones = cos.new_ones(cos.shape)
+    rotated = ones * cos + _rotate_half(ones) * sin
+    return rotated[rows] @ rotated[cols].T / math.sqrt(cos.shape[-1])
+
+
+def priority_head_count(n_heads: int) -> int:
+    return max(1, min(n_heads, int(round(PRIORITY_HEADS * n_heads / REFERENCE_HEADS))))
+
+
+def relation_v2(probs: torch.Tensor, gravity: torch.Tensor) -> torch.Tensor:
+    """[M] version 2.0's score of the live visual tokens from the raters' attention ``probs`` [H, R, M]
+    on them: divided by the RoPE gravity [R, M] (modelling_sparse_llama.py lines 242-251), the heads
+    with the largest total rater-to-visual attention kept (score.py ``select_attn_head_by_sum``, ties:
+    lower index), their mean, then the mean over the raters (``attn_postprocess_topk``)."""
+    corrected = probs.double() / gravity.double()[None]
+    heads = torch.sort(-corrected.sum(dim=(1, 2)), stable=True).indices[:priority_head_count(len(probs))]
+    return corrected[heads].mean(0).mean(0)
 
 
 @register_method("sparsevlm")
 @dataclass(frozen=True)
 class SparseVLM(PruningMethod):
     """SparseVLM (Zhang et al., "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
-    Model Inference", arXiv 2410.04417; code Gumpest/SparseVLMs, version 1.0:
-    ``llava/model/language_model/modelling_sparse_llama.py``, ``score.py``, ``utils.py``).
+    Model Inference", arXiv 2410.04417; code Gumpest/SparseVLMs: ``llava/model/language_model/
+    modelling_sparse_llama.py``, ``score.py``, ``utils.py``; ``version`` = its ``USE_VERSION``).
 
     Raters: at the LLM input, softmax(V T^T) over the text axis (V: visual embeddings, T: every token
     after the image), averaged over the visual tokens; text tokens above the mean rate (read from
@@ -100,12 +138,23 @@ class SparseVLM(PruningMethod):
     reference layer whose scaled scoring layer would be the previous stage's layer (the callback
     cannot score a layer on a sequence it is about to cut) folds into the next one.
 
-    Recycling: the top 30 % (+1) of the deleted tokens by the same score are clustered (DPC-kNN,
-    ``int(m/10)+1`` clusters) on the layer's output states and each cluster is averaged into a new
-    token. We represent a recycled token by the cluster's DPC centre, kept at its own position, with
-    its cluster merged into it (``Merge.mean``); the reference appends the new tokens after the kept
-    visual tokens. Version 1.0 numbers the pruned sequence contiguously: ``position="reindex"``;
-    on M-RoPE models (no re-indexing in the executor) it falls back to ``"original"``.
+    Version ``"1_0"`` (default, as the code's default): recycling: the top 30 % (+1) of the deleted
+    tokens by the same score are clustered (DPC-kNN, ``int(m/10)+1`` clusters) on the layer's output
+    states and each cluster is averaged (weights ``1 / (size + 1e-6)``) into a new token; the pruned
+    sequence is numbered contiguously (``position="reindex"``; on M-RoPE models, which the executor
+    cannot re-index, ``"original"``). Version ``"2_0"`` (SparseVLM+): its own schedules; the raters'
+    attention is divided by the RoPE-only logit of all-ones queries and keys ("gravity correction",
+    ``rope_gravity``), only the 14 of 32 heads with the largest rater-to-visual total are averaged
+    (the same fraction of this decoder's heads), no recycling, and the kept tokens keep their position
+    ids (``"original"``). ``recycle`` and ``position`` default to the version's choice.
+
+    Remaining deviation (no parameter can undo it): the reference appends each recycled token after
+    the kept visual tokens; a plan can only keep original tokens in their order, so the cluster's
+    average is written into the cluster's DPC centre (a deleted token), kept at its own place in the
+    sequence. The kept original tokens and the clusters are the reference's; on models where the
+    stages fold into one (the shipped model, 2-layer decoders) every selection is therefore the
+    reference's, only the recycled tokens' places in the sequence differ. The reference adds
+    ``rand * 1e-6`` to the DPC densities to break ties; we break them by the lower index.
 
     Budget: the reference's per-layer schedules exist for 192/128/96/64 of 576 tokens (each
     averaging that many tokens over the 32 layers); the one whose fraction is nearest to n_keep/N
@@ -116,17 +165,20 @@ class SparseVLM(PruningMethod):
     scored_by: ClassVar[str] = "text_attention"
 
     reference: ClassVar[str] = (
-        "SparseVLM (arXiv 2410.04417); code Gumpest/SparseVLMs v1.0, llava/model/language_model/"
-        "modelling_sparse_llama.py, score.py (sparse_token_list_192/128/96/64), utils.py (cluster_and_merge). "
-        "Raters = text tokens above the mean of mean_v softmax_t(V T^T); at layers 2/6/15 (scaled) the "
-        "raters' head-mean attention of that layer ranks the live visual tokens, the layer's output is "
-        "pruned, 30% of the deleted are DPC-kNN clustered and recycled, positions re-indexed. Deviations: "
-        "recycled tokens = cluster centres with their cluster merged in, at their own positions; schedule "
-        "chosen by the nearest reference budget fraction, scaled to N; 'original' positions on M-RoPE.")
+        "SparseVLM (arXiv 2410.04417); code Gumpest/SparseVLMs (USE_VERSION 1_0 default, 2_0 = version='2_0'), "
+        "llava/model/language_model/modelling_sparse_llama.py, score.py (sparse_token_list_192/128/96/64, "
+        "select_attn_head_by_sum), utils.py (cluster_and_merge). Raters = text tokens above the mean of "
+        "mean_v softmax_t(V T^T); at layers 2/6/15 (scaled) the raters' attention of that layer ranks the live "
+        "visual tokens and the layer's output is pruned. v1.0: head mean, 30% of the deleted DPC-kNN clustered "
+        "and recycled, positions re-indexed. v2.0: attention / RoPE gravity, top 14/32 heads, no recycling, "
+        "original positions. Variants: recycle=False, position='original'|'reindex'. Deviations: a recycled "
+        "token sits at its cluster centre's place instead of after the kept tokens; schedule chosen by the "
+        "nearest reference budget fraction, scaled to N; 'original' positions on M-RoPE.")
 
     layers: tuple[int, ...] = (2, 6, 15)
-    recycle: bool = True
-    position: str = "reindex"
+    version: str = "1_0"
+    recycle: bool | None = None
+    position: str | None = None
 
     def __post_init__(self):
         layers = tuple(self.layers)
@@ -136,14 +188,31 @@ class SparseVLM(PruningMethod):
             raise ValueError(f"sparsevlm: layers must be three increasing ints >= 0 (one per schedule "
                              f"entry), got {self.layers!r}")
         check_reference_layers("sparsevlm", "layers", layers)
-        if not isinstance(self.recycle, bool):
-            raise ValueError(f"sparsevlm: recycle must be a bool, got {self.recycle!r}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"sparsevlm: position must be one of {POSITIONS}, got {self.position!r}")
+        if self.version not in VERSIONS:
+            raise ValueError(f"sparsevlm: version must be one of {VERSIONS}, got {self.version!r}")
+        if self.recycle is not None and not isinstance(self.recycle, bool):
+            raise ValueError(f"sparsevlm: recycle must be a bool (or None: the version's), got {self.recycle!r}")
+        if self.position is not None and self.position not in POSITIONS:
+            raise ValueError(f"sparsevlm: position must be one of {POSITIONS} (or None: the version's), "
+                             f"got {self.position!r}")
+
+    @property
+    def recycles(self) -> bool:
+        """Whether deleted tokens are recycled: version 1.0 does, 2.0 cancels it (line 274)."""
+        return self.version == "1_0" if self.recycle is None else self.recycle
+
+    @property
+    def positions(self) -> str:
+        """Version 1.0 re-numbers the pruned sequence (line 314), 2.0 keeps the position ids (line 312)."""
+        if self.position is not None:
+            return self.position
+        return "reindex" if self.version == "1_0" else "original"
 
     def applicability(self, model: ModelFacts) -> str | None:
         if model.decoder_layers < 2:
             return f"it scores with one layer and prunes before the next, this decoder has {model.decoder_layers}"
+        if self.version == "2_0" and model.mrope:
+            return "version 2_0's gravity correction is written for one-axis RoPE, this decoder uses M-RoPE"
         return None
 
     def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
@@ -151,12 +220,12 @@ class SparseVLM(PruningMethod):
 
     def reference_budget(self, context: SelectionContext) -> int:
         fraction = context.n_keep / context.n_visual if context.n_visual else 0.0
-        return min(REFERENCE_SCHEDULES, key=lambda b: (abs(b / REFERENCE_TOKENS - fraction), -b))
+        return min(REFERENCE_SCHEDULES[self.version], key=lambda b: (abs(b / REFERENCE_TOKENS - fraction), -b))
 
     def scoring_schedule(self, context: SelectionContext) -> tuple[tuple[int, int], ...]:
         """((scoring layer, schedule count), ...); each stage acts before scoring layer + 1."""
         depth = context.require_model().decoder_layers
-        counts = REFERENCE_SCHEDULES[self.reference_budget(context)]
+        counts = REFERENCE_SCHEDULES[self.version][self.reference_budget(context)]
         scale = context.n_visual / REFERENCE_TOKENS
         out: list[list[int]] = []
         for k, count in zip(self.layers, counts):
@@ -172,7 +241,7 @@ class SparseVLM(PruningMethod):
         alive, counts = context.n_visual, []
         for _, count in self.scoring_schedule(context):
             keep = max(min(count, alive - 1), 0)
-            alive = keep + (recycle_count(alive - keep)[1] if self.recycle else 0)
+            alive = keep + (recycle_count(alive - keep)[1] if self.recycles else 0)
             counts.append(alive)
         return tuple(counts)
 
@@ -185,10 +254,22 @@ class SparseVLM(PruningMethod):
         self.check_applies(context.require_model())
         return self.plan(context, [])  # every stage is chosen on the live state by the callback
 
+    def relation(self, state, raters: torch.Tensor) -> np.ndarray:
+        """[M] the raters' score of the live visual tokens in this layer (the version's rule)."""
+        rows = state.text_rows[raters]
+        probs = state.attention(rows)  # [H, R, S]
+        visual = state.visual_rows.to(probs.device)
+        if self.version == "1_0":
+            return probs.mean(0)[:, visual].mean(0).double().cpu().numpy()
+        cos, sin = (t.reshape(-1, t.shape[-1]).to(probs.device, torch.float64) for t in state.position_embeddings)
+        gravity = rope_gravity(cos, sin, rows.to(probs.device), visual)
+        return relation_v2(probs[:, :, visual], gravity).cpu().numpy()
+
     def layer_callback(self, context: SelectionContext):
         schedule = dict(self.scoring_schedule(context))
         raters = torch.as_tensor(self.raters(context), dtype=torch.long)
         n_visual = context.n_visual
+        recycle = self.recycles
         pending = {}
 
         def callback(layer, state):
@@ -197,16 +278,14 @@ class SparseVLM(PruningMethod):
                 alive = np.asarray(state.visual_indices)
                 if not np.array_equal(alive, pending["alive"]):
                     raise RuntimeError("sparsevlm: the visual tokens changed between scoring and pruning")
-                states = state.hidden_states[0, state.visual_rows].double().cpu().numpy() if self.recycle else None
+                states = state.hidden_states[0, state.visual_rows].double().cpu().numpy() if recycle else None
                 stage = sparse_stage(layer, alive, pending.pop("relation"), schedule[layer - 1], states,
-                                     n_visual, self.position if state.position_ids.dim() == 2 else "original",
-                                     self.recycle)
+                                     n_visual, self.positions if state.position_ids.dim() == 2 else "original",
+                                     recycle)
             if layer in schedule:
                 if len(raters) == 0 or len(state.text_rows) == 0:
                     raise MethodNotApplicable("sparsevlm: no text rater token after the image")
-                probs = state.attention(state.text_rows[raters])  # [H, R, S]
-                relation = probs.mean(0)[:, state.visual_rows.to(probs.device)].mean(0)
-                pending["relation"] = relation.double().cpu().numpy()
+                pending["relation"] = self.relation(state, raters)
                 pending["alive"] = np.asarray(state.visual_indices)
             return stage
 

@@ -82,6 +82,7 @@ class TransPrune(PruningMethod):
     """
 
     scored_by: ClassVar[str] = "text_attention"
+    hooks_layers: ClassVar[bool] = True  # its transitions are measured on the layers it watches
 
     reference: ClassVar[str] = (
         "TransPrune: Token Transition Pruning for Efficient Large Vision-Language Model (arXiv "

@@ -24,6 +24,15 @@ from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, 
 from workbench.pruning.registry import register_method
 from workbench.tower_map import tower_to_layout, tower_views
 
+# m_grid: "code" uses vit_m as is on every grid (the code's ``a``, base and tiles alike); "scaled" multiplies
+# it by each grid's side / 27, keeping the 27 x 27 grouping's shape on other grids.
+M_GRID_RULES = ("code", "scaled")
+# recycling: "code" merges only on layouts with a base view plus other views (the code's AnyRes branch);
+# a single-view layout takes the code's flat branch, a plain top-k. "always" recycles on every layout.
+RECYCLING_RULES = ("code", "always")
+# newlines: "count": the counts L (merged-token count) and M (in-LLM drops) include the layout's separators,
+# as the code's image_newline entries (scored 1, never dropped) on the AnyRes branch; "ignore": visual only.
+NEWLINE_RULES = ("count", "ignore")
 REFERENCE_GRID = 27  # SigLIP's 27 x 27 patch grid (LLaVA-OneVision), for which ``vit_m`` is written
 # The searched settings of ``lmms_eval/models/llava_onevision_training_free.py`` (illava_config):
 # label -> (vit_t, alpha_v, vit_m, vit_r, llm_ratios).
@@ -98,14 +107,19 @@ class VFlowOpt(PruningMethod):
     The optimisation (Bayesian search of these settings, ``llava_ov_opt_all.py``) is not rerun: its
     results are parameters (``SEARCHED`` holds all three). Budget: ``vit_r=None`` (default) keeps
     ``n_keep`` tokens out of the tower before recycling (``reduce = N - n_keep``); a float uses the
-    searched ratio and ignores n_keep. Recycling adds one token per non-empty m x m cell, so the
-    pre-LLM count is ``n_keep - int(N / m'^2) + cells``; ``kept_counts`` runs the selection.
+    searched ratio and ignores n_keep. Recycling drops ``int(L / m^2)`` more and adds back one token per
+    non-empty m x m cell; ``kept_counts`` runs the selection.
+
+    As the code by default: ``vit_m`` is used as is on every grid (``m_grid="scaled"``: scaled by the
+    grid's side / 27); recycling runs only on layouts with a base view plus other views (the code's AnyRes
+    branch, lines 553-630), single-view layouts take its flat branch (lines 645-672: top-k, no merge;
+    ``recycling="always"`` recycles there too); the image-newline separators count in L and in the in-LLM
+    M as the code's newline entries do (``newlines="ignore"``: visual tokens only).
 
     Deviations: the score is read from the UNPRUNED recording at the projector's feed layer (the code
     also computes it from a full tower pass) as the head-mean visual->visual attention (a [CLS] row and
     column, where the tower has one, is left out; SigLIP has none). Patch entropy needs the image's
-    pixels, which the recording does not hold: ``alpha_v`` must be 0 (every searched setting has 0).
-    ``m`` is written for the 27 x 27 grid and is scaled by each grid's side / 27. Multi-view towers
+    pixels, which the recording does not hold: ``alpha_v`` must be 0 (every searched setting has 0). Multi-view towers
     (tiles) are folded onto the layout by its tower map (mean per token) and one ranking runs over
     all tokens (the code ranks base image and tiles together too, with the image-newline tokens
     given score 1; our layouts keep separators). The pre-LLM stage renumbers positions (the code
@@ -121,7 +135,8 @@ class VFlowOpt(PruningMethod):
         "(drop round(L(1-vit_r)) lowest + recycle int(L/m^2) more on an m x m grid, importance-weighted into the "
         "group's best), qwen2/modeling_qwen2.py forward_illava (drop the lowest round(M(1-r)) before layers 9/18 of "
         "28). Searched 10% setting as defaults; the search itself not rerun. Score read from the unpruned recording; "
-        "alpha_v fixed at 0 (no pixels in the recording); n_keep replaces vit_r unless given; m scaled to the grid.")
+        "alpha_v fixed at 0 (no pixels in the recording); n_keep replaces vit_r unless given. Named deviations: "
+        "m_grid='scaled', recycling='always', newlines='ignore'.")
 
     vit_t: float = SEARCHED[0.1][0]
     alpha_v: float = SEARCHED[0.1][1]
@@ -130,6 +145,9 @@ class VFlowOpt(PruningMethod):
     llm_layers: tuple[int, ...] = (10, 21)  # illava_llm_k = 9, 18 of 28
     llm_ratios: tuple[float, ...] = SEARCHED[0.1][4]
     position: str = "reindex"  # of the pre-LLM stage (the in-LLM stages keep positions, as the code)
+    m_grid: str = "code"
+    recycling: str = "code"
+    newlines: str = "count"
 
     def __post_init__(self):
         def number(name, low, high, low_open=True):
@@ -155,6 +173,9 @@ class VFlowOpt(PruningMethod):
                 isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1 for r in self.llm_ratios):
             raise ValueError(f"vflowopt: llm_ratios must hold one keep ratio in [0, 1] per llm layer, got "
                              f"{self.llm_ratios!r} for layers {self.llm_layers}")
+        for name, allowed in (("m_grid", M_GRID_RULES), ("recycling", RECYCLING_RULES), ("newlines", NEWLINE_RULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"vflowopt: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.position not in POSITION_POLICIES:
             raise ValueError(f"vflowopt: position must be one of {POSITION_POLICIES}, got {self.position!r}")
 
@@ -192,18 +213,23 @@ class VFlowOpt(PruningMethod):
         self.check_applies(model)
         layout, n = context.layout, context.n_visual
         scores = self.importance(context)
-        keep = context.n_keep if self.vit_r is None else n - round(n * (1 - self.vit_r))
-        side = layout.groups[0].rows if layout.groups else REFERENCE_GRID
-        m = self.vit_m * side / REFERENCE_GRID
-        n_merged = int(n / (m * m))
-        low = lowest(scores, min(n - keep + n_merged, n), np.arange(n))
-        representatives, merges = recycle(layout, scores, low, m)
+        anyres = len(layout.groups) > 1 and any(g.is_base_view for g in layout.groups)
+        recycling = anyres or self.recycling == "always"
+        newlines = len(layout.separators) if anyres and self.newlines == "count" else 0
+        length = n + newlines  # the code's image_token_length: newline entries score 1 and are never dropped
+        keep = context.n_keep if self.vit_r is None else length - round(length * (1 - self.vit_r)) - newlines
+        m = self.vit_m
+        if self.m_grid == "scaled":
+            m *= (layout.groups[0].rows if layout.groups else REFERENCE_GRID) / REFERENCE_GRID
+        n_merged = int(length / (m * m)) if recycling else 0
+        low = lowest(scores, min(max(n - keep, 0) + n_merged, n), np.arange(n))
+        representatives, merges = recycle(layout, scores, low, m) if recycling else (np.zeros(0, np.int64), [])
         alive = np.union1d(np.setdiff1d(np.arange(n), low), representatives)
         stages = [Stage(PRE_LLM, tuple(int(i) for i in alive), tuple(scores), tuple(merges),
                         position_for(self.position, model))]
         for layer, ratios in self.llm_schedule(model):
             for ratio in ratios:
-                drop = round(len(alive) * (1 - ratio))
+                drop = min(round((len(alive) + newlines) * (1 - ratio)), len(alive))
                 alive = np.setdiff1d(alive, lowest(scores, drop, alive))
             stages.append(Stage(layer, tuple(int(i) for i in alive), tuple(scores), position="original"))
         return self.plan(context, stages)

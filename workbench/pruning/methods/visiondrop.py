@@ -3,9 +3,10 @@
 At each stage the ``dominant`` most important visual tokens are kept; of the others a uniformly
 spaced ``contextual`` subset are kept as merge targets and every remaining token is folded into
 its most similar target (cosine of the head-mean keys): ``target + mean(assigned sources)``.
-Stage 0 acts on the tower's output (before the LLM), the later ones inside the LLM, where the
-importance is the visual->visual attention of that layer averaged over the visual query rows,
-recomputed on the live, already pruned sequence.
+Stage 0 acts inside the vision tower on the features that feed the projector (``"tower:<layer>"``,
+``workbench/pruning/tower_stages.py``; ``progression="simulated"``: on the projected embeddings
+before the LLM), the later ones inside the LLM, where the importance is the visual->visual attention
+of that layer averaged over the visual query rows, recomputed on the live, already pruned sequence.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, Stage
+from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, Stage, tower_where
 from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
 from workbench.pruning.registry import register_method
+from workbench.pruning.tower_stages import PROGRESSIONS, in_tower_reason
 from workbench.tower_map import tower_features, tower_scores, tower_to_layout, tower_views
 
 TOWER_SCORES = ("cls", "visual")
@@ -73,7 +75,12 @@ class VisionDrop(PruningMethod):
     What the code does, and we follow:
     * tower stage (before the projector, on the features of layer -2): importance = the [CLS]
       attention row of that layer (head sum; VisionZip's rule, ``tower_score="cls"``); dominant =
-      top-k; metric = that layer's keys; contextual merging as in ``contextual_merges``;
+      top-k, the [CLS] filling one of the ``dominant`` slots (``main.py``: ``dominant_num =
+      dominant - 1`` patches; ``cls_slot=False`` takes ``dominant`` patches); metric = that layer's
+      keys; contextual merging as in ``contextual_merges``, on the tower's features
+      (``progression="tower"``: a ``"tower:<feed layer>"`` stage whose merges act on the hidden
+      states that feed the projector). Nothing is pruned in the tower before that layer, so the
+      selection read from the unpruned recording is the code's;
     * LLM stage "after layer k-1" = before layer k, with layer k's own q/k (input norm + RoPE) on
       the pruned sequence: importance = causal visual->visual attention, head mean, mean over the
       visual query rows; metric = layer k's keys averaged over KV heads; the sequence is then
@@ -86,11 +93,11 @@ class VisionDrop(PruningMethod):
     ``kept_counts`` returns it; the final stage keeps about 19/32 of the budget because the
     reference's budget is an average.
 
-    Deviations: the tower stage is computed from the unpruned recording (signals at the
-    projector's feed layer) and applied as a ``pre_llm`` stage, so its merges act on projected
-    embeddings, not tower features; the reference keeps the [CLS] token itself among the 42
-    "dominant" (41 patches + [CLS]), we keep ``dominant`` patches (our layouts carry no [CLS]);
-    the reference moves kept tokens to [dominant..., contextual...] order,
+    Deviations: ``progression="simulated"`` applies the tower stage as a ``pre_llm`` stage, so its
+    merges act on projected embeddings, not tower features (the projector is not linear); the
+    reference passes the [CLS] token itself on to the LLM as one of its visual tokens, our layouts
+    have no slot for it (the LLM gets the 41 patches + contextual tokens; the [CLS] slot is still
+    counted, ``cls_slot``); the reference moves kept tokens to [dominant..., contextual...] order,
     we keep layout order (so later uniform spacing is over layout order). The paper motivates a
     visual-only score everywhere; for towers without [CLS] ``tower_score="visual"`` uses the
     tower's visual->visual attention (mean over query rows) at the feed layer (our fallback, not in
@@ -108,8 +115,10 @@ class VisionDrop(PruningMethod):
         "arXiv 2506.22283); github.com/Ruixxxx/VisionDrop llava/visionzip/clip_encoder.py (tower stage: "
         "[CLS] attention of layer -2, VisionZip-style) + llava/model/modeling_llama_visiondrop.py "
         "visiondrop_rank_drop (LLM: visual->visual attention averaged over visual rows, key-cosine "
-        "contextual merge target+mean(sources), reindexed positions). Code followed; tower stage "
-        "simulated from the recording as pre_llm (merges on projected embeddings), no [CLS] token kept."
+        "contextual merge target+mean(sources), reindexed positions). Code followed: the tower stage runs inside "
+        "the tower (tower:<feed layer>, merges on tower features, [CLS] fills one dominant slot); the [CLS] itself "
+        "is not passed to the LLM (no slot in our layouts). progression=simulated: the tower stage as pre_llm "
+        "(merges on projected embeddings)."
     )
 
     dominant: int = 42
@@ -119,6 +128,8 @@ class VisionDrop(PruningMethod):
     reference_budget: int = 32
     tower_score: str = "cls"
     position: str = "reindex"
+    progression: str = "tower"  # "tower": stage 0 inside the tower (the code); "simulated": as pre_llm
+    cls_slot: bool = True  # the [CLS] fills one of stage 0's dominant slots (the code's dominant - 1)
 
     def __post_init__(self):
         def count(value, name):
@@ -148,6 +159,10 @@ class VisionDrop(PruningMethod):
             raise ValueError(f"visiondrop: tower_score must be one of {TOWER_SCORES}, got {self.tower_score!r}")
         if self.position not in POSITION_POLICIES:
             raise ValueError(f"visiondrop: position must be one of {POSITION_POLICIES}, got {self.position!r}")
+        if self.progression not in PROGRESSIONS:
+            raise ValueError(f"visiondrop: progression must be one of {PROGRESSIONS}, got {self.progression!r}")
+        if not isinstance(self.cls_slot, bool):
+            raise ValueError(f"visiondrop: cls_slot must be true or false, got {self.cls_slot!r}")
 
     # --- model and schedule ----------------------------------------------------------------------
     def applicability(self, model: ModelFacts) -> str | None:
@@ -156,6 +171,11 @@ class VisionDrop(PruningMethod):
                     "use tower_score='visual' (visual->visual attention)")
         if self.llm_layers and model.decoder_layers < 2:
             return "its in-LLM stages need a decoder of at least 2 layers"
+        if self.progression == "tower":
+            reason = in_tower_reason(model)
+            if reason is not None:
+                return (f"its first stage runs inside the vision tower and {reason}; progression=simulated "
+                        "applies it to the projected embeddings instead")
         return None
 
     def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
@@ -164,7 +184,7 @@ class VisionDrop(PruningMethod):
                 SignalNeed("visual_keys", "tower", layer))
 
     def schedule(self, context: SelectionContext) -> list[tuple[object, int, int]]:
-        """[(where, dominant, contextual)]: the pre_llm stage, then one per (folded) LLM layer."""
+        """[(where, dominant patches, contextual)]: the tower (or pre_llm) stage, then one per (folded) LLM layer."""
         model = context.require_model()
         factor = context.n_keep / self.reference_budget
         raw = [(PRE_LLM, self.dominant, self.contextual)]
@@ -172,9 +192,13 @@ class VisionDrop(PruningMethod):
         for layer, (d, c) in zip(self.llm_layers, self.llm_tokens):
             folded[scaled_layer(layer, model.decoder_layers)] = (d, c)  # a later stage overrides
         raw += [(where, d, c) for where, (d, c) in sorted(folded.items())]
+        if self.progression == "tower":
+            raw[0] = (tower_where(model.projector_feed_tower_layer),) + raw[0][1:]
         stages, alive = [], context.n_visual
-        for where, d, c in raw:
+        for i, (where, d, c) in enumerate(raw):
             d, c = int(round(d * factor)), int(round(c * factor))
+            if i == 0 and self.cls_slot and model.has_cls_token and d > 0:
+                d -= 1  # main.py: ``dominant_num = dominant - 1``, the [CLS] takes one dominant slot
             if d + c == 0 and context.n_keep > 0:
                 d = 1  # a positive budget never rounds a stage down to nothing
             d = min(d, alive)
@@ -208,10 +232,10 @@ class VisionDrop(PruningMethod):
         layer = model.projector_feed_tower_layer
         importance = self.tower_importance(context, layer)
         metric = head_mean(tower_features(context.recording, context.layout, "visual_keys", layer), model.vision_heads)
-        _, d, c = self.schedule(context)[0]
+        where, d, c = self.schedule(context)[0]
         ids = np.arange(context.n_visual)
         kept, merges = dominant_and_contextual(ids, importance, metric, d, c)
-        return self.plan(context, [Stage(PRE_LLM, kept, tuple(importance), tuple(merges), self.position)])
+        return self.plan(context, [Stage(where, kept, tuple(importance), tuple(merges), self.position)])
 
     def layer_callback(self, context: SelectionContext):
         stages = {where: (d, c) for where, d, c in self.schedule(context)[1:]}

@@ -1,0 +1,96 @@
+"""Sweep throughput with ``--batch-size 16`` against one sample at a time, on the shipped model.
+
+Sixteen evaluation samples, their questions made of different lengths (so every batch is padded),
+go through the sweep's unit of work (``workbench.sweep.run_tasks``: recording, the unpruned run,
+the two controls, then each method at each budget) with a pre-LLM, an in-LLM and a callback
+method (uniform_grid, fastv, pyramiddrop) at two budgets: once as 16 batches of one sample, once
+as one batch of 16. Both take turns in each round (after a warm-up on two samples), so a drift in
+the machine's speed reaches both alike. Printed: median seconds per sample of each and their ratio
+(the goal is >= 3x at batch 16), and the same ratio for the executor alone (the 16 pruned runs of
+one method at one budget as one ``execute_batch`` against 16 ``execute`` calls), which leaves out
+the per-sample work batching does not touch: reading the image, the vision tower and the
+recording.
+
+Run: ``nice -n 19 .venv/bin/python benchmarks/bench_batching.py`` (about ten minutes on 2 busy CPU cores).
+On a GPU: ``.venv/bin/python benchmarks/bench_batching.py --device cuda`` (absolute times are
+printed too; the ratio is the number to read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from workbench.models.loading import load
+from workbench.pipeline import prepare_sample
+from workbench.pruning.executor import Job, execute, execute_batch
+from workbench.pruning.method import SelectionContext
+from workbench.pruning.registry import create_method
+from workbench.samples import read_dataset, sample_to_row
+from workbench.sweep import MethodSpec, SweepTask, run_tasks
+
+SAMPLES, BATCH, ROUNDS = 16, 16, 2
+METHODS = ("uniform_grid", "fastv", "pyramiddrop")
+BUDGETS = (0.33, 0.11)
+
+
+def tasks(root: Path) -> list[SweepTask]:
+    samples = [dataclasses.replace(s, question=s.question + " ?" * (i % 5))
+               for i, s in enumerate(read_dataset("data/eval/samples.jsonl", limit=SAMPLES))]
+    specs = tuple(MethodSpec(name) for name in METHODS)
+    return [SweepTask(sample_to_row(s, root), str(root), specs, BUDGETS) for s in samples]
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    adapter = load(device=args.device)
+    work = tasks(Path(tempfile.gettempdir()))
+    # The executor alone: one in-LLM method's plans on the 16 prepared samples.
+    method = create_method("fastv")
+    readies = [prepare_sample(adapter, s, [method]) for s in read_dataset("data/eval/samples.jsonl", limit=SAMPLES)]
+    jobs = []
+    for ready in readies:
+        context = SelectionContext(ready.prepared.layout, 0.22, ready.recording, ready.facts)
+        jobs.append(Job(ready.prepared, method.select(context), method.layer_callback(context), ready.sample.answer))
+    workloads = {
+        "sweep, batch 1": lambda: [run_tasks(adapter, [task]) for task in work],
+        f"sweep, batch {BATCH}": lambda: [run_tasks(adapter, work[i: i + BATCH]) for i in range(0, len(work), BATCH)],
+        "executor, batch 1": lambda: [execute(adapter, j.prepared, j.plan, 8, j.gold_answer, j.callback) for j in jobs],
+        f"executor, batch {BATCH}": lambda: execute_batch(adapter, jobs, 8),
+    }
+    with torch.no_grad():
+        run_tasks(adapter, work[:2])  # warm-up
+        execute_batch(adapter, jobs[:2], 8)
+        times = {name: [] for name in workloads}
+        for _ in range(ROUNDS):
+            for name, fn in workloads.items():
+                times[name].append(timed(fn))
+    per_sample = {name: statistics.median(t) / SAMPLES for name, t in times.items()}
+    runs = 3 + len(METHODS) * len(BUDGETS)
+    print(f"{adapter.name} on {args.device}: {SAMPLES} samples, {runs} runs each "
+          f"(unpruned, 2 controls, {len(METHODS)} methods x {len(BUDGETS)} budgets); median of {ROUNDS}")
+    for name, seconds in per_sample.items():
+        print(f"  {name:20s} {seconds * 1000:8.1f} ms per sample")
+    for what in ("sweep", "executor"):
+        ratio = per_sample[f"{what}, batch 1"] / per_sample[f"{what}, batch {BATCH}"]
+        print(f"{what}: batch {BATCH} is {ratio:.2f}x the throughput of batch 1 (goal >= 3x for the sweep)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Batched execution: several samples, each under its own plan (kept sets, stages before and inside
+the LLM, merges, position policies), padded into one batch give the answers, plans and per-layer
+token counts of running them one at a time, and logits within float rounding, on every family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.pruning.conftest import ALL_MODELS, SHIPPED, eval_sample, shipped_architecture
+from workbench.pruning.executor import Job, execute, execute_batch
+from workbench.pruning.method import ModelFacts, SelectionContext
+from workbench.pruning.plan import KeepPlan, Merge, Stage
+from workbench.pruning.registry import create_method
+from workbench.pruning.run import record_needs
+
+GOLD = "large red circle"
+
+
+def _inputs(model: str):
+    """Three inputs of different lengths where the family allows (image sizes, questions)."""
+    if model == SHIPPED:
+        adapter, sample = shipped_architecture(), eval_sample()
+        image = sample.load_image()
+        return adapter, [adapter.prepare(image.rotate(90 * i), q)
+                         for i, q in enumerate([sample.question, "what shape is it ?", sample.question + " now"])]
+    from tests.tiny_models import QUESTION, TINY_SPECS, noise_image, tiny_adapter
+
+    adapter = tiny_adapter(model)
+    w, h = TINY_SPECS[model].image_size
+    sizes, questions = [(w, h), (h, w), (2 * w, h)], [QUESTION, "what shape is it ?", QUESTION + " now"]
+    return adapter, [adapter.prepare(noise_image(size, seed=i), q) for i, (size, q) in enumerate(zip(sizes, questions))]
+
+
+def _plans(adapter, n: int, offset: int) -> list[KeepPlan]:
+    """Plans of every kind, with kept sets that differ per sample (``offset``)."""
+    kept = tuple(range(offset % 3, n, 3))
+    later = kept[::2]
+    position = "original" if adapter.mrope else "reindex"
+    merge = Merge(kept[0], (kept[0] + 1,), (0.5, 0.5)) if kept[0] + 1 < n and kept[0] + 1 not in kept else None
+    return [
+        KeepPlan.keep_all(n, where=None),
+        KeepPlan("pre", len(kept), n, (Stage("pre_llm", kept, merges=(merge,) if merge else ()),)),
+        KeepPlan("in", len(kept), n, (Stage(1, kept, position=position),)),
+        KeepPlan("two", len(later), n, (Stage("pre_llm", kept, position=position), Stage(1, later))),
+        KeepPlan("none", 0, n, (Stage("pre_llm", ()),)),
+    ]
+
+
+def _assert_same(single, batched, tolerance: float = 1e-4):
+    for one, together in zip(single, batched):
+        where = one.plan.method
+        assert together.answer_ids == one.answer_ids, where
+        assert together.tokens_per_layer == one.tokens_per_layer, where
+        assert together.visual_tokens_per_layer == one.visual_tokens_per_layer, where
+        assert [(s.where, s.kept, s.merges, s.position) for s in together.plan.stages] == \
+            [(s.where, s.kept, s.merges, s.position) for s in one.plan.stages], where
+        for mine, theirs in zip(together.plan.stages, one.plan.stages):  # scores read live states: rounding
+            if theirs.scores is not None:
+                np.testing.assert_allclose(mine.scores, theirs.scores, atol=tolerance, rtol=tolerance, err_msg=where)
+        torch.testing.assert_close(together.logits, one.logits, atol=tolerance, rtol=tolerance, msg=lambda m: f"{where}: {m}")
+        assert together.answer_logprob == pytest.approx(one.answer_logprob, abs=tolerance)
+        if one.gold_logprob is None:
+            assert together.gold_logprob is None
+        else:
+            assert together.gold_logprob == pytest.approx(one.gold_logprob, abs=tolerance)
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_a_batch_of_mixed_plans_equals_one_sample_at_a_time(model):
+    adapter, prepared = _inputs(model)
+    kinds = len(_plans(adapter, prepared[0].layout.n_tokens, 0))
+    for rotation in range(kinds):
+        # Each sample gets another kind of plan, so pre-LLM, in-LLM and unpruned samples share a batch.
+        jobs = [Job(p, _plans(adapter, p.layout.n_tokens, i)[(rotation + i) % kinds], gold_answer=None if i == 1 else GOLD)
+                for i, p in enumerate(prepared)]
+        single = [execute(adapter, job.prepared, job.plan, 6, gold_answer=job.gold_answer) for job in jobs]
+        _assert_same(single, execute_batch(adapter, jobs, 6))
+
+
+def test_padding_rows_stay_out_of_every_sample():
+    """A sample batched with much longer ones (many padding rows before it, at every layer) gets
+    what it gets alone, and so does a long one beside short ones."""
+    adapter, prepared = _inputs(SHIPPED)
+    n = prepared[0].layout.n_tokens
+    plans = [KeepPlan("few", 2, n, (Stage("pre_llm", (0, n - 1)),)),
+             KeepPlan.keep_all(n, where=None),
+             KeepPlan("late", 3, n, (Stage(2, (1, 2, 3)),))]
+    jobs = [Job(p, plan, gold_answer=GOLD) for p, plan in zip(prepared, plans)]
+    single = [execute(adapter, p, plan, 6, gold_answer=GOLD) for p, plan in zip(prepared, plans)]
+    batched = execute_batch(adapter, jobs, 6)
+    assert len({len(e.tokens_per_layer) for e in batched}) == 1
+    assert batched[0].tokens_per_layer[0] < batched[1].tokens_per_layer[0]  # really padded
+    _assert_same(single, batched)
+
+
+@pytest.mark.parametrize("name", ["pyramiddrop", "sparsevlm", "fastv", "feather"])
+def test_methods_that_select_inside_the_llm_choose_the_same_tokens_in_a_batch(name):
+    """Callbacks see each sample's own live state (no padding rows) and choose as they would alone."""
+    adapter, prepared = _inputs(SHIPPED)
+    facts, method = ModelFacts.of(adapter), create_method(name)
+
+    def job(p, budget):
+        context = SelectionContext(p.layout, budget, record_needs(adapter, p, [method]), facts)
+        return Job(p, method.select(context), method.layer_callback(context), GOLD)
+
+    budgets = (0.25, 0.5, 0.1)
+    single = [execute_batch(adapter, [job(p, b)], 4)[0] for p, b in zip(prepared, budgets)]
+    _assert_same(single, execute_batch(adapter, [job(p, b) for p, b in zip(prepared, budgets)], 4))
+
+
+def test_evaluate_answers_the_same_in_batches_as_one_at_a_time():
+    import dataclasses
+
+    from workbench.evaluate import answer_dataset
+    from workbench.models.loading import load
+    from workbench.samples import read_dataset
+
+    # Questions of different lengths, so the batch is padded.
+    samples = [dataclasses.replace(s, question=s.question + " ?" * (2 * i))
+               for i, s in enumerate(read_dataset("data/eval/samples.jsonl", limit=4))]
+    adapter = load()
+    one, together = (answer_dataset(adapter, samples, size, progress=False) for size in (1, 4))
+    assert one["predicted_answer"].to_list() == together["predicted_answer"].to_list()
+    assert (one["logprob"] - together["logprob"]).abs().max() < 1e-4
