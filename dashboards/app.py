@@ -49,7 +49,8 @@ def choose_subject():
     """The image and question from the sidebar: a data-set sample or an upload (None on a bad input)."""
     source = st.sidebar.radio("input", ("data-set sample", "upload an image"), key="source", horizontal=True)
     if source == "data-set sample":
-        path = st.sidebar.text_input("data set (JSONL)", state.DEFAULT_DATASET, key="dataset")
+        path = st.sidebar.text_input("data set (JSONL, parquet, save_to_disk folder or COCO-style JSON)",
+                                     state.DEFAULT_DATASET, key="dataset")
         try:
             samples = state.dataset(path)
         except Exception as e:

@@ -4,6 +4,8 @@ token counts of running them one at a time, and logits within float rounding, on
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,33 @@ def test_evaluate_answers_the_same_in_batches_as_one_at_a_time():
     one, together = (answer_dataset(adapter, samples, size, progress=False) for size in (1, 4))
     assert one["predicted_answer"].to_list() == together["predicted_answer"].to_list()
     assert (one["logprob"] - together["logprob"]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["transprune", "dart", "vscan", "gprune", "topv", "todre", "aim", "sparsevlm",
+                                  "flowcut", "visiondrop", "vflowopt", "visionzip+pyramiddrop"])
+def test_a_pipeline_batch_gives_every_method_the_rows_of_one_sample_at_a_time(name):
+    """The sweep's path: after the unpruned batch, each method's batch equals its samples run alone
+    (including a method that hooks the layers' modules, which must not read another sample's rows)."""
+    from workbench import pipeline
+    from workbench.samples import read_dataset
+    from tests.pruning.conftest import adapter_and_input
+
+    adapter, _, _ = adapter_and_input(SHIPPED)
+    samples = read_dataset("data/eval/samples.jsonl", limit=3)
+    method = create_method(name)
+    batch = [pipeline.prepare_sample(adapter, s, [method]) for s in samples]
+    alone = [pipeline.prepare_sample(adapter, s, [method]) for s in samples]
+    pipeline.run_batch(adapter, batch, None)
+    batched = pipeline.run_batch(adapter, batch, method, 0.25)
+    single = [pipeline.run(adapter, ready, method, 0.25) for ready in alone]
+    for one, other in zip(batched, single):
+        assert one.status == other.status == "ok"
+        mine, theirs = json.loads(one.row()["stages"]), json.loads(other.row()["stages"])
+        assert [(s["where"], s["kept"], s["merges"]) for s in mine] == \
+            [(s["where"], s["kept"], s["merges"]) for s in theirs]
+        for a, b in zip(mine, theirs):  # the scores to float rounding (batched kernels)
+            assert (a["scores"] is None) == (b["scores"] is None)
+            if a["scores"] is not None:
+                np.testing.assert_allclose(np.array(a["scores"], dtype=float), np.array(b["scores"], dtype=float),
+                                           rtol=1e-4, atol=1e-6)
+        assert one.generation == other.generation

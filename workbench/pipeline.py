@@ -192,12 +192,15 @@ def run_batch(adapter: ModelAdapter, readies: Sequence[PreparedSample], method: 
         return results
     # The unpruned run (no method, no plan) keeps the prefill the others start from.
     capture = method is None and plans is None and any(readies[i].unpruned_prefill is None for i, *_ in todo)
-    live = capture or (method is not None and method.hooks_layers)
+    hooks = method is not None and method.hooks_layers
     jobs = [Job(readies[i].prepared, plan, callback, readies[i].sample.answer,
-                None if live else readies[i].unpruned_prefill, tower_callback)
+                None if capture or hooks else readies[i].unpruned_prefill, tower_callback)
             for i, _, _, plan, callback, tower_callback, *_ in todo]
     started = time.perf_counter()
-    executions = execute_batch(adapter, jobs, max_new_tokens, capture=capture)
+    # A method hooking the layers' modules would read every sample's measurements off one batched
+    # module call: its samples run one at a time.
+    batches = [[job] for job in jobs] if hooks else [jobs]
+    executions = [e for batch in batches for e in execute_batch(adapter, batch, max_new_tokens, capture=capture)]
     share = (time.perf_counter() - started) / len(jobs)
     for (i, name, params, _, _, _, select_s, budget_text, tokens), execution in zip(todo, executions):
         ready = readies[i]

@@ -108,7 +108,7 @@ def _slice_square_mask(mask, index: torch.Tensor):
     return _take(_take(mask, index, -2), index, -1)
 
 
-def _apply_merges(states: torch.Tensor, stage: Stage, row_of: dict[int, int]) -> torch.Tensor:
+def apply_merges(states: torch.Tensor, stage: Stage, row_of: dict[int, int]) -> torch.Tensor:
     """Weighted sums at the target rows, all read from the states before any merge of this stage."""
     if not stage.merges:
         return states
@@ -257,7 +257,7 @@ class _Run:
         if entry is not None:
             stage, planned_stage = entry, stage
             row_of = {int(v): i for i, v in enumerate(kinds) if v >= 0}
-            embeds = _apply_merges(embeds, stage, row_of)
+            embeds = apply_merges(embeds, stage, row_of)
             keep = torch.from_numpy(np.flatnonzero((kinds < 0) | np.isin(kinds, stage.kept_array)))
             embeds, mask = _take(embeds, keep, 1), _take(mask, keep, 1)
             if stage.position == "reindex":
@@ -301,7 +301,7 @@ class _Run:
             if gone:
                 raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} already dropped")
         row_of = {int(v): i for i, v in enumerate(alive) if v >= 0}
-        hidden = _apply_merges(hidden, stage, row_of)
+        hidden = apply_merges(hidden, stage, row_of)
         keep = torch.from_numpy(np.flatnonzero((alive < 0) | np.isin(alive, stage.kept_array)))
         hidden = _take(hidden, keep, 1)
         kwargs = dict(kwargs)

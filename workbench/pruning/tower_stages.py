@@ -30,6 +30,7 @@ import torch
 
 from probes.capture import AttentionCall, attention_call
 from probes.interception import listening
+from workbench.pruning.executor import apply_merges
 from workbench.pruning.plan import PRE_LLM, KeepPlan, PlanError, Stage, describe_where, tower_layer
 
 
@@ -79,18 +80,6 @@ def llm_entry(tower: list[Stage]) -> Stage | None:
     if not tower:
         return None
     return Stage(PRE_LLM, tower[-1].kept, position=tower[-1].position)
-
-
-def _merged(states: torch.Tensor, stage: Stage, row_of: dict[int, int]) -> torch.Tensor:
-    """The stage's weighted sums written at the target rows, all read from ``states`` before any merge."""
-    if not stage.merges:
-        return states
-    out = states.clone()
-    for merge in stage.merges:
-        rows = [row_of[merge.target]] + [row_of[s] for s in merge.sources]
-        weights = torch.tensor(merge.weights, dtype=states.dtype, device=states.device)
-        out[:, rows[0]] = torch.einsum("r,brd->bd", weights, states[:, rows])
-    return out
 
 
 class _TowerRun:
@@ -191,7 +180,7 @@ class _TowerRun:
             gone = sorted(set(merge.sources) - visual)
             if gone:
                 raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} already dropped")
-        out = _merged(out, stage, {int(v): i for i, v in enumerate(alive) if v >= 0})
+        out = apply_merges(out, stage, {int(v): i for i, v in enumerate(alive) if v >= 0})
         keep = np.flatnonzero((alive < 0) | np.isin(alive, stage.kept_array))
         self.alive = before[torch.from_numpy(keep)]
         self.applied.append(stage)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from tests.pruning.handmade import LLAVA_FACTS, NO_CLS_FACTS, grid_layout, handmade_context
-from tests.pruning.methods.test_vispruner import shipped_eager, workbench_kept
 from tests.pruning.shipped import check_on_shipped, run_checked, tiny_input
 from workbench.pruning.method import MethodNotApplicable
 from workbench.pruning.methods.cdpruner import PROJECTED, TEXT, CDPruner, greedy_dpp, relevance_scores
@@ -89,36 +87,3 @@ def test_runs_on_tiny_families(family):
 def test_runs_on_the_shipped_model():
     execution, _ = check_on_shipped(CDPruner())
     assert [len(st.kept) for st in execution.plan.stages] == [32]
-
-
-def official_cdpruner(k: int, negate: bool) -> set[int]:
-    # Theia-4869/CDPruner llava/model/llava_arch.py encode_images, transliterated for one image, with our
-    # instruction substitute (the text after the image as embedded at the LLM input) for CLIP's text tower
-    _, prepared, _, _, embeds = shipped_eager()
-    positions = torch.as_tensor(prepared.layout.positions)
-    image = embeds[positions]
-    text = embeds[int(positions.max()) + 1:]
-    unit = image / image.norm(dim=-1, keepdim=True)
-    similarity = unit @ unit.T
-    relevance = (unit @ (text / text.norm(dim=-1, keepdim=True)).T)
-    relevance = (-relevance if negate else relevance).mean(dim=-1)
-    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
-    kernel = relevance[:, None] * similarity * relevance[None, :]
-    n = len(kernel)
-    cis = torch.zeros(k, n, dtype=kernel.dtype)
-    di2s = torch.diagonal(kernel).clone()
-    picks = []
-    for i in range(k):
-        j = int(torch.argmax(di2s))
-        picks.append(j)
-        eis = (kernel[j] - cis[:i, j] @ cis[:i]) / torch.sqrt(di2s[j])
-        cis[i] = eis
-        di2s -= eis ** 2
-        di2s[j] = float("-inf")
-    return set(picks)
-
-
-@pytest.mark.parametrize("k", [16, 32, 48])
-def test_parity_with_the_official_rule_on_the_shipped_model(k):
-    assert set(workbench_kept(CDPruner(), k)) == official_cdpruner(k, negate=True)
-    assert set(workbench_kept(CDPruner(negate_relevance=False), k)) == official_cdpruner(k, negate=False)
