@@ -15,6 +15,17 @@ def test_installed_environment_is_the_lock():
     assert not found, found.describe()
 
 
+def test_what_a_package_puts_on_sys_path_is_not_installed():
+    """``import ray`` puts its bundled psutil and colorama on ``sys.path``; pip installed neither,
+    so they are not part of the environment (the check above holds in any test order)."""
+    import importlib
+
+    importlib.import_module("ray")  # the lock's ray extra
+
+    assert "psutil" not in installed() and "colorama" not in installed()
+    assert not drift(locked(), installed()), drift(locked(), installed()).describe()
+
+
 def test_drift_names_what_is_missing_different_and_extra():
     found = drift({"numpy": "2.4.6", "polars": "2.1.0"}, {"numpy": "2.4.5", "torch": "2.13.0+cpu", "rich": "15.0.0"})
     assert found == Drift(missing={"polars": "2.1.0"}, different={"numpy": ("2.4.6", "2.4.5")}, extra={"rich": "15.0.0"})

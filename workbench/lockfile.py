@@ -11,6 +11,7 @@ import argparse
 import re
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -31,8 +32,12 @@ def locked(path: Path = LOCK) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    """Package -> version installed in the running interpreter's environment."""
-    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    """Package -> version installed in the running interpreter's environment: its site-packages
+    only, not whatever else is on ``sys.path`` (``import ray`` adds the copies of psutil and
+    colorama it bundles, which pip never installed)."""
+    paths = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions(path=paths)
+            if d.metadata["Name"]}
 
 
 @dataclass(frozen=True)
