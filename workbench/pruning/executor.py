@@ -108,6 +108,18 @@ def _slice_square_mask(mask, index: torch.Tensor):
     return _take(_take(mask, index, -2), index, -1)
 
 
+def check_alive(stage: Stage, alive: set[int], sequence: str) -> None:
+    """``PlanError`` when ``stage`` keeps or merges a visual token no longer in ``sequence``."""
+    where = describe_where(stage.where)
+    dead = sorted(set(stage.kept) - alive)
+    if dead:
+        raise PlanError(f"stage {where}: keeps {dead[:5]} which are no longer in the {sequence}")
+    for merge in stage.merges:
+        gone = sorted(set(merge.sources) - alive)
+        if gone:
+            raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} already dropped")
+
+
 def apply_merges(states: torch.Tensor, stage: Stage, row_of: dict[int, int]) -> torch.Tensor:
     """Weighted sums at the target rows, all read from the states before any merge of this stage."""
     if not stage.merges:
@@ -293,13 +305,7 @@ class _Run:
         where = describe_where(stage.where)
         if len(stage.kept) and (stage.kept[-1] >= self.layout.n_tokens or stage.kept[0] < 0):
             raise PlanError(f"stage {where}: kept indices out of range 0..{self.layout.n_tokens - 1}")
-        dead = sorted(set(stage.kept) - alive_visual)
-        if dead:
-            raise PlanError(f"stage {where}: keeps {dead[:5]} which are no longer in the sequence")
-        for merge in stage.merges:
-            gone = sorted(set(merge.sources) - alive_visual)
-            if gone:
-                raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} already dropped")
+        check_alive(stage, alive_visual, "sequence")
         row_of = {int(v): i for i, v in enumerate(alive) if v >= 0}
         hidden = apply_merges(hidden, stage, row_of)
         keep = torch.from_numpy(np.flatnonzero((alive < 0) | np.isin(alive, stage.kept_array)))

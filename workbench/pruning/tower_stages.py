@@ -30,7 +30,7 @@ import torch
 
 from probes.capture import AttentionCall, attention_call
 from probes.interception import listening
-from workbench.pruning.executor import apply_merges
+from workbench.pruning.executor import apply_merges, check_alive
 from workbench.pruning.plan import PRE_LLM, KeepPlan, PlanError, Stage, describe_where, tower_layer
 
 
@@ -171,15 +171,7 @@ class _TowerRun:
                           torch.from_numpy(np.flatnonzero(alive >= 0)), int(np.flatnonzero(alive < 0)[0]))
 
     def _apply(self, stage: Stage, out: torch.Tensor, alive: np.ndarray, before: torch.Tensor) -> torch.Tensor:
-        where = describe_where(stage.where)
-        visual = set(int(v) for v in alive[alive >= 0])
-        dead = sorted(set(stage.kept) - visual)
-        if dead:
-            raise PlanError(f"stage {where}: keeps {dead[:5]} which are no longer in the tower's sequence")
-        for merge in stage.merges:
-            gone = sorted(set(merge.sources) - visual)
-            if gone:
-                raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} already dropped")
+        check_alive(stage, set(int(v) for v in alive[alive >= 0]), "tower's sequence")
         out = apply_merges(out, stage, {int(v): i for i, v in enumerate(alive) if v >= 0})
         keep = np.flatnonzero((alive < 0) | np.isin(alive, stage.kept_array))
         self.alive = before[torch.from_numpy(keep)]
