@@ -91,6 +91,11 @@ def test_bad_precision_and_placement_choices_are_one_line():
     with pytest.raises(DeviceMapError, match="not a torch device"):
         devices_of("cuda:0,gpu7")
     assert devices_of("auto") == ([f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"])
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 on a CPU machine)
+    with pytest.raises(DeviceMapError, match="GPU|does not exist"):
+        devices_of(f"cpu,{missing}")
+    with pytest.raises(DeviceMapError, match="GPU|does not exist"):
+        load(device=missing)
 
 
 def test_bad_choices_on_the_command_line_are_one_line(capsys):

@@ -67,9 +67,12 @@ def load(name_or_path: str = SHIPPED_MODEL, device: str = "cpu", dtype: torch.dt
     """
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from workbench.models.placement import devices_of, place
+    from workbench.models.placement import check_device, devices_of, place
 
-    devices = None if device_map is None else devices_of(device_map)  # checked before any loading
+    # Both checked before any loading.
+    devices = None if device_map is None else devices_of(device_map)
+    if device_map is None:
+        check_device(str(device))
     torch_dtype = parse_dtype(dtype)
     name = resolve(name_or_path)
     local_only = not allow_download or os.environ.get("HF_HUB_OFFLINE") == "1"

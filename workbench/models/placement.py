@@ -32,12 +32,30 @@ def devices_of(device_map: str) -> list[str]:
     devices = [part.strip() for part in device_map.split(",") if part.strip()]
     if not devices:
         raise DeviceMapError("--device-map: give 'auto' or devices such as cuda:0,cuda:1")
+    for device in devices:  # every name first, then whether this machine has it
+        _parsed(device, "--device-map")
     for device in devices:
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise DeviceMapError(f"--device-map: {device!r} is not a torch device (e.g. cuda:0, cpu)") from None
+        check_device(device, "--device-map")
     return devices
+
+
+def _parsed(device: str, option: str) -> torch.device:
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise DeviceMapError(f"{option}: {device!r} is not a torch device (e.g. cuda:0, cpu)") from None
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    """``DeviceMapError`` unless ``device`` names a torch device this machine has (checked before
+    anything loads: torch would otherwise fail deep inside the model's first move)."""
+    parsed = _parsed(device, option)
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise DeviceMapError(f"{option}: {device!r} asks for a GPU, but this torch build sees no CUDA device")
+        if parsed.index is not None and parsed.index >= count:
+            raise DeviceMapError(f"{option}: {device!r} does not exist; this machine has cuda:0..cuda:{count - 1}")
 
 
 def _to(value, device):
