@@ -18,12 +18,12 @@ printed too; the ratio is the number to read).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+import sys
 
 import torch
 
@@ -34,6 +34,8 @@ from workbench.pruning.method import SelectionContext
 from workbench.pruning.registry import create_method
 from workbench.samples import read_dataset, sample_to_row
 from workbench.sweep import MethodSpec, SweepTask, run_tasks
+
+from llava_shaped import clocks, parse_target, run_main  # benchmarks/, next to this script
 
 SAMPLES, BATCH, ROUNDS = 16, 16, 2
 METHODS = ("uniform_grid", "fastv", "pyramiddrop")
@@ -47,19 +49,17 @@ def tasks(root: Path) -> list[SweepTask]:
     return [SweepTask(sample_to_row(s, root), str(root), specs, BUDGETS) for s in samples]
 
 
-def timed(fn) -> float:
-    started = time.perf_counter()
+def timed(fn, device) -> float:
+    started, _ = clocks(device)
     fn()
-    return time.perf_counter() - started
+    return clocks(device)[0] - started
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    if args.device == "cpu":
+    target = parse_target(sys.argv[1:])
+    if target.on_cpu:
         torch.set_num_threads(2)
-    adapter = load(device=args.device)
+    adapter = load(device=str(target.device), dtype=target.dtype)
     work = tasks(Path(tempfile.gettempdir()))
     # The executor alone: one in-LLM method's plans on the 16 prepared samples.
     method = create_method("fastv")
@@ -80,10 +80,10 @@ def main() -> None:
         times = {name: [] for name in workloads}
         for _ in range(ROUNDS):
             for name, fn in workloads.items():
-                times[name].append(timed(fn))
+                times[name].append(timed(fn, target.device))
     per_sample = {name: statistics.median(t) / SAMPLES for name, t in times.items()}
     runs = 3 + len(METHODS) * len(BUDGETS)
-    print(f"{adapter.name} on {args.device}: {SAMPLES} samples, {runs} runs each "
+    print(f"{adapter.name} on {target.device}: {SAMPLES} samples, {runs} runs each "
           f"(unpruned, 2 controls, {len(METHODS)} methods x {len(BUDGETS)} budgets); median of {ROUNDS}")
     for name, seconds in per_sample.items():
         print(f"  {name:20s} {seconds * 1000:8.1f} ms per sample")
@@ -93,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

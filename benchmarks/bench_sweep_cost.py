@@ -23,9 +23,9 @@ On a GPU: add ``--device cuda``.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
+
+import sys
 
 import torch
 
@@ -34,6 +34,8 @@ from workbench.models.loading import load
 from workbench.pruning.layer_state import hooks_suspended
 from workbench.pruning.registry import create_method
 from workbench.samples import read_dataset
+
+from llava_shaped import clocks, parse_target, run_main  # benchmarks/, next to this script
 
 SAMPLES = 4
 BUDGETS = (0.33, 0.22, 0.11)
@@ -72,24 +74,22 @@ def separate(adapter, sample, methods):
 
 def measure(adapter, counter, fn, *args) -> tuple[float, int]:
     counter.rows = 0
-    started = time.perf_counter()
+    started, _ = clocks(adapter.device)
     fn(adapter, *args)
-    return time.perf_counter() - started, counter.rows
+    return clocks(adapter.device)[0] - started, counter.rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    if args.device == "cpu":
+    target = parse_target(sys.argv[1:])
+    if target.on_cpu:
         torch.set_num_threads(2)
-    adapter = load(device=args.device)
+    adapter = load(device=str(target.device), dtype=target.dtype)
     counter = RowCounter(adapter)
     samples = read_dataset("data/eval/samples.jsonl", limit=SAMPLES)
     depth = len(adapter.decoder_layers())
     with torch.no_grad():
         unit_rows = depth * pipeline.prepare_sample(adapter, samples[0]).prepared.layout.sequence_length
-        print(f"{adapter.name} on {args.device}: {SAMPLES} samples x {len(BUDGETS)} budgets; one unpruned forward: "
+        print(f"{adapter.name} on {target.device}: {SAMPLES} samples x {len(BUDGETS)} budgets; one unpruned forward: "
               f"{depth} layers x {unit_rows // depth} rows")
         for title, names in (("in-LLM methods", IN_LLM), ("in-LLM and pre-LLM methods", IN_LLM + PRE_LLM)):
             methods = [create_method(name) for name in names]
@@ -112,4 +112,4 @@ def main() -> None:
                   f"wall time {means['separate'][1] / means['reuse'][1]:.2f}x")
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

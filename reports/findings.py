@@ -261,7 +261,8 @@ def literature_finding(tables: dict) -> str | None:
     dims = tables.get("literature_sink_dimensions")
     found = ", ".join(str(d) for d in dims["dim"].head(3)) if dims is not None and dims.height else "none"
     zero = tables.get("literature_zero_by_benchmark")
-    per = ("; " + ", ".join(f"{b} {_percent(z)} vs {_percent(u)} unpruned" for b, z, u in
+    per = ("; accuracy with zero visual tokens against unpruned: "
+           + ", ".join(f"{b} {_percent(z)} vs {_percent(u)}" for b, z, u in
                             zero.select("benchmark", "zero_tokens", "unpruned").iter_rows())
            if zero is not None and zero.height else "")
     return (f"**The literature on this model** ({n} samples; the papers' values are for LLaVA-1.5-7B): image tokens "
@@ -273,7 +274,7 @@ def literature_finding(tables: dict) -> str | None:
             f"{_percent(got['visual_sink_share'])} of the visual tokens are visual sinks, sink dimensions {found} "
             f"(VAR 2533, 1415); top-k tokens chosen at two layers overlap by {_percent(got['topk_overlap'])} "
             f"(near 0); with zero visual tokens {_percent(got['zero_token_retention'])} of the unpruned accuracy "
-            f"remains (MMTok 0.92){per}.")
+            f"remains (MMTok: 0.92 on MMMU, 0.91 on ScienceQA){per}.")
 
 
 def benchmark_finding(tables: dict, budget: str) -> str | None:
