@@ -11,8 +11,9 @@ rows gives the model's own probabilities without eager attention and without
 Only the rows asked for are computed (rows x all keys). When some signal needs every row anyway
 (rollout, "mean" or "visual" rows), one chunked sweep per layer yields head-mean matrices [S, S]
 that every head-mean signal reads; chunks are bounded by a byte budget, so no [heads, S, S] tensor
-is ever held at once. A tower that attends block by block (one call per image or window) is
-joined into one call with a block-diagonal mask.
+is ever held at once, and a causal call's chunks stop at the keys their last row sees (the
+others' probabilities are exactly 0), which halves its sweep. A tower that attends block by block
+(one call per image or window) is joined into one call with a block-diagonal mask.
 
 Masks follow the semantics of ``transformers``' SDPA path: a boolean mask keeps ``True``, a float
 mask is added to the logits, and with no mask the call is causal when the module says so and there
@@ -21,6 +22,7 @@ is more than one query (``is_causal`` with top-left alignment, as ``scaled_dot_p
 
 from __future__ import annotations
 
+import bisect
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -72,26 +74,35 @@ class AttentionCall:
     def n_keys(self) -> int:
         return self.key.shape[1]
 
-    def logits(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
-        """Masked, scaled logits [H, R, Sk] (float32) for query ``rows``, computed like eager
-        attention: the product in the model's dtype, then scaling, then the mask."""
+    def logits(self, rows: torch.Tensor | slice, rope: bool = True, keys: int | None = None) -> torch.Tensor:
+        """Masked, scaled logits [H, R, Sk] (float32) for query ``rows`` (positions, or a slice of
+        them), computed like eager attention: the product in the model's dtype, then scaling,
+        then the mask. ``keys``: the first ``keys`` keys only, where the others are masked for
+        every one of these rows (``row_blocks``)."""
         q, k = (self.query, self.key) if rope else (self.query_norope, self.key_norope)
         if q is None or k is None:
             raise CaptureError("this call was captured without its pre-RoPE query and key")
-        rows = rows.to(q.device)
+        keys = self.n_keys if keys is None else keys
+        if isinstance(rows, slice):  # a view of q, no gather; masking starts at the first row
+            span = range(self.n_queries)[rows]
+            first, positions = span.start, torch.arange(span.start, span.stop, device=q.device)
+        else:
+            rows = positions = rows.to(q.device)
+            first = 0
         # In place on the fresh product: the same numbers as ``(q k^T * scaling).float() + mask``
         # without a [H, R, Sk] temporary per step (they dominate a sweep's time on a CPU).
-        scores = torch.matmul(q[:, rows], k.transpose(-1, -2)).mul_(self.scaling).float()
+        scores = torch.matmul(q[:, rows], k[:, :keys].transpose(-1, -2)).mul_(self.scaling).float()
         if self.mask is not None:
-            return scores.add_(self.mask[:, rows.to(self.mask.device)])
-        if self.causal:  # adding 0 or -inf is keeping or filling
-            keys = torch.arange(self.n_keys, device=scores.device)
-            scores.masked_fill_(keys[None, None, :] > rows[None, :, None], -math.inf)
+            mask = self.mask[:, rows if isinstance(rows, slice) else rows.to(self.mask.device), :keys]
+            return scores.add_(mask)
+        if self.causal:  # adding 0 or -inf is keeping or filling; no key before the first row is above a row
+            above = torch.arange(first, keys, device=scores.device)[None, None, :] > positions[None, :, None]
+            scores[..., first:].masked_fill_(above, -math.inf)
         return scores
 
-    def probs(self, rows: torch.Tensor, rope: bool = True) -> torch.Tensor:
-        """Attention probabilities [H, R, Sk] (float32) of query ``rows``."""
-        probs = torch.softmax(self.logits(rows, rope), dim=-1)
+    def probs(self, rows: torch.Tensor | slice, rope: bool = True, keys: int | None = None) -> torch.Tensor:
+        """Attention probabilities [H, R, Sk] (float32) of query ``rows`` (``keys``: as ``logits``)."""
+        probs = torch.softmax(self.logits(rows, rope, keys), dim=-1)
         # A fully masked row (a padding query) is all -inf: softmax gives NaN; it attends nowhere.
         # Only an explicit mask can mask a whole row (a causal row always sees its first key).
         return probs if self.mask is None else probs.nan_to_num_(0.0)
@@ -105,6 +116,24 @@ class AttentionCall:
         for start in range(0, len(rows), step):
             part = slice(start, min(start + step, len(rows)))
             yield part, self.probs(rows[part], rope)
+
+    def row_blocks(self, budget: int = DEFAULT_CHUNK_BYTES,
+                   rope: bool = True) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Every query row, in blocks ``(rows, probs [H, r, n])`` with ``n`` the keys these rows
+        can see: all of them, or for a causal call those up to the block's last row, the others
+        being exactly 0 (so half of a causal sweep is neither computed nor held). Each block's
+        float32 working set (logits, probabilities, a temporary) stays within ``budget`` bytes."""
+        per_score = 3 * 4 * self.heads
+        start = 0
+        while start < self.n_queries:
+            if self.causal:  # r rows from ``start`` see start + r keys: the largest r with r (start + r) fitting
+                step = (math.isqrt(start * start + 4 * (budget // per_score)) - start) // 2
+            else:
+                step = budget // (per_score * self.n_keys)
+            stop = min(self.n_queries, start + max(1, step))
+            keys = min(self.n_keys, stop) if self.causal else self.n_keys
+            yield slice(start, stop), self.probs(slice(start, stop), rope, keys)
+            start = stop
 
 
 def repeat_kv_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -286,7 +315,8 @@ class FullPass:
 
     ``head_mean`` [Sq, Sk]: head-mean attention (the only kind of full matrix ever held);
     ``weighted`` [Sq, Sk] or None: head mean of ``alpha_hik * w_hk`` for the layer's key weights
-    (``LayerCapture.value_norms``: Kobayashi's norms); ``received`` [H, Sk]: per-head attention each
+    (``LayerCapture.value_norms``: Kobayashi's norms), on the rows of the layer's non-aggregate row
+    kinds (the only ones read; the others are 0); ``received`` [H, Sk]: per-head attention each
     key receives, averaged over non-padding rows.
     """
 
@@ -311,20 +341,37 @@ def output_grams(out_slices: torch.Tensor) -> torch.Tensor:
     return torch.einsum("hda,hdb->hab", out_slices.float(), out_slices.float())
 
 
-_GRAMS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+def output_row_norms(out_slices: torch.Tensor) -> torch.Tensor:
+    """``||W_O^h[d, :]||_2`` [H, D]: the norm of each output dimension's row of each head's slice."""
+    return torch.linalg.vector_norm(out_slices.float(), dim=-1)
+
+
+_PER_WEIGHT: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, tuple[tuple, torch.Tensor]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _per_weight(out_proj: torch.nn.Linear, heads: int, compute) -> torch.Tensor:
+    """``compute(head_slices(out_proj, heads))``, kept per module while its weight is unchanged: it
+    depends on the weights alone, so a model recorded on many samples computes it once."""
+    weight = out_proj.weight
+    version = (weight.data_ptr(), weight._version, weight.dtype, weight.device, heads)
+    kept = _PER_WEIGHT.setdefault(out_proj, {})
+    cached = kept.get(compute.__name__)
+    if cached is None or cached[0] != version:
+        with torch.no_grad():
+            cached = kept[compute.__name__] = (version, compute(head_slices(out_proj, heads)))
+    return cached[1]
 
 
 def projection_grams(out_proj: torch.nn.Linear, heads: int) -> torch.Tensor:
-    """``output_grams`` of ``out_proj``, kept per module while its weight is unchanged: they depend
-    on the weights alone (D x dv^2 per head, a few percent of a layer's FLOPs at 7B scale), so a
-    model recorded on many samples computes them once."""
-    weight = out_proj.weight
-    version = (weight.data_ptr(), weight._version, weight.dtype, weight.device, heads)
-    cached = _GRAMS.get(out_proj)
-    if cached is None or cached[0] != version:
-        with torch.no_grad():
-            cached = _GRAMS[out_proj] = (version, output_grams(head_slices(out_proj, heads)))
-    return cached[1]
+    """``output_grams`` of ``out_proj`` (D x dv^2 per head, a few percent of a layer's FLOPs at 7B
+    scale), computed once per weight."""
+    return _per_weight(out_proj, heads, output_grams)
+
+
+def projection_row_norms(out_proj: torch.nn.Linear, heads: int) -> torch.Tensor:
+    """``output_row_norms`` of ``out_proj``, computed once per weight."""
+    return _per_weight(out_proj, heads, output_row_norms)
 
 
 @dataclass(frozen=True)
@@ -388,14 +435,19 @@ class LayerCapture:
         valid = self.roles.valid.to(device)
         every_row_valid = bool(valid.all())
         weights = self.value_norms if self.weighted and rope else None
-        head_mean = torch.empty(call.n_queries, call.n_keys, device=device)
-        weighted = torch.empty_like(head_mean) if weights is not None else None
+        head_mean = torch.zeros(call.n_queries, call.n_keys, device=device)  # keys a row cannot see stay 0
+        weighted = torch.zeros_like(head_mean) if weights is not None else None
         received = torch.zeros(call.heads, call.n_keys, device=device)
-        for part, probs in call.chunks(torch.arange(call.n_queries, device=device), self.chunk_bytes, rope):
-            head_mean[part] = probs.mean(0)
-            received += probs.sum(1) if every_row_valid else (probs * valid[part][None, :, None]).sum(1)
-            if weights is not None:
-                weighted[part] = (probs * weights[:, None, :]).mean(0)
+        # Weighted rows are read for the row kinds asked for alone ("mean" reads ``received``).
+        asked = sorted(set().union(*(self.rows[kind].tolist() for kind in self.rows if not ROW_KINDS[kind].aggregate)))
+        for part, probs in call.row_blocks(self.chunk_bytes, rope):
+            seen = probs.shape[-1]
+            head_mean[part, :seen] = probs.mean(0)
+            received[:, :seen] += probs.sum(1) if every_row_valid else (probs * valid[part][None, :, None]).sum(1)
+            here = asked[bisect.bisect_left(asked, part.start):bisect.bisect_left(asked, part.stop)]
+            if weights is not None and here:
+                picked = torch.tensor(here, device=device)
+                weighted[picked, :seen] = (probs[:, picked - part.start] * weights[:, None, :seen]).mean(0)
         return FullPass(head_mean, received / valid.sum().clamp(min=1), weighted)
 
 

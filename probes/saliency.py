@@ -155,10 +155,10 @@ def attention_x_gradient(language_model, head, scoring: ScoringInputs, modules: 
     results = []
     for call, grad in zip(calls, grads):
         g = grad[0].transpose(0, 1).float()  # [S, H, dv] -> [H, S, dv]
-        rows = torch.arange(call.n_queries, device=g.device)
         total = torch.zeros(call.heads, call.n_keys, device=g.device)
-        for part, probs in call.chunks(rows, chunk_bytes):
-            total += (probs * (g[:, rows[part]] @ call.value.float().transpose(-1, -2))).sum(1)
+        for part, probs in call.row_blocks(chunk_bytes):
+            seen = probs.shape[-1]
+            total[:, :seen] += (probs * (g[:, part] @ call.value[:, :seen].float().transpose(-1, -2))).sum(1)
         results.append(total[:, visual.to(total.device)])
     return results
 

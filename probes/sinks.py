@@ -50,10 +50,9 @@ def massive_activations(hidden: torch.Tensor, ratio: float = 100.0, floor: float
     """Entries of ``hidden`` [S, D] far above the layer's median magnitude (padding rows ignored)."""
     magnitude = hidden.detach().float().abs()
     if valid is not None:
-        magnitude = magnitude * valid.to(magnitude.device)[:, None]
+        magnitude.mul_(valid.to(magnitude.device)[:, None])
     median = float(magnitude.median())
-    hit = (magnitude > ratio * median) & (magnitude > floor)
-    positions, dims = hit.nonzero(as_tuple=True)
+    positions, dims = (magnitude > max(ratio * median, floor)).nonzero(as_tuple=True)
     return Massive(positions.cpu(), dims.cpu(), hidden.detach()[positions, dims].float().cpu(), median)
 
 
