@@ -8,8 +8,9 @@ as one batch of 16. Both take turns in each round (after a warm-up on two sample
 the machine's speed reaches both alike. Printed: median seconds per sample of each and their ratio
 (the goal is >= 3x at batch 16), and the same ratio for the executor alone (the 16 pruned runs of
 one method at one budget as one ``execute_batch`` against 16 ``execute`` calls), which leaves out
-the per-sample work batching does not touch: reading the image, the vision tower and the
-recording.
+the sample's preparation: reading the image and the recording, still one sample at a time (its
+forward also makes the decoder inputs and stops after the last layer it reads), and the vision
+tower on the blank-image controls, one pass for the batch.
 
 Run: ``nice -n 19 .venv/bin/python benchmarks/bench_batching.py`` (about ten minutes on 2 busy CPU cores).
 On a GPU: ``.venv/bin/python benchmarks/bench_batching.py --device cuda`` (absolute times are

@@ -1,6 +1,8 @@
 """Batched execution: several samples, each under its own plan (kept sets, stages before and inside
 the LLM, merges, position policies), padded into one batch give the answers, plans and per-layer
-token counts of running them one at a time, and logits within float rounding, on every family."""
+token counts of running them one at a time, and logits within float rounding, on every family.
+Preparing several samples: the vision tower runs once per sample (its recording's forward) or once
+for several (``decoder_inputs_batch``), with the decoder inputs each would get alone."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from tests.pruning.conftest import ALL_MODELS, SHIPPED, eval_sample, shipped_architecture
 from workbench.pruning.executor import Job, execute, execute_batch
 from workbench.pruning.method import ModelFacts, SelectionContext
-from workbench.pruning.plan import KeepPlan, Merge, Stage
+from workbench.pruning.plan import Append, KeepPlan, Merge, Stage
 from workbench.pruning.registry import create_method
 from workbench.pruning.run import record_needs
 
@@ -47,6 +49,13 @@ def _plans(adapter, n: int, offset: int) -> list[KeepPlan]:
         KeepPlan("in", len(kept), n, (Stage(1, kept, position=position),)),
         KeepPlan("two", len(later), n, (Stage("pre_llm", kept, position=position), Stage(1, later))),
         KeepPlan("none", 0, n, (Stage("pre_llm", ()),)),
+        # appended tokens make each sample's rows differ in order too, before the LLM and inside it
+        # (inside it, two after a row that stays: the padded batch's masks must hide them from it, and
+        # the second from the first)
+        KeepPlan("appends", 3, n, (Stage("pre_llm", kept, appends=(Append(kept[1], (), (1.0,), after=kept[-1]),)),
+                                   Stage(1, kept[:3], position=position,
+                                         appends=(Append(kept[1], (kept[3],), (.5, .5), after=kept[0]),
+                                                  Append(kept[2], (), (1.0,), after=kept[0]))))),
     ]
 
 
@@ -56,8 +65,8 @@ def _assert_same(single, batched, tolerance: float = 1e-4):
         assert together.answer_ids == one.answer_ids, where
         assert together.tokens_per_layer == one.tokens_per_layer, where
         assert together.visual_tokens_per_layer == one.visual_tokens_per_layer, where
-        assert [(s.where, s.kept, s.merges, s.position) for s in together.plan.stages] == \
-            [(s.where, s.kept, s.merges, s.position) for s in one.plan.stages], where
+        assert [(s.where, s.kept, s.merges, s.position, s.appends) for s in together.plan.stages] == \
+            [(s.where, s.kept, s.merges, s.position, s.appends) for s in one.plan.stages], where
         for mine, theirs in zip(together.plan.stages, one.plan.stages):  # scores read live states: rounding
             if theirs.scores is not None:
                 np.testing.assert_allclose(mine.scores, theirs.scores, atol=tolerance, rtol=tolerance, err_msg=where)
@@ -148,11 +157,103 @@ def test_a_pipeline_batch_gives_every_method_the_rows_of_one_sample_at_a_time(na
     for one, other in zip(batched, single):
         assert one.status == other.status == "ok"
         mine, theirs = json.loads(one.row()["stages"]), json.loads(other.row()["stages"])
-        assert [(s["where"], s["kept"], s["merges"]) for s in mine] == \
-            [(s["where"], s["kept"], s["merges"]) for s in theirs]
+        assert [(s["where"], s["kept"], s["merges"], s.get("appends")) for s in mine] == \
+            [(s["where"], s["kept"], s["merges"], s.get("appends")) for s in theirs]
         for a, b in zip(mine, theirs):  # the scores to float rounding (batched kernels)
             assert (a["scores"] is None) == (b["scores"] is None)
             if a["scores"] is not None:
                 np.testing.assert_allclose(np.array(a["scores"], dtype=float), np.array(b["scores"], dtype=float),
                                            rtol=1e-4, atol=1e-6)
         assert one.generation == other.generation
+
+
+# --- preparing several samples ---------------------------------------------------------------------
+
+def _decoder_calls(adapter):
+    """A list that grows by one at every call of the decoder stack (a forward reaching the LLM)."""
+    calls = []
+    handle = adapter.language_model().register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_decoder_inputs_of_several_samples_come_from_one_tower_pass_and_equal_each_alone(model):
+    adapter, prepared = _inputs(model)
+    # Two more of one image size with other questions: their processor tensors stack.
+    if model == SHIPPED:
+        image = eval_sample().load_image()
+    else:
+        from tests.tiny_models import TINY_SPECS, noise_image
+
+        image = noise_image(TINY_SPECS[model].image_size, seed=7)
+    prepared = prepared + [adapter.prepare(image, q) for q in ("what shape ?", "is there a red large circle here ?")]
+    calls, handle = _decoder_calls(adapter)
+    try:
+        together = adapter.decoder_inputs_batch(prepared)
+    finally:
+        handle.remove()
+    assert len(calls) < len(prepared)  # at least the same-size images went through one pass
+    for item, mine in zip(prepared, together):
+        alone = adapter.llm_inputs(item.inputs)
+        torch.testing.assert_close(mine.inputs_embeds, alone.inputs_embeds, atol=1e-6, rtol=1e-6)
+        assert torch.equal(mine.attention_mask, alone.attention_mask)
+        assert torch.equal(mine.position_ids, alone.position_ids)
+        assert sorted(mine.extra) == sorted(alone.extra)
+        assert adapter.decoder_inputs(item) is mine  # kept for every run on the sample
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_the_recorded_forward_gives_the_sample_its_decoder_inputs(model):
+    """The recording runs the vision tower once; the sample's runs take their decoder inputs from
+    that forward (exactly the tower pass they would make) instead of running it again."""
+    from tests.pruning.conftest import sample_for
+    from workbench import pipeline
+
+    adapter, image, _, _ = sample_for(model)
+    ready = pipeline.prepare_sample(adapter, eval_sample(), [create_method("fastv")], image=image)
+    assert ready.recording is not None
+    calls, handle = _decoder_calls(adapter)
+    try:
+        kept = adapter.decoder_inputs(ready.prepared)
+    finally:
+        handle.remove()
+    assert not calls
+    alone = adapter.llm_inputs(ready.prepared.inputs)
+    for mine, theirs in ((kept.inputs_embeds, alone.inputs_embeds), (kept.attention_mask, alone.attention_mask),
+                         (kept.position_ids, alone.position_ids)):
+        assert torch.equal(mine, theirs)
+    assert sorted(kept.extra) == sorted(alone.extra)
+
+
+def test_a_sweep_batch_runs_the_tower_once_per_sample_and_once_for_all_blank_images(monkeypatch, tmp_path):
+    """In ``run_tasks``: one recording per sample (none for its blank-image control), whose forward
+    makes the sample's decoder inputs, and one tower pass on all the blank images; the recorded
+    forward stops after the last layer it reads."""
+    from workbench import recorder
+    from workbench.models.loading import load
+    from workbench.samples import read_dataset, sample_to_row
+    from workbench.sweep import MethodSpec, SweepTask, run_tasks
+
+    adapter = load()
+    samples = read_dataset("data/eval/samples.jsonl", limit=3)
+    tasks = [SweepTask(sample_to_row(s, tmp_path), str(tmp_path), (MethodSpec("fastv"),), (0.25,)) for s in samples]
+    towers, last_layer, recorded, real = [], [], [], recorder.record
+
+    def counted(*args, **kwargs):
+        before = len(last_layer)
+        out = real(*args, **kwargs)
+        recorded.append(len(last_layer) - before)
+        return out
+
+    monkeypatch.setattr(recorder, "record", counted)
+    handles = [adapter.vision_tower().register_forward_pre_hook(lambda *_: towers.append(1)),
+               adapter.decoder_layers()[-1].register_forward_pre_hook(lambda *_: last_layer.append(1))]
+    try:
+        rows = run_tasks(adapter, tasks)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert all(row["status"] == "ok" for sample_rows in rows for row in sample_rows)
+    assert len(towers) == len(samples) + 1
+    # One recording per sample, each stopped before the last decoder layer (FastV reads an early one).
+    assert recorded == [0] * len(samples)

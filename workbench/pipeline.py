@@ -86,7 +86,9 @@ def prepare_sample(adapter: ModelAdapter, sample: Sample, methods: Sequence[Prun
     mask = sample.evidence_mask()
     evidence = layout.evidence_tokens(mask) if mask is not None else np.zeros(layout.n_tokens, dtype=bool)
     started = time.perf_counter()
-    recording = record_needs(adapter, prepared, [m for m in methods if m.applicability(facts) is None])
+    # The recorded forward runs the vision tower: the sample's plans take their decoder inputs from it.
+    with adapter.decoder_inputs_from_forward(prepared):
+        recording = record_needs(adapter, prepared, [m for m in methods if m.applicability(facts) is None])
     return PreparedSample(sample, prepared, facts, DecoderShape.of(adapter.language_model().config), evidence,
                           recording, time.perf_counter() - started, sample.scorer)
 

@@ -300,10 +300,11 @@ def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureReque
     if session.probes and plans:
         root = traced(adapter.model)
         envoys = {plan.stack: _envoys(root, adapter, plan) for plan in plans}
-        with torch.no_grad(), listening(session), root.trace(**prepared.inputs, use_cache=False):
+        with torch.no_grad(), listening(session), root.trace(**prepared.inputs, use_cache=False) as tracer:
             for plan in plans:
                 for layer in plan.visit:
                     session.visit(plan, layer, envoys[plan.stack])
+            tracer.stop()  # nothing past the last visited layer is read: the rest of the forward is skipped
     answer_text = _saliency(adapter, prepared, request, builder, plans, answer)
     identity = Identity(adapter.name, sample_id, question, prepared.prompt, answer_text, adapter.fingerprint)
     return Recording(identity, request, prepared.layout, dict(builder.tensors), frozenset(builder.per_head),

@@ -8,6 +8,7 @@ tokens sit (``layout``), where the decoder and vision-tower layers are, whether 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -91,6 +92,11 @@ def encoder_layers(tower: torch.nn.Module):
 
 class _StopForward(Exception):
     pass
+
+
+# What a wrapper passes its decoder besides the inputs proper: not part of ``LLMInputs``.
+_CALL_FLAGS = ("input_ids", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
+               "cache_position", "logits_to_keep")
 
 
 class ModelAdapter(ABC):
@@ -217,6 +223,10 @@ class ModelAdapter(ABC):
         Captured at the decoder's call and the forward stopped there, so it is the model's own
         merging and position code, whatever the family, at the cost of the vision tower only.
         """
+        return self._llm_call(self._decoder_call(inputs))
+
+    def _decoder_call(self, inputs: BatchFeature) -> dict:
+        """The keyword arguments the wrapper calls the decoder stack with on ``inputs``, as given."""
         captured = {}
 
         def grab(module, args, kwargs):
@@ -230,6 +240,11 @@ class ModelAdapter(ABC):
             pass
         finally:
             handle.remove()
+        return captured
+
+    def _llm_call(self, captured: dict) -> LLMInputs:
+        """``LLMInputs`` of a captured decoder call (``_decoder_call``)."""
+        captured = dict(captured)
         embeds = captured.pop("inputs_embeds", None)
         if embeds is None:
             raise RuntimeError(f"{type(self).__name__}: the decoder was not called with inputs_embeds")
@@ -243,8 +258,7 @@ class ModelAdapter(ABC):
         positions = captured.pop("position_ids", None)
         if positions is None:  # the decoder's own default for a fresh sequence
             positions = torch.arange(length, device=embeds.device).unsqueeze(0).expand(batch, -1)
-        for name in ("input_ids", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
-                     "cache_position", "logits_to_keep"):
+        for name in _CALL_FLAGS:
             captured.pop(name, None)
         # A cache the wrapper made for this forward (whatever its argument's name) is not an input.
         extra = {k: v for k, v in captured.items() if v is not None and not isinstance(v, Cache)}
@@ -256,6 +270,50 @@ class ModelAdapter(ABC):
         if "llm" not in prepared._decoder_inputs:
             prepared._decoder_inputs["llm"] = self.llm_inputs(prepared.inputs)
         return prepared._decoder_inputs["llm"]
+
+    @torch.no_grad()
+    def decoder_inputs_batch(self, prepared: Sequence[PreparedInput]) -> list[LLMInputs]:
+        """``decoder_inputs`` of several prepared inputs, the missing ones made by one forward of
+        the vision tower on all their images where their processor tensors stack (same image
+        shapes; AnyRes inputs with different tilings, or a wrapper passing the decoder extra
+        inputs, go one at a time). Each equals its own ``llm_inputs`` up to float rounding."""
+        groups: dict[tuple, list[PreparedInput]] = {}
+        for item in prepared:
+            if "llm" not in item._decoder_inputs:
+                groups.setdefault(_stack_key(item.inputs), []).append(item)
+        for key, group in groups.items():
+            if key is None or len(group) == 1:
+                continue
+            lengths = [item.inputs["input_ids"].shape[1] for item in group]
+            captured = self._decoder_call(_stacked([item.inputs for item in group], self.tokenizer.pad_token_id))
+            for item, parts in zip(group, _split_call(captured, lengths)):
+                if parts is not None:
+                    item._decoder_inputs["llm"] = self._llm_call(parts)
+        return [self.decoder_inputs(item) for item in prepared]
+
+    @contextlib.contextmanager
+    def decoder_inputs_from_forward(self, prepared: PreparedInput):
+        """Within it, a forward of the whole model on ``prepared.inputs`` themselves (a recording's
+        traced forward) also fills ``decoder_inputs(prepared)`` from its call of the decoder, so the
+        vision tower does not run again for the sample's plans. Other forwards (generation, passes
+        on the prompt with an answer appended) are not taken: their decoder calls differ."""
+        own = {"forward": False}
+
+        def entered(module, args, kwargs):
+            own["forward"] = kwargs.get("input_ids") is prepared.inputs["input_ids"]
+
+        def grab(module, args, kwargs):
+            if own["forward"] and "llm" not in prepared._decoder_inputs and kwargs.get("inputs_embeds") is not None:
+                prepared._decoder_inputs["llm"] = self._llm_call(kwargs)
+            own["forward"] = False
+
+        handles = [self.model.register_forward_pre_hook(entered, with_kwargs=True),
+                   self.language_model().register_forward_pre_hook(grab, with_kwargs=True)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
     def llm_input_embeddings(self, inputs: BatchFeature) -> torch.Tensor:
@@ -290,3 +348,59 @@ class ModelAdapter(ABC):
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+# --- stacking prepared inputs -----------------------------------------------------------------------
+# Keys of a processor's output with one entry per token ([1, L] like ``input_ids``) are left-padded to
+# one length; every other tensor (pixel values, image sizes, grids) is concatenated along its first
+# axis, which needs the same trailing shape.
+
+def _stack_key(inputs: BatchFeature) -> tuple | None:
+    """What must agree for prepared inputs to stack into one batch (None: this one cannot)."""
+    ids = inputs["input_ids"]
+    key = []
+    for name, value in sorted(inputs.items()):
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return None
+        if value.shape == ids.shape:
+            key.append((name, "tokens", value.dtype))
+        else:
+            key.append((name, tuple(value.shape[1:]), value.dtype))
+    return tuple(key)
+
+
+def _stacked(inputs: Sequence[BatchFeature], pad_id: int) -> BatchFeature:
+    longest = max(item["input_ids"].shape[1] for item in inputs)
+    out = {}
+    for name, first in inputs[0].items():
+        if first.shape == inputs[0]["input_ids"].shape:
+            fill = pad_id if name == "input_ids" else 0
+            out[name] = torch.cat([torch.nn.functional.pad(item[name], (longest - item[name].shape[1], 0), value=fill)
+                                   for item in inputs])
+        else:
+            out[name] = torch.cat([item[name] for item in inputs])
+    return BatchFeature(out)
+
+
+def _split_call(captured: dict, lengths: list[int]) -> list[dict | None]:
+    """Each sample's part of a decoder call on stacked inputs (its rows, the padding on the left
+    cut off), or None where it cannot be told apart (the wrapper passed other batched inputs)."""
+    embeds, mask = captured.get("inputs_embeds"), captured.get("attention_mask")
+    positions = captured.get("position_ids")
+    known = {"inputs_embeds", "attention_mask", "position_ids", *_CALL_FLAGS}
+    others = [k for k, v in captured.items() if k not in known and v is not None and not isinstance(v, Cache)]
+    if embeds is None or others or (mask is not None and mask.dim() != 2):
+        return [None] * len(lengths)
+    longest, out = embeds.shape[1], []
+    for b, n in enumerate(lengths):
+        start = longest - n
+        if mask is not None and not bool(mask[b, start:].all()):
+            out.append(None)  # a padded sample of its own: it is made alone
+            continue
+        parts = {"inputs_embeds": embeds[b:b + 1, start:]}
+        if mask is not None:
+            parts["attention_mask"] = mask[b:b + 1, start:]
+        if positions is not None:  # None: the decoder numbers the sample's own rows from 0
+            parts["position_ids"] = positions[..., b:b + 1, start:]
+        out.append(parts)
+    return out
