@@ -1,16 +1,42 @@
-"""Peak memory of a sweep's pass over a stored benchmark split: 9,000 synthetic POPE rows against 100,
-side by side in one run.
+"""Peak memory of a real ``workbench sweep`` over a stored POPE split: 9,000 synthetic rows against
+100, side by side in one run.
 
-Each size is written as parquet shards in POPE's stored form (lmms-eval's columns, PNG bytes in an
-Image column) and read in a fresh interpreter, which then does per sample what the sweep does
-before the model: the data set is read (``read_dataset``, memory-mapped through ``datasets``) and
-fingerprinted, and each sample is turned into its task row and back and its image decoded and
-dropped. The child's peak own (anonymous) memory and its peak resident set are printed for both
-sizes and as ratios; flat memory is a ratio near 1 while the rows grow 90 times (the resident set
-also counts the pages of the memory-mapped table that were read, which the system can reclaim). For reference the size of the images, had
-they all been decoded at once, is printed beside it.
+Each size is written as parquet shards in lmms-eval's stored form of POPE (lmms-lab/POPE's columns,
+PNG bytes in an Image column, 1,000 rows a shard; 96 px noise images) and swept by the
+``workbench sweep`` command, one cheap method at one budget (``random`` at 0.33) and
+``--batch-size 16``, each in a fresh interpreter, so that a peak is that sweep's alone. The child
+reports its own peaks:
 
-    .venv/bin/python benchmarks/bench_dataset_memory.py [--rows 9000] [--small 100] [--size 96]
+- peak own (anonymous) memory: ``RssAnon`` of ``/proc/self/status``, sampled every 20 ms by a
+  thread and once more at exit: the memory the process holds, without the pages of the
+  memory-mapped table it has read;
+- peak resident set: ``VmHWM`` of ``/proc/self/status`` at exit, the kernel's high-water mark of
+  that process alone. It also counts the table's file pages that were read (up to the whole split;
+  the system can reclaim them). The child's rusage would not do: ``ru_maxrss`` from ``os.wait4``
+  is the largest of the child and every descendant it waited for (the parquet converter
+  ``workbench.dataset_formats`` runs apart included), and ``RUSAGE_CHILDREN`` keeps the largest
+  over every child so far, so the second sweep could only report the larger of the two.
+
+Before its sweep, each split is converted into the ``datasets`` cache by another process
+(``read_dataset``), so both sweeps read the same memory-mapped form (a first sweep over a split
+converts it itself; above 64 MiB of parquet in a child process). Printed per size: parquet size,
+the size of all its images decoded, both peaks, rows/s of the whole command (model load included),
+and the samples and rows of the sweep's table (every sample must be there with all its rows, each
+"ok"); then the ratios.
+
+The model is by default a tiny random LLaVA (``tests/tiny_models.py``, saved for the run): the
+memory in question is the data path's and the sweep's, which do not depend on the model's size,
+and a 9,000-row sweep of the shipped model is too slow for a CPU: every sample runs four
+generations (the unpruned model, the zero-token and blank-image controls, the method; the
+blank-image control also re-runs the tower) of up to 8 tokens: about 1.3 s a sample on 2 busy
+cores, over 3 hours for 9,000 rows; 0.5 s with ``--max-new-tokens 1`` (enough for POPE's yes/no).
+``--model shipped`` runs it.
+
+    nice -n 19 .venv/bin/python benchmarks/bench_dataset_memory.py [--rows 9000] [--small 100]
+        [--model tiny-llava|shipped|PATH] [--method random] [--budget 0.33] [--batch-size 16]
+        [--max-new-tokens N] [--size 96]
+
+It takes about 20 to 25 minutes on 2 busy cores, nearly all of it the 9,000-row sweep.
 """
 
 from __future__ import annotations
@@ -18,48 +44,49 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Runs ``workbench sweep`` (argv[2:]) in this process and writes its peaks to argv[1].
 CHILD = """
-import json, resource, sys
-from pathlib import Path
-from workbench.samples import read_dataset, sample_from_row, sample_to_row
-from workbench.sweep_identity import dataset_fingerprint
+import json, sys, threading, time
 
-def anonymous_kib():  # the process's own memory; pages of memory-mapped files are not in it
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
 
-path = Path(sys.argv[1])
-samples = read_dataset(path)
-peak = anonymous_kib()
-dataset_fingerprint(path)
-peak = max(peak, anonymous_kib())
-root = path
-pixels = 0
-for i, sample in enumerate(samples):
-    again = sample_from_row(sample_to_row(sample, root), root, "task")
-    image = again.load_image()
-    pixels += image.size[0] * image.size[1]
-    del image
-    if i % 50 == 0:
-        peak = max(peak, anonymous_kib())
-peak = max(peak, anonymous_kib())
-print(json.dumps({"samples": len(samples), "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "anon_kib": peak, "decoded_bytes": pixels * 3}))
+peak = [status("RssAnon:")]
+
+def watch():
+    while True:
+        peak[0] = max(peak[0], status("RssAnon:"))
+        time.sleep(0.02)
+
+threading.Thread(target=watch, daemon=True).start()
+from workbench.cli import main
+code = main(sys.argv[2:])
+peak[0] = max(peak[0], status("RssAnon:"))
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": code, "anon_kib": peak[0], "hwm_kib": status("VmHWM:")}, f)
+sys.exit(code)
 """
+
+TINY = "tiny-llava"
+WARM = "import sys; from workbench.samples import read_dataset; print(len(read_dataset(sys.argv[1])))"
 
 
 def write_pope(folder: Path, rows: int, size: int, shard_rows: int = 1000) -> Path:
-    """``rows`` POPE-shaped rows of random-noise PNGs, in shards of ``shard_rows``."""
+    """``rows`` POPE rows (lmms-lab/POPE's columns) with random-noise PNGs, in shards of ``shard_rows``."""
     import datasets
     from PIL import Image
 
@@ -70,7 +97,8 @@ def write_pope(folder: Path, rows: int, size: int, shard_rows: int = 1000) -> Pa
     rng = np.random.default_rng(0)
     out = folder / f"pope-{rows}" / "data"
     out.mkdir(parents=True)
-    for start in range(0, rows, shard_rows):
+    shards = -(-rows // shard_rows)
+    for shard, start in enumerate(range(0, rows, shard_rows)):
         batch = []
         for i in range(start, min(rows, start + shard_rows)):
             buffer = io.BytesIO()
@@ -79,15 +107,29 @@ def write_pope(folder: Path, rows: int, size: int, shard_rows: int = 1000) -> Pa
                           "answer": "yes" if i % 2 else "no", "image_source": f"COCO_val2014_{i:012d}",
                           "image": {"bytes": buffer.getvalue(), "path": None},
                           "category": ("random", "popular", "adversarial")[i % 3]})
-        datasets.Dataset.from_list(batch, features=features).to_parquet(str(out / f"test-{start // shard_rows:05d}.parquet"))
+        datasets.Dataset.from_list(batch, features=features).to_parquet(
+            str(out / f"test-{shard:05d}-of-{shards:05d}.parquet"))
     return out.parent
 
 
-def measure(path: Path, cache: Path) -> dict:
-    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(path)], cwd=REPO, env=env, capture_output=True,
-                          text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def sweep(dataset: Path, out: Path, env: dict, args) -> dict:
+    """One ``workbench sweep`` in a fresh interpreter: its peaks, wall time and table."""
+    import polars as pl
+
+    peaks = out.with_suffix(".json")
+    command = [sys.executable, "-c", CHILD, str(peaks), "sweep", "--dataset", str(dataset), "--out", str(out),
+               "--methods", args.method, "--budgets", args.budget, "--batch-size", str(args.batch_size)]
+    command += [] if args.model == "shipped" else ["--model", args.model]
+    command += [] if args.max_new_tokens is None else ["--max-new-tokens", str(args.max_new_tokens)]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"the sweep of {dataset} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    table = pl.read_parquet(out / "results.parquet")
+    return json.loads(peaks.read_text()) | {
+        "seconds": seconds, "samples": table["sample_id"].n_unique(), "table_rows": table.height,
+        "ok": bool((table["status"] == "ok").all()) and table.group_by("sample_id").len()["len"].n_unique() == 1}
 
 
 def main() -> None:
@@ -95,27 +137,49 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=9000)
     parser.add_argument("--small", type=int, default=100)
     parser.add_argument("--size", type=int, default=96, help="image side in pixels (default 96)")
+    parser.add_argument("--method", default="random", help="the one method swept (default random)")
+    parser.add_argument("--budget", default="0.33", help="its one budget (default 0.33)")
+    parser.add_argument("--batch-size", type=int, default=16, help="the sweep's --batch-size (default 16)")
+    parser.add_argument("--model", default=TINY,
+                        help=f"'{TINY}' (default: a tiny random LLaVA saved for the run, tests/tiny_models.py), "
+                             "'shipped' (the shipped model; about 1.3 s a sample on 2 busy cores), or any --model")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="the sweep's (default: the sweep's own, 8)")
     args = parser.parse_args()
     import datasets
 
     datasets.disable_progress_bars()
+    results, model = {}, args.model
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        results = {}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_DATASETS_CACHE")} | {
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp / "cache")}
+        if args.model == TINY:
+            sys.path.insert(0, str(REPO))
+            from tests.tiny_models import save_tiny
+
+            args.model = save_tiny("llava", tmp / TINY)
         for rows in (args.small, args.rows):
             path = write_pope(tmp, rows, args.size)
-            on_disk = sum(p.stat().st_size for p in path.rglob("*.parquet"))
-            results[rows] = measure(path, tmp / "cache") | {"parquet_mib": on_disk / 2**20}
+            subprocess.run([sys.executable, "-c", WARM, str(path)], cwd=REPO, env=env, check=True,
+                           capture_output=True)
+            result = sweep(path, tmp / f"sweep-{rows}", env, args)
+            results[rows] = result | {"parquet_mib": sum(p.stat().st_size for p in path.rglob("*.parquet")) / 2**20,
+                                      "decoded_mib": rows * args.size * args.size * 3 / 2**20}
+            print(f"{rows} rows: {result['seconds']:.0f} s", file=sys.stderr, flush=True)
     small, large = results[args.small], results[args.rows]
-    print(f"sweep data path over POPE parquet shards ({args.size}x{args.size} PNG images):")
-    print(f"{'rows':>8} {'parquet MiB':>12} {'all images decoded MiB':>23} {'peak own memory MiB':>20} "
-          f"{'peak RSS MiB':>13}")
+    print(f"workbench sweep over POPE parquet shards ({args.size}x{args.size} PNG images; --methods "
+          f"{args.method} --budgets {args.budget} --batch-size {args.batch_size}; model {model}, CPU):")
+    print(f"{'rows':>6} {'parquet MiB':>12} {'images decoded MiB':>19} {'peak own MiB':>13} {'peak RSS MiB':>13} "
+          f"{'rows/s':>7} {'samples in table':>17} {'table rows':>11}")
     for rows, r in results.items():
-        print(f"{rows:>8} {r['parquet_mib']:>12.1f} {r['decoded_bytes'] / 2**20:>23.1f} {r['anon_kib'] / 1024:>20.1f} "
-              f"{r['peak_kib'] / 1024:>13.1f}")
+        print(f"{rows:>6} {r['parquet_mib']:>12.1f} {r['decoded_mib']:>19.1f} {r['anon_kib'] / 1024:>13.1f} "
+              f"{r['hwm_kib'] / 1024:>13.1f} {rows / r['seconds']:>7.2f} {r['samples']:>17} {r['table_rows']:>11}")
     print(f"rows x{args.rows / args.small:.0f}: peak own (anonymous) memory x{large['anon_kib'] / small['anon_kib']:.2f}, "
-          f"peak RSS x{large['peak_kib'] / small['peak_kib']:.2f} (RSS counts the pages of the memory-mapped "
-          "table that were read; the system reclaims them)")
+          f"peak RSS x{large['hwm_kib'] / small['hwm_kib']:.2f} (RSS also counts the memory-mapped table's pages "
+          "that were read; the system reclaims them)")
+    lost = [rows for rows, r in results.items() if r["samples"] != rows or not r["ok"]]
+    print("every sample swept, each with all its rows, every row ok" if not lost else
+          f"LOST OR FAILED ROWS in the {lost}-row sweep(s)")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ and the sweep goes on.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -166,6 +167,8 @@ def run_tasks(adapter: ModelAdapter, tasks: Sequence[SweepTask]) -> list[list[di
             readies[i] = prepare_sample(adapter, sample, methods)
         except ImageError as e:
             rows[i] = _error_rows(sample, task, str(e))
+    # The samples no recording ran the tower for get their decoder inputs from one tower pass on all.
+    adapter.decoder_inputs_batch([ready.prepared for ready in readies.values()])
     # One batch per (what runs, max_new_tokens): the unpruned run first (the others start from its
     # prefill), then the controls, then each method at each budget, in the tasks' order.
     results: dict[int, list] = {i: [] for i in readies}
@@ -210,6 +213,7 @@ def _controls(adapter: ModelAdapter, readies: list, max_new_tokens: int) -> tupl
     """The zero-token and blank-image controls of each prepared sample, each run as one batch."""
     zero = [KeepPlan(CONTROLS[0], 0, ready.n_visual, (Stage(PRE_LLM, ()),)) for ready in readies]
     blank = [prepare_sample(adapter, ready.sample, image=blank_image(ready.prepared.image_size)) for ready in readies]
+    adapter.decoder_inputs_batch([ready.prepared for ready in blank])  # one tower pass on all blank images
     return (pipeline.run_batch(adapter, readies, None, plans=zero, label=CONTROLS[0], max_new_tokens=max_new_tokens),
             pipeline.run_batch(adapter, blank, None, label=CONTROLS[1], max_new_tokens=max_new_tokens))
 
@@ -241,24 +245,36 @@ KEY = ("sample_id", "method", "budget")
 RENAMED = {"gold": "gold_answer", "answer": "predicted_answer"}
 
 
-def _read_journal(path: Path) -> list[dict]:
-    """Every complete row; a torn last line (a run killed mid-write, or a writer mid-append) is
-    left out, not repaired: readers never write (the next writer repairs it, ``_repair_journal``)."""
+JOURNAL_CHUNK = 1000  # rows made into a table at a time: a journal is never held whole as dicts
+
+
+def _journal_rows(path: Path) -> Iterator[dict]:
+    """Every complete row, streamed; a torn last line (a run killed mid-write, or a writer
+    mid-append) is left out, not repaired: readers never write (the next writer repairs it,
+    ``_repair_journal``)."""
     if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    rows = []
-    for number, line in enumerate(data[:end].splitlines(), start=1):
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            row = None
-        if not isinstance(row, dict) or any(k not in row for k in KEY):
-            raise SweepError(f"{path}:{number} is not a sweep row; the journal is damaged "
-                             "(move the folder aside to start this sweep again)")
-        rows.append({RENAMED.get(k, k): v for k, v in row.items()})
-    return rows
+        return
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                return
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = None
+            if not isinstance(row, dict) or any(k not in row for k in KEY):
+                raise SweepError(f"{path}:{number} is not a sweep row; the journal is damaged "
+                                 "(move the folder aside to start this sweep again)")
+            yield {RENAMED.get(k, k): v for k, v in row.items()}
+
+
+def _journal_frame(path: Path) -> pl.DataFrame:
+    """The journal as the sweep table, ``JOURNAL_CHUNK`` rows at a time."""
+    rows = _journal_rows(path)
+    frames = [frame(list(itertools.islice(rows, JOURNAL_CHUNK)))]
+    while frames[-1].height == JOURNAL_CHUNK:
+        frames.append(frame(list(itertools.islice(rows, JOURNAL_CHUNK))))
+    return pl.concat(frames)
 
 
 def _repair_journal(path: Path) -> None:
@@ -453,10 +469,11 @@ def _run_locked(runner: Runner, samples, dataset, methods, budgets, folder: Path
                 progress) -> SweepResult:
     journal = folder / "rows.jsonl"
     _repair_journal(journal)
-    rows = _read_journal(journal)
+    # Only the keys of the rows done are held while the sweep runs; the rows themselves are in the
+    # journal, and the table is read back from it at the end, so memory does not grow with rows.
     # "error" rows count as done: a fixed image changes the data set's content hash, which makes
     # it another sweep (refused on resume), so retrying them here could only fail again.
-    done = {tuple(r[k] for k in KEY) for r in rows}
+    done = {tuple(r[k] for k in KEY) for r in _journal_rows(journal)}
     new = 0
     root = Path(dataset).parent if Path(dataset).suffix else Path(dataset)
     tasks = []
@@ -477,11 +494,10 @@ def _run_locked(runner: Runner, samples, dataset, methods, budgets, folder: Path
                 out.write("".join(json.dumps(r) + "\n" for r in fresh))
                 out.flush()
                 os.fsync(out.fileno())
-                rows += fresh
                 new += len(fresh)
                 done.update(tuple(r[k] for k in KEY) for r in fresh)
     finally:
-        table = frame(rows)
+        table = _journal_frame(journal)
         write_atomically_bytes(folder / "results.parquet", table.write_parquet)
     return SweepResult(folder, table, new)
 
@@ -491,7 +507,7 @@ def read_sweep(folder: str | Path) -> pl.DataFrame:
     folder = Path(folder)
     if not (folder / "sweep.json").exists():
         raise SweepError(f"{folder} is not a sweep folder (no sweep.json)")
-    return frame(_read_journal(folder / "rows.jsonl"))
+    return _journal_frame(folder / "rows.jsonl")
 
 
 # --- tables ----------------------------------------------------------------------------------------
