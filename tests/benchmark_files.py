@@ -106,10 +106,14 @@ def seedbench_rows() -> list[dict]:
 
 
 def refcoco_rows() -> list[dict]:
-    # bbox is COCO's [x, y, width, height] in pixels of the 40 x 30 image
+    # lmms-lab/RefCOCO's columns; bbox is COCO's [x, y, width, height] in pixels of the 40 x 30 image,
+    # answer every referring expression of the region
     return [{"question_id": "r1", "image": image(3), "question": "Please carefully observe the area circled.",
              "answer": ["left dog", "the brown dog"], "segmentation": [1.0, 2.0, 3.0], "bbox": [4.0, 6.0, 16.0, 12.0],
-             "iscrowd": 0, "file_name": "COCO_train2014_1.jpg"}]
+             "iscrowd": 0, "file_name": "COCO_train2014_1.jpg"},
+            {"question_id": "r2", "image": image(1), "question": "Please carefully observe the area circled.",
+             "answer": ["red cup"], "segmentation": [4.0, 5.0, 6.0], "bbox": [30.0, 2.0, 8.0, 10.0],
+             "iscrowd": 0, "file_name": "COCO_train2014_2.jpg"}]
 
 
 def gqa_rows() -> list[dict]:
@@ -126,7 +130,8 @@ GQA_SCENE_GRAPHS = {"n1": {"width": 40, "height": 30, "objects": {
     "o3": {"name": "wall", "x": 0, "y": 0, "w": 40, "h": 8}}}}
 
 ROWS = {"pope": pope_rows, "textvqa": textvqa_rows, "vqav2": vqav2_rows, "scienceqa_img": scienceqa_rows,
-        "mme": mme_rows, "mmbench": mmbench_rows, "seedbench_img": seedbench_rows, "refcoco": refcoco_rows,
+        "mme": mme_rows, "mmbench": mmbench_rows, "seedbench_img": seedbench_rows,
+        "refcoco_caption": refcoco_rows,
         "gqa": gqa_rows}
 
 

@@ -9,8 +9,9 @@ import polars as pl
 import pytest
 
 from tests import benchmark_files as B
-from workbench.benchmarks import (BENCHMARKS, REC_PROMPT, UnknownBenchmark, benchmark_summary, gqa_evidence,
-                                  summary_wide)
+from workbench.benchmarks import (BENCHMARKS, CAPTION_PROMPT, REC_PROMPT, UnknownBenchmark, benchmark_summary,
+                                  gqa_evidence, summary_wide)
+from workbench.cider import cider_d
 from workbench.cli import main
 from workbench.samples import DatasetError, read_dataset, sample_from_row, sample_to_row
 
@@ -90,9 +91,10 @@ def test_mme_pairs_questions_by_image(stored):
     assert samples[0].score("Yes").value == 1.0 and samples[1].score("Yes").value == 0.0
 
 
-def test_refcoco_boxes_become_evidence_and_the_gold_box(stored):
-    samples = read_dataset(stored["refcoco"])
-    assert [s.id for s in samples] == ["r1-0", "r1-1"]  # one sample per referring expression
+def test_refcoco_grounding_boxes_become_evidence_and_the_gold_box(stored):
+    samples = read_dataset(stored["refcoco_caption"], benchmark="refcoco_rec")  # same stored form, asked by name
+    assert [s.id for s in samples] == ["r1-0", "r1-1", "r2-0"]  # one sample per referring expression
+    assert {s.scorer for s in samples} == {"box_iou"} and not samples[0].marks  # the image as stored
     assert samples[1].question == REC_PROMPT + "the brown dog"
     # bbox [4, 6, 16, 12] (x, y, w, h) on a 40 x 30 image
     assert samples[0].evidence_boxes == ((4.0, 6.0, 20.0, 18.0),)
@@ -100,6 +102,62 @@ def test_refcoco_boxes_become_evidence_and_the_gold_box(stored):
     mask = samples[0].evidence_mask()
     assert mask.shape == (30, 40) and mask.sum() == 16 * 12 and mask[6, 4] and not mask[5, 4]
     assert samples[0].score("[0.1, 0.2, 0.5, 0.55]").value == 1.0
+
+
+def test_refcoco_captioning_draws_the_region_and_asks_for_a_caption(stored):
+    # lmms-eval's refcoco_bbox_*: the image with the region's box drawn (PIL rectangle, outline "red",
+    # width 1), the prompt "Provide a short description for this region.", every expression a reference
+    samples = read_dataset(stored["refcoco_caption"])  # inferred: the default RefCOCO task
+    assert [s.id for s in samples] == ["r1", "r2"]  # one sample per region
+    first = samples[0]
+    assert first.question == CAPTION_PROMPT == "Provide a short description for this region."
+    assert first.scorer == "rouge_l" and first.references == ("left dog", "the brown dog")
+    assert first.answer == "left dog"
+    # bbox [4, 6, 16, 12] (x, y, w, h): the outline runs through x = 4 and x = 20, y = 6 and y = 18, both
+    # corners painted; inside and outside keep the stored colour
+    assert first.marks == first.evidence_boxes == ((4.0, 6.0, 20.0, 18.0),)
+    image = first.load_image()
+    red, stored_colour = (255, 0, 0), B.COLOURS[3]
+    for xy in [(4, 6), (20, 6), (4, 18), (20, 18), (12, 6), (12, 18), (4, 12), (20, 12)]:
+        assert image.getpixel(xy) == red, xy
+    for xy in [(5, 7), (19, 17), (12, 12), (3, 6), (21, 18), (20, 19), (4, 5), (0, 0)]:
+        assert image.getpixel(xy) == stored_colour, xy
+    pixels = np.asarray(image)
+    assert (pixels == red).all(axis=-1).sum() == 2 * 17 + 2 * 11  # two 17-pixel rows, two 11-pixel columns
+    # the evidence mask is the region itself (x1/y1 exclusive), not the outline
+    assert first.evidence_mask().sum() == 16 * 12
+    # the per-row score is ROUGE-L against every expression; an expression itself scores 1
+    assert first.score("The brown dog.").value == 1.0 and first.score("a cat").value == 0.0
+    # the mark survives the sweep's task round trip, so Ray workers see the drawn image too
+    row = json.loads(json.dumps(sample_to_row(first, stored["refcoco_caption"])))
+    again = sample_from_row(row, stored["refcoco_caption"], "task")
+    assert again == first and np.array_equal(np.asarray(again.load_image()), pixels)
+
+
+def test_refcoco_caption_cider_is_the_corpus_aggregate_of_a_sweep(stored):
+    samples = read_dataset(stored["refcoco_caption"])
+    captions = {"r1": "the brown dog", "r2": "a red cup"}
+    table = pl.DataFrame([{"sample_id": s.id, "method": "unpruned", "budget": "100%", "status": "ok",
+                           "gold_answer": s.answer, "extracted_answer": s.score(captions[s.id]).extracted,
+                           "score": s.score(captions[s.id]).value, "correct": s.score(captions[s.id]).value == 1.0}
+                          for s in samples])
+    got = {r["metric"]: r["value"] for r in benchmark_summary(table, samples).iter_rows(named=True)}
+    # two regions: N = 2, idf = ln 2 for an n-gram in one region's references, 0 in both (none here).
+    # r1 "the brown dog" equals its second reference: cosine 1 for n = 1, 2, 3 (no 4-gram: 0), no length
+    # penalty -> 10 * 3/4 / 2 references = 3.75 from that reference; against "left dog" (idf ln 2 for
+    # every n-gram) only "dog" is shared among the unigrams: cos = 1/(sqrt(3) sqrt(2)), bigrams none;
+    # length 3 vs 2: exp(-1/72) -> r1 = 10 * (3 + exp(-1/72) / sqrt(6)) / 4 / 2
+    # r2 "a red cup" vs "red cup": "a" (df 0 -> idf ln 2) is unshared; unigrams 2 / (sqrt(3) sqrt(2)),
+    # bigrams 1 / (sqrt(2) * 1), length penalty exp(-1/72) -> r2 = 10 * exp(-1/72) * (2/sqrt(6) + 1/sqrt(2)) / 4
+    import math
+
+    r1 = 10 * (3 + math.exp(-1 / 72) / math.sqrt(6)) / 4 / 2
+    r2 = 10 * math.exp(-1 / 72) * (2 / math.sqrt(6) + 1 / math.sqrt(2)) / 4
+    assert got["CIDEr"] == pytest.approx((r1 + r2) / 2)
+    # ROUGE-L: r1 equals a reference (1); r2: LCS 2, precision 2/3, recall 1 -> 2.44 * 2/3 / (1 + 1.44 * 2/3)
+    assert got["ROUGE_L"] == pytest.approx((1 + 2.44 * (2 / 3) / (1 + 1.44 * 2 / 3)) / 2)
+    assert got["CIDEr"] == pytest.approx(cider_d(list(captions.values()), [["left dog", "the brown dog"],
+                                                                           ["red cup"]])[0])
 
 
 def test_gqa_evidence_comes_from_the_scene_graph_objects_it_names(stored):
@@ -114,10 +172,14 @@ def test_stored_forms_parquet_file_save_to_disk_and_coco(tmp_path):
     arrow = read_dataset(B.build("pope", tmp_path / "arrow", form="arrow"))
     assert [s.question for s in one] == [s.question for s in arrow] and len(one) == 5
     assert arrow[3].load_image().getpixel((0, 0)) == B.COLOURS[3]
-    (coco,) = read_dataset(B.build_coco_refcoco(tmp_path / "coco"))
-    assert coco.benchmark == "refcoco" and coco.image_ref is None and coco.load_image().size == (50, 40)
+    (coco,) = read_dataset(B.build_coco_refcoco(tmp_path / "coco"), benchmark="refcoco_rec")
+    assert coco.benchmark == "refcoco_rec" and coco.image_ref is None and coco.load_image().size == (50, 40)
     assert coco.evidence_boxes == ((10.0, 5.0, 30.0, 35.0),) and coco.answer == "[0.200, 0.125, 0.600, 0.875]"
-    assert read_dataset(tmp_path / "coco") == [coco]  # the folder holding the annotation JSON
+    assert read_dataset(tmp_path / "coco", benchmark="refcoco_rec") == [coco]  # the folder holding the JSON
+    (caption,) = read_dataset(tmp_path / "coco")  # inferred: RefCOCO's captioning task
+    assert caption.benchmark == "refcoco_caption" and caption.references == ("dog on the left",)
+    assert caption.marks == caption.evidence_boxes == ((10.0, 5.0, 30.0, 35.0),)
+    assert caption.load_image().getpixel((30, 35)) == (255, 0, 0)  # the box drawn on the image file's pixels
 
 
 def test_a_stored_sample_survives_the_sweep_task_round_trip(stored):
@@ -219,7 +281,8 @@ def test_the_prompt_goes_through_the_family_chat_template(stored):
 def test_the_benchmarks_command_lists_the_registry(capsys):
     assert main(["benchmarks"]) == 0
     out = capsys.readouterr().out
-    for name in ("pope", "gqa", "textvqa", "vqav2", "scienceqa_img", "mme", "mmbench", "seedbench_img", "refcoco"):
+    for name in ("pope", "gqa", "textvqa", "vqav2", "scienceqa_img", "mme", "mmbench", "seedbench_img",
+                 "refcoco_caption", "refcoco_rec"):
         assert f"\n{name}: " in "\n" + out
     assert "image_source" in out and "Answer the question using a single word or phrase." in out
     assert main(["benchmarks", "coco"]) == 2
@@ -260,3 +323,20 @@ def test_the_sweep_fingerprint_follows_the_stored_files_and_the_coco_images(tmp_
     before = dataset_fingerprint(refs)
     Image.new("RGB", (50, 40), "white").save(tmp_path / "coco" / "images" / "COCO_train2014_000000000009.jpg")
     assert dataset_fingerprint(refs) != before  # the image the annotation names, not only the JSON
+
+
+def test_a_sweep_on_refcoco_captioning_prints_cider(tmp_path, capsys):
+    from workbench.sweep import UNPRUNED, read_sweep
+
+    refcoco = B.build("refcoco_caption", tmp_path, form="parquet_file")
+    assert main(["sweep", "--dataset", str(refcoco), "--methods", "random", "--budgets", "0.5",
+                 "--out", str(tmp_path / "sweep")]) == 0
+    out = capsys.readouterr().out
+    assert "RefCOCO (region captioning" in out and "CIDEr" in out and "ROUGE_L" in out
+    samples = read_dataset(refcoco)
+    rows = read_sweep(tmp_path / "sweep").filter(pl.col("method") == UNPRUNED).sort("sample_id")
+    assert rows["sample_id"].to_list() == ["r1", "r2"] and rows["score"].is_not_null().all()
+    summary = benchmark_summary(rows, samples)
+    cider = summary.filter(pl.col("metric") == "CIDEr")["value"].item()
+    expected, _ = cider_d(rows["predicted_answer"].to_list(), [list(s.references) for s in samples])
+    assert cider == pytest.approx(expected)  # the corpus metric of the raw generations, whatever they are

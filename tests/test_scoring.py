@@ -23,16 +23,41 @@ def test_pope_protocols_disagree_where_the_harnesses_do():
     assert score("pope_llava", "I see a dog. No cat though", ["yes"]).extracted == "yes"  # second sentence unread
 
 
-def test_multiple_choice_reads_the_leading_letter_or_the_one_named_option():
+def test_multiple_choice_reads_the_option_by_lmms_eval_mmbench_rules():
+    # lmms-eval's MMBench can_infer: a letter A-E alone as a word (not "A" in a sentence of more than
+    # three words), else a letter in one punctuated form, else the one option whose text is named
     options = ["a dog", "a cat", "a bird"]
-    assert option_letter("B", options) == "B"
+    assert option_letter("A", options) == "A"
+    assert option_letter("The answer is B", options) == "B"  # a lone letter anywhere
+    assert option_letter("The answer is B.", options) == "B"  # "B." is the form ("", ".")
     assert option_letter("(C) a bird", options) == "C"
     assert option_letter("A. a dog", options) == "A"
-    assert option_letter("I think it is a cat", options) == "B"
+    assert option_letter("Answer:C", options) is None  # "Answer:C" is one word, not the form ":C"
+    assert option_letter("Answer :C", options) == "C"
+    assert option_letter("B) the cat", options) == "B"
+    assert option_letter("B), the cat", options) is None  # "B)," is none of the forms, "the cat" no option
+    assert option_letter("A or B", options) is None  # two lone letters, no form, no option named
+    assert option_letter("A. or B.", options) is None  # two letters in the same form
+    assert option_letter("(A) or B.", options) == "B"  # one letter per form: "B." is tried before "(A)"
+    assert option_letter("A cat sits there", options) == "B"  # "A" in a long sentence is the article: text
+    assert option_letter("A cat", options) == "A"  # ... but not in a short one
+    assert option_letter("I think it is a cat", options) == "B"  # the option's text, case ignored
+    assert option_letter("It Is A Bird", options) == "C"
     assert option_letter("a cat or a dog", options) is None  # two options named
-    assert option_letter("D", options) is None  # no such option
-    assert score("multiple_choice", "b", ["B"], options).value == 0.0  # a lower-case word is not a letter
+    assert option_letter("D", options) == "D"  # lmms-eval reads A-E whatever the options: a wrong answer
+    assert option_letter("F", options) is None
+    assert score("multiple_choice", "b", ["B"], options).value == 0.0  # a lower-case letter is no letter
     assert score("multiple_choice", "B", ["B"], options).value == 1.0
+    assert score("multiple_choice", "no idea", ["B"], options).value == 0.0  # where lmms-eval asks GPT: none
+
+
+def test_rouge_l_scores_a_caption_against_its_references():
+    # candidate "a red cup" vs "red cup" and "the cup": LCS 2 and 1 -> best precision 2/3, best recall
+    # max(2/2, 1/2) = 1 -> (1 + 1.2^2) * 2/3 * 1 / (1 + 1.2^2 * 2/3)
+    got = score("rouge_l", "A red cup.", ["red cup", "the cup"])
+    assert got.extracted == "a red cup" and got.value == pytest.approx(2.44 * (2 / 3) / (1 + 1.44 * 2 / 3))
+    assert score("rouge_l", "The red cup", ["the red cup", "a cup"]).value == 1.0
+    assert score("rouge_l", "", ["a cup"]).value == 0.0 and score("rouge_l", "dog", ["a cup"]).value == 0.0
 
 
 def test_vqa_normalization_follows_the_official_rules():
@@ -55,7 +80,8 @@ def test_vqa_soft_accuracy_by_hand():
 
 
 def test_unknown_scorer_lists_the_known_ones():
-    with pytest.raises(UnknownScorer, match="available: box_iou, exact, first_phrase, mme_lmms_eval, multiple_choice"):
+    with pytest.raises(UnknownScorer, match="available: box_iou, exact, first_phrase, mme_lmms_eval, multiple_choice, "
+                       "pope_llava, pope_lmms_eval, rouge_l, vqa_soft"):
         score("bleu", "x", ["y"])
 
 

@@ -14,7 +14,9 @@ short answers, "Answer with the option's letter from the given choices directly.
 laid out one per line as "A. text".
 
 ``--benchmark NAME`` picks one; without it the benchmark is inferred from the stored columns,
-and a table that fits several (or none) is one line naming them.
+and a table that fits several (or none) is one line naming them. Where two benchmarks read the
+same stored form (RefCOCO: captioning, lmms-eval's main task, and grounding), inference picks the
+one marked ``inferred`` and the other is asked for by name.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import polars as pl
 from workbench.dataset_formats import ImageRef, StoredForm, iter_rows, open_table, read_coco
 from workbench.errors import UserError
 from workbench.samples import Box, DatasetError, Sample
+from workbench.cider import cider_d
 from workbench.scoring import (LETTERS, box_text, circular_accuracy, pair_score, pope_metrics, vqa_normalize)
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -39,6 +42,7 @@ MMBENCH_OPTIONS_HEADER = "There are several options:"
 REC_PROMPT = ("Bounding box coordinates are specified in the format (top-left x, top-left y, bottom-right x, "
               "bottom-right y). All values are floating point numbers bounded between 0 and 1. Please provide the "
               "bounding box coordinate of the region this sentence describes: ")
+CAPTION_PROMPT = "Provide a short description for this region."  # lmms-eval's refcoco_bbox_* tasks
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                   "artwork", "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -74,6 +78,7 @@ class Benchmark:
     samples: Callable[[Row], Iterable[Sample]]  # one stored row -> its samples
     aggregate: Callable[[pl.DataFrame], dict[str, float]] | None = None  # scored rows -> official metrics
     image_column: str = "image"
+    inferred: bool = True  # False: another benchmark reads the same stored form and inference picks it
 
     def fits(self, columns: set[str]) -> int:
         """The size of the largest signature the columns hold (0: none)."""
@@ -316,7 +321,10 @@ register(Benchmark(
     "hint + \" \" + question + \" There are several options:\" + options one per line as \"A. text\" + "
     "\"\\nAnswer with the option's letter from the given choices directly.\"", "multiple_choice",
     "circular accuracy: a question counts only if every rotation of its options (index mod 1e6) is right; "
-    "the option letter is read from the answer (no GPT matching)", "lmms-eval tasks/mmbench (en_utils, mmbench_evals)",
+    "the option letter is read by lmms-eval's rule-based matching (can_infer: a lone letter, a punctuated letter "
+    "such as \"B.\" or \"(B)\", else the one option whose text the answer contains); where those rules find no "
+    "letter lmms-eval asks GPT, here that answer counts as none (wrong)",
+    "lmms-eval tasks/mmbench (en_utils, mmbench_evals)",
     _mmbench, _mmbench_aggregate))
 
 
@@ -369,27 +377,70 @@ def _expressions(v: dict) -> list[str]:
     return [_text(v.get("answer") or v.get("caption"))]
 
 
-def _refcoco(row: Row) -> Iterable[Sample]:
-    v = row.values
+def _region(v: dict) -> tuple[float, float, float, float]:
+    """The region of a RefCOCO row: COCO's [x, y, width, height] in pixels -> (x0, y0, x1, y1)."""
     x, y, w, h = (float(c) for c in v["bbox"])
+    return x, y, x + w, y + h
+
+
+def _region_id(row: Row) -> str:
+    v = row.values
+    return _text(v.get("question_id", v.get("id", row.index)))
+
+
+def _refcoco_rec(row: Row) -> Iterable[Sample]:
+    v = row.values
+    x0, y0, x1, y1 = _region(v)
     width, height = _image_size(row, v)
-    gold = box_text((x / width, y / height, (x + w) / width, (y + h) / height))
-    base = _text(v.get("question_id", v.get("id", row.index)))
+    gold = box_text((x0 / width, y0 / height, x1 / width, y1 / height))
     for k, expression in enumerate(_expressions(v)):
-        yield _sample(row, "refcoco", "box_iou", id=f"{base}-{k}", question=REC_PROMPT + expression, answer=gold,
-                      evidence_boxes=((x, y, x + w, y + h),) if w > 0 and h > 0 else (),
+        yield _sample(row, "refcoco_rec", "box_iou", id=f"{_region_id(row)}-{k}", question=REC_PROMPT + expression,
+                      answer=gold, evidence_boxes=((x0, y0, x1, y1),) if x1 > x0 and y1 > y0 else (),
                       question_type=_text(v.get("category_id")) or None)
 
 
+def _refcoco_caption(row: Row) -> Iterable[Sample]:
+    v = row.values
+    box = _region(v)
+    expressions = tuple(e for e in _expressions(v) if e.strip())
+    if not expressions:
+        raise ValueError("no referring expression to score a caption against")
+    region = (box,) if box[2] > box[0] and box[3] > box[1] else ()
+    yield _sample(row, "refcoco_caption", "rouge_l", id=_region_id(row), question=CAPTION_PROMPT,
+                  answer=expressions[0], references=expressions, evidence_boxes=region, marks=region,
+                  question_type=_text(v.get("category_id")) or None)
+
+
+def _caption_aggregate(rows: pl.DataFrame) -> dict[str, float]:
+    """CIDEr over the evaluated regions (document frequencies from their references), as lmms-eval's
+    refcoco_CIDEr; ROUGE-L, the mean of the rows' scores, as its refcoco_ROUGE_L."""
+    if not rows.height:
+        return {}
+    captions = [c or "" for c in rows["extracted_answer"].to_list()]
+    corpus, _ = cider_d(captions, [list(r) for r in rows["references"].to_list()])
+    return {"CIDEr": corpus, "ROUGE_L": float(rows["score"].mean())}
+
+
+_REFCOCO_SIGNATURES = (frozenset({"question_id", "answer", "bbox"}), frozenset({"bbox", "image_id", "sentences"}),
+                       frozenset({"bbox", "image_id", "answer"}))
+_REFCOCO_COLUMNS = ("question_id", "id", "answer", "sentences", "caption", "bbox", "category_id", "width", "height")
+
 register(Benchmark(
-    "refcoco", "RefCOCO (referring expressions, grounding)",
-    (frozenset({"question_id", "answer", "bbox"}), frozenset({"bbox", "image_id", "sentences"}),
-     frozenset({"bbox", "image_id", "answer"})),
-    ("question_id", "id", "answer", "sentences", "caption", "bbox", "category_id", "width", "height"),
+    "refcoco_caption", "RefCOCO (region captioning: the region's box drawn on the image)", _REFCOCO_SIGNATURES,
+    _REFCOCO_COLUMNS, f"the image with the region's box drawn on it (1-pixel red outline) + \"{CAPTION_PROMPT}\"; "
+    "one sample per region, every referring expression of the region a reference", "rouge_l",
+    "CIDEr (CIDEr-D as the COCO caption evaluation computes it: n-grams 1-4, tf-idf with document frequencies from "
+    "the evaluated regions' references, clipping, Gaussian length penalty sigma 6, x10) and ROUGE-L (each row's "
+    "score); BLEU and METEOR, which lmms-eval also prints, are not computed; the box is the evidence region",
+    "lmms-eval tasks/refcoco (refcoco_bbox_*, the default RefCOCO tasks)", _refcoco_caption, _caption_aggregate))
+
+register(Benchmark(
+    "refcoco_rec", "RefCOCO (referring expressions, grounding)", _REFCOCO_SIGNATURES, _REFCOCO_COLUMNS,
     "lmms-eval's grounding prompt (\"Bounding box coordinates are specified in the format ... Please provide the "
     "bounding box coordinate of the region this sentence describes: \") + the expression; one sample per "
     "expression", "box_iou", "ACC@0.5: the first [x0, y0, x1, y1] answered (image fractions) has IoU >= 0.5 with "
-    "the box; the box is the evidence region", "lmms-eval tasks/refcoco (refcoco_bbox_rec)", _refcoco))
+    "the box; the box is the evidence region; read only with --benchmark refcoco_rec (its stored form is "
+    "refcoco_caption's)", "lmms-eval tasks/refcoco (refcoco_bbox_rec)", _refcoco_rec, inferred=False))
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -397,7 +448,7 @@ register(Benchmark(
 def infer(columns: set[str], where: str) -> Benchmark:
     """The benchmark whose stored form the columns are: the one with the most specific matching
     signature; one line naming the candidates when that is not unique."""
-    fits = {name: b.fits(columns) for name, b in BENCHMARKS.items() if b.fits(columns)}
+    fits = {name: b.fits(columns) for name, b in BENCHMARKS.items() if b.inferred and b.fits(columns)}
     if not fits:
         raise UnknownBenchmark(f"{where}: its columns ({', '.join(sorted(columns))}) are no known benchmark's; "
                                f"pass --benchmark (one of: {', '.join(BENCHMARKS)}) or convert it to the "
@@ -437,7 +488,7 @@ def _rows(form: StoredForm, benchmark: Benchmark | None) -> tuple[Benchmark, Ite
                                + ("; or GQA's images table (columns id, image) in a folder named *images* beside "
                                   "it" if chosen.name == "gqa" else ""))
     wanted = [c for c in chosen.columns if c in columns]
-    if chosen.name == "refcoco" and not {"width", "height"} <= columns:
+    if chosen.name == "refcoco_rec" and not {"width", "height"} <= columns:
         wanted.append(chosen.image_column)  # the image size, read from the header, turns the box into fractions
     graphs = _scene_graphs(form) if chosen.name == "gqa" else {}
 
@@ -512,9 +563,11 @@ def read_benchmark(form: StoredForm, name: str | None = None, limit: int | None 
 def benchmark_summary(table: pl.DataFrame, samples: Sequence[Sample]) -> pl.DataFrame:
     """The official metrics of each benchmark among ``samples``, per method and budget of a sweep
     table (its "ok" rows): columns method, budget, benchmark, metric, value."""
-    meta = pl.DataFrame([{"sample_id": s.id, "group": s.group, "benchmark": s.benchmark} for s in samples
+    meta = pl.DataFrame([{"sample_id": s.id, "group": s.group, "benchmark": s.benchmark,
+                          "references": list(s.golds)} for s in samples
                          if s.benchmark in BENCHMARKS and BENCHMARKS[s.benchmark].aggregate],
-                        schema={"sample_id": pl.String, "group": pl.String, "benchmark": pl.String})
+                        schema={"sample_id": pl.String, "group": pl.String, "benchmark": pl.String,
+                                "references": pl.List(pl.String)})
     schema = {"method": pl.String, "budget": pl.String, "benchmark": pl.String, "metric": pl.String,
               "value": pl.Float64}
     if meta.is_empty() or table.is_empty():
@@ -553,4 +606,4 @@ def print_benchmark_summary(table: pl.DataFrame, samples: Sequence[Sample]) -> N
 
 # The metric a one-line summary quotes for each benchmark (``benchmark_summary`` names).
 HEADLINE = {"pope": "all/f1", "textvqa": "vqa_accuracy", "vqav2": "vqa_accuracy", "mme": "all/perception",
-            "mmbench": "circular_accuracy"}
+            "mmbench": "circular_accuracy", "refcoco_caption": "CIDEr"}

@@ -18,6 +18,8 @@ forms of the standard sets; a JSONL row may give them too):
     "options": ["cat", "dog"],                 # multiple-choice option texts, in letter order
     "group": "img-12.jpg",                     # rows scored together (MME's image pairs, MMBench's
                                                # circular rotations)
+    "marks": [[x0, y0, x1, y1]],               # boxes drawn on the image the model sees (RefCOCO
+                                               # captioning's region: a 1-pixel red outline)
     "benchmark": "pope"                        # the benchmark whose aggregates apply
 
 Besides a JSONL file, ``read_dataset`` reads the other stored forms of ``workbench.dataset_formats``
@@ -71,10 +73,12 @@ class Sample:
     group: str | None = None  # rows scored together (MME image pairs, MMBench rotations)
     benchmark: str | None = None  # ``workbench.benchmarks`` name whose aggregates apply
     image_ref: ImageRef | None = None  # the image inside a stored table (then image_path is the table)
+    marks: tuple[Box, ...] = ()  # boxes drawn on the image the model sees (RefCOCO captioning's region)
     extra: dict = field(default_factory=dict, compare=False)
 
     def load_image(self) -> Image.Image:
-        return open_rgb(self.image_path) if self.image_ref is None else load_stored_image(self.image_ref)
+        image = open_rgb(self.image_path) if self.image_ref is None else load_stored_image(self.image_ref)
+        return draw_marks(image, self.marks) if self.marks else image
 
     @property
     def golds(self) -> tuple[str, ...]:
@@ -99,6 +103,21 @@ class Sample:
         return mask
 
 
+MARK_COLOUR = (255, 0, 0)  # lmms-eval's RefCOCO captioning: PIL's rectangle, outline "red", width 1
+
+
+def draw_marks(image: Image.Image, boxes) -> Image.Image:
+    """The image with each box's outline drawn as lmms-eval draws a RefCOCO region: PIL's
+    rectangle through (x0, y0) and (x1, y1), both corners painted, 1 pixel wide, in red."""
+    from PIL import ImageDraw
+
+    marked = image.convert("RGB")
+    draw = ImageDraw.Draw(marked)
+    for box in boxes:
+        draw.rectangle(list(box), outline=MARK_COLOUR, width=1)
+    return marked
+
+
 def _field(row: dict, name: str, kind, where: str, required: bool = True):
     if name not in row or row[name] is None:
         if required:
@@ -109,7 +128,7 @@ def _field(row: dict, name: str, kind, where: str, required: bool = True):
     return row[name]
 
 
-def _boxes(value, where: str) -> tuple[Box, ...]:
+def _boxes(value, where: str, name: str = "evidence_boxes") -> tuple[Box, ...]:
     if value is None:
         return ()
     try:
@@ -117,10 +136,11 @@ def _boxes(value, where: str) -> tuple[Box, ...]:
             raise TypeError
         boxes = tuple(tuple(float(c) for c in box) for box in value)
     except (TypeError, ValueError, OverflowError):
-        raise DatasetError(f"{where}: 'evidence_boxes' must be a list of [x0, y0, x1, y1]") from None
+        raise DatasetError(f"{where}: {name!r} must be a list of [x0, y0, x1, y1]") from None
     for box in boxes:
         if len(box) != 4 or not all(np.isfinite(box)) or box[2] <= box[0] or box[3] <= box[1]:
-            raise DatasetError(f"{where}: bad evidence box {list(box)} (need x0 < x1 and y0 < y1)")
+            raise DatasetError(f"{where}: bad {'evidence box' if name == 'evidence_boxes' else 'mark'} {list(box)} "
+                               "(need x0 < x1 and y0 < y1)")
     return boxes  # type: ignore[return-value]
 
 
@@ -153,7 +173,7 @@ def sample_from_row(row: dict, root: Path, where: str) -> Sample:
     if mask is not None and not isinstance(mask.get("path"), str):
         raise DatasetError(f"{where}: field 'mask' needs a 'path' string, got {mask!r}")
     known = {"id", "image", "question", "answer", "question_type", "evidence_boxes", "mask", "scorer",
-             "references", "options", "group", "benchmark"}
+             "references", "options", "group", "benchmark", "marks"}
     sample_id = _field(row, "id", (str, int), where)
     if isinstance(sample_id, bool) or not str(sample_id).strip():
         raise DatasetError(f"{where}: field 'id' must be a non-empty string or an integer, got {sample_id!r}")
@@ -183,6 +203,7 @@ def sample_from_row(row: dict, root: Path, where: str) -> Sample:
         group=None if row.get("group") is None else str(row["group"]),
         benchmark=_field(row, "benchmark", str, where, required=False),
         image_ref=image_ref,
+        marks=_boxes(row.get("marks"), where, "marks"),
         extra={k: v for k, v in row.items() if k not in known},
     )
 
@@ -246,6 +267,8 @@ def sample_to_row(sample: Sample, root: Path) -> dict:
         row["question_type"] = sample.question_type
     if sample.evidence_boxes:
         row["evidence_boxes"] = [list(b) for b in sample.evidence_boxes]
+    if sample.marks:
+        row["marks"] = [list(b) for b in sample.marks]
     if sample.mask_path is not None:
         row["mask"] = {"path": os.path.relpath(sample.mask_path, root), "values": list(sample.mask_values)}
     if sample.scorer != "exact":

@@ -11,8 +11,12 @@ follows, since harnesses differ (lmms-eval scores POPE on the whole generation, 
 ``pope_lmms_eval``  POPE as lmms-eval scores it: the lower-cased, stripped generation equals "yes" / "no"
 ``pope_llava``      POPE as LLaVA's eval_pope.py reads it: the first sentence, commas dropped, is "no" if a
                     word is "no", "No" or "not", else "yes"
-``multiple_choice`` the option letter: the generation's leading letter ("B", "(B)", "B." ...), or else the
-                    one option whose text it contains; equals the reference letter
+``multiple_choice`` the option letter as lmms-eval's MMBench evaluation infers it without GPT: the one
+                    letter A-E standing alone as a word ("B", "The answer is B"; not "A" in a sentence of
+                    more than three words, where it may be the article), else the one letter written as
+                    "B." "B," "B:" "B)" "B)." "(B)" "(B)." ":B" ":B," ":B." ":B)" or ":B).", else the one
+                    option whose text the generation contains (case ignored); else no answer, which is
+                    wrong (lmms-eval asks GPT there); equals the reference letter
 ``vqa_soft``        VQA accuracy (VQAv2, TextVQA): the EvalAI answer normalisation (punctuation, number
                     words, articles, contractions), then min(#references equal to it / 3, 1) averaged
                     over the leave-one-out subsets of the references
@@ -20,10 +24,13 @@ follows, since harnesses differ (lmms-eval scores POPE on the whole generation, 
                     holding "yes" or "no", else "other"; equals the reference
 ``box_iou``         RefCOCO grounding as lmms-eval scores it: the first "[x0, y0, x1, y1]" in the generation
                     (image fractions) has IoU >= 0.5 with the reference box
+``rouge_l``         a caption (RefCOCO captioning) as the COCO caption evaluation reads it: its ROUGE-L
+                    against the references (``workbench.cider``); 1.0 when it is one of them. The metric
+                    such sets report, CIDEr, is corpus-level: their benchmark's aggregate computes it
 
 The aggregates benchmarks report over many scored answers (POPE's precision, recall and F1, MME's
-perception and cognition scores with accuracy+, MMBench's circular accuracy) are the pure
-functions at the end; ``workbench.benchmarks`` applies them to a sweep's rows.
+perception and cognition scores with accuracy+, MMBench's circular accuracy; CIDEr in
+``workbench.cider``) are pure functions; ``workbench.benchmarks`` applies them to a sweep's rows.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from workbench.cider import rouge_l, tokenize
 from workbench.errors import UserError
 
 
@@ -119,18 +127,40 @@ register(Scorer("pope_llava", 'the first sentence is "no" if it has the word no/
 LETTERS = "ABCDEFGHIJ"
 
 
+# Where lmms-eval's MMBench evaluation finds a letter written with punctuation: (prefix, suffix) of a word.
+_LETTER_FORMS = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""),
+                 (":", ","), (":", "."), (":", ")"), (":", ")."))
+_MIN_LETTERS = 5  # lmms-eval reads the letters A-E whatever the number of options
+
+
+def _one_letter(words: Sequence[str], letters: str, prefix: str = "", suffix: str = "") -> str | None:
+    found = [c for c in letters if prefix + c + suffix in words]
+    return found[0] if len(found) == 1 else None
+
+
 def option_letter(text: str, options: Sequence[str] = ()) -> str | None:
-    """The option the generation picks: its leading letter ("B", "(B)", "B.", "B: ..."), or the one
-    option whose text it contains; None when it names none or several."""
-    letters = LETTERS[:len(options)] if options else LETTERS
-    lead = re.match(r"\s*\(?([A-J])(?:\)|\.|:|,|\s|$)", text)
-    if lead and lead[1] in letters:
-        return lead[1]
-    named = [LETTERS[i] for i, option in enumerate(options) if option and option.lower() in text.lower()]
+    """The option the generation picks, by the rules of lmms-eval's MMBench ``can_infer``: a letter
+    standing alone as a word, else a letter in one of the punctuated forms, else the one option
+    whose text it contains; None where those rules find none or several (lmms-eval then asks
+    GPT, which the workbench does not: no answer). Two deliberate differences: the text match
+    looks at every option (lmms-eval's at A-D only, so an option E is never matched by text) and skips
+    missing ones (lmms-eval would match the text "nan" of an empty cell)."""
+    words = text.split()
+    letters = LETTERS[:max(_MIN_LETTERS, len(options))]
+    alone = _one_letter(words, letters)
+    if alone is not None and not (alone == "A" and len(words) > 3):  # "A" in a sentence may be the article
+        return alone
+    for prefix, suffix in _LETTER_FORMS:
+        found = _one_letter(words, letters, prefix, suffix)
+        if found is not None:
+            return found
+    lowered = text.lower()
+    named = [LETTERS[i] for i, option in enumerate(options) if option and option.lower() in lowered]
     return named[0] if len(named) == 1 else None
 
 
-register(Scorer("multiple_choice", "the option letter the generation leads with (or names) equals the reference",
+register(Scorer("multiple_choice", "the option letter lmms-eval's MMBench rules read (a lone letter, \"B.\", "
+                "\"(B)\", ... or the one option named; no GPT fallback) equals the reference",
                 option_letter, lambda e, refs: float(e is not None and e == refs[0].strip().upper())))
 
 # --- VQA soft accuracy ----------------------------------------------------------------------------------
@@ -246,6 +276,12 @@ def _box_hit(extracted: str | None, references: Sequence[str]) -> float:
 
 register(Scorer("box_iou", f"the first [x0, y0, x1, y1] in the generation has IoU >= {IOU_HIT} with the reference box",
                 lambda g, o: None if parse_box(g) is None else box_text(parse_box(g)), _box_hit))
+
+# --- captions (RefCOCO captioning) ----------------------------------------------------------------------
+
+register(Scorer("rouge_l", "the caption's ROUGE-L against the references (COCO caption evaluation: LCS, best "
+                "precision and recall, beta 1.2) after its tokenisation; CIDEr is the benchmark's aggregate",
+                lambda g, o: " ".join(tokenize(g)), rouge_l))
 
 # --- aggregates over many scored answers ----------------------------------------------------------------
 
