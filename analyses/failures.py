@@ -238,16 +238,18 @@ def top_ranked(plan: KeepPlan, index: int) -> np.ndarray:
 
 def restore_plan(plan: KeepPlan, tokens: Iterable[int]) -> KeepPlan:
     """``plan`` with ``tokens`` put back: every stage keeps ``kept ∪ tokens`` and every merge with
-    one of them among its sources is removed (its target keeps its own state). Scores and
-    position policies stay as they were."""
+    one of them among its sources is removed (its target keeps its own state), and so is every
+    appended token made with one of them (its token stays in place). Scores and position policies
+    stay as they were."""
     tokens = {int(t) for t in tokens}
     if not tokens:
         return plan
     stages = []
     for stage in plan.stages:
         merges = tuple(m for m in stage.merges if not tokens.intersection(m.sources))
+        appends = tuple(a for a in stage.appends if not tokens.intersection(a.sources))
         stages.append(Stage(stage.where, tuple(sorted(set(stage.kept) | tokens)), stage.scores, merges,
-                            stage.position))
+                            stage.position, appends))
     return plan.with_stages(stages)
 
 
@@ -517,7 +519,7 @@ def diagnose_sample(adapter: ModelAdapter, sample: Sample, method: PruningMethod
     lost = np.flatnonzero(evidence & ~kept_mask)
     stage_of = [removing_stage(plan, int(t)) for t in lost]
     merged = [int(t) for t, s in zip(lost, stage_of)
-              if any(int(t) in m.sources for m in plan.stages[s].merges)]
+              if any(int(t) in m.sources for m in plan.stages[s].folds)]
     m_ranks = method_ranks(plan, lost)
     ranked = [int((alive_before(plan, s) & np.isfinite(plan.stages[s].score_array)).sum())
               if plan.stages[s].scores is not None else 0 for s in stage_of]

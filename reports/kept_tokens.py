@@ -54,7 +54,7 @@ def kept_tokens_image(adapter, samples, sweep: pl.DataFrame, budget: str) -> tup
         row = part.filter(pl.col("method") == method).row(0, named=True)
         stages = [Stage.from_dict(s) for s in json.loads(row["stages"] or "[]")]
         kept = np.asarray(stages[-1].kept if stages else range(layout.n_tokens), dtype=np.int64)
-        merges = [m for s in stages for m in s.merges]
+        merges = [m for s in stages for m in s.folds]
         drawn = overlay.draw_panels(lambda groups: overlay.kept_overlay(image, layout, kept, scale, merges, evidence,
                                                                         groups=groups), layout)
         mark = "right" if row["correct"] else "wrong"

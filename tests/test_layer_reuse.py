@@ -15,7 +15,7 @@ from workbench.pipeline import plan_json
 from workbench.pruning.executor import Job, execute, execute_batch
 from workbench.pruning.layer_state import hooks_suspended
 from workbench.pruning.method import ModelFacts, SelectionContext
-from workbench.pruning.plan import KeepPlan, Stage
+from workbench.pruning.plan import Append, KeepPlan, Stage
 from workbench.pruning.registry import create_method
 from workbench.pruning.run import record_needs
 
@@ -47,8 +47,12 @@ def test_a_resumed_run_equals_running_from_the_first_layer(model):
     gold = "large red circle"  # several tokens: teacher forcing decodes on the replayed keys/values
     n, depth = prepared.layout.n_tokens, len(adapter.decoder_layers())
     unpruned = execute(adapter, prepared, KeepPlan.keep_all(n, where=None), 0, capture=True)
-    for k in range(1, depth):
-        plan = KeepPlan("at-k", len(range(0, n, 3)), n, (Stage(k, tuple(range(0, n, 3))), ))
+    kept = tuple(range(0, n, 3))
+    plans = [(k, KeepPlan("at-k", len(kept), n, (Stage(k, kept),))) for k in range(1, depth)]
+    # tokens appended at k (rows the unpruned prefill never had) resume as exactly
+    plans += [(k, KeepPlan("append-at-k", len(kept), n, (Stage(k, kept, appends=(Append(3, (1, 2), (.4, .3, .3)),)),)))
+              for k in range(1, depth)]
+    for k, plan in plans:
         scratch = execute(adapter, prepared, plan, 4, gold_answer=gold)
         with prefill_calls(adapter) as calls:
             resumed = execute(adapter, prepared, plan, 4, gold_answer=gold, resume=unpruned.prefill)

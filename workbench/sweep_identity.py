@@ -82,11 +82,17 @@ def _file_digest(path: Path) -> bytes:
         return b"missing:" + str(path).encode()
 
 
+PROJECT_PACKAGES = ("workbench", "analyses", "probes")
+
+
 def code_version(method) -> str:
-    """A short hash of the source of the module that defines ``method``'s class (and, for a
-    composition, of each of its ``parts``' modules)."""
+    """A short hash of the source of every project module ``method``'s class is built from: the one
+    defining it and those of its base classes (a shared base such as the pre-LLM methods' decides
+    behaviour too), and, for a composition, the same for each of its ``parts``."""
     methods = (method, *getattr(method, "parts", ()))
-    source = "".join(inspect.getsource(sys.modules[type(m).__module__]) for m in methods)
+    modules = dict.fromkeys(cls.__module__ for m in methods for cls in type(m).__mro__
+                            if cls.__module__.split(".")[0] in PROJECT_PACKAGES)
+    source = "".join(inspect.getsource(sys.modules[name]) for name in modules)
     return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 

@@ -38,7 +38,7 @@ def all_merges(stages_json: str) -> list:
     """Every merge of every stage of a stored plan (what the dropped tokens were folded into)."""
     from workbench.pruning.plan import Stage
 
-    return [m for s in json.loads(stages_json) for m in Stage.from_dict(s).merges]
+    return [m for s in json.loads(stages_json) for m in Stage.from_dict(s).folds]
 
 
 def sweep_dataset(folder: Path) -> str:

@@ -89,7 +89,7 @@ def method_cell(subject, layout, run, style, evidence, shared) -> None:
         return
     last = stages[-1]
     show_kept(subject, layout, last.kept, f"{describe(last.where)}: {len(last.kept)} kept"
-              + (f", {len(last.merges)} merges" if last.merges else ""), merges=last.merges, evidence=evidence,
+              + (f", {len(last.folds)} merges" if last.folds else ""), merges=last.folds, evidence=evidence,
               width=IMAGE_WIDTH)
     scored = [s for s in stages if s.scores is not None]
     if scored:
@@ -101,7 +101,7 @@ def method_cell(subject, layout, run, style, evidence, shared) -> None:
         with st.expander(f"all {len(stages)} stages"):
             for stage in stages[:-1]:
                 show_kept(subject, layout, stage.kept, f"{describe(stage.where)}: {len(stage.kept)} kept",
-                          merges=stage.merges, evidence=evidence, width=IMAGE_WIDTH)
+                          merges=stage.folds, evidence=evidence, width=IMAGE_WIDTH)
 
 
 def render(model: str, subject) -> None:

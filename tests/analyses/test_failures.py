@@ -17,7 +17,7 @@ from analyses import failures as F
 from workbench.scoring import normalize_answer
 from workbench.pruning.executor import execute
 from workbench.pruning.method import PruningMethod, SelectionContext
-from workbench.pruning.plan import PRE_LLM, KeepPlan, Merge, Stage
+from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, Merge, Stage
 from workbench.sweep import frame
 
 torch.set_num_threads(1)
@@ -103,6 +103,10 @@ def test_restore_plan_puts_tokens_back_into_every_stage_and_removes_their_merges
     other = F.restore_plan(plan, [5])  # a merge not touching the restored token stays
     assert other.stages[1].merges == plan.stages[1].merges and other.final_kept == (0, 2, 3, 5)
     assert F.restore_plan(plan, []) is plan
+    # an appended token (SparseVLM's recycled cluster) made with a restored token goes the same way
+    appended = KeepPlan("a", 2, 6, (Stage(1, (0, 2, 3), appends=(Append(2, (1,), (.5, .5)), Append(3, (4,), (.5, .5)))),))
+    assert F.restore_plan(appended, [1]).stages[0].appends == (Append(3, (4,), (.5, .5)),)
+    assert [m.target for m in appended.stages[0].folds] == [2, 3]  # what the views draw as merged
 
 
 def test_position_and_sink_rules():

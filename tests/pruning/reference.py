@@ -10,18 +10,28 @@ from workbench.pruning.plan import KeepPlan
 
 
 def _cut(states, positions, kinds, stage):
-    """Merge, then drop the stage's rows; non-visual rows (kind < 0) always stay."""
+    """Merge, then drop the stage's rows (non-visual rows, kind < 0, always stay), then insert each
+    appended token after its row (the last visual row with ``after=None``), with that row's position."""
+    before = states
     states = states.clone()
     row = {int(k): i for i, k in enumerate(kinds) if k >= 0}
     for merge in stage.merges:
         parts = [states[:, row[merge.target]]] + [states[:, row[s]] for s in merge.sources]
         states[:, row[merge.target]] = sum(w * p for w, p in zip(merge.weights, parts))
-    keep = np.flatnonzero((kinds < 0) | np.isin(kinds, stage.kept_array))
-    states, kinds = states[:, keep], kinds[keep]
+    moved = [a.token for a in stage.appends]
+    keep = [i for i, k in enumerate(kinds) if k < 0 or (k in stage.kept and k not in moved)]
+    pieces = [(i, states[:, i], positions[..., i], int(kinds[i])) for i in keep]
+    for order, append in enumerate(stage.appends):
+        after = int(np.flatnonzero(kinds >= 0)[-1]) if append.after is None else row[append.after]
+        made = sum(w * before[:, row[t]] for w, t in zip(append.weights, append.members))
+        pieces.append((after + 0.5 + order / (2 * len(stage.appends) + 1), made, positions[..., after], append.token))
+    pieces.sort(key=lambda piece: piece[0])
+    states = torch.stack([p[1] for p in pieces], 1)
+    kinds = np.array([p[3] for p in pieces])
     if stage.position == "reindex":
-        positions = torch.arange(len(keep)).unsqueeze(0)
+        positions = torch.arange(len(pieces)).unsqueeze(0)
     else:
-        positions = positions[..., keep]
+        positions = torch.stack([p[2] for p in pieces], -1)
     return states, positions, kinds
 
 

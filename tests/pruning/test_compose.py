@@ -16,7 +16,7 @@ from workbench.pruning.executor import execute
 from workbench.pruning.method import ModelFacts, SignalNeed
 from workbench.pruning.methods.fopru import FoPru
 from workbench.pruning.methods.pyramiddrop import PyramidDrop, last_token_callback
-from workbench.pruning.plan import PRE_LLM, Merge, Stage
+from workbench.pruning.plan import PRE_LLM, Append, Merge, Stage
 from workbench.pruning.registry import InvalidMethodParameters, create_method
 from workbench.sweep import MethodSpec
 
@@ -80,6 +80,8 @@ def test_survivor_stages_map_back_to_original_indices():
     assert stage.kept == (2, 9) and stage.where == 3 and stage.position == "reindex"
     assert stage.merges == (Merge(9, (5,), (0.5, 0.5)),)
     assert np.isnan(stage.scores[0]) and stage.scores[9] == pytest.approx(0.9) and stage.scores[5] == pytest.approx(0.1)
+    appended = _to_original(Stage(3, (0, 3), appends=(Append(0, (2,), (0.5, 0.5), after=1),)), kept, 12)
+    assert appended.appends == (Append(2, (7,), (0.5, 0.5), after=5),)  # e.g. SparseVLM's recycled tokens
     layout = survivor_layout(grid_layout((4, 4)), kept)
     assert layout.n_tokens == 4 and layout.groups[0].cols == 4
 
@@ -161,3 +163,18 @@ def test_a_compositions_code_version_covers_both_methods(monkeypatch):
     monkeypatch.setattr("inspect.getsource", lambda m, real=__import__("inspect").getsource:
                         real(m) + ("# changed" if m is module else ""))
     assert code_version(method) != before  # a change to PyramidDrop's module invalidates stored rows
+
+
+def test_a_methods_code_version_covers_its_base_classes(monkeypatch):
+    import sys
+
+    from workbench.pruning.method import PreLLMMethod
+    from workbench.sweep_identity import code_version
+
+    method = create_method("fastervlm")
+    assert isinstance(method, PreLLMMethod)
+    before = code_version(method)
+    module = sys.modules[PreLLMMethod.__module__]
+    monkeypatch.setattr("inspect.getsource", lambda m, real=__import__("inspect").getsource:
+                        real(m) + ("# changed" if m is module else ""))
+    assert code_version(method) != before  # a change to the shared base invalidates stored rows

@@ -14,7 +14,7 @@ import torch
 from tests.pruning.conftest import ALL_MODELS, SHIPPED, adapter_and_input, sample_for
 from tests.pruning.reference import HeadCalls, LayerIO, reference_logits
 from workbench.pruning.executor import ExecutionError, answer_tokens, execute
-from workbench.pruning.plan import KeepPlan, Merge, PlanError, Stage
+from workbench.pruning.plan import Append, KeepPlan, Merge, PlanError, Stage
 
 
 def every_other(n: int, start: int = 0, step: int = 2) -> tuple[int, ...]:
@@ -150,6 +150,54 @@ def test_in_llm_merge_uses_the_hidden_states_entering_the_layer(shipped):
     torch.testing.assert_close(execution.logits, reference_logits(adapter, prepared, plan)[-1], atol=1e-5, rtol=1e-5)
 
 
+# --- appended tokens -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("position", ["original", "reindex"])
+def test_in_llm_appended_token_is_the_weighted_sum_placed_after_the_visual_block(shipped, position):
+    adapter, prepared, _ = shipped
+    n, k, depth = prepared.layout.n_tokens, 2, len(adapter.decoder_layers())
+    kept = tuple(sorted(every_other(n, 0, 4) + (5,)))
+    plan = KeepPlan("t", len(kept), n, (Stage(k, kept, appends=(Append(5, (6, 7), (0.5, 0.3, 0.2)),), position=position),))
+    with LayerIO(adapter) as seen:
+        execution = execute(adapter, prepared, plan, max_new_tokens=0)
+    before, visual = seen.outputs[k - 1][0], prepared.layout.positions
+    expected = 0.5 * before[visual[5]] + 0.3 * before[visual[6]] + 0.2 * before[visual[7]]
+    # The new row comes right after every surviving row up to the image's last token (5's own row left).
+    end = int(visual.max())
+    row = int(sum(1 for r in range(end + 1) if r not in set(visual.tolist())) + len(kept) - 1)
+    torch.testing.assert_close(seen.inputs[k][0, row], expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(seen.inputs[k][0, row + 1], before[end + 1])  # the text follows it
+    assert torch.equal(seen.inputs[k][0, row - 1], before[visual[kept[-1]]])  # the last kept token precedes it
+    # later layers process it: it counts as a visual token of every layer from k on
+    length = prepared.layout.sequence_length
+    assert execution.tokens_per_layer == (length,) * k + (length - n + len(kept),) * (depth - k)
+    assert execution.visual_tokens_per_layer == (n,) * k + (len(kept),) * (depth - k)
+    assert seen.inputs[k + 1].shape[1] == length - n + len(kept)
+    torch.testing.assert_close(execution.logits, reference_logits(adapter, prepared, plan)[-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["original", "reindex"])
+def test_appended_tokens_before_the_llm_and_again_inside_it_match_the_cache_free_reference(shipped, position):
+    adapter, prepared, _ = shipped
+    n = prepared.layout.n_tokens
+    first = tuple(sorted(every_other(n) + (1, 3)))
+    moved, made = Append(3, (), (1.0,), after=8), Append(1, (5, 7), (0.25, 0.5, 0.25))
+    second = (0, 1, 3, 6)  # keeps both appended tokens; 8 is the one 3 was moved after
+    again = Append(0, (2, 4), (0.2, 0.4, 0.4), after=1)  # appended after an appended token, from a later stage
+    plan = KeepPlan("t", len(second), n, (Stage("pre_llm", first, appends=(moved, made), position=position),
+                                          Stage(1, second, appends=(again,), position=position)))
+    with LayerIO(adapter) as seen:
+        execution = execute(adapter, prepared, plan, max_new_tokens=0)
+    embeds = adapter.llm_inputs(prepared.inputs).inputs_embeds[0]
+    visual = prepared.layout.positions
+    assert np.array_equal(visual, np.arange(visual[0], visual[0] + n))  # one block of image rows
+    row = int(visual[0]) + [t for t in first if t not in (1, 3)].index(8)  # 1 and 3 left their places
+    assert torch.equal(seen.inputs[0][0, row], embeds[visual[8]])
+    assert torch.equal(seen.inputs[0][0, row + 1], embeds[visual[3]])  # 3 sits right after 8
+    torch.testing.assert_close(execution.logits, reference_logits(adapter, prepared, plan)[-1], atol=1e-5, rtol=1e-5)
+    assert execution.visual_tokens_per_layer[1:] == (len(second),) * (len(adapter.decoder_layers()) - 1)
+
+
 # --- generation on a pruned cache ------------------------------------------------------------------
 
 def _pruned_plans(n: int, one_axis_positions: bool):
@@ -158,12 +206,16 @@ def _pruned_plans(n: int, one_axis_positions: bool):
         KeepPlan("in", n // 4, n, (Stage(1, every_other(n, 1, 4)),)),
         KeepPlan("both", n // 4, n, (Stage("pre_llm", every_other(n)), Stage(1, every_other(n, 0, 4)))),
         KeepPlan("at0", n // 3, n, (Stage(0, every_other(n, 0, 3)),)),
+        KeepPlan("appended", n // 4, n, (Stage("pre_llm", every_other(n, 0, 2), appends=(Append(2, (1,), (.5, .5), after=4),)),
+                                          Stage(1, (0, 2, 4), appends=(Append(0, (6,), (.7, .3)),)))),
     ]
     if one_axis_positions:
         plans += [
             KeepPlan("pre-reindex", n // 2, n, (Stage("pre_llm", every_other(n), position="reindex"),)),
             KeepPlan("in-reindex", n // 4, n, (Stage("pre_llm", every_other(n)),
                                                Stage(1, every_other(n, 0, 4), position="reindex"))),
+            KeepPlan("appended-reindex", 3, n, (Stage(1, (0, 2, 4), position="reindex",
+                                                      appends=(Append(2, (1, 3), (.2, .4, .4)),)),)),
         ]
     return plans
 

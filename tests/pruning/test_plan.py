@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from workbench.pruning.plan import KeepPlan, Merge, PlanError, Stage
+from workbench.pruning.plan import Append, KeepPlan, Merge, PlanError, Stage
 
 
 def test_plan_views():
@@ -33,6 +33,22 @@ def test_plan_round_trips_through_json_with_nan_scores():
     assert math.isnan(back.stages[0].scores[1])
 
 
+def test_appended_tokens_round_trip_losslessly():
+    # every field (name, sources, weights, place) survives, as the sweep stores plans as JSON
+    third = 1 / (3 + 1e-6)
+    plan = KeepPlan("m", 3, 8, (Stage("pre_llm", (0, 1, 2, 4, 5, 6), appends=(Append(6, (7,), (0.25, 0.75), after=2),)),
+                                Stage(2, (0, 1, 6), position="reindex",
+                                      appends=(Append(1, (2, 4), (third,) * 3), Append(0, (), (1.0,))))))
+    back = KeepPlan.from_dict(json.loads(json.dumps(plan.to_dict(), allow_nan=False)))
+    assert back == plan
+    assert back.stages[1].appends[0].weights == (third,) * 3 and back.stages[0].appends[0].after == 2
+    assert back.stages[1].appends[0].members == (1, 2, 4)
+    row = plan.to_dict()
+    for stage in row["stages"]:  # plans stored before appended tokens existed still read back
+        del stage["appends"]
+    assert all(s.appends == () for s in KeepPlan.from_dict(row).stages)
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: KeepPlan("m", 1, 4, (Stage("pre_llm", (0, 4)),)), r"kept indices \[4\] are out of range 0..3"),
     (lambda: KeepPlan("m", 1, 4, (Stage("pre_llm", (-1, 2)),)), r"kept indices \[-1\] are out of range"),
@@ -55,6 +71,20 @@ def test_plan_round_trips_through_json_with_nan_scores():
     (lambda: Merge(0, (), ()), "has no source tokens"),
     (lambda: Merge(0, (1,), (math.nan, 1.0)), "non-finite weights"),
     (lambda: Merge(0, (0, 1), (1., 1., 1.)), "lists the target among its sources"),
+    (lambda: Stage(1, (0,), appends=(Append(1, (2,), (.5, .5)),)), "appended token 1 is not kept"),
+    (lambda: Stage(1, (0, 1, 2), appends=(Append(1, (2,), (.5, .5)),)), r"sources \[2\] of appended token 1 are kept"),
+    (lambda: Stage(1, (0, 1), appends=(Append(1, (), (1.,)), Append(1, (2,), (.5, .5)))), "token 1 is made twice"),
+    (lambda: Stage(1, (0, 1), merges=(Merge(1, (3,), (.5, .5)),), appends=(Append(1, (2,), (.5, .5)),)),
+     "token 1 is made twice"),
+    (lambda: Stage("tower:1", (0, 1), appends=(Append(1, (2,), (.5, .5)),)), "not in the vision tower"),
+    (lambda: Append(1, (2,), (1.,)), r"1 weights for 1 token \+ 1 sources"),
+    (lambda: Append(1, (1,), (1., 1.)), "lists a token twice"),
+    (lambda: Append(1, (), (math.inf,)), "non-finite weights"),
+    (lambda: Append(1, (), (1.,), after="end"), "'after' must be a visual index or None"),
+    (lambda: KeepPlan("m", 1, 4, (Stage("pre_llm", (0, 1)), Stage(1, (0,), appends=(Append(0, (2,), (.5, .5)),)))),
+     r"appended token 0 uses tokens \[2\] that were already dropped"),
+    (lambda: KeepPlan("m", 1, 4, (Stage("pre_llm", (0, 1)), Stage(1, (0,), appends=(Append(0, (), (1.,), after=3),)))),
+     r"appended token 0 uses tokens \[3\] that were already dropped"),
 ])
 def test_bad_plans_fail_with_clear_errors(build, message):
     with pytest.raises(PlanError, match=message):

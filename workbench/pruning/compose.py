@@ -30,7 +30,7 @@ import numpy as np
 from workbench.layout import TokenGroup, VisualLayout
 from workbench.pruning.budget import Budget, check_budget
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import KeepPlan, Merge, Stage
+from workbench.pruning.plan import Append, KeepPlan, Merge, Stage
 from workbench.pruning.registry import InvalidMethodParameters, create_method
 
 SEPARATOR = "+"
@@ -86,7 +86,9 @@ def _to_original(stage: Stage, kept: np.ndarray, n_visual: int) -> Stage:
         full[kept] = stage.score_array
         scores = tuple(full)
     merges = tuple(Merge(int(kept[m.target]), tuple(int(kept[s]) for s in m.sources), m.weights) for m in stage.merges)
-    return Stage(stage.where, tuple(int(kept[i]) for i in stage.kept), scores, merges, stage.position)
+    appends = tuple(Append(int(kept[a.token]), tuple(int(kept[s]) for s in a.sources), a.weights,
+                           None if a.after is None else int(kept[a.after])) for a in stage.appends)
+    return Stage(stage.where, tuple(int(kept[i]) for i in stage.kept), scores, merges, stage.position, appends)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ How it works, for a batch of samples (each under its own plan; a batch of one is
   cut on its own (``_Run``, which sees a batch of one) and the batch re-packed (``_Batch``): left
   padding again, a per-sample mask in which a padding row sees only itself. Layer k onwards
   therefore writes shorter keys/values into the ``DynamicCache``.
+* A stage's appended tokens (``Append``: SparseVLM's recycled clusters) are new rows, each the
+  weighted sum of its members' states entering the stage, inserted after the row the plan names
+  (``arrange``). For the tensors the model passes every layer at full length, an appended row
+  borrows the row it follows (its mask row, kept causal in the new order, and its position id under
+  "original"); it counts as a visual token of every layer after the stage.
 * Decoding is greedy, one token per sample at a time on that cache. Each layer continues from the
   position after its own last prefill token and its mask says which of its cached rows are real,
   so layers that saw different sequences decode consistently.
@@ -48,7 +53,7 @@ from transformers import DynamicCache
 
 from workbench.models.base import ModelAdapter, PreparedInput
 from workbench.pruning.layer_state import LayerState, hooks_suspended
-from workbench.pruning.plan import PRE_LLM, KeepPlan, PlanError, Stage, describe_where
+from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, PlanError, Stage, describe_where
 
 LayerCallback = Callable[[int, LayerState], "Stage | None"]
 
@@ -68,7 +73,7 @@ class Execution:
     forced on the same pruned cache. ``logits``: [V] float32 on the CPU, the prefill's last
     position. ``plan``: every stage actually applied (the plan's and the callback's).
     ``tokens_per_layer``/``visual_tokens_per_layer``: sequence length and visual-token count each
-    decoder layer processed in the prefill, for FLOP accounting.
+    decoder layer processed in the prefill (appended tokens included), for FLOP accounting.
     """
 
     answer: str
@@ -118,6 +123,12 @@ def check_alive(stage: Stage, alive: set[int], sequence: str) -> None:
         gone = sorted(set(merge.sources) - alive)
         if gone:
             raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} already dropped")
+    for append in stage.appends:
+        gone = sorted(set(append.sources) - alive)
+        if append.after is not None and append.after not in alive:
+            gone.append(append.after)
+        if gone:
+            raise PlanError(f"stage {where}: appended token {append.token} uses tokens {gone[:5]} already dropped")
 
 
 def apply_merges(states: torch.Tensor, stage: Stage, row_of: dict[int, int]) -> torch.Tensor:
@@ -130,6 +141,67 @@ def apply_merges(states: torch.Tensor, stage: Stage, row_of: dict[int, int]) -> 
         weights = torch.tensor(merge.weights, dtype=states.dtype, device=states.device)
         out[:, rows[0]] = torch.einsum("r,brd->bd", weights, states[:, rows])
     return out
+
+
+@dataclass(frozen=True)
+class Arrangement:
+    """The rows after a stage, as rows before it: ``order[i]`` is the row that row i comes from, or,
+    for an appended token, the row it is inserted after (its stand-in for the mask, and for the
+    position id under "original"). ``appended``: (row after the stage, the ``Append`` it holds)."""
+
+    order: torch.Tensor
+    appended: tuple[tuple[int, Append], ...]
+
+
+def arrange(stage: Stage, alive: np.ndarray) -> Arrangement:
+    """Where every row goes under ``stage``; ``alive``: per row before it, the visual index or < 0."""
+    moved = [append.token for append in stage.appends]
+    keep = (alive < 0) | (np.isin(alive, stage.kept_array) & ~np.isin(alive, moved))
+    if not stage.appends:
+        return Arrangement(torch.from_numpy(np.flatnonzero(keep)), ())
+    visual = np.flatnonzero(alive >= 0)
+    row_of = {int(v): i for i, v in enumerate(alive) if v >= 0}
+    inserted: dict[int, list[Append]] = {}
+    for append in stage.appends:
+        inserted.setdefault(int(visual[-1]) if append.after is None else row_of[append.after], []).append(append)
+    order, appended = [], []
+    for row in range(len(alive)):
+        if keep[row]:
+            order.append(row)
+        for append in inserted.get(row, ()):
+            appended.append((len(order), append))
+            order.append(row)
+    return Arrangement(torch.tensor(order, dtype=torch.long), tuple(appended))
+
+
+def apply_appends(before: torch.Tensor, after: torch.Tensor, arrangement: Arrangement,
+                  row_of: dict[int, int]) -> torch.Tensor:
+    """``after`` (the rows of ``arrangement``) with each appended row set to its weighted sum of the
+    states ``before`` the stage (rows ``row_of``)."""
+    if not arrangement.appended:
+        return after
+    out = after.clone()
+    for row, append in arrangement.appended:
+        weights = torch.tensor(append.weights, dtype=before.dtype, device=before.device)
+        members = torch.tensor([row_of[t] for t in append.members], device=before.device)
+        out[:, row] = torch.einsum("r,brd->bd", weights, before[:, members])
+    return out
+
+
+def _causal_at(mask, rows: torch.Tensor):
+    """A [B, 1, S, S] mask whose ``rows`` (and their columns) follow the sequence order causally: an
+    appended row borrows the mask of the row it follows, which must not let it see later rows nor be
+    seen by earlier ones. None (plain causal) stays None."""
+    if mask is None or not len(rows):
+        return mask
+    size = mask.shape[-1]
+    involved = torch.zeros(size, size, dtype=torch.bool, device=mask.device)
+    involved[rows.to(mask.device)] = True
+    involved[:, rows.to(mask.device)] = True
+    forbidden = involved & ~torch.ones(size, size, dtype=torch.bool, device=mask.device).tril()
+    if mask.dtype == torch.bool:
+        return mask & ~forbidden
+    return mask.masked_fill(forbidden, torch.finfo(mask.dtype).min)
 
 
 def _reindexed(positions: torch.Tensor, count: int, where) -> torch.Tensor:
@@ -269,18 +341,25 @@ class _Run:
         if entry is not None:
             stage, planned_stage = entry, stage
             row_of = {int(v): i for i, v in enumerate(kinds) if v >= 0}
-            embeds = apply_merges(embeds, stage, row_of)
-            keep = torch.from_numpy(np.flatnonzero((kinds < 0) | np.isin(kinds, stage.kept_array)))
-            embeds, mask = _take(embeds, keep, 1), _take(mask, keep, 1)
+            arrangement = arrange(stage, kinds)
+            keep = arrangement.order
+            embeds = apply_appends(embeds, _take(apply_merges(embeds, stage, row_of), keep, 1), arrangement, row_of)
+            mask = _take(mask, keep, 1)
             if stage.position == "reindex":
                 positions = _reindexed(positions, len(keep), stage.where)
             else:
                 positions = _take(positions, keep, -1)
             kinds, self.sequence_index = kinds[keep.numpy()], self.sequence_index[keep.numpy()]
+            for row, append in arrangement.appended:
+                kinds[row] = append.token
             if planned_stage is not None:
                 self.applied.append(stage)
         self.kinds = kinds  # per decoder-input row: visual index, or _OTHER / _SEPARATOR
         self.rows = torch.arange(len(kinds))  # rows alive now, into the decoder-input sequence
+        # Tokens appended inside the LLM get rows past the decoder input (``kinds`` grows); for the
+        # model's full-length tensors each stands in as the input row it follows (``stand_in``).
+        self.inputs = len(kinds)
+        self.stand_in = np.arange(len(kinds))
         self.positions = positions  # position ids of the alive rows
         self.rotary = None  # (cos, sin) of the alive rows once an in-LLM stage ran; None: the model's
         self.reindexed = False
@@ -293,10 +372,12 @@ class _Run:
         if self.rotary is None:
             return kwargs
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = _slice_square_mask(kwargs.get("attention_mask"), self.rows)
+        rows = torch.from_numpy(self.stand_in[self.rows.numpy()])
+        kwargs["attention_mask"] = _causal_at(_slice_square_mask(kwargs.get("attention_mask"), rows),
+                                              torch.from_numpy(np.flatnonzero(self.rows.numpy() >= self.inputs)))
         kwargs["position_embeddings"] = self.rotary
         if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = self.positions if self.reindexed else _take(kwargs["position_ids"], self.rows, -1)
+            kwargs["position_ids"] = self.positions if self.reindexed else _take(kwargs["position_ids"], rows, -1)
         return kwargs
 
     def _apply_stage(self, stage: Stage, hidden: torch.Tensor, kwargs: dict):
@@ -307,11 +388,19 @@ class _Run:
             raise PlanError(f"stage {where}: kept indices out of range 0..{self.layout.n_tokens - 1}")
         check_alive(stage, alive_visual, "sequence")
         row_of = {int(v): i for i, v in enumerate(alive) if v >= 0}
-        hidden = apply_merges(hidden, stage, row_of)
-        keep = torch.from_numpy(np.flatnonzero((alive < 0) | np.isin(alive, stage.kept_array)))
-        hidden = _take(hidden, keep, 1)
+        arrangement = arrange(stage, alive)
+        keep = arrangement.order
+        hidden = apply_appends(hidden, _take(apply_merges(hidden, stage, row_of), keep, 1), arrangement, row_of)
+        rows = self.rows[keep]
+        if arrangement.appended:
+            made = torch.tensor([row for row, _ in arrangement.appended])
+            rows[made] = torch.arange(len(self.kinds), len(self.kinds) + len(made))
+            self.stand_in = np.concatenate([self.stand_in, self.stand_in[self.rows[keep[made]].numpy()]])
+            self.sequence_index = np.concatenate([self.sequence_index, self.sequence_index[self.rows[keep[made]].numpy()]])
+            self.kinds = np.concatenate([self.kinds, [append.token for _, append in arrangement.appended]])
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = _slice_square_mask(kwargs.get("attention_mask"), keep)
+        kwargs["attention_mask"] = _causal_at(_slice_square_mask(kwargs.get("attention_mask"), keep),
+                                              torch.from_numpy(np.flatnonzero(rows.numpy() >= self.inputs)))
         if stage.position == "reindex":
             self.positions = _reindexed(self.positions, len(keep), stage.where)
             self.rotary = self.adapter.decoder_rotary()(hidden, self.positions)
@@ -326,7 +415,7 @@ class _Run:
         kwargs["position_embeddings"] = self.rotary
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = self.positions if self.reindexed else _take(kwargs["position_ids"], keep, -1)
-        self.rows = self.rows[keep]
+        self.rows = rows
         self.applied.append(stage)
         return hidden, kwargs
 

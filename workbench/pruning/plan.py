@@ -101,6 +101,58 @@ class Merge:
 
 
 @dataclass(frozen=True)
+class Append:
+    """A new token made by the stage and inserted elsewhere in the sequence (SparseVLM's recycled
+    clusters go after the kept visual tokens, as in its code):
+    ``token <- weights[0]*token + sum(weights[i+1]*sources[i])``, read before the stage.
+
+    ``token`` names the new token: one of the tokens it is made of, alive before the stage and kept
+    by it, so every index in a plan stays an original visual index (later stages keep, drop or merge
+    it by that name; it is drawn at that token's box). Its old row leaves its place; the new row is
+    inserted right after the row of visual token ``after`` (alive before the stage, kept or not), or
+    with ``after=None`` right after the last visual row alive before the stage: the end of the
+    visual block. Appends at the same place follow each other in the stage's order. Under the
+    "original" position policy it takes the position id of the row it follows (that row's, even
+    when the stage drops it); under "reindex" the sequence is numbered contiguously as usual.
+    ``sources`` may be empty (the token only moves, scaled by ``weights[0]``); they are dropped by
+    the same stage.
+    """
+
+    token: int
+    sources: tuple[int, ...]
+    weights: tuple[float, ...]
+    after: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "token", int(self.token))
+        object.__setattr__(self, "sources", tuple(int(s) for s in self.sources))
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if self.after is not None:
+            if isinstance(self.after, bool) or not isinstance(self.after, (int, np.integer)):
+                raise PlanError(f"appended token {self.token}: 'after' must be a visual index or None, got {self.after!r}")
+            object.__setattr__(self, "after", int(self.after))
+        if len(self.weights) != len(self.sources) + 1:
+            raise PlanError(f"appended token {self.token}: {len(self.weights)} weights for 1 token + "
+                            f"{len(self.sources)} sources (need one weight each)")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise PlanError(f"appended token {self.token} has non-finite weights {self.weights}")
+        if len(set(self.sources)) != len(self.sources) or self.token in self.sources:
+            raise PlanError(f"appended token {self.token} lists a token twice: {(self.token,) + self.sources}")
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        """Every token whose state makes the new one: the token itself, then the sources."""
+        return (self.token,) + self.sources
+
+    def to_dict(self) -> dict:
+        return {"token": self.token, "sources": list(self.sources), "weights": list(self.weights), "after": self.after}
+
+    @staticmethod
+    def from_dict(row: dict) -> "Append":
+        return Append(row["token"], tuple(row["sources"]), tuple(row["weights"]), row.get("after"))
+
+
+@dataclass(frozen=True)
 class Stage:
     """One pruning step.
 
@@ -113,6 +165,8 @@ class Stage:
     for methods that rank nothing (random, uniform grid).
     ``position``: "original" keeps every surviving token's position id (FastV); "reindex" numbers
     the surviving sequence contiguously from 0 (PyramidDrop).
+    ``appends``: kept tokens rebuilt from others and moved elsewhere in the sequence (``Append``);
+    before the LLM and inside it, not in the tower.
     """
 
     where: Where
@@ -120,6 +174,7 @@ class Stage:
     scores: tuple[float, ...] | None = None
     merges: tuple[Merge, ...] = ()
     position: PositionPolicy = "original"
+    appends: tuple[Append, ...] = ()
 
     def __post_init__(self):
         if self.where != PRE_LLM and tower_layer(self.where) is None:
@@ -146,6 +201,21 @@ class Stage:
             if kept_set.intersection(merge.sources):
                 raise PlanError(f"stage {describe_where(self.where)}: merge sources "
                                 f"{sorted(kept_set.intersection(merge.sources))} are kept; a source must be dropped")
+        object.__setattr__(self, "appends", tuple(self.appends))
+        if self.appends and self.in_tower:
+            raise PlanError(f"stage {describe_where(self.where)}: appended tokens are made before the LLM or "
+                            "inside it, not in the vision tower")
+        targets = {merge.target for merge in self.merges}
+        tokens = [append.token for append in self.appends]
+        for append in self.appends:
+            if append.token not in kept_set:
+                raise PlanError(f"stage {describe_where(self.where)}: appended token {append.token} is not kept")
+            if kept_set.intersection(append.sources):
+                raise PlanError(f"stage {describe_where(self.where)}: sources {sorted(kept_set.intersection(append.sources))} "
+                                f"of appended token {append.token} are kept; a source must be dropped")
+            if append.token in targets or tokens.count(append.token) > 1:
+                raise PlanError(f"stage {describe_where(self.where)}: token {append.token} is made twice "
+                                "(appended twice, or also a merge target)")
 
     @property
     def in_llm(self) -> bool:
@@ -160,6 +230,13 @@ class Stage:
         return np.asarray(self.kept, dtype=np.int64)
 
     @property
+    def folds(self) -> tuple[Merge, ...]:
+        """Every group of tokens this stage folds into one, whether in place (``merges``) or into an
+        appended token made of several (``appends``), as merges into the token that carries it: what
+        the views draw and the analyses count as merged."""
+        return self.merges + tuple(Merge(a.token, a.sources, a.weights) for a in self.appends if a.sources)
+
+    @property
     def score_array(self) -> np.ndarray | None:
         return None if self.scores is None else np.asarray(self.scores, dtype=np.float64)
 
@@ -167,7 +244,8 @@ class Stage:
         # JSON has no NaN: unscored tokens travel as null.
         scores = None if self.scores is None else [None if math.isnan(s) else s for s in self.scores]
         return {"where": self.where, "kept": list(self.kept), "scores": scores,
-                "merges": [m.to_dict() for m in self.merges], "position": self.position}
+                "merges": [m.to_dict() for m in self.merges], "position": self.position,
+                "appends": [a.to_dict() for a in self.appends]}
 
     @staticmethod
     def from_dict(row: dict) -> "Stage":
@@ -175,7 +253,8 @@ class Stage:
         if scores is not None:
             scores = tuple(math.nan if s is None else s for s in scores)
         return Stage(row["where"], tuple(row["kept"]), scores,
-                     tuple(Merge.from_dict(m) for m in row.get("merges", ())), row.get("position", "original"))
+                     tuple(Merge.from_dict(m) for m in row.get("merges", ())), row.get("position", "original"),
+                     tuple(Append.from_dict(a) for a in row.get("appends", ())))
 
 
 @dataclass(frozen=True)
@@ -230,6 +309,11 @@ class KeepPlan:
                 if gone:
                     raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} "
                                     "that were already dropped (or are out of range)")
+            for append in stage.appends:
+                gone = sorted(set(append.sources) - alive)
+                if gone or (append.after is not None and append.after not in alive):
+                    raise PlanError(f"stage {where}: appended token {append.token} uses tokens "
+                                    f"{(gone or [append.after])[:5]} that were already dropped (or are out of range)")
             alive = set(stage.kept)
             previous = stage
 

@@ -13,7 +13,7 @@ from tests.pruning.shipped import check_on_shipped, run_checked, tiny_input
 from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
 from workbench.pruning.methods.sparsevlm import (SparseVLM, dpc_knn, priority_head_count, relation_v2, rope_gravity,
                                                 select_raters, sparse_stage)
-from workbench.pruning.plan import Merge
+from workbench.pruning.plan import Append, Merge
 
 
 def test_raters_softmax_over_the_text_axis():
@@ -30,11 +30,12 @@ def test_raters_softmax_over_the_text_axis():
 def test_dpc_knn_finds_the_density_peaks():
     # k = 3 nearest (self included): densities peak at token 1 (left group) and token 4 (right);
     # scores density * distance-to-denser: 1 -> 5.45 (densest: the largest distance), 4 -> 5.15,
-    # 3 -> 0.3, 5 -> 0.15, 0 -> 0.1, 2 -> 0.05 (times densities near 1): centres 1, 3, 4
+    # 3 -> 0.3, 5 -> 0.15, 0 -> 0.1, 2 -> 0.05 (times densities near 1): centres 1, 4, 3 in the
+    # reference's topk order (score descending), the order its merged tokens are appended in
     x = np.array([0.0, 0.1, 0.15, 5.0, 5.3, 5.45])[:, None]
     centres, labels = dpc_knn(x, 3)
-    assert tuple(centres) == (1, 3, 4)
-    assert tuple(labels) == (0, 0, 0, 1, 2, 2)
+    assert tuple(centres) == (1, 4, 3)
+    assert tuple(labels) == (0, 0, 0, 2, 1, 1)
 
 
 def test_stage_keeps_top_and_recycles_the_best_deleted():
@@ -44,13 +45,21 @@ def test_stage_keeps_top_and_recycles_the_best_deleted():
     # keep 0, 2, 4; 7 deleted -> int(7 * 0.3) + 1 = 3 recycled (5, 7, 3), int(3 / 10) + 1 = 1 cluster;
     # equal densities (k=1: each token's own distance) -> the lowest index is the centre
     assert stage.kept == (0, 2, 3, 4) and stage.where == 3 and stage.position == "reindex"
-    # the cluster's average as cluster_and_merge: each member weighted 1 / (3 + 1e-6)
-    assert stage.merges == (Merge(3, (5, 7), (1 / (3 + 1e-6),) * 3),)
+    # the cluster's average as cluster_and_merge (each member weighted 1 / (3 + 1e-6)), a new token
+    # named by its centre and appended after the kept visual tokens
+    weights = (1 / (3 + 1e-6),) * 3
+    assert stage.appends == (Append(3, (5, 7), weights, after=None),) and stage.merges == ()
+    at_centre = sparse_stage(3, np.arange(10), relation, 3, states, 10, "reindex", recycle_at="centre")
+    assert at_centre.kept == stage.kept and at_centre.merges == (Merge(3, (5, 7), weights),)
+    assert at_centre.appends == ()
     plain = sparse_stage(3, np.arange(10), relation, 3, None, 10, "original", recycle=False)
-    assert plain.kept == (0, 2, 4) and plain.merges == ()
-    # asking for all 10 keeps M - 1 = 9; the one deleted (8) is recycled as a cluster of itself
+    assert plain.kept == (0, 2, 4) and plain.merges == () and plain.appends == ()
+    # asking for all 10 keeps M - 1 = 9; the one deleted (8) is recycled as a cluster of itself:
+    # appended (scaled by 1 / (1 + 1e-6), as the code), or left in place
     full = sparse_stage(3, np.arange(10), relation, 10, states, 10, "original")
-    assert full.kept == tuple(range(10)) and full.merges == ()
+    assert full.kept == tuple(range(10)) and full.appends == (Append(8, (), (1 / (1 + 1e-6),)),)
+    full = sparse_stage(3, np.arange(10), relation, 10, states, 10, "original", recycle_at="centre")
+    assert full.kept == tuple(range(10)) and full.merges == () and full.appends == ()
 
 
 def test_reference_schedule_and_kept_counts():
@@ -75,7 +84,13 @@ def test_runs_on_the_shipped_model():
     stages = execution.plan.stages
     # 2 / 6 / 15 of 32 land on scoring layers 1 / 1 / 2 of 4; stages that score where the previous
     # one cuts fold into one, which acts before layer 3
-    assert [s.where for s in stages] == [3] and stages[0].merges
+    assert [s.where for s in stages] == [3] and stages[0].appends and not stages[0].merges
+    # the recycled tokens follow the kept ones: the last visual tokens of every later layer
+    assert execution.visual_tokens_per_layer[3] == len(stages[0].kept)
+    execution, _ = check_on_shipped(SparseVLM(recycle_at="centre"))
+    assert execution.plan.stages[0].merges and not execution.plan.stages[0].appends
+    with pytest.raises(ValueError, match="recycle_at must be one of"):
+        SparseVLM(recycle_at="start")
 
 
 def test_runs_on_a_tiny_qwen2_vl_with_original_positions():

@@ -9,7 +9,7 @@ from tests.pruning.handmade import LLAVA_FACTS, NO_CLS_FACTS, grid_layout, handm
 from tests.pruning.shipped import check_on_shipped, folded, run_checked, tiny_input
 from workbench.pruning.method import MethodNotApplicable, SelectionContext, SignalNeed
 from workbench.pruning.methods.visionzip import VisionZip
-from workbench.pruning.plan import Merge
+from workbench.pruning.plan import Append, Merge
 from workbench.pruning.run import run_method
 
 CLS22 = SignalNeed("attention", "tower", 22, "cls")
@@ -43,13 +43,20 @@ def test_dominant_then_stride_targets_among_the_remaining_tokens():
     # remaining tokens at positions 0 and 7: tokens 0 and 9 (a stride over all 16 tokens would give 8).
     assert stage.kept == (0, 2, 3, 9)
     # each other remaining token joins its most similar target by key cosine; reference weights:
-    # target + mean(sources)
-    assert stage.merges == (Merge(0, (1, 4, 5), (1.0, 1 / 3, 1 / 3, 1 / 3)),
-                            Merge(9, (6, 7, 8, 10, 11, 12, 13, 14, 15), (1.0,) + (1 / 9,) * 9))
+    # target + mean(sources); the contextual tokens follow the dominant ones (after the image's last
+    # token), in target order
+    assert stage.appends == (Append(0, (1, 4, 5), (1.0, 1 / 3, 1 / 3, 1 / 3), after=15),
+                             Append(9, (6, 7, 8, 10, 11, 12, 13, 14, 15), (1.0,) + (1 / 9,) * 9, after=15))
+    assert stage.merges == ()
     assert stage.scores[2] == pytest.approx(0.5)
     mean = VisionZip(contextual_ratio=0.5, merge="mean", cls_slot="patch").select(
         handmade_context(layout, 4, entries()))
-    assert mean.stages[0].merges[0] == Merge.mean(0, (1, 4, 5))
+    assert mean.stages[0].appends[0] == Append(0, (1, 4, 5), (0.25,) * 4, after=15)
+    in_place = VisionZip(contextual_ratio=0.5, cls_slot="patch", contextual_at="target").select(
+        handmade_context(layout, 4, entries())).stages[0]
+    assert in_place.kept == stage.kept and in_place.appends == ()
+    assert in_place.merges == (Merge(0, (1, 4, 5), (1.0, 1 / 3, 1 / 3, 1 / 3)),
+                               Merge(9, (6, 7, 8, 10, 11, 12, 13, 14, 15), (1.0,) + (1 / 9,) * 9))
 
 
 def test_the_reference_cls_slot_takes_one_dominant_patch():
@@ -77,6 +84,8 @@ def test_invalid_hyper_parameters():
         VisionZip(contextual_ratio=2.0)
     with pytest.raises(ValueError, match="cls_slot must be one of"):
         VisionZip(cls_slot="cls")
+    with pytest.raises(ValueError, match="contextual_at must be one of"):
+        VisionZip(contextual_at="start")
 
 
 def test_no_cls_tower_is_not_applicable():
@@ -90,7 +99,7 @@ def test_runs_on_tiny_llava():
     execution, _ = run_checked(adapter, prepared, VisionZip(), 0.5, max_new_tokens=2)
     n_keep = len(execution.plan.final_kept)
     assert n_keep == (prepared.layout.n_tokens + 1) // 2 - 1  # the [CLS] slot is not given to a patch
-    assert execution.plan.stages[0].merges  # contextual tokens were merged
+    assert execution.plan.stages[0].appends  # contextual tokens were made and appended
 
 
 def test_runs_on_tiny_llava_next_through_the_tower_map_and_not_on_qwen2_vl():
@@ -100,7 +109,10 @@ def test_runs_on_tiny_llava_next_through_the_tower_map_and_not_on_qwen2_vl():
     layout = prepared.layout
     execution, context = run_checked(adapter, prepared, VisionZip(), 0.5, max_new_tokens=2)
     recording, stage = context.recording, execution.plan.stages[0]
-    assert len(stage.kept) == context.n_keep - len(layout.groups) and stage.merges  # one [CLS] slot per crop
+    assert len(stage.kept) == context.n_keep - len(layout.groups) and stage.appends  # one [CLS] slot per crop
+    # each crop's contextual tokens follow that crop's tokens
+    assert {a.after for a in stage.appends} <= {int(np.flatnonzero(layout.group == g)[-1]) for g in range(len(layout.groups))}
+    assert all(layout.group[a.token] == layout.group[a.after] for a in stage.appends)
     layer = VisionZip().layer(context.model)
     np.testing.assert_allclose(stage.scores, folded(recording, layout, "attention", layer, "cls"))
     keys = tower_features(recording, layout, "visual_keys", layer)
@@ -116,4 +128,4 @@ def test_runs_on_tiny_llava_next_through_the_tower_map_and_not_on_qwen2_vl():
 def test_runs_on_the_shipped_model():
     execution, _ = check_on_shipped(VisionZip())
     assert [len(st.kept) for st in execution.plan.stages] == [31]  # 32 = [CLS] + 31 patches
-    assert len(execution.plan.stages[0].merges) > 0
+    assert len(execution.plan.stages[0].appends) > 0

@@ -14,14 +14,18 @@ Official code: Gumpest/SparseVLMs (HEAD), llava/model/language_model/
 - v1.0 lines 275-307: deleted tokens scored by the same relation, the top ``int(0.3 * d) + 1``
   clustered by ``cluster_and_merge`` (utils.py lines 179-239: distances / sqrt(C), density from the
   ``cluster_num`` nearest, distance to the nearest denser token, ``topk(dist * density)`` centres,
-  every token to its nearest centre) into ``int(m / 10) + 1`` averaged tokens; positions re-numbered
-  (line 302); v2.0 lines 273-274 cancel the merge and line 312 keeps the position ids.
+  every token to its nearest centre) into ``int(m / 10) + 1`` averaged tokens (each member over the
+  cluster size + 1e-6, lines 214-237, in ``topk`` centre order), concatenated after the kept visual
+  tokens and before the text (lines 292-298); positions re-numbered 0..L'-1 (line 302); v2.0 lines
+  273-274 cancel the merge and line 312 keeps the position ids.
 Placement (the workbench's, not the rule's): the scaled layers 2/6/15 fold into ONE stage on the
 4-layer shipped model (scoring layer 2) and on the 2-layer tiny decoders (scoring layer 0), with the
-last schedule count scaled by N/576 — so every selection here is a first stage, where the method's
-one deviation (a recycled token sits at its cluster centre's place instead of after the kept tokens)
-cannot change what is selected. Tolerance: the reference's ``rand * 1e-6`` density noise is left out
-(ties by the lower index, as the method); the kept sets and the clusters must be identical.
+last schedule count scaled by N/576, so every selection here is a first stage. The recycled tokens
+are checked twice: the plan's appended tokens (name = centre, members = cluster, in the code's order,
+at the end of the visual block) and the prefill's logits against the decoder run by hand on the code's
+concatenated sequence. Tolerance: the reference's ``rand * 1e-6`` density noise is left out (ties by
+the lower index, as the method); the kept sets and the clusters must be identical, the logits equal
+to float32 rounding (1e-4).
 The code is LLaVA's (one-axis RoPE): tiny M-RoPE families are not comparable with the hand-run decoder.
 """
 
@@ -34,8 +38,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from tests.pruning.parity.common import (case, eager_forward, facts, jaccard, labels, layer_attention, run_pruned,
-                                         torch_topk, visual_positions)
+from tests.pruning.parity.common import (case, causal_mask, eager_forward, eager_model, facts, jaccard, labels,
+                                         language_model, layer_attention, run_pruned, torch_topk, visual_positions)
 from workbench.pruning.method import SelectionContext
 from workbench.pruning.methods.sparsevlm import SparseVLM
 from workbench.pruning.run import run_method
@@ -111,11 +115,38 @@ def official_sparsevlm(adapter, prepared, version: str, scoring_layer: int, coun
                 tokens = kinds[rows[chosen]]
                 found["centres"] = tokens[index_down]
                 found["clusters"] = {frozenset(tokens[idx_cluster == c].tolist()) for c in range(cluster_num)}
+                found["ordered"] = [tokens[idx_cluster == c] for c in range(cluster_num)]
             return np.union1d(found["kept"], found["centres"]), "reindex" if version == "1_0" else "original"
         return None
 
     run_pruned(adapter, prepared, cut)
-    return found["kept"], found["centres"], found["clusters"]
+    return found["kept"], found["centres"], found["clusters"], found.get("ordered", [])
+
+
+@torch.no_grad()
+def official_recycled_logits(adapter, prepared, scoring_layer: int, kept, ordered) -> torch.Tensor:
+    """[V] the prefill's last logits with version 1.0's sequence made by hand: after the scoring layer
+    the kept rows, the clusters' averages (of that layer's output) concatenated right after the kept
+    visual rows, positions 0..L'-1 (lines 290-302)."""
+    model = eager_model(adapter)
+    lm = language_model(model)
+    states = eager_forward(adapter, prepared).hidden_states[0].clone()
+    positions = torch.arange(states.shape[1]).unsqueeze(0)
+    kinds = np.full(states.shape[1], -1)
+    image = visual_positions(prepared)
+    kinds[image] = np.arange(prepared.layout.n_tokens)
+    for i, layer in enumerate(lm.layers):
+        if i == scoring_layer + 1:
+            row = {int(k): r for r, k in enumerate(kinds) if k >= 0}
+            merged = [sum(states[0, row[int(t)]] for t in members) / (len(members) + 1e-6) for members in ordered]
+            select = states[:, np.flatnonzero((kinds < 0) | np.isin(kinds, kept))]
+            split = int(image.min()) + len(kept)  # v_token_start + select_vis_token_num
+            states = torch.cat([select[:, :split], torch.stack(merged)[None], select[:, split:]], 1)
+            positions = torch.arange(states.shape[1]).unsqueeze(0)
+        out = layer(states, attention_mask=causal_mask(states.shape[1]), position_ids=positions,
+                    position_embeddings=lm.rotary_emb(states, positions))
+        states = out[0] if isinstance(out, tuple) else out
+    return adapter.output_head()(lm.norm(states))[0, -1].float()
 
 
 def check(label, version):
@@ -131,12 +162,18 @@ def check(label, version):
         execution = run_method(adapter, prepared, method, budget, max_new_tokens=1)
         (stage,) = execution.plan.stages
         assert stage.where == scoring_layer + 1
-        kept, centres, clusters = official_sparsevlm(adapter, prepared, version, scoring_layer, count)
+        kept, centres, clusters, ordered = official_sparsevlm(adapter, prepared, version, scoring_layer, count)
         assert jaccard(stage.kept, np.union1d(kept, centres)) == 1.0, (label, reference)
         assert len(stage.kept) == len(kept) + len(centres)
-        merged = {frozenset((m.target,) + m.sources) for m in stage.merges}
-        assert merged == {c for c in clusters if len(c) > 1}, (label, reference)
-        assert {m.target for m in stage.merges} <= set(centres.tolist())
+        assert stage.merges == ()
+        # one appended token per cluster, named by its centre, in the code's order, after the kept visual tokens
+        assert [a.token for a in stage.appends] == centres.tolist(), (label, reference)
+        assert [frozenset(a.members) for a in stage.appends] == [frozenset(c.tolist()) for c in ordered]
+        assert {frozenset(a.members) for a in stage.appends} == clusters
+        assert all(a.after is None and np.allclose(a.weights, 1 / (len(a.members) + 1e-6)) for a in stage.appends)
+        if version == "1_0":
+            expected = official_recycled_logits(adapter, prepared, scoring_layer, kept, ordered)
+            torch.testing.assert_close(execution.logits, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("label", labels(("llava",)))

@@ -7,7 +7,8 @@ Official code: dvlab-research/VisionZip (HEAD)
   index order (56-62); ``metric`` = layer -2's key states averaged over heads (utils.py line 89,
   ``raw_key_states.mean(1)``), L2-normalised (64); targets ``arange(0, R, max(1, R // C))[:C]``
   (67-68); every other token joins ``argmax`` of its cosine to the targets (72-74); contextual token
-  = target + mean of its assigned tokens (75-80).
+  = target + mean of its assigned tokens (75-80); ``cat([dominant, contextual])`` (83): the contextual
+  tokens follow the dominant ones, in target order.
 Splits: README 54+10 / 108+20 / 162+30, i.e. the method's ``split`` (10/64 contextual).
 The layer is the method's ``layer`` (the reference's -2, this tower's projector-feed layer).
 """
@@ -62,6 +63,10 @@ def test_default_equals_the_official_rule(label):
         kept, merges = official_visionzip(adapter, prepared, dominant, contextual, method.layer(f), f.vision_heads)
         assert len(stage.kept) == dominant - 1 + contextual  # the official patch count
         assert jaccard(stage.kept, kept) == 1.0, (label, budget)
-        assert {m.target: sorted(m.sources) for m in stage.merges} == merges
-        for m in stage.merges:  # target + mean(sources), lines 75-80
-            assert m.weights == pytest.approx((1.0,) + (1.0 / len(m.sources),) * len(m.sources))
+        assert {a.token: sorted(a.sources) for a in stage.appends if a.sources} == merges
+        for a in stage.appends:  # target + mean(sources), lines 75-80 (a target nothing joined: itself)
+            assert a.weights == pytest.approx((1.0,) + (1.0 / max(len(a.sources), 1),) * len(a.sources))
+        # line 83: every target's contextual token after the dominant ones, in target order
+        targets = [a.token for a in stage.appends]
+        assert len(targets) == contextual and targets == sorted(targets) and stage.merges == ()
+        assert {a.after for a in stage.appends} == {prepared.layout.n_tokens - 1}

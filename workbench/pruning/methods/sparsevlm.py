@@ -11,7 +11,7 @@ import torch
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import KeepPlan, Merge, Stage
+from workbench.pruning.plan import Append, KeepPlan, Merge, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
 
@@ -23,6 +23,9 @@ REFERENCE_SCHEDULES = {
 }
 VERSIONS = tuple(REFERENCE_SCHEDULES)
 POSITIONS = ("reindex", "original")
+# Where a recycled cluster token goes: "end", after the kept visual tokens (modelling_sparse_llama.py
+# lines 295-298); "centre", written into the cluster's DPC centre at that token's own place.
+RECYCLE_PLACES = ("end", "centre")
 # Version 2.0 keeps the ``topk(14)`` heads (score.py line 53) of LLaVA-1.5-7B's 32; other decoders keep
 # the same fraction of theirs.
 PRIORITY_HEADS, REFERENCE_HEADS = 14, 32
@@ -53,7 +56,9 @@ def dpc_knn(x: np.ndarray, n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
     the ``n_clusters`` nearest (self included), distance to the nearest denser token (the largest
     distance for the densest), centres = top ``n_clusters`` of density * that distance, every token
     to its nearest centre, centres to themselves. Returns (centres, label per token) with labels
-    indexing ``centres``. No tie-breaking noise (the reference adds rand * 1e-6 to the density)."""
+    indexing ``centres``; the centres in the reference's ``topk`` order (score descending, ties: the
+    lower index), which is the order its merged tokens are appended in. No tie-breaking noise (the
+    reference adds rand * 1e-6 to the density)."""
     x = np.asarray(x, dtype=np.float64)
     n, c = x.shape
     dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)) / np.sqrt(c)
@@ -61,18 +66,22 @@ def dpc_knn(x: np.ndarray, n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
     density = np.exp(-(nearest ** 2).mean(axis=1))
     denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
     parent = np.where(denser, dist, dist.max()).min(axis=1)
-    centres = top_k(parent * density, n_clusters)
+    score = parent * density
+    centres = top_k(score, n_clusters)
+    centres = centres[np.lexsort((centres, -score[centres]))]
     labels = np.argmin(dist[centres], axis=0)
     labels[centres] = np.arange(n_clusters)
     return centres, labels
 
 
 def sparse_stage(layer: int, alive: np.ndarray, relation: np.ndarray, count: int, states: np.ndarray | None,
-                 n_visual: int, position: str, recycle: bool = True) -> Stage:
+                 n_visual: int, position: str, recycle: bool = True, recycle_at: str = "end") -> Stage:
     """One SparseVLM step on the live ``alive`` tokens (original indices) scored by ``relation``:
     keep the top ``min(count, M - 1)``; recycle the top 30 % (+1) of the deleted by score, cluster
-    them on ``states`` (their hidden states, rows aligned with ``alive``) and merge each cluster
-    (its average, as the reference's) into its centre, which is kept."""
+    them on ``states`` (their hidden states, rows aligned with ``alive``) and make each cluster's
+    average (weights ``1 / (size + 1e-6)``, as ``cluster_and_merge``) a new token named by its
+    centre: appended after the kept visual tokens in the reference's cluster order (``"end"``), or
+    written into the centre at its own place (``"centre"``; a one-token cluster then stays as it is)."""
     scores = np.full(n_visual, np.nan)
     scores[alive] = relation
     kept = top_k(scores, max(min(count, len(alive) - 1), 0), among=alive)
@@ -83,13 +92,17 @@ def sparse_stage(layer: int, alive: np.ndarray, relation: np.ndarray, count: int
         chosen = top_k(scores, recycled, among=deleted)
         row_of = {int(t): i for i, t in enumerate(alive)}
         centres, labels = dpc_knn(states[[row_of[int(t)] for t in chosen]], n_clusters)
+        appends = []
         for c, centre in enumerate(centres):
             members = chosen[labels == c]
             sources = [int(t) for t in members if t != chosen[centre]]
-            if sources:  # the cluster's average, weights 1 / (size + 1e-6) as cluster_and_merge
-                weight = 1.0 / (len(members) + MERGE_EPS)
-                merges.append(Merge(int(chosen[centre]), sources, (weight,) * len(members)))
+            weights = (1.0 / (len(members) + MERGE_EPS),) * len(members)
+            if recycle_at == "end":
+                appends.append(Append(int(chosen[centre]), sources, weights))
+            elif sources:
+                merges.append(Merge(int(chosen[centre]), sources, weights))
         kept = np.union1d(kept, chosen[centres])
+        return Stage(layer, tuple(kept), tuple(scores), tuple(merges), position=position, appends=tuple(appends))
     return Stage(layer, tuple(kept), tuple(scores), tuple(merges), position=position)
 
 
@@ -140,21 +153,21 @@ class SparseVLM(PruningMethod):
 
     Version ``"1_0"`` (default, as the code's default): recycling: the top 30 % (+1) of the deleted
     tokens by the same score are clustered (DPC-kNN, ``int(m/10)+1`` clusters) on the layer's output
-    states and each cluster is averaged (weights ``1 / (size + 1e-6)``) into a new token; the pruned
-    sequence is numbered contiguously (``position="reindex"``; on M-RoPE models, which the executor
-    cannot re-index, ``"original"``). Version ``"2_0"`` (SparseVLM+): its own schedules; the raters'
+    states and each cluster is averaged (weights ``1 / (size + 1e-6)``) into a new token, appended
+    after the kept visual tokens in the code's cluster order (``recycle_at="end"``, lines 290-298:
+    the plan's ``Append``, named by the cluster's DPC centre; later stages score, keep and recycle
+    it like any live token, as the code does); the pruned sequence is numbered contiguously
+    (``position="reindex"``, line 302; on M-RoPE models, which the executor cannot re-index,
+    ``"original"``, where each appended token takes the position id of the last visual token).
+    ``recycle_at="centre"`` instead writes each cluster's average into its centre at the centre's own
+    place in the sequence (a one-token cluster then stays as it is). Version ``"2_0"`` (SparseVLM+): its own schedules; the raters'
     attention is divided by the RoPE-only logit of all-ones queries and keys ("gravity correction",
     ``rope_gravity``), only the 14 of 32 heads with the largest rater-to-visual total are averaged
     (the same fraction of this decoder's heads), no recycling, and the kept tokens keep their position
     ids (``"original"``). ``recycle`` and ``position`` default to the version's choice.
 
-    Remaining deviation (no parameter can undo it): the reference appends each recycled token after
-    the kept visual tokens; a plan can only keep original tokens in their order, so the cluster's
-    average is written into the cluster's DPC centre (a deleted token), kept at its own place in the
-    sequence. The kept original tokens and the clusters are the reference's; on models where the
-    stages fold into one (the shipped model, 2-layer decoders) every selection is therefore the
-    reference's, only the recycled tokens' places in the sequence differ. The reference adds
-    ``rand * 1e-6`` to the DPC densities to break ties; we break them by the lower index.
+    The reference adds ``rand * 1e-6`` to the DPC densities to break ties (and ``topk`` orders tied
+    centres arbitrarily); we break both by the lower index.
 
     Budget: the reference's per-layer schedules exist for 192/128/96/64 of 576 tokens (each
     averaging that many tokens over the 32 layers); the one whose fraction is nearest to n_keep/N
@@ -171,14 +184,16 @@ class SparseVLM(PruningMethod):
         "mean_v softmax_t(V T^T); at layers 2/6/15 (scaled) the raters' attention of that layer ranks the live "
         "visual tokens and the layer's output is pruned. v1.0: head mean, 30% of the deleted DPC-kNN clustered "
         "and recycled, positions re-indexed. v2.0: attention / RoPE gravity, top 14/32 heads, no recycling, "
-        "original positions. Variants: recycle=False, position='original'|'reindex'. Deviations: a recycled "
-        "token sits at its cluster centre's place instead of after the kept tokens; schedule chosen by the "
-        "nearest reference budget fraction, scaled to N; 'original' positions on M-RoPE.")
+        "original positions. Recycled tokens are appended after the kept visual tokens (lines 290-302). Variants: "
+        "recycle=False, position='original'|'reindex', recycle_at='centre' (each cluster's average written into "
+        "its centre at the centre's place). Deviations: schedule chosen by the nearest reference budget fraction, "
+        "scaled to N; 'original' positions on M-RoPE; DPC ties by the lower index instead of random noise.")
 
     layers: tuple[int, ...] = (2, 6, 15)
     version: str = "1_0"
     recycle: bool | None = None
     position: str | None = None
+    recycle_at: str = "end"
 
     def __post_init__(self):
         layers = tuple(self.layers)
@@ -192,6 +207,8 @@ class SparseVLM(PruningMethod):
             raise ValueError(f"sparsevlm: version must be one of {VERSIONS}, got {self.version!r}")
         if self.recycle is not None and not isinstance(self.recycle, bool):
             raise ValueError(f"sparsevlm: recycle must be a bool (or None: the version's), got {self.recycle!r}")
+        if self.recycle_at not in RECYCLE_PLACES:
+            raise ValueError(f"sparsevlm: recycle_at must be one of {RECYCLE_PLACES}, got {self.recycle_at!r}")
         if self.position is not None and self.position not in POSITIONS:
             raise ValueError(f"sparsevlm: position must be one of {POSITIONS} (or None: the version's), "
                              f"got {self.position!r}")
@@ -281,7 +298,7 @@ class SparseVLM(PruningMethod):
                 states = state.hidden_states[0, state.visual_rows].double().cpu().numpy() if recycle else None
                 stage = sparse_stage(layer, alive, pending.pop("relation"), schedule[layer - 1], states,
                                      n_visual, self.positions if state.position_ids.dim() == 2 else "original",
-                                     recycle)
+                                     recycle, self.recycle_at)
             if layer in schedule:
                 if len(raters) == 0 or len(state.text_rows) == 0:
                     raise MethodNotApplicable("sparsevlm: no text rater token after the image")

@@ -12,13 +12,16 @@ import numpy as np
 from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
 from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, ClsAttentionMethod, check_tower_layer,
                                                      cls_need, group_members, row_scores, size_shares, tower_layer)
-from workbench.pruning.plan import PRE_LLM, KeepPlan, Merge, Stage
+from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, Merge, Stage
 from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
 from workbench.pruning.registry import register_method
 from workbench.tower_map import tower_features
 
 MERGE_RULES = ("reference", "mean")
 CLS_SLOTS = ("reference", "patch")
+# Where a contextual token goes: "end", after its group's dominant tokens (clip_encoder.py line 83
+# concatenates [dominant, contextual]); "target", merged into its target at the target's own place.
+CONTEXTUAL_PLACES = ("end", "target")
 
 
 @register_method("visionzip")
@@ -38,7 +41,15 @@ class VisionZip(ClsAttentionMethod):
     reference does per crop.
 
     Merge rule (``merge``): "reference" follows the code, ``contextual = target + mean(sources)``
-    (weights 1 for the target and 1/c for each of its c sources); "mean" averages target and sources.
+    (weights 1 for the target and 1/c for each of its c sources; a target nothing joined stays as it
+    is); "mean" averages target and sources.
+
+    Contextual tokens' place (``contextual_at``): "end" (default, as the code, which concatenates
+    ``[dominant, contextual]``, line 83) appends them after the group's dominant tokens, in target
+    order (the plan's ``Append``, named by the target, inserted after the group's last patch; the
+    LLM numbers the kept sequence contiguously, as after the code's concatenation, and under
+    ``position="original"`` each takes that patch's position id). "target" writes each into
+    its target at the target's own place among the dominant ones.
 
     [CLS] slot (``cls_slot``): the reference's dominant set includes the [CLS] token itself
     (visionzip/main.py line 7 passes ``dominant_num = dominant - 1`` to the top-k, clip_encoder.py
@@ -65,15 +76,18 @@ class VisionZip(ClsAttentionMethod):
         "uniform-stride targets, argmax cosine of the layer's head-mean keys, target + mean of assigned), "
         "visionzip/utils.py (metric = head-mean keys), README (54+10 / 108+20 / 162+30). "
         "visionzip/main.py line 7 (dominant_num = dominant - 1: [CLS] fills one dominant slot; followed, "
-        "cls_slot='reference', its slot left empty; cls_slot='patch' gives it to a patch). "
+        "cls_slot='reference', its slot left empty; cls_slot='patch' gives it to a patch). Contextual tokens "
+        "appended after the dominant ones (line 83; contextual_at='target' merges each in place at its target). "
         "Deviations: merge after the projector; [CLS] not fed to the LLM.")
 
     contextual_ratio: float = 10 / 64
     merge: str = "reference"
     reference_layer: int = REFERENCE_FEED_LAYER
     cls_slot: str = "reference"
+    contextual_at: str = "end"
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.contextual_ratio, bool) or not isinstance(self.contextual_ratio, (int, float)) \
                 or not 0.0 <= self.contextual_ratio <= 1.0:
             raise ValueError(f"visionzip: contextual_ratio must be a number in [0, 1], got {self.contextual_ratio!r}")
@@ -81,6 +95,8 @@ class VisionZip(ClsAttentionMethod):
             raise ValueError(f"visionzip: merge must be one of {MERGE_RULES}, got {self.merge!r}")
         if self.cls_slot not in CLS_SLOTS:
             raise ValueError(f"visionzip: cls_slot must be one of {CLS_SLOTS}, got {self.cls_slot!r}")
+        if self.contextual_at not in CONTEXTUAL_PLACES:
+            raise ValueError(f"visionzip: contextual_at must be one of {CONTEXTUAL_PLACES}, got {self.contextual_at!r}")
         check_tower_layer("visionzip", self.reference_layer)
 
     def layer(self, model: ModelFacts) -> int:
@@ -119,7 +135,7 @@ class VisionZip(ClsAttentionMethod):
         # Per-view tower keys folded onto the layout (mean of each token's patches; the identity on
         # LLaVA-1.5-style towers), like the [CLS] scores (see cls_attention.row_scores).
         keys = head_mean(tower_features(context.recording, context.layout, "visual_keys", layer), model.vision_heads)
-        kept, merges = [], []
+        kept, merges, appends = [], [], []
         for members, share in zip(group_members(context.layout), size_shares(context.layout, context.n_keep)):
             if share == 0:
                 continue
@@ -133,16 +149,16 @@ class VisionZip(ClsAttentionMethod):
             targets = remaining[::step][:n_contextual]
             kept += [int(i) for i in targets]
             sources = np.setdiff1d(remaining, targets)
-            if len(sources) == 0:
-                continue
-            assigned = np.argmax(cosine_matrix(keys[sources], keys[targets]), axis=1)  # first max wins
+            assigned = (np.argmax(cosine_matrix(keys[sources], keys[targets]), axis=1) if len(sources)  # first max wins
+                        else np.zeros(0, dtype=np.int64))
             for t, target in enumerate(targets):
-                group = sources[assigned == t]
-                if len(group) == 0:
-                    continue
-                if self.merge == "mean":
-                    merges.append(Merge.mean(int(target), group))
-                else:
-                    merges.append(Merge(int(target), tuple(group), (1.0,) + (1.0 / len(group),) * len(group)))
-        stage = Stage(PRE_LLM, tuple(sorted(kept)), tuple(attention), tuple(merges))
+                group = tuple(int(i) for i in sources[assigned == t])
+                weights = ((1.0 / (len(group) + 1),) * (len(group) + 1) if self.merge == "mean"
+                           else (1.0,) + (1.0 / max(len(group), 1),) * len(group))
+                if self.contextual_at == "end":
+                    appends.append(Append(int(target), group, weights, after=int(members[-1])))
+                elif group:
+                    merges.append(Merge(int(target), group, weights))
+        stage = Stage(PRE_LLM, tuple(sorted(kept)), tuple(attention), tuple(merges), appends=tuple(appends),
+                      position=self.entry_position(context))
         return self.plan(context, [stage])
