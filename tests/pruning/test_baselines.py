@@ -120,7 +120,7 @@ def test_registry_lists_creates_and_rejects_by_name():
     assert {"random", "uniform_grid", "average_pool"} <= set(available_methods())
     assert method_class("uniform_grid") is UniformGrid
     assert create_method("random", seed=5) == RandomPrune(seed=5)
-    assert RandomPrune().name == "random" and RandomPrune(seed=2).params() == {"seed": 2}
+    assert RandomPrune().name == "random" and RandomPrune(seed=2).params() == {"position": "reindex", "seed": 2}
     with pytest.raises(UnknownMethod, match="unknown pruning method 'fastvv'; available: .*average_pool.*random"):
         method_class("fastvv")
     with pytest.raises(InvalidMethodParameters, match="random: .*unexpected keyword argument 'sed'"):

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from workbench.errors import UserError
 from workbench.layout import VisualLayout
 from workbench.pruning.budget import Budget, resolve_budget
 from workbench.pruning.executor import LayerCallback
-from workbench.pruning.plan import KeepPlan
+from workbench.pruning.plan import POSITION_POLICIES, KeepPlan
 
 
 class MethodNotApplicable(UserError, ValueError):
@@ -166,3 +166,38 @@ class PruningMethod(ABC):
 
     def plan(self, context: SelectionContext, stages) -> KeepPlan:
         return KeepPlan(self.name, context.n_keep, context.n_visual, tuple(stages))
+
+
+def entry_position(policy: str, model: ModelFacts | None) -> str:
+    """The position policy of the sequence entering the LLM after a cut made before it (a pre-LLM
+    stage, or the last stage inside the vision tower): ``policy``, except "original" on M-RoPE models.
+
+    "reindex" is what the released LLaVA code of the pre-LLM methods does: the pruned image features
+    are concatenated with the text embeddings in ``prepare_inputs_labels_for_multimodal`` and the
+    model numbers that shorter sequence 0..L'-1. On M-RoPE models (Qwen2-VL, Qwen2.5-VL) the code
+    slices the multi-axis ids ``get_rope_index`` made for the unpruned sequence (HiPrune, HoloV,
+    MMTok), which is "original" -- and the executor cannot renumber multi-axis ids anyway. Without
+    model facts (layout-only use) ``policy`` is taken as given."""
+    return "original" if model is not None and model.mrope else policy
+
+
+@dataclass(frozen=True)
+class PreLLMMethod(PruningMethod):
+    """Base of the methods that cut before the LLM (and of those whose cut inside the vision tower
+    fixes the LLM's input): the ``position`` parameter, its check and ``entry_position``.
+
+    ``position="reindex"`` (default): the LLM numbers the kept sequence contiguously, as the LLaVA
+    code does (see ``entry_position``; M-RoPE models keep their positions); ``"original"``: every
+    kept token keeps the position id it had in the unpruned sequence (gaps where tokens were cut).
+    Keyword-only, so it never shifts a subclass's positional parameters. A subclass with its own
+    ``__post_init__`` calls ``super().__post_init__()``."""
+
+    position: str = field(default="reindex", kw_only=True)
+
+    def __post_init__(self):
+        if self.position not in POSITION_POLICIES:
+            raise ValueError(f"{self.name}: position must be one of {POSITION_POLICIES}, got {self.position!r}")
+
+    def entry_position(self, context: SelectionContext) -> str:
+        """The position policy of this method's stage entering the LLM for ``context``'s model."""
+        return entry_position(self.position, context.model)

@@ -13,7 +13,7 @@ from tests.pruning.handmade import LLAVA_FACTS, NO_CLS_FACTS, grid_layout, handm
 from tests.pruning.shipped import check_on_shipped, run_checked, tiny_input
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, SelectionContext, SignalNeed
 from workbench.pruning.methods.visiondrop import VisionDrop
-from workbench.pruning.plan import PRE_LLM, Merge
+from workbench.pruning.plan import PRE_LLM, Append, Merge
 from workbench.pruning.run import run_method
 
 FEED = LLAVA_FACTS.projector_feed_tower_layer  # 22
@@ -36,15 +36,24 @@ def test_tower_stage_by_hand():
     # Target + mean(sources). (Merging into the dominant tokens instead would fold 1-4, 12, 13 into 5.)
     method = VisionDrop(dominant=4, contextual=2, llm_layers=(), llm_tokens=(), reference_budget=5)
     plan = method.select(handmade_context(grid_layout((4, 4)), 5, tower_entries()))
-    (stage,) = plan.stages
+    (stage, reorder) = plan.stages
     assert stage.where == f"tower:{FEED}" and stage.kept == (0, 5, 7, 10, 15)  # inside the tower, after layer 22
     assert stage.position == "reindex"
-    assert set(stage.merges) == {Merge(0, (1, 2, 3, 4, 12, 13), (1.0,) + (1 / 6,) * 6),
-                                 Merge(7, (6, 8, 9, 11, 14), (1.0,) + (1 / 5,) * 5)}
-    # The deviations as named values: the same selection as a pre_llm stage; no [CLS] slot: 4 patches.
+    merges = {Merge(0, (1, 2, 3, 4, 12, 13), (1.0,) + (1 / 6,) * 6), Merge(7, (6, 8, 9, 11, 14), (1.0,) + (1 / 5,) * 5)}
+    assert set(stage.merges) == merges
+    # the tower's output order [dominant..., contextual...]: the targets move behind the dominant tokens
+    assert reorder.where == PRE_LLM and reorder.kept == stage.kept and reorder.appends == (
+        Append(0, (), (1.0,)), Append(7, (), (1.0,)))
+    # The deviations as named values: the same selection as a pre_llm stage (merged and moved at once);
+    # every token in place; no [CLS] slot: 4 patches.
     simulated = dataclasses.replace(method, progression="simulated")
     (pre,) = simulated.select(handmade_context(grid_layout((4, 4)), 5, tower_entries())).stages
-    assert pre.where == PRE_LLM and pre.kept == stage.kept and pre.merges == stage.merges
+    assert pre.where == PRE_LLM and pre.kept == stage.kept and not pre.merges
+    assert [(a.token, a.sources, a.weights) for a in pre.appends] == sorted(
+        (m.target, m.sources, m.weights) for m in merges)
+    (in_place,) = dataclasses.replace(method, order="layout").select(
+        handmade_context(grid_layout((4, 4)), 5, tower_entries())).stages
+    assert in_place == stage
     no_slot = dataclasses.replace(method, cls_slot=False)
     assert len(no_slot.select(handmade_context(grid_layout((4, 4)), 5, tower_entries())).final_kept) == 6
 
@@ -66,8 +75,11 @@ def test_llm_stage_averages_visual_rows():
     assert callback(7, state) is None
     stage = callback(8, state)
     assert stage.where == 8 and stage.kept == (2, 5) and stage.position == "reindex"
-    assert stage.merges == (Merge(2, (7, 9), (1.0, 0.5, 0.5)),)
+    # the code's order: id 2, merged with 7 and 9, moves behind the dominant id 5
+    assert stage.appends == (Append(2, (7, 9), (1.0, 0.5, 0.5)),) and stage.merges == ()
     assert stage.score_array[5] == pytest.approx(0.5) and np.isnan(stage.score_array[0])
+    in_place = dataclasses.replace(method, order="layout").layer_callback(context)(8, state)
+    assert in_place.merges == (Merge(2, (7, 9), (1.0, 0.5, 0.5)),) and in_place.appends == ()
 
 
 def test_schedule_scales_the_reference():
@@ -76,8 +88,9 @@ def test_schedule_scales_the_reference():
     assert VisionDrop().schedule(context) == [(f"tower:{FEED}", 41, 6), (8, 30, 5), (16, 22, 4), (24, 16, 3)]
     assert VisionDrop(progression="simulated", cls_slot=False).schedule(context)[0] == (PRE_LLM, 42, 6)
     shallow = SelectionContext(grid_layout((12, 12)), 64, None, ModelFacts("LlavaAdapter", 3, 3, True, 3))
-    # x2; 8 -> 1, 16 and 24 -> 2 (the later counts win)
-    assert VisionDrop().kept_counts(shallow) == (95, 70, 38)
+    # x2; 8 -> 1, 16 and 24 -> 2 (the later counts win); the tower's tokens reordered before the LLM
+    assert VisionDrop().kept_counts(shallow) == (95, 95, 70, 38)
+    assert VisionDrop(order="layout").kept_counts(shallow) == (95, 70, 38)
 
 
 def test_validation_and_applicability():
@@ -89,6 +102,8 @@ def test_validation_and_applicability():
         VisionDrop(progression="inside")
     with pytest.raises(ValueError, match="cls_slot"):
         VisionDrop(cls_slot=1)
+    with pytest.raises(ValueError, match="order must be one of"):
+        VisionDrop(order="sorted")
     with pytest.raises(MethodNotApplicable, match="tower_score='visual'"):
         VisionDrop().check_applies(NO_CLS_FACTS)
     with pytest.raises(MethodNotApplicable, match="inside the vision tower.*progression=simulated"):
@@ -98,9 +113,10 @@ def test_validation_and_applicability():
 
 def test_shipped_model():
     execution, _ = check_on_shipped(VisionDrop())
-    assert [len(st.kept) for st in execution.plan.stages] == [47, 35, 26, 19]
-    assert [st.where for st in execution.plan.stages] == ["tower:2", 1, 2, 3]
-    assert all(st.merges for st in execution.plan.stages)
+    assert [len(st.kept) for st in execution.plan.stages] == [47, 47, 35, 26, 19]
+    assert [st.where for st in execution.plan.stages] == ["tower:2", PRE_LLM, 1, 2, 3]
+    tower, *llm = execution.plan.stages[:1] + execution.plan.stages[2:]
+    assert tower.merges and all(any(a.sources for a in st.appends) for st in llm)
 
 
 def test_visual_fallback_by_hand():

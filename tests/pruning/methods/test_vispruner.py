@@ -81,7 +81,8 @@ def test_no_cls_tower_is_not_applicable():
 def test_runs_on_tiny_llava_next_through_the_tower_map():
     adapter, prepared = tiny_input("llava_next")
     execution, context = run_checked(adapter, prepared, VisPruner(), 0.5, max_new_tokens=2)
-    assert len(execution.plan.final_kept) == context.n_keep
+    # the default's per-crop counts are checked against the code in parity/test_vispruner_anyres.py
+    assert len(run_checked(adapter, prepared, VisPruner(crops="budget"), 0.5)[0].plan.final_kept) == context.n_keep
     layer = VisPruner().layer(context.model)
     np.testing.assert_allclose(execution.plan.stages[0].scores, folded(context.recording, prepared.layout,
                                                                       "attention", layer, "cls"))

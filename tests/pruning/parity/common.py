@@ -146,7 +146,8 @@ def tower_key_states(adapter, prepared, layer: int) -> torch.Tensor:
 # --- in-LLM methods: the decoder run by hand on a physically pruned sequence ----------------------
 
 def language_model(model):
-    return model.model.language_model
+    inner = model.model
+    return inner.language_model if hasattr(inner, "language_model") else inner.text_model  # Idefics3, SmolVLM
 
 
 def causal_mask(length: int, dtype=torch.float32) -> torch.Tensor:

@@ -29,8 +29,11 @@ from workbench.pruning.methods.holov import HoloV, chunk_count
 BUDGETS = (0.125, 0.25, 0.5)
 
 
-def official_holov(adapter, prepared, new_image_token_num: int, num_patches: int, layer: int) -> np.ndarray:
-    attention = eager_tower(adapter, prepared).attentions[layer][0, :, 0, 1:].double().mean(0)
+def official_holov(adapter, prepared, new_image_token_num: int, num_patches: int, layer: int,
+                   attention: torch.Tensor | None = None) -> np.ndarray:
+    """``attention``: the flattened per-token attention of a multi-crop image (test_holov_anyres.py)."""
+    if attention is None:
+        attention = eager_tower(adapter, prepared).attentions[layer][0, :, 0, 1:].double().mean(0)
     image_token = eager_forward(adapter, prepared).hidden_states[0][0].double()[
         torch.as_tensor(visual_positions(prepared))]
     n = len(image_token)

@@ -9,7 +9,9 @@ text/instruction tokens attend to least. What the paper leaves open is fixed by 
 parameters, and the reference uses the same choices: features = the tower's projector-feed hidden
 state (patches only), first centre = the token farthest from its nearest other token, stage 1 keeps
 ``ceil(n_keep / 0.5)``, stage 2 before decoder layer 2 of 32 (scaled) keeps ``n_keep`` by the
-head- and row-mean attention of every text token after the image (RoPE, causal), original positions.
+head- and row-mean attention of every text token after the image (RoPE, causal); stage 1's sequence is
+numbered contiguously (as LLaVA numbers image features pruned before they join the text), stage 2 keeps
+those positions.
 The reference computes k-center and the in-LLM attention independently of the workbench (eager tower
 hidden states; the eager copy's decoder run by hand on the physically pruned sequence).
 """
@@ -56,7 +58,7 @@ def paper_todre(adapter, prepared, keep: int, layer: int = 2, relevance_keep: fl
 
     def cut(i, lm, states, positions, kinds):
         if i == 0:  # stage 1, before the LLM (pruning the decoder's input = before layer 0)
-            return np.asarray(diverse), "original"
+            return np.asarray(diverse), "reindex"
         if i == prune_at:
             image = np.flatnonzero(kinds >= 0)
             text = np.arange(image.max() + 1, states.shape[1])

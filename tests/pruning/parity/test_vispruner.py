@@ -31,10 +31,8 @@ def descending(values: torch.Tensor) -> torch.Tensor:
     return torch.sort(-values, stable=True).indices
 
 
-def official_vispruner(adapter, prepared, visual_token_num: int, layer: int, important_ratio: float = 0.5):
-    out = eager_tower(adapter, prepared)
-    image_features = out.hidden_states[layer + 1][0, 1:].double()            # hidden_states[-2], patches
-    image_attentions = out.attentions[layer][0, :, 0, 1:].double().mean(0)   # [:, :, 0, 1:], head mean
+def official_view(image_features, image_attentions, visual_token_num: int, important_ratio: float = 0.5):
+    """The code's rule on one view's patch features and head-mean [CLS] row (kept, in its order)."""
     important_token_num = int(visual_token_num * important_ratio)            # line 150
     diverse_token_num = visual_token_num - important_token_num
     token_indices = descending(image_attentions)                             # line 155
@@ -52,7 +50,14 @@ def official_vispruner(adapter, prepared, visual_token_num: int, layer: int, imp
         distinct = descending(scores)[r:]
         residual_indices = torch.cat([residual_indices[::2][distinct], residual_indices[1::2]])
     selected = torch.cat([important_indices, residual_indices]) if diverse_token_num > 0 else important_indices
-    return np.sort(selected.numpy())
+    return selected.numpy()
+
+
+def official_vispruner(adapter, prepared, visual_token_num: int, layer: int, important_ratio: float = 0.5):
+    out = eager_tower(adapter, prepared)
+    image_features = out.hidden_states[layer + 1][0, 1:].double()            # hidden_states[-2], patches
+    image_attentions = out.attentions[layer][0, :, 0, 1:].double().mean(0)   # [:, :, 0, 1:], head mean
+    return np.sort(official_view(image_features, image_attentions, visual_token_num, important_ratio))
 
 
 @pytest.mark.parametrize("label", labels(("llava",)))

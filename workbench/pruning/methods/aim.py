@@ -19,15 +19,10 @@ import numpy as np
 import torch
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, Stage
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.plan import PRE_LLM, KeepPlan, Merge, Stage
 from workbench.pruning.ranking import normalized, top_k
 from workbench.pruning.registry import register_method
-
-def position_for(policy: str, model: ModelFacts) -> str:
-    """``policy``, or "original" where the model's M-RoPE positions cannot be re-indexed."""
-    return "original" if policy == "reindex" and model.mrope else policy
-
 
 def code_steps(n: int, count: int) -> list[int]:
     """The code's own merging: ``count`` steps of ``r = n // 2, n // 4, ...`` (each at most half the
@@ -154,7 +149,7 @@ def aim_schedule(model: ModelFacts, n_llm: int, first_layer: int, rate_step: flo
 
 @register_method("aim")
 @dataclass(frozen=True)
-class AIM(PruningMethod):
+class AIM(PreLLMMethod):
     """AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning (Zhong et al., ICCV
     2025, arXiv 2412.03248); code github.com/LaVi-Lab/AIM: merging ``llava/model/token_merge.py``
     (``bipartite_soft_matching_merge``) called in ``llava/model/llava_arch.py`` (``get_2dPool``, two
@@ -213,10 +208,10 @@ class AIM(PruningMethod):
     temperature: float = 0.1
     iterations: int = 5
     damping: float = 0.0
-    position: str = "reindex"  # of the merged sequence entering the LLM
     reference_steps: int | None = None  # None: merge down to n_keep; k: the code's k steps, budget ignored
 
     def __post_init__(self):
+        super().__post_init__()
         if self.reference_steps is not None and (isinstance(self.reference_steps, bool) or not isinstance(
                 self.reference_steps, (int, np.integer)) or self.reference_steps < 0):
             raise ValueError(f"aim: reference_steps must be None (merge to the budget) or an int >= 0 (the code "
@@ -234,8 +229,6 @@ class AIM(PruningMethod):
             raise ValueError(f"aim: iterations must be an int >= 1 (reference 5), got {self.iterations!r}")
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 <= self.damping < 1:
             raise ValueError(f"aim: damping must be a number in [0, 1) (reference 0), got {self.damping!r}")
-        if self.position not in POSITION_POLICIES:
-            raise ValueError(f"aim: position must be one of {POSITION_POLICIES}, got {self.position!r}")
 
     def applicability(self, model: ModelFacts) -> str | None:
         if model.decoder_layers < 2:
@@ -268,7 +261,7 @@ class AIM(PruningMethod):
         self.check_applies(model)
         x = context.signal(SignalNeed("visual_states", "llm", 0))
         kept, merges, _ = merge_before_llm(x, self.steps(context))
-        return self.plan(context, [Stage(PRE_LLM, kept, None, tuple(merges), position_for(self.position, model))])
+        return self.plan(context, [Stage(PRE_LLM, kept, None, tuple(merges), self.entry_position(context))])
 
     def layer_callback(self, context: SelectionContext):
         schedule = self.schedule(context)

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import MethodNotApplicable, ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
 from workbench.pruning.methods.cls_attention import group_members, size_shares
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import cosine_matrix
@@ -70,7 +70,7 @@ def greedy_dpp(kernel, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 @register_method("cdpruner")
 @dataclass(frozen=True)
-class CDPruner(PruningMethod):
+class CDPruner(PreLLMMethod):
     """CDPruner. Before the LLM:
 
     1. Similarity S: cosine between the projected visual tokens (the LLM input embeddings), as the code.
@@ -117,6 +117,7 @@ class CDPruner(PruningMethod):
     theta: float | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.negate_relevance, bool):
             raise ValueError(f"cdpruner: negate_relevance must be True or False, got {self.negate_relevance!r}")
         if self.theta is not None and (isinstance(self.theta, bool) or not isinstance(self.theta, (int, float))
@@ -144,4 +145,4 @@ class CDPruner(PruningMethod):
             picks, gains = greedy_dpp(kernel[np.ix_(members, members)], share)
             kept += [int(members[p]) for p in picks]
             scores[members] = np.where(np.isnan(gains), scores[members], gains)
-        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(scores))])
+        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(scores), position=self.entry_position(context))])

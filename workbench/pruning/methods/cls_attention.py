@@ -5,7 +5,8 @@ mean of the recorded "cls" row) and keep the top of each token group before the 
 reaches the LLM (one ``pre_llm`` stage). They differ in which tower layers they read and in how the
 budget is shared among the groups (tiles) of a multi-view layout:
 
-- FasterVLM: one layer (the one feeding the projector); every view keeps its share by size.
+- FasterVLM: one layer (the one feeding the projector); every view keeps its own top-T, as its code
+  (``crops="budget"``: every group keeps its share by size).
 - VTC-CLS: the [CLS] rows of a range of layers, summed; shares by size.
 - HiRED: the base (full-image) view gets ``alpha`` of the budget, the other views share the rest in
   proportion to how many of the base view's early-layer top-[CLS] tokens fall on them; top-k per
@@ -31,11 +32,11 @@ import numpy as np
 
 from workbench.layout import VisualLayout
 from workbench.pruning.budget import split_budget
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
-from workbench.tower_map import tower_scores
+from workbench.tower_map import owners, tower_scores, tower_views
 
 REFERENCE_TOWER_DEPTH = 24  # CLIP ViT-L/14-336 in LLaVA-1.5 / LLaVA-NeXT
 REFERENCE_FEED_LAYER = 22  # its projector reads hidden_states[-2] = the output of layer 22 (0-based)
@@ -120,6 +121,39 @@ def size_shares(layout: VisualLayout, n_keep: int) -> list[int]:
     return split_budget(n_keep, [g.rows * g.cols for g in layout.groups])
 
 
+# crops: how the views (base image, crops) of a multi-view layout share the budget. "reference": as the
+# codes that crop (FasterVLM's llava_arch.py): every view keeps its own top-T patches, the same T for
+# each, before unpadding drops the crop patches outside the image; "budget": each token group keeps
+# its share of n_keep by size (one top-k per group, exactly n_keep).
+CROP_RULES = ("reference", "budget")
+
+
+def per_view_count(layout: VisualLayout, n_keep: int, patches: int) -> int:
+    """The code's per-crop ``visual_token_num`` T for a view of ``patches`` patches: the budget's
+    ratio of it, rounded (its README: 576 x (1 - 0.9) = 58 for a 90 % reduction)."""
+    return int(round(patches * n_keep / layout.n_tokens))
+
+
+def per_view_top_k(context: SelectionContext, need: SignalNeed) -> tuple[int, ...]:
+    """The code's multi-crop rule on a recorded [CLS] row: the top ``per_view_count`` patches of every
+    view by its own row (ties: the lower index), each mapped to the layout token that owns it by the
+    layout's tower map; a patch that feeds no token (unpadded away) is lost with its slot."""
+    layout = context.layout
+    views = tower_views(context.recording, layout, need.signal, need.layer, need.rows)
+    kept = set()
+    for row, owner in zip(views, owners(layout, [v.shape[-1] for v in views])):
+        scores = row.reshape(-1)
+        for patch in top_k(scores, min(per_view_count(layout, context.n_keep, len(scores)), len(scores))):
+            if owner[patch] >= 0:
+                kept.add(int(owner[patch]))
+    return tuple(sorted(kept))
+
+
+def check_crop_rule(method: str, value) -> None:
+    if value not in CROP_RULES:
+        raise ValueError(f"{method}: crops must be one of {CROP_RULES}, got {value!r}")
+
+
 def check_tower_layer(method: str, value) -> None:
     """Refuse a tower layer that is not a 0-based layer of the 24-layer reference tower."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < REFERENCE_TOWER_DEPTH:
@@ -127,8 +161,8 @@ def check_tower_layer(method: str, value) -> None:
                          f"(0-based, 24-layer reference tower), got {value!r}")
 
 
-class ClsAttentionMethod(PruningMethod):
-    """Base of the methods that read the tower's [CLS] row: not applicable without a [CLS]."""
+class ClsAttentionMethod(PreLLMMethod):
+    """Base of the methods that read the tower's [CLS] row, before the LLM: not applicable without a [CLS]."""
 
     scored_by: ClassVar[str] = "visual_attention"
 
@@ -148,7 +182,7 @@ class ClsAttentionMethod(PruningMethod):
 
     def top_k_plan(self, context: SelectionContext, scores: np.ndarray, shares) -> KeepPlan:
         kept = top_k_per_group(context.layout, scores, shares)
-        return self.plan(context, [Stage(PRE_LLM, kept, tuple(scores))])
+        return self.plan(context, [Stage(PRE_LLM, kept, tuple(scores), position=self.entry_position(context))])
 
 
 class ClsAndFeaturesMethod(ClsAttentionMethod):
@@ -179,9 +213,14 @@ class ClsAndFeaturesMethod(ClsAttentionMethod):
 class FasterVLM(ClsAttentionMethod):
     """FasterVLM: keep the patch tokens with the highest [CLS] attention (head mean) at the tower layer
     that feeds the projector (``attentions[-2]`` = layer 22 of LLaVA's 24-layer CLIP tower; here
-    ``projector_feed_tower_layer``), before the LLM. The reference runs its top-k on each crop of a
-    multi-crop image with the same count per crop; here each token group keeps its share of the
-    budget by size (the same thing for equal crops; one top-k on a single-group layout).
+    ``projector_feed_tower_layer``), before the LLM. On a multi-view (AnyRes) layout the code runs its
+    top-k on every view, the base image and each crop, with the same count T (``encode_images`` on
+    the concatenated views, llava_arch.py lines 141-157), and only then unpads the stitched crops and
+    appends the row-end newlines (lines 182-220): crop patches chosen in the padding are lost, so the
+    code keeps fewer than T per view there. ``crops="reference"`` (the default) does the same with T
+    the budget's ratio of a view's patches (``per_view_count``; ``kept_counts`` says how many
+    survive); ``crops="budget"`` is the old rule: each token group keeps its share of exactly n_keep
+    by size, one top-k per group. A single-view layout is one top-k of n_keep either way.
     ``reference_layer``: the 0-based layer of the 24-layer reference tower (22 = the feed layer)."""
 
     reference: ClassVar[str] = (
@@ -189,13 +228,25 @@ class FasterVLM(ClsAttentionMethod):
         "Inference Faster', arXiv:2412.01818v1. Code: github.com/Theia-4869/FasterVLM, "
         "llava/model/multimodal_encoder/clip_encoder.py (feature_select: attentions[select_layer=-2][:, :, 0, 1:]) "
         "and llava/model/llava_arch.py (encode_images: mean over heads, topk of visual_token_num per crop). "
-        "Paper and code agree. Our reading: head-mean [CLS] row at the projector-feed tower layer; per-group "
-        "shares by size stand in for the per-crop count.")
+        "Paper and code agree. Followed: head-mean [CLS] row at the projector-feed tower layer; on multi-view "
+        "layouts the top-T of every view before unpadding, T the budget's ratio of a view (crops=budget: per-group "
+        "shares of exactly the budget).")
 
     reference_layer: int = REFERENCE_FEED_LAYER
+    crops: str = "reference"
 
     def __post_init__(self):
+        super().__post_init__()
         check_tower_layer("fastervlm", self.reference_layer)
+        check_crop_rule("fastervlm", self.crops)
+
+    def per_view(self, layout: VisualLayout) -> bool:
+        return self.crops == "reference" and len(layout.tower_owner) > 1
+
+    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        if self.per_view(context.layout):
+            return (len(self.select(context).final_kept),)
+        return (context.n_keep,)
 
     def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
         return (tower_layer(self.reference_layer, model),)
@@ -204,6 +255,10 @@ class FasterVLM(ClsAttentionMethod):
         model = context.require_model()
         self.check_applies(model)
         scores = self.summed_cls(context, self.cls_layers(model))
+        if self.per_view(context.layout):
+            (layer,) = self.cls_layers(model)
+            kept = per_view_top_k(context, cls_need(layer))
+            return self.plan(context, [Stage(PRE_LLM, kept, tuple(scores), position=self.entry_position(context))])
         return self.top_k_plan(context, scores, size_shares(context.layout, context.n_keep))
 
 
@@ -232,6 +287,7 @@ class VtcCls(ClsAttentionMethod):
     start_layer: int = 16
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.start_layer, bool) or not isinstance(self.start_layer, (int, np.integer)) \
                 or not 0 <= self.start_layer <= REFERENCE_FEED_LAYER:
             raise ValueError(f"vtc_cls: start_layer must be an int in 0..{REFERENCE_FEED_LAYER} (0-based, "
@@ -295,6 +351,7 @@ class HiRED(ClsAttentionMethod):
     count: str = "floor"
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"hired: alpha must be a number in [0, 1], got {self.alpha!r}")
         for name in ("early_layer", "deep_layer"):

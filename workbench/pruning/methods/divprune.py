@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import cosine_matrix
 from workbench.pruning.registry import register_method
@@ -77,7 +77,7 @@ def greedy_max_min(distance, k: int, first: int | None = None) -> tuple[np.ndarr
 
 @register_method("divprune")
 @dataclass(frozen=True)
-class DivPrune(PruningMethod):
+class DivPrune(PreLLMMethod):
     """DivPrune (Alvar et al., CVPR 2025): before the LLM, keep the budget's worth of projected
     visual tokens (the LLM input embeddings) chosen by greedy Max-Min Diversity with the distance
     1 - cosine similarity. As in the released code, the first token is the one whose nearest other
@@ -104,6 +104,7 @@ class DivPrune(PruningMethod):
     count: str = "round"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.count not in COUNT_RULES:
             raise ValueError(f"divprune: count must be one of {COUNT_RULES}, got {self.count!r}")
 
@@ -125,4 +126,4 @@ class DivPrune(PruningMethod):
         if features.shape[0] != context.n_visual:
             raise ValueError(f"divprune: {features.shape[0]} recorded visual states for {context.n_visual} tokens")
         picks, scores = greedy_max_min(cosine_distance(features), self.kept_count(context))
-        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(int(i) for i in picks)), tuple(scores))])
+        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(int(i) for i in picks)), tuple(scores), position=self.entry_position(context))])

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from probes.flow import flowcut_score
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Stage, tower_where
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage, tower_where
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
 from workbench.pruning.tower_stages import PROGRESSIONS, TowerState, in_tower_reason
@@ -62,7 +62,7 @@ def adaptive_prune_count(cls_attention, n_target: int, rpl: int) -> int:
 
 @register_method("flowcut")
 @dataclass(frozen=True)
-class FlowCut(PruningMethod):
+class FlowCut(PreLLMMethod):
     """FlowCut: progressive pruning in the vision tower driven by the [CLS]-relay information flow.
 
     Reference: "FlowCut: Rethinking Redundancy via Information Flow for Efficient Vision-Language
@@ -127,15 +127,13 @@ class FlowCut(PruningMethod):
     )
 
     running_average: float = 0.5  # weight of the previous cumulative score (code: 0.5)
-    position: str = "reindex"  # the code's LLM sees only the kept tokens, numbered contiguously
     progression: str = "tower"  # "tower": cuts inside the tower (the code); "simulated": from the recording
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.running_average, (int, float)) or isinstance(self.running_average, bool) \
                 or not 0.0 <= self.running_average < 1.0:
             raise ValueError(f"flowcut: running_average must be a number in [0, 1), got {self.running_average!r}")
-        if self.position not in POSITION_POLICIES:
-            raise ValueError(f"flowcut: position must be one of {POSITION_POLICIES}, got {self.position!r}")
         if self.progression not in PROGRESSIONS:
             raise ValueError(f"flowcut: progression must be one of {PROGRESSIONS}, got {self.progression!r}")
 
@@ -201,6 +199,7 @@ class FlowCut(PruningMethod):
             return None
         model = context.require_model()
         final, n_target, n_visual = final_cut_layer(model), context.n_keep, context.n_visual
+        position = self.entry_position(context)
         carried: dict[str, np.ndarray] = {}  # the cumulative score of the live patches, in row order
 
         def callback(layer: int, state: TowerState):
@@ -223,7 +222,7 @@ class FlowCut(PruningMethod):
             scores = np.full(n_visual, np.nan)
             scores[alive] = cumulative
             return Stage(tower_where(layer), tuple(int(i) for i in alive[chosen]), tuple(scores),
-                         position=self.position)
+                         position=position)
 
         return callback
 
@@ -257,4 +256,4 @@ class FlowCut(PruningMethod):
         stage_scores = np.full(context.n_visual, np.nan)
         stage_scores[alive] = cumulative
         return self.plan(context, [Stage(PRE_LLM, tuple(sorted(int(i) for i in alive)), tuple(stage_scores),
-                                                position=self.position)])
+                                                position=self.entry_position(context))])

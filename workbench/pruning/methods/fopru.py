@@ -9,8 +9,8 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.layout import VisualLayout
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Stage
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
 from workbench.tower_map import tower_scores
@@ -45,7 +45,7 @@ def row_keep(layout: VisualLayout, significance: np.ndarray, n_keep: int) -> np.
 
 @register_method("fopru")
 @dataclass(frozen=True)
-class FoPru(PruningMethod):
+class FoPru(PreLLMMethod):
     """FoPru: Focal Pruning for Efficient Large Vision-Language Models (Jiang et al., arXiv
     2411.14164). No code was released: this follows the paper's text.
 
@@ -80,13 +80,11 @@ class FoPru(PruningMethod):
         "filled by its best tokens (exact budget), one row ranking over all tiles.")
 
     strategy: str = "rank"
-    position: str = "reindex"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.strategy not in STRATEGIES:
             raise ValueError(f"fopru: strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.position not in POSITION_POLICIES:
-            raise ValueError(f"fopru: position must be one of {POSITION_POLICIES}, got {self.position!r}")
 
     def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
         return (SignalNeed("attention", "tower", model.projector_feed_tower_layer, "mean"),)
@@ -96,12 +94,10 @@ class FoPru(PruningMethod):
         return tower_scores(context.recording, context.layout, need.signal, need.layer, need.rows)
 
     def select(self, context: SelectionContext) -> KeepPlan:
-        model = context.require_model()
         significance = self.significance(context)
         if self.strategy == "rank":
             kept = top_k(significance, context.n_keep)
         else:
             kept = row_keep(context.layout, significance, context.n_keep)
-        position = "original" if model.mrope else self.position
         return self.plan(context, [Stage(PRE_LLM, tuple(int(i) for i in kept), tuple(significance),
-                                         position=position)])
+                                         position=self.entry_position(context))])

@@ -133,6 +133,7 @@ class GlobalCom2(ClsAttentionMethod):
     count: str = "reference"
 
     def __post_init__(self):
+        super().__post_init__()
         for name, allowed in (("scores", tuple(SCORE_SIGNALS)), ("regions", REGION_RULES), ("count", COUNT_RULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"globalcom2: {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -223,4 +224,4 @@ class GlobalCom2(ClsAttentionMethod):
             global_ = normalized(guide[layout.cell[tokens, 0], layout.cell[tokens, 1]][None])[0]
             scores[tokens] = own + global_
             kept += [int(i) for i in top_k(scores, k, among=tokens)]
-        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(scores))])
+        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(scores), position=self.entry_position(context))])

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
 from workbench.pruning.methods.cls_attention import group_members, row_scores, size_shares, tower_layer
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
@@ -51,7 +51,7 @@ def _flat_neighbours(layout, members: np.ndarray) -> dict[int, list[int]]:
 
 @register_method("hiprune")
 @dataclass(frozen=True)
-class HiPrune(PruningMethod):
+class HiPrune(PreLLMMethod):
     """HiPrune, per token group (crop) with its share of the budget ``k`` (by size; the reference gives
     every crop ``budget / crops``):
 
@@ -102,6 +102,7 @@ class HiPrune(PruningMethod):
     neighbours: str = "flat"
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"hiprune: alpha must be a number in [0, 1], got {self.alpha!r}")
         for name, depth in (("object_layer", CLIP_REFERENCE[1]), ("object_layer_no_cls", QWEN_REFERENCE[1])):
@@ -142,4 +143,4 @@ class HiPrune(PruningMethod):
             rest = np.setdiff1d(members, chosen)
             registers = top_k(deep, k - len(chosen), among=rest)
             kept += chosen + [int(r) for r in registers]
-        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(deep))])
+        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(deep), position=self.entry_position(context))])

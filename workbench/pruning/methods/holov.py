@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
 from workbench.pruning.methods.cls_attention import REFERENCE_FEED_LAYER, cls_need, row_scores, tower_layer
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
@@ -89,7 +89,7 @@ def allocate(scores, total: int, caps, overflow: str = "reallocate") -> list[int
 
 @register_method("holov")
 @dataclass(frozen=True)
-class HoloV(PruningMethod):
+class HoloV(PreLLMMethod):
     """HoloV, before the LLM:
 
     1. Crops: the visual tokens in sequence order are cut into ``n`` contiguous runs (``chunks``);
@@ -138,6 +138,7 @@ class HoloV(PruningMethod):
     overflow: str = "drop"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.overflow not in OVERFLOWS:
             raise ValueError(f"holov: overflow must be one of {OVERFLOWS}, got {self.overflow!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
@@ -170,4 +171,4 @@ class HoloV(PruningMethod):
             scores = [crop_score(features[run], attention[run], self.alpha) for run in runs]
             for run, k in zip(runs, allocate(scores, n_keep, [len(r) for r in runs], self.overflow)):
                 kept += [int(i) for i in top_k(attention, k, among=run)]
-        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(attention))])
+        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(attention), position=self.entry_position(context))])

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import cosine_matrix
 from workbench.pruning.registry import register_method
@@ -47,7 +47,7 @@ def greedy_max_coverage(coverage, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 @register_method("mmtok")
 @dataclass(frozen=True)
-class MMTok(PruningMethod):
+class MMTok(PreLLMMethod):
     """MMTok (Dong et al.): before the LLM, keep the budget's worth of visual tokens chosen by
     greedy maximum coverage of two targets at once. Text->vision coverage P [T, N]: cosine of
     each text token's LLM input embedding with each projected visual token, softmax over the
@@ -84,6 +84,7 @@ class MMTok(PruningMethod):
     )
 
     def __post_init__(self):
+        super().__post_init__()
         for name in ("alpha", "tv_temperature", "vv_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -127,4 +128,4 @@ class MMTok(PruningMethod):
             rows.append(_softmax_rows(cosine_matrix(text, projected) / self.tv_temperature) / len(text))
         rows.append(self.alpha * _softmax_rows(cosine_matrix(vision) / self.vv_temperature) / n)
         picks, gains = greedy_max_coverage(np.concatenate(rows, axis=0), context.n_keep)
-        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(int(i) for i in picks)), tuple(gains))])
+        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(int(i) for i in picks)), tuple(gains), position=self.entry_position(context))])

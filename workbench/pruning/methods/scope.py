@@ -75,6 +75,7 @@ class Scope(ClsAndFeaturesMethod):
     reference_layer: int = REFERENCE_FEED_LAYER
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
                 or self.alpha < 0:
             raise ValueError(f"scope: alpha must be a finite number >= 0, got {self.alpha!r}")
@@ -97,4 +98,4 @@ class Scope(ClsAndFeaturesMethod):
                                               self.alpha, self.combine)
             kept += [int(members[p]) for p in picks]
             scores[members] = np.where(np.isnan(picked), scores[members], picked)
-        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(scores))])
+        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(scores), position=self.entry_position(context))])

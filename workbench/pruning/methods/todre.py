@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import MethodNotApplicable, ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
 from workbench.pruning.methods.divprune import cosine_distance, greedy_max_min
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
@@ -33,7 +33,7 @@ def diverse_count(n_keep: int, n_visual: int, relevance_keep: float) -> int:
 
 @register_method("todre")
 @dataclass(frozen=True)
-class ToDRE(PruningMethod):
+class ToDRE(PreLLMMethod):
     """ToDRE (Li, Yang, Lu, arXiv 2505.18757 v1, "ToDRE: Visual Token Pruning via Diversity and
     Task Awareness for Efficient Large Vision-Language Models"). No official code could be found
     (searched GitHub code, docs and web pages); this follows the paper's description and every
@@ -50,7 +50,8 @@ class ToDRE(PruningMethod):
     ``first="isolated"`` (default) the token farthest from its nearest other token (DivPrune's rule,
     ``greedy_max_min(first=None)``); ``"cls"`` the token the tower's [CLS] attends most at the
     projector feed layer (head mean, folded onto the tokens by the tower map as a mean; passed as
-    ``first=``; needs a [CLS]).
+    ``first=``; needs a [CLS]). The LLM numbers the kept sequence contiguously, as LLaVA does with
+    image features pruned before they join the text (``position``; "original" on M-RoPE models).
 
     Stage 2, inside the LLM before decoder layer ``layer`` (reference index on a 32-layer decoder,
     default 2, after the shallow layers where the paper locates the "information migration" from
@@ -87,6 +88,7 @@ class ToDRE(PruningMethod):
     )
 
     def __post_init__(self):
+        super().__post_init__()
         if not _is_int(self.layer) or self.layer < 1:
             raise ValueError(f"todre: layer must be an int >= 1 (a 32-layer reference index), got {self.layer!r}")
         check_reference_layers("todre", "layer", int(self.layer))
@@ -156,7 +158,7 @@ class ToDRE(PruningMethod):
             first = int(top_k(cls, 1)[0]) if n else None
         count = diverse_count(context.n_keep, n, self.relevance_keep)
         picks, scores = greedy_max_min(cosine_distance(features), count, first=first)
-        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(int(i) for i in picks)), tuple(scores))])
+        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(int(i) for i in picks)), tuple(scores), position=self.entry_position(context))])
 
     # --- stage 2: task relevance, inside the LLM ----------------------------------------------
     def layer_callback(self, context: SelectionContext):

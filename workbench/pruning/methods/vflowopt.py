@@ -18,9 +18,8 @@ import numpy as np
 
 from workbench.layout import VisualLayout
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
-from workbench.pruning.methods.aim import position_for
-from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, Stage
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.plan import PRE_LLM, KeepPlan, Merge, Stage
 from workbench.pruning.registry import register_method
 from workbench.tower_map import tower_to_layout, tower_views
 
@@ -88,7 +87,7 @@ def recycle(layout: VisualLayout, scores: np.ndarray, low: np.ndarray, m: float)
 
 @register_method("vflowopt")
 @dataclass(frozen=True)
-class VFlowOpt(PruningMethod):
+class VFlowOpt(PreLLMMethod):
     """VFlowOpt: A Token Pruning Framework for LMMs with Visual Information Flow-Guided Optimization
     (Yang et al., ICCV 2025, arXiv 2508.05211); code github.com/sihany077/VFlowOpt, inference rule in
     ``src/LLaVA-OneVision/llava/model/multimodal_encoder/siglip_encoder.py`` (``SigLipEncoderLayer``:
@@ -144,12 +143,12 @@ class VFlowOpt(PruningMethod):
     vit_r: float | None = None  # None: the budget sets the pre-LLM count; SEARCHED[0.1][3] = 0.1166
     llm_layers: tuple[int, ...] = (10, 21)  # illava_llm_k = 9, 18 of 28
     llm_ratios: tuple[float, ...] = SEARCHED[0.1][4]
-    position: str = "reindex"  # of the pre-LLM stage (the in-LLM stages keep positions, as the code)
     m_grid: str = "code"
     recycling: str = "code"
     newlines: str = "count"
 
     def __post_init__(self):
+        super().__post_init__()
         def number(name, low, high, low_open=True):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -176,8 +175,6 @@ class VFlowOpt(PruningMethod):
         for name, allowed in (("m_grid", M_GRID_RULES), ("recycling", RECYCLING_RULES), ("newlines", NEWLINE_RULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"vflowopt: {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.position not in POSITION_POLICIES:
-            raise ValueError(f"vflowopt: position must be one of {POSITION_POLICIES}, got {self.position!r}")
 
     def applicability(self, model: ModelFacts) -> str | None:
         if self.llm_layers and model.decoder_layers < 2:
@@ -226,7 +223,7 @@ class VFlowOpt(PruningMethod):
         representatives, merges = recycle(layout, scores, low, m) if recycling else (np.zeros(0, np.int64), [])
         alive = np.union1d(np.setdiff1d(np.arange(n), low), representatives)
         stages = [Stage(PRE_LLM, tuple(int(i) for i in alive), tuple(scores), tuple(merges),
-                        position_for(self.position, model))]
+                        self.entry_position(context))]
         for layer, ratios in self.llm_schedule(model):
             for ratio in ratios:
                 drop = min(round((len(alive) + newlines) * (1 - ratio)), len(alive))

@@ -7,6 +7,7 @@ Stage 0 acts inside the vision tower on the features that feed the projector (``
 ``workbench/pruning/tower_stages.py``; ``progression="simulated"``: on the projected embeddings
 before the LLM), the later ones inside the LLM, where the importance is the visual->visual attention
 of that layer averaged over the visual query rows, recomputed on the live, already pruned sequence.
+As in the code, each stage leaves its contextual tokens behind its dominant ones (``order="code"``).
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, Stage, tower_where
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, Merge, Stage, tower_layer, tower_where
 from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
 from workbench.pruning.registry import register_method
 from workbench.pruning.tower_stages import PROGRESSIONS, in_tower_reason
 from workbench.tower_map import tower_features, tower_scores, tower_to_layout, tower_views
 
 TOWER_SCORES = ("cls", "visual")
+# "code": after each stage the contextual tokens sit after the dominant ones, as the code concatenates
+# them; "layout": every kept token stays in its place (layout order).
+ORDERS = ("code", "layout")
 
 
 def contextual_merges(candidates: np.ndarray, metric: np.ndarray, contextual: int
@@ -51,17 +55,26 @@ def contextual_merges(candidates: np.ndarray, metric: np.ndarray, contextual: in
 
 
 def dominant_and_contextual(ids: np.ndarray, importance: np.ndarray, metric: np.ndarray,
-                            dominant: int, contextual: int) -> tuple[tuple[int, ...], list[Merge]]:
-    """One VisionDrop stage on the live tokens ``ids`` (sequence order): (kept, merges)."""
+                            dominant: int, contextual: int) -> tuple[tuple[int, ...], list[Merge], list[int]]:
+    """One VisionDrop stage on the live tokens ``ids`` (sequence order): (kept, merges, targets in
+    sequence order)."""
     chosen = top_k(importance, dominant)
     rest = np.setdiff1d(np.arange(len(ids)), chosen)  # sequence order kept
     targets, merges = contextual_merges(ids[rest], metric[rest], contextual)
-    return tuple(sorted([int(i) for i in ids[chosen]] + targets)), merges
+    return tuple(sorted([int(i) for i in ids[chosen]] + targets)), merges, targets
+
+
+def moved_after_dominant(targets: list[int], merges: list[Merge]) -> tuple[Append, ...]:
+    """The contextual tokens as the code places them: each target (merged with its sources, if any)
+    moved after the last visual token, in target order, behind the dominant tokens."""
+    by_target = {m.target: m for m in merges}
+    return tuple(Append(t, by_target[t].sources, by_target[t].weights) if t in by_target else Append(t, (), (1.0,))
+                 for t in targets)
 
 
 @register_method("visiondrop")
 @dataclass(frozen=True)
-class VisionDrop(PruningMethod):
+class VisionDrop(PreLLMMethod):
     """VisionDrop: training-free progressive reduction scored by visual-only attention.
 
     Reference: "Rethinking Visual Token Reduction in LVLMs under Cross-modal Misalignment" (Xu et
@@ -86,6 +99,14 @@ class VisionDrop(PruningMethod):
       visual query rows; metric = layer k's keys averaged over KV heads; the sequence is then
       renumbered contiguously (``position="reindex"``).
     * merge: ``target + sum(sources) / count`` (target weight 1, not an average).
+    * order (``order="code"``): the code concatenates each stage's output as [dominant tokens in
+      sequence order, contextual tokens in target order] (clip_encoder.py, the tower's output;
+      modeling_llama_visiondrop.py lines 1458-1462, each LLM stage), so the next stage's causal mask,
+      RoPE positions and spaced targets follow that order. The plan moves the contextual tokens
+      behind the dominant ones (``Append`` after the last visual token): in the LLM stages
+      directly, after the tower stage by a ``pre_llm`` stage that keeps the tower's tokens and only
+      moves its targets. ``order="layout"`` keeps every token in its place (the old behaviour:
+      Jaccard 0.65-0.76 against the code's LLM stages on the shipped model).
 
     Schedule from the budget: the reference settings scaled by ``n_keep / reference_budget`` (32),
     rounded (at least one token for a positive budget), each stage capped by the previous one; the
@@ -97,11 +118,10 @@ class VisionDrop(PruningMethod):
     merges act on projected embeddings, not tower features (the projector is not linear); the
     reference passes the [CLS] token itself on to the LLM as one of its visual tokens, our layouts
     have no slot for it (the LLM gets the 41 patches + contextual tokens; the [CLS] slot is still
-    counted, ``cls_slot``); the reference moves kept tokens to [dominant..., contextual...] order,
-    we keep layout order (so later uniform spacing is over layout order). The paper motivates a
+    counted, ``cls_slot``). The paper motivates a
     visual-only score everywhere; for towers without [CLS] ``tower_score="visual"`` uses the
     tower's visual->visual attention (mean over query rows) at the feed layer (our fallback, not in
-    the code). M-RoPE models (Qwen2-VL) need ``position="original"``. Towers whose patches do not
+    the code). M-RoPE models (Qwen2-VL) keep their original positions at every stage (``entry_position``). Towers whose patches do not
     map one to one onto the LLM's visual tokens (tiles of LLaVA-NeXT/OneVision, Qwen2-VL's merged
     patches, Idefics3's pixel shuffle) are read per tower view and folded onto the layout's tokens
     by its tower map (importance and keys: the mean over the patches each token owns) -- our
@@ -117,8 +137,9 @@ class VisionDrop(PruningMethod):
         "visiondrop_rank_drop (LLM: visual->visual attention averaged over visual rows, key-cosine "
         "contextual merge target+mean(sources), reindexed positions). Code followed: the tower stage runs inside "
         "the tower (tower:<feed layer>, merges on tower features, [CLS] fills one dominant slot); the [CLS] itself "
-        "is not passed to the LLM (no slot in our layouts). progression=simulated: the tower stage as pre_llm "
-        "(merges on projected embeddings)."
+        "is not passed to the LLM (no slot in our layouts); each stage's contextual tokens move behind its dominant ones, "
+        "as the code concatenates them (order=layout: every token stays in place). progression=simulated: the tower "
+        "stage as pre_llm (merges on projected embeddings)."
     )
 
     dominant: int = 42
@@ -127,11 +148,12 @@ class VisionDrop(PruningMethod):
     llm_tokens: tuple[tuple[int, int], ...] = ((30, 5), (22, 4), (16, 3))
     reference_budget: int = 32
     tower_score: str = "cls"
-    position: str = "reindex"
     progression: str = "tower"  # "tower": stage 0 inside the tower (the code); "simulated": as pre_llm
     cls_slot: bool = True  # the [CLS] fills one of stage 0's dominant slots (the code's dominant - 1)
+    order: str = "code"  # "code": contextual tokens move behind the dominant ones; "layout": all stay in place
 
     def __post_init__(self):
+        super().__post_init__()
         def count(value, name):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise ValueError(f"visiondrop: {name} must be a non-negative int, got {value!r}")
@@ -157,12 +179,12 @@ class VisionDrop(PruningMethod):
             raise ValueError(f"visiondrop: reference_budget must be a positive int, got {self.reference_budget!r}")
         if self.tower_score not in TOWER_SCORES:
             raise ValueError(f"visiondrop: tower_score must be one of {TOWER_SCORES}, got {self.tower_score!r}")
-        if self.position not in POSITION_POLICIES:
-            raise ValueError(f"visiondrop: position must be one of {POSITION_POLICIES}, got {self.position!r}")
         if self.progression not in PROGRESSIONS:
             raise ValueError(f"visiondrop: progression must be one of {PROGRESSIONS}, got {self.progression!r}")
         if not isinstance(self.cls_slot, bool):
             raise ValueError(f"visiondrop: cls_slot must be true or false, got {self.cls_slot!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"visiondrop: order must be one of {ORDERS}, got {self.order!r}")
 
     # --- model and schedule ----------------------------------------------------------------------
     def applicability(self, model: ModelFacts) -> str | None:
@@ -207,8 +229,24 @@ class VisionDrop(PruningMethod):
             alive = d + c
         return stages
 
+    def reorders_tower_output(self, first: tuple[object, int, int]) -> bool:
+        """Whether a ``pre_llm`` stage follows the tower stage ``first`` to move its contextual tokens."""
+        where, _, contextual = first
+        return self.order == "code" and tower_layer(where) is not None and contextual > 0
+
     def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
-        return tuple(d + c for _, d, c in self.schedule(context))
+        schedule = self.schedule(context)
+        counts = [d + c for _, d, c in schedule]
+        if self.reorders_tower_output(schedule[0]):
+            counts.insert(1, counts[0])
+        return tuple(counts)
+
+    def stage(self, where, kept, scores, merges: list[Merge], targets: list[int], position: str) -> Stage:
+        """A stage whose contextual tokens are merged in place (``order="layout"``, and in the tower,
+        where tokens cannot move) or moved behind the dominant ones, merged on the way (``"code"``)."""
+        if self.order == "code" and tower_layer(where) is None:
+            return Stage(where, kept, scores, (), position, moved_after_dominant(targets, merges))
+        return Stage(where, kept, scores, tuple(merges), position)
 
     # --- selection -------------------------------------------------------------------------------
     def tower_importance(self, context: SelectionContext, layer: int) -> np.ndarray:
@@ -232,16 +270,20 @@ class VisionDrop(PruningMethod):
         layer = model.projector_feed_tower_layer
         importance = self.tower_importance(context, layer)
         metric = head_mean(tower_features(context.recording, context.layout, "visual_keys", layer), model.vision_heads)
-        where, d, c = self.schedule(context)[0]
+        first = self.schedule(context)[0]
         ids = np.arange(context.n_visual)
-        kept, merges = dominant_and_contextual(ids, importance, metric, d, c)
-        return self.plan(context, [Stage(where, kept, tuple(importance), tuple(merges), self.position)])
+        kept, merges, targets = dominant_and_contextual(ids, importance, metric, *first[1:])
+        position = self.entry_position(context)
+        stages = [self.stage(first[0], kept, tuple(importance), merges, targets, position)]
+        if self.reorders_tower_output(first):  # the tower's output order: [dominant..., contextual...]
+            stages.append(Stage(PRE_LLM, kept, None, (), position, moved_after_dominant(targets, [])))
+        return self.plan(context, stages)
 
     def layer_callback(self, context: SelectionContext):
         stages = {where: (d, c) for where, d, c in self.schedule(context)[1:]}
         if not stages:
             return None
-        n_visual, position = context.n_visual, self.position
+        n_visual, position = context.n_visual, self.entry_position(context)
 
         def callback(layer, state):
             if layer not in stages:
@@ -252,9 +294,9 @@ class VisionDrop(PruningMethod):
             importance = probs.mean(0)[:, rows.to(probs.device)].mean(0).double().cpu().numpy()
             keys = state.keys().float().mean(0)[rows.to(probs.device)].double().cpu().numpy()
             ids = np.asarray(state.visual_indices, dtype=np.int64)
-            kept, merges = dominant_and_contextual(ids, importance, keys, d, c)
+            kept, merges, targets = dominant_and_contextual(ids, importance, keys, d, c)
             scores = np.full(n_visual, np.nan)
             scores[ids] = importance
-            return Stage(layer, kept, tuple(scores), tuple(merges), position)
+            return self.stage(layer, kept, tuple(scores), merges, targets, position)
 
         return callback

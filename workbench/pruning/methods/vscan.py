@@ -18,9 +18,9 @@ import numpy as np
 from workbench.layout import VisualLayout
 from workbench.pruning.budget import split_budget
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
 from workbench.pruning.methods.pyramiddrop import last_token_callback
-from workbench.pruning.plan import POSITION_POLICIES, PRE_LLM, KeepPlan, Merge, Stage
+from workbench.pruning.plan import PRE_LLM, KeepPlan, Merge, Stage
 from workbench.pruning.ranking import cosine_matrix, top_k
 from workbench.pruning.registry import register_method
 from workbench.tower_map import tower_scores
@@ -69,7 +69,7 @@ def nearest_merges(kept: np.ndarray, features: np.ndarray) -> list[Merge]:
 
 @register_method("vscan")
 @dataclass(frozen=True)
-class VScan(PruningMethod):
+class VScan(PreLLMMethod):
     """VScan: Rethinking Visual Token Reduction for Efficient Large Vision-Language Models (Zhang et
     al., arXiv 2505.22654, TMLR 2026); code github.com/Tencent/SelfEvolvingAgent, folder ``VScan``:
     tower side ``llava/model/llava_arch.py`` (``encode_images``, ``window_cls_selection``,
@@ -133,9 +133,9 @@ class VScan(PruningMethod):
     global_ratio: float = 0.5
     shallow_layer: int = 5  # of the 24-layer reference tower
     window_size: int = 6  # on the 24 x 24 reference grid
-    position: str = "reindex"
 
     def __post_init__(self):
+        super().__post_init__()
         def positive(value, name):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"vscan: {name} must be an int >= 1, got {value!r}")
@@ -162,8 +162,6 @@ class VScan(PruningMethod):
                 or not 0 <= self.shallow_layer < REFERENCE_TOWER_LAYERS:
             raise ValueError(f"vscan: shallow_layer must be an int in 0..{REFERENCE_TOWER_LAYERS - 1} (a layer of the "
                              f"24-layer reference tower), got {self.shallow_layer!r}")
-        if self.position not in POSITION_POLICIES:
-            raise ValueError(f"vscan: position must be one of {POSITION_POLICIES}, got {self.position!r}")
 
     # --- model and schedule ------------------------------------------------------------------------
     def applicability(self, model: ModelFacts) -> str | None:
@@ -231,7 +229,7 @@ class VScan(PruningMethod):
         features = context.signal(SignalNeed("visual_states", "llm", 0))
         merges = nearest_merges(kept, features)
         return self.plan(context, [Stage(PRE_LLM, tuple(int(i) for i in kept), tuple(deep_scores), tuple(merges),
-                                         self.position)])
+                                         self.entry_position(context))])
 
     def layer_callback(self, context: SelectionContext):
         stages = dict(self.counts(context)[1])
