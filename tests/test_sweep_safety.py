@@ -106,7 +106,7 @@ def test_a_method_with_other_parameters_or_code_is_refused(tmp_path, monkeypatch
     folder = tmp_path / "s"
     sweep(DATASET, folder)
     manifest = json.loads((folder / "sweep.json").read_text())
-    assert manifest["method_versions"]["random"]["params"] == {"seed": 0}
+    assert manifest["method_versions"]["random"]["params"] == {"position": "reindex", "seed": 0}
     assert len(manifest["method_versions"]["random"]["code"]) == 16
     (folder / "sweep.json").write_text(json.dumps(manifest | {"method_versions": {
         "random": {"params": {"seed": 1}, "code": manifest["method_versions"]["random"]["code"]}}}))
