@@ -65,7 +65,7 @@ def test_appended_tokens_round_trip_losslessly():
     (lambda: Stage(-1, (1,)), "non-negative layer index"),
     (lambda: Stage("later", (1,)), "'pre_llm' or a decoder layer index"),
     (lambda: Stage("pre_llm", (1,), position="shifted"), "position policy must be one of"),
-    (lambda: Stage("pre_llm", (0, 1), merges=(Merge(0, (1,), (.5, .5)),)), r"merge sources \[1\] are kept"),
+    (lambda: Stage("pre_llm", (0, 1), merges=(Merge(0, (1,), (.5, .5)),)), r"sources \[1\] of merge target 0 are kept"),
     (lambda: Stage("pre_llm", (1,), merges=(Merge(0, (2,), (.5, .5)),)), "merge target 0 is not kept"),
     (lambda: Merge(0, (1, 2), (1.0,)), "1 weights for 1 target \\+ 2 sources"),
     (lambda: Merge(0, (), ()), "has no source tokens"),

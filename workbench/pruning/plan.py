@@ -195,26 +195,28 @@ class Stage:
             raise PlanError(f"stage {describe_where(self.where)}: position policy must be one of "
                             f"{POSITION_POLICIES}, got {self.position!r}")
         kept_set = set(kept)
+        where = describe_where(self.where)
+
+        def check_fold(what: str, token: int, sources) -> None:
+            # A merge and an append both rebuild one kept token from dropped ones.
+            if token not in kept_set:
+                raise PlanError(f"stage {where}: {what} {token} is not kept")
+            if kept_set.intersection(sources):
+                raise PlanError(f"stage {where}: sources {sorted(kept_set.intersection(sources))} of {what} {token} "
+                                "are kept; a source must be dropped")
+
         for merge in self.merges:
-            if merge.target not in kept_set:
-                raise PlanError(f"stage {describe_where(self.where)}: merge target {merge.target} is not kept")
-            if kept_set.intersection(merge.sources):
-                raise PlanError(f"stage {describe_where(self.where)}: merge sources "
-                                f"{sorted(kept_set.intersection(merge.sources))} are kept; a source must be dropped")
+            check_fold("merge target", merge.target, merge.sources)
         object.__setattr__(self, "appends", tuple(self.appends))
         if self.appends and self.in_tower:
-            raise PlanError(f"stage {describe_where(self.where)}: appended tokens are made before the LLM or "
+            raise PlanError(f"stage {where}: appended tokens are made before the LLM or "
                             "inside it, not in the vision tower")
         targets = {merge.target for merge in self.merges}
         tokens = [append.token for append in self.appends]
         for append in self.appends:
-            if append.token not in kept_set:
-                raise PlanError(f"stage {describe_where(self.where)}: appended token {append.token} is not kept")
-            if kept_set.intersection(append.sources):
-                raise PlanError(f"stage {describe_where(self.where)}: sources {sorted(kept_set.intersection(append.sources))} "
-                                f"of appended token {append.token} are kept; a source must be dropped")
+            check_fold("appended token", append.token, append.sources)
             if append.token in targets or tokens.count(append.token) > 1:
-                raise PlanError(f"stage {describe_where(self.where)}: token {append.token} is made twice "
+                raise PlanError(f"stage {where}: token {append.token} is made twice "
                                 "(appended twice, or also a merge target)")
 
     @property
