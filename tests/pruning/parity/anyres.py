@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tests.pruning.parity.common import eager_tower
+from tests.pruning.parity.common import eager_tower, jaccard, n_keep, workbench_plan
 from tests.tiny_models import QUESTION, noise_image, tiny_adapter
 
 SIZES = ((90, 60), (48, 100), (100, 100))  # wide (padded rows), tall (padded columns), square
@@ -92,3 +92,15 @@ def to_layout(prepared, grid: Stitching, kept_per_view) -> np.ndarray:
     locate = token_of(prepared, grid)
     tokens = [locate(v, int(p)) for v, patches in kept_per_view.items() for p in patches]
     return np.sort([t for t in tokens if t is not None])
+
+
+def assert_per_view_parity(method, official, size, budgets) -> None:
+    """``method``'s kept set equals ``official(adapter, prepared, T)`` at every budget, with T the
+    budget's share of one view's P patches, rounded (the codes' per-view count)."""
+    adapter, prepared = llava_next_case(size)
+    patches = len(prepared.layout.tower_owner[0])
+    for budget in budgets:
+        reference = official(adapter, prepared, round(patches * n_keep(prepared, budget) / prepared.layout.n_tokens))
+        (stage,) = workbench_plan(method, adapter, prepared, budget).stages
+        assert len(stage.kept) == len(reference)
+        assert jaccard(stage.kept, reference) == 1.0, (size, budget)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pruning.parity.anyres import SIZES, llava_next_case, stitching, to_layout, view_attentions
-from tests.pruning.parity.common import facts, jaccard, n_keep, torch_topk, workbench_plan
+from tests.pruning.parity.anyres import SIZES, assert_per_view_parity, llava_next_case, stitching, to_layout, view_attentions
+from tests.pruning.parity.common import facts, n_keep, torch_topk, workbench_plan
 from workbench.pruning.methods.cls_attention import FasterVLM
 
 BUDGETS = (0.125, 0.25, 0.5)
@@ -31,14 +31,7 @@ def official_fastervlm_anyres(adapter, prepared, visual_token_num: int):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_default_equals_the_official_per_crop_rule(size):
-    adapter, prepared = llava_next_case(size)
-    patches = len(prepared.layout.tower_owner[0])
-    for budget in BUDGETS:
-        k = n_keep(prepared, budget)
-        reference = official_fastervlm_anyres(adapter, prepared, round(patches * k / prepared.layout.n_tokens))
-        (stage,) = workbench_plan(FasterVLM(), adapter, prepared, budget).stages
-        assert len(stage.kept) == len(reference)
-        assert jaccard(stage.kept, reference) == 1.0, (size, budget)
+    assert_per_view_parity(FasterVLM(), official_fastervlm_anyres, size, BUDGETS)
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.pruning.parity.anyres import SIZES, llava_next_case, stitching, to_layout
-from tests.pruning.parity.common import eager_tower, facts, jaccard, n_keep, workbench_plan
+from tests.pruning.parity.anyres import SIZES, assert_per_view_parity, llava_next_case, stitching, to_layout
+from tests.pruning.parity.common import eager_tower, facts, n_keep, workbench_plan
 from tests.pruning.parity.test_vispruner import official_view
 from workbench.pruning.methods.vispruner import VisPruner
 
@@ -38,14 +38,7 @@ def official_vispruner_anyres(adapter, prepared, visual_token_num: int):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_default_equals_the_official_per_view_rule(size):
-    adapter, prepared = llava_next_case(size)
-    patches = len(prepared.layout.tower_owner[0])
-    for budget in BUDGETS:
-        k = n_keep(prepared, budget)
-        reference = official_vispruner_anyres(adapter, prepared, round(patches * k / prepared.layout.n_tokens))
-        (stage,) = workbench_plan(VisPruner(), adapter, prepared, budget).stages
-        assert len(stage.kept) == len(reference)
-        assert jaccard(stage.kept, reference) == 1.0, (size, budget)
+    assert_per_view_parity(VisPruner(), official_vispruner_anyres, size, BUDGETS)
 
 
 @pytest.mark.parametrize("size", SIZES)
