@@ -50,10 +50,12 @@ def tasks(root: Path) -> list[SweepTask]:
     return [SweepTask(sample_to_row(s, root), str(root), specs, BUDGETS) for s in samples]
 
 
-def timed(fn, device) -> float:
-    started, _ = clocks(device)
+def timed(fn, device) -> tuple[float, float]:
+    """Wall and CPU seconds of ``fn()``."""
+    wall, cpu = clocks(device)
     fn()
-    return clocks(device)[0] - started
+    after_wall, after_cpu = clocks(device)
+    return after_wall - wall, after_cpu - cpu
 
 
 def main() -> None:
@@ -82,15 +84,22 @@ def main() -> None:
         for _ in range(ROUNDS):
             for name, fn in workloads.items():
                 times[name].append(timed(fn, target.device))
-    per_sample = {name: statistics.median(t) / SAMPLES for name, t in times.items()}
+    per_sample = {name: statistics.median(w for w, _ in t) / SAMPLES for name, t in times.items()}
+    cpu = {name: statistics.median(c for _, c in t) / SAMPLES for name, t in times.items()}
     runs = 3 + len(METHODS) * len(BUDGETS)
     print(f"{adapter.name} on {target.device}: {SAMPLES} samples, {runs} runs each "
           f"(unpruned, 2 controls, {len(METHODS)} methods x {len(BUDGETS)} budgets); median of {ROUNDS}")
     for name, seconds in per_sample.items():
-        print(f"  {name:20s} {seconds * 1000:8.1f} ms per sample")
+        print(f"  {name:20s} {seconds * 1000:8.1f} ms per sample ({cpu[name] * 1000:.1f} ms CPU time, all threads)")
     for what in ("sweep", "executor"):
         ratio = per_sample[f"{what}, batch 1"] / per_sample[f"{what}, batch {BATCH}"]
         print(f"{what}: batch {BATCH} is {ratio:.2f}x the throughput of batch 1 (goal >= 3x for the sweep)")
+    if target.on_cpu:
+        # Batching cuts per-call overhead, not arithmetic: on a CPU the throughput gain cannot pass
+        # (batch-1 CPU time / batch-N CPU time) x the threads, however well the batch is run.
+        work = cpu["sweep, batch 1"] / cpu[f"sweep, batch {BATCH}"]
+        print(f"sweep: batch {BATCH} does {work:.2f}x less CPU work per sample; with "
+              f"{torch.get_num_threads()} threads the gain is at most {work * torch.get_num_threads():.2f}x here")
 
 
 if __name__ == "__main__":

@@ -36,3 +36,26 @@ def test_inconsistent_layout_is_rejected():
     with pytest.raises(ValueError, match="expected 3x3"):
         VisualLayout(np.arange(4), np.zeros(4, dtype=np.int64), grid_cells(2, 2), grid_boxes(2, 2, 0, 0, 4, 4),
                      (TokenGroup("g", 0, 3, 3),), ((4, 4),), 10)
+
+
+def test_covered_share_reads_each_whole_pixel_box_of_the_image():
+    """Fractional boxes widen to whole pixels, clip to the mask, and tokens of another image get 0."""
+    rng = np.random.default_rng(0)
+    n, height, width = 40, 30, 50
+    corners = rng.uniform(-5, 55, size=(n, 2, 2))
+    boxes = np.concatenate([corners.min(1), corners.max(1)], axis=1)[:, [0, 1, 2, 3]]
+    boxes[3] = (10.2, 4.0, 10.8, 4.5)  # inside one pixel
+    boxes[4] = (60, 40, 70, 45)  # off the mask: no area
+    layout = VisualLayout(
+        positions=np.arange(n), group=np.repeat([0, 1], n // 2), cell=np.concatenate([grid_cells(4, 5)] * 2),
+        boxes=boxes, groups=(TokenGroup("a", 0, 4, 5), TokenGroup("b", 1, 4, 5)),
+        image_sizes=((width, height), (width, height)), sequence_length=n + 2)
+    mask = rng.random((height, width)) < 0.4
+    share = layout.covered_share(mask)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        xa, xb = (int(min(max(v, 0), width)) for v in (np.floor(x0), np.ceil(x1)))
+        ya, yb = (int(min(max(v, 0), height)) for v in (np.floor(y0), np.ceil(y1)))
+        region = mask[ya:yb, xa:xb]
+        expected = region.mean() if region.size and i < n // 2 else 0.0
+        assert share[i] == pytest.approx(expected), i
+    assert share[3] in (0.0, 1.0) and share[4] == 0.0

@@ -73,27 +73,26 @@ class VisualLayout:
 
     def overlapping_any(self, boxes, image: int = 0) -> np.ndarray:
         hit = np.zeros(self.n_tokens, dtype=bool)
-        on_image = np.array([self.groups[g].image == image for g in self.group], dtype=bool)
         for x0, y0, x1, y1 in boxes:
             b = self.boxes
             hit |= (b[:, 0] < x1) & (b[:, 2] > x0) & (b[:, 1] < y1) & (b[:, 3] > y0)
-        return hit & on_image
+        return hit & self._on_image(image)
+
+    def _on_image(self, image: int) -> np.ndarray:
+        """Boolean [N]: tokens of a group drawn from image ``image``."""
+        return np.array([grp.image == image for grp in self.groups], dtype=bool)[self.group]
 
     def covered_share(self, mask: np.ndarray, image: int = 0) -> np.ndarray:
         """Float [N]: share of each token's pixel box covered by a boolean [H, W] mask."""
-        share = np.zeros(self.n_tokens)
         height, width = mask.shape
         integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-        for i, (x0, y0, x1, y1) in enumerate(self.boxes):
-            if self.groups[self.group[i]].image != image:
-                continue
-            xa, ya = int(np.clip(np.floor(x0), 0, width)), int(np.clip(np.floor(y0), 0, height))
-            xb, yb = int(np.clip(np.ceil(x1), 0, width)), int(np.clip(np.ceil(y1), 0, height))
-            area = (xb - xa) * (yb - ya)
-            if area > 0:
-                inside = integral[yb, xb] - integral[ya, xb] - integral[yb, xa] + integral[ya, xa]
-                share[i] = inside / area
-        return share
+        # Each box widened to whole pixels and clipped to the mask, then read off the integral image.
+        x0, x1 = (np.clip(f(self.boxes[:, c]), 0, width).astype(np.int64) for f, c in ((np.floor, 0), (np.ceil, 2)))
+        y0, y1 = (np.clip(f(self.boxes[:, c]), 0, height).astype(np.int64) for f, c in ((np.floor, 1), (np.ceil, 3)))
+        area = (x1 - x0) * (y1 - y0)
+        inside = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        share = np.divide(inside, area, out=np.zeros(self.n_tokens), where=area > 0)
+        return np.where(self._on_image(image), share, 0.0)
 
     def evidence_tokens(self, mask: np.ndarray | None = None, boxes=(), min_share: float = 0.0) -> np.ndarray:
         """Boolean [N]: tokens that hold evidence: covered by the mask (more than ``min_share``

@@ -42,9 +42,14 @@ def traced(module: torch.nn.Module) -> nnsight.NNsight:
     return _TRACED[module]
 
 
+_PATHS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[int, str]]" = weakref.WeakKeyDictionary()
+
+
 def envoys_of(root: nnsight.NNsight, model: torch.nn.Module, modules) -> list:
     """The nnsight envoys of ``modules`` (submodules of ``model``) in its wrapper ``root``."""
-    paths = {id(m): name for name, m in model.named_modules()}
+    if model not in _PATHS:  # walking every module of a large model on each recording adds up
+        _PATHS[model] = {id(m): name for name, m in model.named_modules()}
+    paths = _PATHS[model]
     return [root.get(paths[id(m)]) if paths[id(m)] else root for m in modules]
 
 
