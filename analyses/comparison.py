@@ -46,10 +46,11 @@ def ok_rows(table: pl.DataFrame, include_unpruned: bool = True, include_controls
 
 
 def final_kept(stages: str | None, n_visual: int) -> np.ndarray:
-    """The final stage's kept indices from a ``stages`` JSON cell (all tokens when no stage)."""
+    """The final stage's kept image tokens from a ``stages`` JSON cell (all tokens when no stage); a
+    tower [CLS] passed to the LLM (index >= ``n_visual``) has no place on the image and is left out."""
     parsed = json.loads(stages) if stages else []
     kept = parsed[-1]["kept"] if parsed else range(n_visual)
-    return np.asarray(sorted(int(i) for i in kept), dtype=np.int64)
+    return np.asarray(sorted(int(i) for i in kept if int(i) < n_visual), dtype=np.int64)
 
 
 def jaccard(a: Sequence[int], b: Sequence[int]) -> float:

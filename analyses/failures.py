@@ -99,7 +99,7 @@ from workbench.pruning.budget import Budget, resolve_budget
 from workbench import pipeline
 from workbench.pipeline import UNPRUNED, budget_label, plan_from_row, plan_json, prepare_sample
 from workbench.pruning.method import PruningMethod
-from workbench.pruning.plan import KeepPlan, Stage
+from workbench.pruning.plan import KeepPlan, Stage, boxed
 from workbench.samples import Sample
 from workbench.scoring import normalize_answer
 from workbench.sweep import MethodSpec
@@ -186,7 +186,7 @@ def removing_stage(plan: KeepPlan, token: int) -> int | None:
 def alive_before(plan: KeepPlan, index: int) -> np.ndarray:
     """Boolean [N]: the tokens entering stage ``index``."""
     alive = np.zeros(plan.n_visual, dtype=bool)
-    alive[list(plan.stages[index - 1].kept) if index else slice(None)] = True
+    alive[boxed(plan.stages[index - 1].kept, plan.n_visual) if index else slice(None)] = True
     return alive
 
 
@@ -200,7 +200,7 @@ def stage_direction(plan: KeepPlan, index: int) -> bool | None:
         return None
     alive = alive_before(plan, index) & np.isfinite(scores)
     kept = np.zeros(plan.n_visual, dtype=bool)
-    kept[list(stage.kept)] = True
+    kept[boxed(stage.kept, plan.n_visual)] = True  # a [CLS] passed on has no entry here
     if not (alive & kept).any() or not (alive & ~kept).any():
         return True
     return bool(scores[alive & kept].mean() >= scores[alive & ~kept].mean())
@@ -239,8 +239,8 @@ def top_ranked(plan: KeepPlan, index: int) -> np.ndarray:
 def restore_plan(plan: KeepPlan, tokens: Iterable[int]) -> KeepPlan:
     """``plan`` with ``tokens`` put back: every stage keeps ``kept ∪ tokens`` and every merge with
     one of them among its sources is removed (its target keeps its own state), and so is every
-    appended token made with one of them (its token stays in place). Scores and position policies
-    stay as they were."""
+    appended token made with one of them (its token stays in place). Scores, position policies and
+    what becomes of the separators stay as they were."""
     tokens = {int(t) for t in tokens}
     if not tokens:
         return plan
@@ -249,7 +249,7 @@ def restore_plan(plan: KeepPlan, tokens: Iterable[int]) -> KeepPlan:
         merges = tuple(m for m in stage.merges if not tokens.intersection(m.sources))
         appends = tuple(a for a in stage.appends if not tokens.intersection(a.sources))
         stages.append(Stage(stage.where, tuple(sorted(set(stage.kept) | tokens)), stage.scores, merges,
-                            stage.position, appends))
+                            stage.position, appends, stage.dropped, stage.separators))
     return plan.with_stages(stages)
 
 
@@ -513,7 +513,7 @@ def diagnose_sample(adapter: ModelAdapter, sample: Sample, method: PruningMethod
 
     mask = sample.evidence_mask()
     evidence = layout.evidence_tokens(mask) if mask is not None else np.zeros(n, dtype=bool)
-    kept = np.asarray(plan.final_kept, dtype=np.int64)
+    kept = boxed(plan.final_kept, n)
     kept_mask = np.zeros(n, dtype=bool)
     kept_mask[kept] = True
     lost = np.flatnonzero(evidence & ~kept_mask)

@@ -9,7 +9,7 @@ the machine's speed reaches both alike. Printed: median seconds per sample of ea
 (the goal is >= 3x at batch 16), and the same ratio for the executor alone (the 16 pruned runs of
 one method at one budget as one ``execute_batch`` against 16 ``execute`` calls), which leaves out
 the sample's preparation: reading the image and the recording, still one sample at a time (its
-forward also makes the decoder inputs and stops after the last layer it reads), and the vision
+forward also makes the decoder inputs and is the unpruned run's prefill), and the vision
 tower on the blank-image controls, one pass for the batch.
 
 Run: ``nice -n 19 .venv/bin/python benchmarks/bench_batching.py`` (about ten minutes on 2 busy CPU cores).

@@ -4,10 +4,13 @@ budget) as its own full evaluation, as other toolkits do.
 
 On the shipped model, for each of 4 evaluation samples and M methods x 3 budgets:
 * reuse (the workbench's sweep): the sample is prepared once (image, vision tower, one recording
-  of the signals every method reads), the unpruned run keeps its prefill, then each method at each
-  budget runs on it, starting at its first pruned layer.
+  of the signals every method reads, whose forward is the unpruned prefill), the unpruned run
+  takes that prefill over, then each method at each budget runs on it, starting at its first
+  pruned layer.
 * separate evaluations: each (method, budget) prepares the sample itself (its own vision tower
-  pass and recording) and runs from the first decoder layer; the unpruned reference is one more.
+  pass and recording, so its own unpruned forward) and runs on that; the unpruned reference is one
+  more. This is the least any toolkit that runs each (method, budget) as its own evaluation pays:
+  one forward each, up to the first pruned layer at least.
 Two measures, both per sample, in units of one unpruned forward:
 * decoder work: rows the decoder layers processed in prefills (a layer on S rows counts S), over
   the unpruned prefill's rows x layers; re-running a layer up to its attention to read it (a

@@ -227,8 +227,8 @@ def test_the_recorded_forward_gives_the_sample_its_decoder_inputs(model):
 
 def test_a_sweep_batch_runs_the_tower_once_per_sample_and_once_for_all_blank_images(monkeypatch, tmp_path):
     """In ``run_tasks``: one recording per sample (none for its blank-image control), whose forward
-    makes the sample's decoder inputs, and one tower pass on all the blank images; the recorded
-    forward stops after the last layer it reads."""
+    makes the sample's decoder inputs and is its unpruned prefill, and one tower pass on all the
+    blank images."""
     from workbench import recorder
     from workbench.models.loading import load
     from workbench.samples import read_dataset, sample_to_row
@@ -255,5 +255,6 @@ def test_a_sweep_batch_runs_the_tower_once_per_sample_and_once_for_all_blank_ima
             handle.remove()
     assert all(row["status"] == "ok" for sample_rows in rows for row in sample_rows)
     assert len(towers) == len(samples) + 1
-    # One recording per sample, each stopped before the last decoder layer (FastV reads an early one).
-    assert recorded == [0] * len(samples)
+    # One recording per sample, run to the last decoder layer (FastV reads an early one): the
+    # unpruned run takes its prefill from it.
+    assert recorded == [1] * len(samples)

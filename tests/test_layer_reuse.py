@@ -16,6 +16,7 @@ from workbench.pruning.executor import Job, execute, execute_batch
 from workbench.pruning.layer_state import hooks_suspended
 from workbench.pruning.method import ModelFacts, SelectionContext
 from workbench.pruning.plan import Append, KeepPlan, Stage
+from workbench.pruning.recorded_prefill import recorded_prefill
 from workbench.pruning.registry import create_method
 from workbench.pruning.run import record_needs
 
@@ -61,6 +62,39 @@ def test_a_resumed_run_equals_running_from_the_first_layer(model):
         assert resumed.tokens_per_layer == scratch.tokens_per_layer
         assert resumed.first_layer == k
         assert calls == [0] * k + [1] * (depth - k), k
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_the_unpruned_run_goes_on_from_the_recorded_forward_exactly(model):
+    """The recording's forward is the unpruned prefill: the run taking it computes no decoder
+    layer and has exactly the logits, answer and prefill of one run from the first layer."""
+    adapter, prepared, _ = adapter_and_input(model)
+    gold = "large red circle"
+    n = prepared.layout.n_tokens
+    scratch = execute(adapter, prepared, KeepPlan.keep_all(n, where=None), 4, gold_answer=gold, capture=True)
+    with recorded_prefill(adapter, prepared) as begun:
+        record_needs(adapter, prepared, [create_method("fastv")])
+    assert begun.prefill is not None and begun.prefill.depth == len(adapter.decoder_layers())
+    with prefill_calls(adapter) as calls:
+        resumed = execute(adapter, prepared, KeepPlan.keep_all(n, where=None), 4, gold_answer=gold,
+                          resume=begun.prefill, capture=True)
+    assert resumed.first_layer == begun.prefill.depth and calls == [0] * len(calls)
+    assert torch.equal(resumed.logits, scratch.logits)
+    assert resumed.answer_ids == scratch.answer_ids
+    assert resumed.gold_logprob == scratch.gold_logprob
+    for mine, theirs in zip(resumed.prefill.inputs + resumed.prefill.keys + resumed.prefill.values,
+                            scratch.prefill.inputs + scratch.prefill.keys + scratch.prefill.values):
+        assert torch.equal(mine, theirs)
+
+
+def test_generation_inside_a_recorded_prefill_keeps_its_own_cache():
+    """A generation on the sample's input (a saliency pass's greedy answer) is not taken for the
+    recorded forward: its cache stays its own and its answer is unchanged."""
+    adapter, prepared, _ = adapter_and_input("shipped")
+    alone = adapter.model.generate(**prepared.inputs, max_new_tokens=6, do_sample=False)
+    with recorded_prefill(adapter, prepared) as begun:
+        inside = adapter.model.generate(**prepared.inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(inside, alone) and begun.prefill is None
 
 
 def test_a_plan_that_prunes_before_the_llm_starts_at_the_first_layer():
@@ -119,11 +153,12 @@ def test_a_sweep_of_methods_and_budgets_runs_the_layers_below_their_first_stage_
     adapter, _, _ = adapter_and_input("shipped")
     sample = read_dataset("data/eval/samples.jsonl", limit=1)[0]
     methods = [create_method(name) for name in ("fastv", "pyramiddrop")]
-    ready = pipeline.prepare_sample(adapter, sample, methods)
     fresh = pipeline.prepare_sample(adapter, sample, methods)
     with prefill_calls(adapter) as calls:
+        ready = pipeline.prepare_sample(adapter, sample, methods)
+        assert calls == [1] * len(calls), "the recording runs the whole forward"
         pipeline.run(adapter, ready, None)
-        assert calls == [1] * len(calls)
+        assert calls == [1] * len(calls), "the unpruned run goes on from the recorded forward"
         reused = [pipeline.run(adapter, ready, m, b) for m in methods for b in (0.5, 0.25, 0.1)]
     assert calls[0] == 1, "layer 0 ran again after the unpruned run"
     assert calls[-1] == 1 + len(reused)

@@ -35,7 +35,8 @@ class VisualLayout:
     ``boxes``: its receptive pixel box (x0, y0, x1, y1) in the original image, x1/y1 exclusive.
     ``image_sizes``: (width, height) of each original image.
     ``separators``: sequence indices inside the image span that carry no patch (row-end newline
-    tokens, tile markers); pruning keeps them and figures skip them.
+    tokens, tile markers); pruning keeps them (unless a pre-LLM stage leaves them out of the LLM
+    input, ``Stage.separators``) and figures skip them.
     """
 
     positions: np.ndarray  # [N] int64

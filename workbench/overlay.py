@@ -175,6 +175,8 @@ def kept_overlay(image: Image.Image, layout, kept, scale: float = 1.0, merges=()
 
     ``kept``: indices of the surviving visual tokens, or a boolean [N] mask. ``merges``: objects
     with ``target`` and ``sources`` (``workbench.pruning.plan.Merge``). ``evidence``: boolean [N].
+    Indices from N on (a plan's [CLS] tokens, ``workbench.pruning.plan.cls_token``) have no box and
+    are not drawn.
     """
     n = layout.n_tokens
     keep = np.zeros(n, dtype=bool)
@@ -184,7 +186,8 @@ def kept_overlay(image: Image.Image, layout, kept, scale: float = 1.0, merges=()
             raise ValueError(f"kept mask of shape {kept.shape} for {n} visual tokens")
         keep = kept.copy()
     else:
-        keep[kept.astype(np.int64)] = True
+        kept = kept.astype(np.int64)
+        keep[kept[kept < n]] = True  # the tower's [CLS] (index >= N) has no box
     base = scaled(image, scale)
     out = base.copy()
     dark = Image.blend(base, Image.new("RGB", base.size, (0, 0, 0)), 1 - dim)
@@ -211,7 +214,7 @@ def kept_overlay(image: Image.Image, layout, kept, scale: float = 1.0, merges=()
     for m, merge in enumerate(merges):
         colour = MERGE_COLOURS[m % len(MERGE_COLOURS)]
         for i in (merge.target, *merge.sources):
-            if i in selected:
+            if i in selected:  # a [CLS] (no box) is never among the layout's tokens
                 x0, y0, x1, y1 = pixel_box(layout.boxes[i], scale)
                 draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=width + (1 if i == merge.target else 0))
     return out

@@ -25,7 +25,8 @@ from workbench.pruning.budget import Budget, resolve_budget
 from workbench.pruning.executor import Job, UnprunedPrefill, execute_batch
 from workbench.pruning.flops import DecoderShape, prefill_flops
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext
-from workbench.pruning.plan import KeepPlan, Stage
+from workbench.pruning.plan import KeepPlan, Stage, boxed
+from workbench.pruning.recorded_prefill import recorded_prefill
 from workbench.pruning.run import record_needs
 from workbench.samples import Sample
 from workbench.scoring import normalize_answer, score
@@ -65,10 +66,18 @@ class PreparedSample:
     scorer: str = "exact"
     # The unpruned run's prefill (kept by ``run``): later runs start from it where they first prune.
     unpruned_prefill: UnprunedPrefill | None = None
+    # The same, as the recording's forward computed it: the unpruned run takes it over.
+    recorded_prefill: UnprunedPrefill | None = None
 
     @property
     def n_visual(self) -> int:
         return self.prepared.layout.n_tokens
+
+    @property
+    def prefill(self) -> UnprunedPrefill | None:
+        """The unpruned prefill later runs start from: the unpruned run's, or else the recorded
+        forward's (the same layers, computed once either way)."""
+        return self.unpruned_prefill or self.recorded_prefill
 
     @property
     def full_flops(self) -> float:
@@ -86,11 +95,12 @@ def prepare_sample(adapter: ModelAdapter, sample: Sample, methods: Sequence[Prun
     mask = sample.evidence_mask()
     evidence = layout.evidence_tokens(mask) if mask is not None else np.zeros(layout.n_tokens, dtype=bool)
     started = time.perf_counter()
-    # The recorded forward runs the vision tower: the sample's plans take their decoder inputs from it.
-    with adapter.decoder_inputs_from_forward(prepared):
+    # The recorded forward runs the vision tower and the first decoder layers: the sample's plans
+    # take their decoder inputs from it, and its unpruned run goes on from it.
+    with recorded_prefill(adapter, prepared) as begun:
         recording = record_needs(adapter, prepared, [m for m in methods if m.applicability(facts) is None])
     return PreparedSample(sample, prepared, facts, DecoderShape.of(adapter.language_model().config), evidence,
-                          recording, time.perf_counter() - started, sample.scorer)
+                          recording, time.perf_counter() - started, sample.scorer, recorded_prefill=begun.prefill)
 
 
 @dataclass(frozen=True)
@@ -196,7 +206,7 @@ def run_batch(adapter: ModelAdapter, readies: Sequence[PreparedSample], method: 
     capture = method is None and plans is None and any(readies[i].unpruned_prefill is None for i, *_ in todo)
     hooks = method is not None and method.hooks_layers
     jobs = [Job(readies[i].prepared, plan, callback, readies[i].sample.answer,
-                None if capture or hooks else readies[i].unpruned_prefill, tower_callback)
+                readies[i].recorded_prefill if capture else None if hooks else readies[i].prefill, tower_callback)
             for i, _, _, plan, callback, tower_callback, *_ in todo]
     started = time.perf_counter()
     # A method hooking the layers' modules would read every sample's measurements off one batched
@@ -207,7 +217,7 @@ def run_batch(adapter: ModelAdapter, readies: Sequence[PreparedSample], method: 
     for (i, name, params, _, _, _, select_s, budget_text, tokens), execution in zip(todo, executions):
         ready = readies[i]
         if capture:
-            ready.unpruned_prefill = execution.prefill
+            ready.unpruned_prefill, ready.recorded_prefill = execution.prefill, None
         results[i] = _result(ready, name, params, budget_text, tokens, execution, select_s, share, max_new_tokens)
     return results
 
@@ -215,7 +225,7 @@ def run_batch(adapter: ModelAdapter, readies: Sequence[PreparedSample], method: 
 def _result(ready: PreparedSample, name: str, params: dict, budget_text: str, tokens: int, execution,
             select_s: float, run_s: float, max_new_tokens: int) -> Result:
     sample, evidence = ready.sample, ready.evidence
-    kept = np.asarray(execution.final_kept, dtype=np.int64)
+    kept = boxed(execution.final_kept, ready.n_visual)  # evidence has no [CLS] entry
     flops = prefill_flops(ready.shape, execution.tokens_per_layer)
     scored = score(ready.scorer, execution.answer, sample.golds, sample.options)
     return Result(

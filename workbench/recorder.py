@@ -13,6 +13,8 @@ passes (``probes/saliency.py``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import weakref
 from collections import defaultdict
@@ -288,6 +290,20 @@ def _envoys(root: nnsight.NNsight, adapter: ModelAdapter, plan: StackPlan) -> di
     return {"layer": dict(zip(plan.visit, layers)), "rope_free": rope_free}
 
 
+_WHOLE_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("whole_forward", default=False)
+
+
+@contextlib.contextmanager
+def whole_forward():
+    """Recordings inside it run the model's forward to its end instead of stopping after the last
+    layer they read: the layers past it are then the unpruned prefill's (``recorded_prefill``)."""
+    token = _WHOLE_FORWARD.set(True)
+    try:
+        yield
+    finally:
+        _WHOLE_FORWARD.reset(token)
+
+
 def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureRequest = CaptureRequest(), *,
            sample_id: str = "", question: str = "", answer: str | None = None,
            memory_limit: int | None = DEFAULT_LIMIT) -> Recording:
@@ -305,11 +321,14 @@ def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureReque
     if session.probes and plans:
         root = traced(adapter.model)
         envoys = {plan.stack: _envoys(root, adapter, plan) for plan in plans}
-        with torch.no_grad(), listening(session), root.trace(**prepared.inputs, use_cache=False) as tracer:
+        whole = _WHOLE_FORWARD.get()
+        extra = {"logits_to_keep": 1} if whole else {}  # the head's output is never read
+        with torch.no_grad(), listening(session), root.trace(**prepared.inputs, use_cache=False, **extra) as tracer:
             for plan in plans:
                 for layer in plan.visit:
                     session.visit(plan, layer, envoys[plan.stack])
-            tracer.stop()  # nothing past the last visited layer is read: the rest of the forward is skipped
+            if not whole:
+                tracer.stop()  # nothing past the last visited layer is read: the rest of the forward is skipped
     answer_text = _saliency(adapter, prepared, request, builder, plans, answer)
     identity = Identity(adapter.name, sample_id, question, prepared.prompt, answer_text, adapter.fingerprint)
     return Recording(identity, request, prepared.layout, dict(builder.tensors), frozenset(builder.per_head),

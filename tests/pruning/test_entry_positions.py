@@ -17,6 +17,7 @@ import torch
 
 from tests.pruning.shipped import shipped_sample, tiny_input
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, PreLLMMethod, entry_position
+from workbench.pruning.plan import boxed
 from workbench.pruning.registry import InvalidMethodParameters, available_methods, create_method, method_class
 from workbench.pruning.run import record_needs, run_method
 
@@ -49,10 +50,11 @@ def entry_stage(plan):
 
 
 def kept_rows(prepared, kept) -> torch.Tensor:
-    """Rows of the unpruned sequence that survive a cut keeping visual tokens ``kept``, in order."""
+    """Rows of the unpruned sequence that survive a cut keeping visual tokens ``kept``, in order (a
+    [CLS] passed to the LLM has no row there)."""
     keep = np.ones(prepared.inputs["input_ids"].shape[1], dtype=bool)
     keep[prepared.layout.positions] = False
-    keep[prepared.layout.positions[list(kept)]] = True
+    keep[prepared.layout.positions[boxed(kept, prepared.layout.n_tokens)]] = True
     return torch.from_numpy(np.flatnonzero(keep))
 
 
@@ -143,7 +145,8 @@ def test_m_rope_models_keep_their_positions_and_one_axis_families_reindex(family
             assert torch.equal(positions, inputs.position_ids[..., rows].cpu()), name
         else:
             assert entry.position == "reindex", name
-            assert torch.equal(positions, torch.arange(len(rows))[None]), name
+            passed = len(entry.kept) - len(boxed(entry.kept, prepared.layout.n_tokens))  # [CLS] tokens passed
+            assert torch.equal(positions, torch.arange(len(rows) + passed)[None]), name
         checked.append(name)
     assert facts.mrope == (family == "qwen2_vl")
     assert len(checked) >= 8, checked

@@ -94,6 +94,14 @@ class _StopForward(Exception):
     pass
 
 
+@dataclass
+class TowerCls:
+    """The tower's [CLS] outputs at the projector's feed layer, through the projector: [views, D]
+    (one row per view the tower encoded), filled by the last tower pass seen (None before)."""
+
+    features: torch.Tensor | None = None
+
+
 # What a wrapper passes its decoder besides the inputs proper: not part of ``LLMInputs``.
 _CALL_FLAGS = ("input_ids", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
                "cache_position", "logits_to_keep")
@@ -166,6 +174,45 @@ class ModelAdapter(ABC):
     def projector_feed_layer(self) -> int:
         """Index into the tower's ``hidden_states`` (0 = embeddings, i = after layer i) that feeds
         the projector, normalised to be non-negative."""
+
+    def projector(self) -> torch.nn.Module:
+        """The module that maps the tower's features at the feed layer to the decoder's width, token
+        by token (the [CLS] is passed through it when a plan hands it to the LLM)."""
+        raise NotImplementedError(f"{type(self).__name__}: no projector known")
+
+    @contextlib.contextmanager
+    def tower_cls_capture(self):
+        """Within it, every pass of the vision tower leaves its [CLS] outputs at the projector's feed
+        layer, projected, in the yielded ``TowerCls``. The feed layer's output as that pass computed
+        it: a pass with pruning stages inside the tower gives that pass's [CLS]."""
+        if not self.has_cls_token:
+            raise ValueError(f"{type(self).__name__}: the vision tower has no [CLS] token")
+        seen, feed, layers = TowerCls(), self.projector_feed_layer, self.vision_layers()
+        projector = self.projector()
+
+        def keep(rows: torch.Tensor) -> None:  # rows [views, D_tower]: each view's [CLS] (its first row)
+            seen.features = projector(rows[:, None])[:, 0]
+
+        if feed == 0:  # hidden_states[0]: what enters the first layer
+            handle = layers[0].register_forward_pre_hook(lambda module, args: keep(args[0][:, 0]))
+        else:
+            handle = layers[feed - 1].register_forward_hook(
+                lambda module, args, output: keep((output[0] if isinstance(output, tuple) else output)[:, 0]))
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def tower_cls(self, prepared: "PreparedInput") -> torch.Tensor:
+        """[views, D]: the projected [CLS] outputs of the sample's own (unpruned) tower pass, computed
+        once per prepared input (that pass also fills ``decoder_inputs`` when it was missing)."""
+        if "cls" not in prepared._decoder_inputs:
+            with self.tower_cls_capture() as seen:
+                call = self._decoder_call(prepared.inputs)
+            prepared._decoder_inputs.setdefault("llm", self._llm_call(call))
+            prepared._decoder_inputs["cls"] = seen.features
+        return prepared._decoder_inputs["cls"]
 
     # --- inputs ----------------------------------------------------------------------------------
     def prompt(self, question: str) -> str:
@@ -292,25 +339,39 @@ class ModelAdapter(ABC):
         return [self.decoder_inputs(item) for item in prepared]
 
     @contextlib.contextmanager
-    def decoder_inputs_from_forward(self, prepared: PreparedInput):
+    def decoder_inputs_from_forward(self, prepared: PreparedInput, cache: Cache | None = None):
         """Within it, a forward of the whole model on ``prepared.inputs`` themselves (a recording's
         traced forward) also fills ``decoder_inputs(prepared)`` from its call of the decoder, so the
         vision tower does not run again for the sample's plans. Other forwards (generation, passes
-        on the prompt with an answer appended) are not taken: their decoder calls differ."""
+        on the prompt with an answer appended) are not taken: their decoder calls differ. Given an
+        empty ``cache``, that decoder call fills it (the keys and values of every layer it runs),
+        and its layers are called with it: the unpruned prefill can go on from there. On a tower
+        with a [CLS], that forward's tower pass also leaves ``tower_cls(prepared)``."""
         own = {"forward": False}
+        cls = self.tower_cls_capture() if self.has_cls_token else contextlib.nullcontext()
 
         def entered(module, args, kwargs):
             own["forward"] = kwargs.get("input_ids") is prepared.inputs["input_ids"]
 
         def grab(module, args, kwargs):
-            if own["forward"] and "llm" not in prepared._decoder_inputs and kwargs.get("inputs_embeds") is not None:
-                prepared._decoder_inputs["llm"] = self._llm_call(kwargs)
+            mine = own["forward"] and kwargs.get("inputs_embeds") is not None
             own["forward"] = False
+            if not mine:
+                return None
+            if "llm" not in prepared._decoder_inputs:
+                prepared._decoder_inputs["llm"] = self._llm_call(kwargs)
+            if seen is not None and seen.features is not None:  # the tower pass this forward just made
+                prepared._decoder_inputs.setdefault("cls", seen.features)
+            # Not a second forward (it would extend the cache), nor one with a cache of its own (generation).
+            if cache is None or cache.get_seq_length() > 0 or kwargs.get("cache") is not None:
+                return None
+            return args, {**kwargs, "cache": cache, "use_cache": True}
 
         handles = [self.model.register_forward_pre_hook(entered, with_kwargs=True),
                    self.language_model().register_forward_pre_hook(grab, with_kwargs=True)]
         try:
-            yield
+            with cls as seen:
+                yield
         finally:
             for handle in handles:
                 handle.remove()

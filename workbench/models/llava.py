@@ -38,6 +38,9 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError(f"multi-layer vision_feature_layer {layer} is not supported")
         return layer % (len(self.vision_layers()) + 1)
 
+    def projector(self):
+        return self.model.model.multi_modal_projector
+
     def layout(self, inputs, image_sizes):
         width, height = image_sizes[0]
         view, out_w, out_h = resize_and_crop(self.processor.image_processor, width, height)

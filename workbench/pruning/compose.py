@@ -26,11 +26,12 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from workbench.layout import TokenGroup, VisualLayout
 from workbench.pruning.budget import Budget, check_budget
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import Append, KeepPlan, Merge, Stage
+from workbench.pruning.plan import Append, KeepPlan, Merge, Stage, boxed
 from workbench.pruning.registry import InvalidMethodParameters, create_method
 
 SEPARATOR = "+"
@@ -78,8 +79,9 @@ class SurvivorRecording:
         return value[self.kept] if kind == "visual" else value
 
 
-def _to_original(stage: Stage, kept: np.ndarray, n_visual: int) -> Stage:
-    """A stage over survivor indices 0..M-1, in original indices 0..N-1."""
+def _to_original(stage: Stage, kept: np.ndarray, n_visual: int, passed: tuple[int, ...] = ()) -> Stage:
+    """A stage over survivor indices 0..M-1, in original indices 0..N-1; the tower [CLS] tokens the
+    first method ``passed`` to the LLM stay (the second method does not see them)."""
     scores = None
     if stage.scores is not None:
         full = np.full(n_visual, np.nan)
@@ -88,7 +90,8 @@ def _to_original(stage: Stage, kept: np.ndarray, n_visual: int) -> Stage:
     merges = tuple(Merge(int(kept[m.target]), tuple(int(kept[s]) for s in m.sources), m.weights) for m in stage.merges)
     appends = tuple(Append(int(kept[a.token]), tuple(int(kept[s]) for s in a.sources), a.weights,
                            None if a.after is None else int(kept[a.after])) for a in stage.appends)
-    return Stage(stage.where, tuple(int(kept[i]) for i in stage.kept), scores, merges, stage.position, appends)
+    return Stage(stage.where, tuple(int(kept[i]) for i in stage.kept) + tuple(passed), scores, merges,
+                 stage.position, appends, stage.dropped)
 
 
 @dataclass(frozen=True)
@@ -186,25 +189,27 @@ class Composed(PruningMethod):
         return SelectionContext(survivor_layout(context.layout, kept), budget, recording, context.model)
 
     def _split(self, context: SelectionContext):
+        """(first stages, their image survivors, the second's context, the [CLS] tokens they pass on)."""
         first = self.first_stages(context)
-        kept = first[-1].kept_array
-        return first, kept, self.inner_context(context, kept)
+        kept = boxed(first[-1].kept, context.n_visual)
+        passed = tuple(int(i) for i in first[-1].kept if i >= context.n_visual)
+        return first, kept, self.inner_context(context, kept), passed
 
     def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
-        first, _, inner = self._split(context)
-        return tuple(len(s.kept) for s in first) + tuple(self.second.kept_counts(inner))
+        first, _, inner, passed = self._split(context)
+        return tuple(len(s.kept) for s in first) + tuple(c + len(passed) for c in self.second.kept_counts(inner))
 
     def select(self, context: SelectionContext) -> KeepPlan:
         self.check_applies(context.require_model())
-        first, kept, inner = self._split(context)
+        first, kept, inner, passed = self._split(context)
         later = self.second.select(inner).stages
         if any(not stage.in_llm for stage in later):
             raise InvalidMethodParameters(f"{self.name}: {self.second.name} made a stage before the LLM; the second "
                                           "method of a composition must act inside the LLM only")
-        return self.plan(context, list(first) + [_to_original(s, kept, context.n_visual) for s in later])
+        return self.plan(context, list(first) + [_to_original(s, kept, context.n_visual, passed) for s in later])
 
     def layer_callback(self, context: SelectionContext):
-        _, kept, inner = self._split(context)
+        _, kept, inner, passed = self._split(context)
         callback = self.second.layer_callback(inner)
         if callback is None:
             return None
@@ -213,12 +218,14 @@ class Composed(PruningMethod):
         n_visual = context.n_visual
 
         def translated(layer, state):
-            indices = survivor_of[state.visual_indices]
+            image = state.visual_indices < n_visual  # a [CLS] the first passed on is not the second's to see
+            indices = survivor_of[state.visual_indices[image]]
             if (indices < 0).any():
-                raise RuntimeError(f"{self.name}: tokens {state.visual_indices[indices < 0][:5]} are alive although "
-                                   "the first stage dropped them")
-            stage = callback(layer, dataclasses.replace(state, visual_indices=indices, layout=inner.layout))
-            return None if stage is None else _to_original(stage, kept, n_visual)
+                raise RuntimeError(f"{self.name}: tokens {state.visual_indices[image][indices < 0][:5]} are alive "
+                                   "although the first stage dropped them")
+            stage = callback(layer, dataclasses.replace(state, visual_indices=indices, layout=inner.layout,
+                                                        visual_rows=state.visual_rows[torch.from_numpy(image)]))
+            return None if stage is None else _to_original(stage, kept, n_visual, passed)
 
         return translated
 

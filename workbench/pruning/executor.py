@@ -6,8 +6,10 @@ How it works, for a batch of samples (each under its own plan; a batch of one is
   merged embeddings, the padding mask and the position ids (3-D for M-RoPE). A ``"pre_llm"``
   stage merges and drops embedding rows at the visual positions and the decoder stack is called
   directly with the shorter ``inputs_embeds``, so no wrapper's image-placeholder check is in the
-  way. Text and the layout's separators are never dropped. The samples are then left-padded to
-  one length, with a padding mask, so the model builds every sample's causal mask itself.
+  way. Text is never dropped; the layout's separators stay unless that stage leaves them out
+  (``Stage.separators == "dropped"``: their rows never enter the decoder). The samples are then
+  left-padded to one length, with a padding mask, so the model builds every sample's causal mask
+  itself.
 * A stage "before layer k" is a forward pre-hook on decoder layer k that slices each sample's
   hidden states; since the decoder computes the mask and rotary embeddings once for the whole
   sequence, every layer from the first in-LLM stage on also gets its mask, ``position_embeddings``
@@ -20,7 +22,13 @@ How it works, for a batch of samples (each under its own plan; a batch of one is
   weighted sum of its members' states entering the stage, inserted after the row the plan names
   (``arrange``). For the tensors the model passes every layer at full length, an appended row
   borrows the row it follows (its mask row, kept causal in the new order, and its position id under
-  "original"); it counts as a visual token of every layer after the stage.
+  "original"); it counts as a visual token of every layer after the stage. The tower's [CLS] a
+  ``pre_llm`` stage brings in (``cls_token``) is such a row, made from the projected [CLS] output of
+  the tower pass that made the decoder's inputs (``ModelAdapter.tower_cls_capture``).
+* A masking stage (``Stage.dropped == "masked"``, AIM's code) changes no row: its dropped tokens
+  stay in the sequence, are still computed by every later layer and still written to its cache,
+  but from layer k on every layer's mask hides their keys from every query (``_hide_keys``), in
+  the prefill and while decoding (``_Batch.valid`` holds each sample's hidden rows per layer).
 * Decoding is greedy, one token per sample at a time on that cache. Each layer continues from the
   position after its own last prefill token and its mask says which of its cached rows are real,
   so layers that saw different sequences decode consistently.
@@ -72,8 +80,11 @@ class Execution:
     excluded, as ``Answer.logprob``). ``gold_logprob``: the same for the gold answer, teacher
     forced on the same pruned cache. ``logits``: [V] float32 on the CPU, the prefill's last
     position. ``plan``: every stage actually applied (the plan's and the callback's).
-    ``tokens_per_layer``/``visual_tokens_per_layer``: sequence length and visual-token count each
-    decoder layer processed in the prefill (appended tokens included), for FLOP accounting.
+    ``tokens_per_layer``: the rows each decoder layer computed in the prefill (appended tokens and
+    masked tokens included: what FLOPs count). ``visual_tokens_per_layer``: the visual tokens each
+    layer attends to (visible keys; appended tokens included, masked ones not).
+    ``masked_tokens_per_layer``: visual rows each layer computed with their keys hidden (masking
+    stages); a layer's visual rows are ``visual + masked``.
     """
 
     answer: str
@@ -88,6 +99,7 @@ class Execution:
     # in a batch, the batch's divided by its size)
     first_layer: int = 0  # the first decoder layer the prefill computed (resumed runs start later)
     prefill: "UnprunedPrefill | None" = None  # kept for later runs when asked (``capture``)
+    masked_tokens_per_layer: tuple[int, ...] = ()
 
     @property
     def kept_per_stage(self) -> dict:
@@ -125,8 +137,8 @@ def check_alive(stage: Stage, alive: set[int], sequence: str) -> None:
             raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} already dropped")
     for append in stage.appends:
         gone = sorted(set(append.sources) - alive)
-        if append.after is not None and append.after not in alive:
-            gone.append(append.after)
+        if append.place is not None and append.place not in alive:
+            gone.append(append.place)
         if gone:
             raise PlanError(f"stage {where}: appended token {append.token} uses tokens {gone[:5]} already dropped")
 
@@ -146,8 +158,9 @@ def apply_merges(states: torch.Tensor, stage: Stage, row_of: dict[int, int]) -> 
 @dataclass(frozen=True)
 class Arrangement:
     """The rows after a stage, as rows before it: ``order[i]`` is the row that row i comes from, or,
-    for an appended token, the row it is inserted after (its stand-in for the mask, and for the
-    position id under "original"). ``appended``: (row after the stage, the ``Append`` it holds)."""
+    for an appended token, the row it is inserted after (or before: ``Append.before``), its stand-in
+    for the mask and for the position id under "original". ``appended``: (row after the stage, the
+    ``Append`` it holds)."""
 
     order: torch.Tensor
     appended: tuple[tuple[int, Append], ...]
@@ -156,16 +169,24 @@ class Arrangement:
 def arrange(stage: Stage, alive: np.ndarray) -> Arrangement:
     """Where every row goes under ``stage``; ``alive``: per row before it, the visual index or < 0."""
     moved = [append.token for append in stage.appends]
-    keep = (alive < 0) | (np.isin(alive, stage.kept_array) & ~np.isin(alive, moved))
+    other = (alive < 0) & ~((alive == _SEPARATOR) & (stage.separators == "dropped"))
+    keep = other | (np.isin(alive, stage.kept_array) & ~np.isin(alive, moved))
     if not stage.appends:
         return Arrangement(torch.from_numpy(np.flatnonzero(keep)), ())
     visual = np.flatnonzero(alive >= 0)
     row_of = {int(v): i for i, v in enumerate(alive) if v >= 0}
     inserted: dict[int, list[Append]] = {}
+    ahead: dict[int, list[Append]] = {}  # inserted before the row
     for append in stage.appends:
-        inserted.setdefault(int(visual[-1]) if append.after is None else row_of[append.after], []).append(append)
+        if append.before is not None:
+            ahead.setdefault(row_of[append.before], []).append(append)
+        else:
+            inserted.setdefault(int(visual[-1]) if append.after is None else row_of[append.after], []).append(append)
     order, appended = [], []
     for row in range(len(alive)):
+        for append in ahead.get(row, ()):
+            appended.append((len(order), append))
+            order.append(row)
         if keep[row]:
             order.append(row)
         for append in inserted.get(row, ()):
@@ -175,14 +196,18 @@ def arrange(stage: Stage, alive: np.ndarray) -> Arrangement:
 
 
 def apply_appends(before: torch.Tensor, after: torch.Tensor, arrangement: Arrangement,
-                  row_of: dict[int, int]) -> torch.Tensor:
+                  row_of: dict[int, int], entering: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """``after`` (the rows of ``arrangement``) with each appended row set to its weighted sum of the
-    states ``before`` the stage (rows ``row_of``)."""
+    states ``before`` the stage (rows ``row_of``); a token with no row before it (the tower's [CLS]
+    entering the sequence) is ``weights[0]`` times its ``entering`` state ([D])."""
     if not arrangement.appended:
         return after
     out = after.clone()
     for row, append in arrangement.appended:
         weights = torch.tensor(append.weights, dtype=before.dtype, device=before.device)
+        if entering and append.token in entering:
+            out[:, row] = weights[0] * entering[append.token].to(before.dtype)
+            continue
         members = torch.tensor([row_of[t] for t in append.members], device=before.device)
         out[:, row] = torch.einsum("r,brd->bd", weights, before[:, members])
     return out
@@ -202,6 +227,27 @@ def _causal_at(mask, rows: torch.Tensor):
     if mask.dtype == torch.bool:
         return mask & ~forbidden
     return mask.masked_fill(forbidden, torch.finfo(mask.dtype).min)
+
+
+def _hide_keys(mask, hidden: np.ndarray, device):
+    """A [1, 1, S, S] prefill mask (None: causal) with the keys of the ``hidden`` rows masked for every
+    query, their own rows included (AIM's code masks keys through its padding mask). A row left with
+    no key at all (no visible row before it) keeps its own, as a padding row does, so attention
+    never meets an empty row."""
+    if not hidden.any():
+        return mask
+    if mask is None:
+        mask = torch.ones(len(hidden), len(hidden), dtype=torch.bool, device=device).tril()[None, None]
+    columns = torch.from_numpy(hidden).to(mask.device)
+    if mask.dtype == torch.bool:
+        out = mask & ~columns
+    else:
+        out = mask.masked_fill(columns, torch.finfo(mask.dtype).min)
+    empty = torch.nonzero(~_allowed(out)[0, 0].any(-1))[:, 0]
+    if len(empty):
+        out = out.clone()
+        out[..., empty, empty] = True if out.dtype == torch.bool else 0
+    return out
 
 
 def _reindexed(positions: torch.Tensor, count: int, where) -> torch.Tensor:
@@ -266,13 +312,17 @@ def _pack_masks(masks: list, lengths: list[int], device) -> torch.Tensor | None:
     return out
 
 
-def _valid_rows(lengths: list[int], device) -> torch.Tensor | None:
-    """[B, S] bool, False on the padding rows; None when no sample is padded."""
+def _valid_rows(lengths: list[int], device, hidden: list[np.ndarray] | None = None) -> torch.Tensor | None:
+    """[B, S] bool, False on the padding rows and on each sample's rows whose keys are ``hidden``
+    (per sample, one flag per row); None when there are neither."""
     longest = max(lengths)
-    if min(lengths) == longest:
+    if min(lengths) == longest and (hidden is None or not any(h.any() for h in hidden)):
         return None
-    return torch.arange(longest, device=device).unsqueeze(0) >= torch.tensor(
+    valid = torch.arange(longest, device=device).unsqueeze(0) >= torch.tensor(
         [longest - n for n in lengths], device=device).unsqueeze(1)
+    for b, flags in enumerate(hidden or ()):
+        valid[b, longest - len(flags):] &= ~torch.from_numpy(flags).to(device)
+    return valid
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -281,7 +331,8 @@ def _valid_rows(lengths: list[int], device) -> torch.Tensor | None:
 class _LayerRecord:
     rows: torch.Tensor  # rows of the decoder-input sequence this layer processed (and caches)
     last_position: torch.Tensor  # position ids of its last row, [1, 1] or [A, 1, 1]
-    visual: int
+    visual: int  # visual rows visible as keys
+    hidden: np.ndarray  # per row of ``rows``: its key is hidden (a masking stage dropped it)
 
 
 @dataclass(frozen=True)
@@ -295,6 +346,13 @@ class UnprunedPrefill:
     keys: tuple[torch.Tensor, ...]  # per layer, [1, H, L, d]
     values: tuple[torch.Tensor, ...]
     kwargs: dict  # attention_mask, position_embeddings, position_ids as every layer got them
+
+    @property
+    def depth(self) -> int:
+        """The layers a run can take from it instead of computing them: all but the last of a
+        whole prefill (which keeps what enters each layer, not what leaves the last); all of one
+        taken from a recorded forward (``recorded_prefill``), which also keeps the last output."""
+        return min(len(self.inputs) - 1, len(self.keys))
 
 
 class _Run:
@@ -321,7 +379,11 @@ class _Run:
         # Stages inside the vision tower run during the tower pass that makes the decoder's inputs.
         from workbench.pruning.tower_stages import llm_entry, tower_inputs  # it builds on this module
 
-        llm, tower = tower_inputs(self.adapter, self.prepared, self.plan, self.tower_callback)
+        stage = next((s for s in self.plan.stages if s.where == PRE_LLM), None)
+        # the tower's [CLS] tokens this stage brings in (``cls_token``): made from the same tower pass
+        entering = [a.token for a in stage.appends if a.token >= self.layout.n_tokens] if stage is not None else []
+        with self._tower_cls(entering) as cls:
+            llm, tower = tower_inputs(self.adapter, self.prepared, self.plan, self.tower_callback)
         self.applied.extend(tower)
         embeds, mask, positions = llm.inputs_embeds, llm.attention_mask, llm.position_ids
         if embeds.shape[0] != 1:
@@ -336,14 +398,15 @@ class _Run:
             where = next(s.where for s in self.plan.stages if s.position == "reindex")
             _reindexed(positions, length, where)  # raises: reindex needs 1-D positions
         self.sequence_index = np.arange(length)  # original sequence index of each decoder-input row
-        stage = next((s for s in self.plan.stages if s.where == PRE_LLM), None)
         entry = stage if stage is not None else llm_entry(tower)  # what the tower dropped never enters
         if entry is not None:
             stage, planned_stage = entry, stage
             row_of = {int(v): i for i, v in enumerate(kinds) if v >= 0}
             arrangement = arrange(stage, kinds)
             keep = arrangement.order
-            embeds = apply_appends(embeds, _take(apply_merges(embeds, stage, row_of), keep, 1), arrangement, row_of)
+            entered = {t: cls.features[t - self.layout.n_tokens] for t in entering}
+            embeds = apply_appends(embeds, _take(apply_merges(embeds, stage, row_of), keep, 1), arrangement, row_of,
+                                   entered)
             mask = _take(mask, keep, 1)
             if stage.position == "reindex":
                 positions = _reindexed(positions, len(keep), stage.where)
@@ -360,10 +423,31 @@ class _Run:
         # model's full-length tensors each stands in as the input row it follows (``stand_in``).
         self.inputs = len(kinds)
         self.stand_in = np.arange(len(kinds))
+        self.hidden = np.zeros(len(kinds), dtype=bool)  # per row (as ``kinds``): its key is hidden (masked)
         self.positions = positions  # position ids of the alive rows
         self.rotary = None  # (cos, sin) of the alive rows once an in-LLM stage ran; None: the model's
         self.reindexed = False
         return embeds, mask, positions, llm.extra
+
+    @contextlib.contextmanager
+    def _tower_cls(self, entering: list[int]):
+        """The projected [CLS] outputs of the tower views (``.features``, [views, D]) for a plan whose
+        pre-LLM stage brings the ``entering`` [CLS] tokens in: those of the tower pass made within
+        (which runs the tower stages), or of the sample's own tower pass when none runs there."""
+        if not entering:
+            yield None
+            return
+        if not self.adapter.has_cls_token:
+            raise ExecutionError(f"the plan passes the vision tower's [CLS] (tokens {entering}) to the LLM; "
+                                 f"this model's tower ({type(self.adapter.vision_tower()).__name__}) has no [CLS]")
+        with self.adapter.tower_cls_capture() as seen:
+            yield seen
+        if seen.features is None:
+            seen.features = self.adapter.tower_cls(self.prepared)
+        views = len(seen.features)
+        if max(entering) >= self.layout.n_tokens + views:
+            raise ExecutionError(f"the plan passes the [CLS] of tower view {max(entering) - self.layout.n_tokens}; "
+                                 f"the tower encoded {views} view(s)")
 
     # --- per layer ------------------------------------------------------------------------------
     def _cut_kwargs(self, kwargs: dict) -> dict:
@@ -373,8 +457,10 @@ class _Run:
             return kwargs
         kwargs = dict(kwargs)
         rows = torch.from_numpy(self.stand_in[self.rows.numpy()])
-        kwargs["attention_mask"] = _causal_at(_slice_square_mask(kwargs.get("attention_mask"), rows),
-                                              torch.from_numpy(np.flatnonzero(self.rows.numpy() >= self.inputs)))
+        kwargs["attention_mask"] = _hide_keys(
+            _causal_at(_slice_square_mask(kwargs.get("attention_mask"), rows),
+                       torch.from_numpy(np.flatnonzero(self.rows.numpy() >= self.inputs))),
+            self.hidden[self.rows.numpy()], self.positions.device)
         kwargs["position_embeddings"] = self.rotary
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = self.positions if self.reindexed else _take(kwargs["position_ids"], rows, -1)
@@ -382,13 +468,21 @@ class _Run:
 
     def _apply_stage(self, stage: Stage, hidden: torch.Tensor, kwargs: dict):
         alive = self.kinds[self.rows.numpy()]
-        alive_visual = set(int(v) for v in alive[alive >= 0])
+        visible = (alive >= 0) & ~self.hidden[self.rows.numpy()]
+        alive_visual = set(int(v) for v in alive[visible])
         where = describe_where(stage.where)
-        if len(stage.kept) and (stage.kept[-1] >= self.layout.n_tokens or stage.kept[0] < 0):
+        alive_cls = alive[alive >= self.layout.n_tokens]  # the tower's [CLS] tokens in the sequence
+        if len(stage.kept) and ((stage.kept[-1] >= self.layout.n_tokens and stage.kept[-1] not in alive_cls)
+                                or stage.kept[0] < 0):
             raise PlanError(f"stage {where}: kept indices out of range 0..{self.layout.n_tokens - 1}")
         check_alive(stage, alive_visual, "sequence")
         row_of = {int(v): i for i, v in enumerate(alive) if v >= 0}
-        arrangement = arrange(stage, alive)
+        if stage.dropped == "masked":
+            # Every row stays; the visible tokens the stage drops only lose their keys.
+            self.hidden[self.rows.numpy()[visible & ~np.isin(alive, stage.kept_array)]] = True
+            arrangement = Arrangement(torch.arange(len(alive)), ())
+        else:
+            arrangement = arrange(stage, alive)
         keep = arrangement.order
         hidden = apply_appends(hidden, _take(apply_merges(hidden, stage, row_of), keep, 1), arrangement, row_of)
         rows = self.rows[keep]
@@ -398,9 +492,12 @@ class _Run:
             self.stand_in = np.concatenate([self.stand_in, self.stand_in[self.rows[keep[made]].numpy()]])
             self.sequence_index = np.concatenate([self.sequence_index, self.sequence_index[self.rows[keep[made]].numpy()]])
             self.kinds = np.concatenate([self.kinds, [append.token for _, append in arrangement.appended]])
+            self.hidden = np.concatenate([self.hidden, np.zeros(len(made), dtype=bool)])
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = _causal_at(_slice_square_mask(kwargs.get("attention_mask"), keep),
-                                              torch.from_numpy(np.flatnonzero(rows.numpy() >= self.inputs)))
+        kwargs["attention_mask"] = _hide_keys(
+            _causal_at(_slice_square_mask(kwargs.get("attention_mask"), keep),
+                       torch.from_numpy(np.flatnonzero(rows.numpy() >= self.inputs))),
+            self.hidden[rows.numpy()], hidden.device)
         if stage.position == "reindex":
             self.positions = _reindexed(self.positions, len(keep), stage.where)
             self.rotary = self.adapter.decoder_rotary()(hidden, self.positions)
@@ -421,11 +518,13 @@ class _Run:
 
     def _state(self, index: int, module, hidden, kwargs) -> LayerState:
         alive = self.kinds[self.rows.numpy()]
+        masked = self.hidden[self.rows.numpy()]
         after_image = self.sequence_index[self.rows.numpy()] > (self.layout.positions.max() if self.layout.n_tokens else -1)
         position_embeddings = kwargs.get("position_embeddings")
         return LayerState(
-            layer=index, hidden_states=hidden, visual_indices=alive[alive >= 0].copy(),
-            visual_rows=torch.from_numpy(np.flatnonzero(alive >= 0)),
+            layer=index, hidden_states=hidden, visual_indices=alive[(alive >= 0) & ~masked].copy(),
+            visual_rows=torch.from_numpy(np.flatnonzero((alive >= 0) & ~masked)),
+            masked_rows=torch.from_numpy(np.flatnonzero(masked)),
             text_rows=torch.from_numpy(np.flatnonzero((alive == _OTHER) & after_image)),
             separator_rows=torch.from_numpy(np.flatnonzero(alive == _SEPARATOR)),
             position_ids=self.positions, position_embeddings=position_embeddings,
@@ -461,8 +560,9 @@ class _Run:
         return len(self.layers)
 
     def record(self, index: int) -> None:
-        alive = self.kinds[self.rows.numpy()]
-        self.records[index] = _LayerRecord(self.rows, self.positions[..., -1:], int((alive >= 0).sum()))
+        alive, hidden = self.kinds[self.rows.numpy()], self.hidden[self.rows.numpy()]
+        self.records[index] = _LayerRecord(self.rows, self.positions[..., -1:], int(((alive >= 0) & ~hidden).sum()),
+                                           hidden.copy())
 
     def prefill_layer(self, index: int, module, hidden, kwargs):
         kwargs = self._cut_kwargs(kwargs)
@@ -549,7 +649,7 @@ class _Batch:
             kwargs["position_embeddings"] = tuple(_pack([r[i] for r in rotary], -3, -2) for i in range(2))
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = _pack([k["position_ids"] for _, k in outs], -2, -1)
-        self.valid[index] = _valid_rows(lengths, hidden.device)
+        self.valid[index] = _valid_rows(lengths, hidden.device, [run.records[index].hidden for run in self.runs])
         return _with_hidden(args, kwargs, _pack([h for h, _ in outs], 0, 1))
 
     def last_positions(self, index: int) -> torch.Tensor:
@@ -712,9 +812,12 @@ def execute_batch(adapter: ModelAdapter, jobs: list[Job], max_new_tokens: int = 
     embeds, mask, positions, extra = batch.decoder_inputs()
     decoder = _Decoder(adapter, batch, extra)
     start = 0
-    if not capture and all(job.resume is not None for job in jobs):
-        start = min(run.first_pruned_layer(job.resume) for run, job in zip(runs, jobs))
-        start = min(start, len(runs[0].layers) - 1)  # the last layer always runs: its output is not kept
+    if all(job.resume is not None for job in jobs):
+        if capture:  # the unpruned run goes on where a recorded forward of its input stopped
+            start = min(job.resume.depth for job in jobs)
+        else:
+            start = min(run.first_pruned_layer(job.resume) for run, job in zip(runs, jobs))
+            start = min(start, len(runs[0].layers) - 1)  # the last layer always runs: its output is not kept
     resumed = _resumed(adapter, batch, [job.resume for job in jobs], start) if start else contextlib.nullcontext()
     handles = [layer.register_forward_pre_hook(batch.hook(i), with_kwargs=True) for i, layer in enumerate(batch.layers)]
     try:
@@ -722,7 +825,7 @@ def execute_batch(adapter: ModelAdapter, jobs: list[Job], max_new_tokens: int = 
         with resumed:
             logits, cache = decoder.prefill(embeds, mask, positions)
         prefill_seconds = time.perf_counter() - started
-        prefills = _captured(batch, cache) if capture else [None] * len(jobs)
+        prefills = _captured(batch, cache, [job.resume for job in jobs]) if capture else [None] * len(jobs)
         golds = [None if job.gold_answer is None else answer_tokens(adapter, job.prepared.prompt, job.gold_answer)
                  for job in jobs]
         gold = (_teacher_forced(adapter, decoder, logits, copy.deepcopy(cache), golds)
@@ -739,20 +842,22 @@ def execute_batch(adapter: ModelAdapter, jobs: list[Job], max_new_tokens: int = 
             answer_logprob=logprob, gold_logprob=gold[b], logits=logits[b].detach().float().cpu(),
             plan=run.plan.with_stages(run.applied), tokens_per_layer=tuple(len(r.rows) for r in records),
             visual_tokens_per_layer=tuple(r.visual for r in records), prefill_seconds=prefill_seconds / len(jobs),
-            first_layer=start, prefill=prefills[b],
+            first_layer=start, prefill=prefills[b], masked_tokens_per_layer=tuple(int(r.hidden.sum()) for r in records),
         ))
     return executions
 
 
-def _captured(batch: _Batch, cache: DynamicCache) -> list[UnprunedPrefill]:
-    """Each sample's unpruned prefill: its layer inputs and its rows of every layer's cache."""
+def _captured(batch: _Batch, cache: DynamicCache, resumed: list[UnprunedPrefill | None]) -> list[UnprunedPrefill]:
+    """Each sample's unpruned prefill: its layer inputs (those of the layers it did not run, from
+    the prefill it resumed) and its rows of every layer's cache."""
     out = []
-    for b, (run, captured) in enumerate(zip(batch.runs, batch.captured)):
+    for b, (run, captured, begun) in enumerate(zip(batch.runs, batch.captured, resumed)):
         start = batch.offsets[b]
         layers = range(len(batch.layers))
         keys = tuple(_sample_rows(cache.layers[i].keys, b, start, 0, (2,)) for i in layers)
         values = tuple(_sample_rows(cache.layers[i].values, b, start, 0, (2,)) for i in layers)
-        out.append(UnprunedPrefill(tuple(captured[i] for i in layers), keys, values, captured["kwargs"]))
+        inputs = tuple(captured[i] if i in captured else begun.inputs[i] for i in layers)
+        out.append(UnprunedPrefill(inputs, keys, values, captured.get("kwargs") or begun.kwargs))
     return out
 
 

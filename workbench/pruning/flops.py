@@ -6,6 +6,14 @@ projections 2n(d d_q + 2 d d_kv + d_q d), attention scores and mix 4 n^2 d_q, ML
 This is FastV's 4nd^2 + 2n^2d + 2ndm counted with multiply-adds as two FLOPs, GQA and gating
 made explicit. Embeddings, norms, the softmax and the output head are left out (the same for
 every plan, and small).
+
+The n of a layer is the rows it computes (``Execution.tokens_per_layer``), not the tokens it attends
+to: a token a masking stage dropped (``Stage.dropped == "masked"``, AIM's code) is still a row
+whose projections and MLP are computed, and dense attention still multiplies its query and its
+(hidden) key, so it costs what a kept token costs. Separators a pre-LLM stage leaves out of the
+LLM input (``Stage.separators == "dropped"``, HiRED's code) are no rows of any layer, so they cost
+nothing. A tower [CLS] a plan passes to the LLM (``cls_token``, VisionZip's and VisionDrop's code) is
+a row of every layer it reaches, so it costs what a patch costs.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ SparseVLM, FEATHER and VisionDrop do in their reference code.
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,6 +53,12 @@ class LayerState:
     after the image (the question and the answer prompt); ``separator_rows``: the layout's
     separators. ``position_ids``/``position_embeddings``/``attention_mask``: exactly what the
     layer will be called with (mask None means plain causal).
+
+    ``masked_rows``: rows of the visual tokens an earlier masking stage dropped (``Stage.dropped ==
+    "masked"``, AIM's code): still rows of the sequence, which this layer computes, but hidden as keys
+    by ``attention_mask``. They are not in ``visual_indices``/``visual_rows`` (a method ranks and
+    keeps only visible tokens); ``attention`` gives them query rows like any other row, and every
+    row, theirs included, gives their keys probability 0, as the code's masked attention does.
     """
 
     layer: int
@@ -67,6 +73,7 @@ class LayerState:
     module: torch.nn.Module  # the decoder layer
     attention_module: torch.nn.Module  # its self-attention (q/k/v/o projections)
     layout: VisualLayout
+    masked_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [K'] int64
 
     @property
     def n_rows(self) -> int:
@@ -95,7 +102,8 @@ class LayerState:
 
     def attention(self, rows: torch.Tensor) -> torch.Tensor:
         """Attention probabilities [H, R, S] (float32) of query ``rows`` in this layer, recomputed
-        from the layer's own q/k on the current, already pruned sequence."""
+        from the layer's own q/k on the current, already pruned sequence, under the layer's own mask
+        (masked tokens' keys get 0; their rows may be asked like any other)."""
         return self._capture().probs(torch.as_tensor(rows, dtype=torch.long))
 
     def keys(self) -> torch.Tensor:

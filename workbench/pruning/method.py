@@ -181,6 +181,12 @@ def entry_position(policy: str, model: ModelFacts | None) -> str:
     return "original" if model is not None and model.mrope else policy
 
 
+def check_choice(method: str, parameter: str, value, choices: tuple) -> None:
+    """A parameter that takes one of a few named values: one clear line for any other."""
+    if value not in choices:
+        raise ValueError(f"{method}: {parameter} must be one of {choices}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class PreLLMMethod(PruningMethod):
     """Base of the methods that cut before the LLM (and of those whose cut inside the vision tower
@@ -195,8 +201,7 @@ class PreLLMMethod(PruningMethod):
     position: str = field(default="reindex", kw_only=True)
 
     def __post_init__(self):
-        if self.position not in POSITION_POLICIES:
-            raise ValueError(f"{self.name}: position must be one of {POSITION_POLICIES}, got {self.position!r}")
+        check_choice(self.name, "position", self.position, POSITION_POLICIES)
 
     def entry_position(self, context: SelectionContext) -> str:
         """The position policy of this method's stage entering the LLM for ``context``'s model."""

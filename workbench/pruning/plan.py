@@ -5,7 +5,10 @@ dashboard draws one and the analyses compare them, so it is plain values only (i
 strings, tuples) and round-trips through ``to_dict``/``from_dict`` and JSON.
 
 Every index is into the ORIGINAL visual tokens ``0..N-1`` of the sample's ``VisualLayout`` (layout
-order), whatever stage it belongs to, so plans of different methods line up token for token.
+order), whatever stage it belongs to, so plans of different methods line up token for token. The
+indices from ``N`` on are reserved: ``N + v`` names the vision tower's [CLS] output of tower view ``v``
+(``cls_token``), a token some methods pass on to the LLM (``Append``); it has no box in the layout, so
+whatever draws or counts tokens on the image reads ``boxed`` indices only.
 """
 
 from __future__ import annotations
@@ -19,16 +22,36 @@ import numpy as np
 PRE_LLM = "pre_llm"
 TOWER = "tower:"  # "tower:i": on the vision tower's hidden states after tower layer i
 POSITION_POLICIES = ("original", "reindex")
+# What becomes of the tokens a stage drops: "removed" takes their rows out of the sequence; "masked" (inside
+# the LLM) keeps them as rows the later layers still compute but hides them as keys (AIM's code).
+DROP_POLICIES = ("removed", "masked")
+# What becomes of the layout's separators (image-newline rows, tile markers) at a "pre_llm" stage: "kept" in
+# their places (the model's own sequence), or "dropped" from the LLM input (HiRED's code packs no newlines).
+SEPARATOR_POLICIES = ("kept", "dropped")
 
 # "tower:i": inside the vision tower, after its layer i (later tower layers, and the LLM, see only the
 # kept tokens); "pre_llm": on the decoder's input embeddings; an int k: on the hidden states entering
 # decoder layer k.
 Where = Union[Literal["pre_llm"], int, str]
 PositionPolicy = Literal["original", "reindex"]
+DropPolicy = Literal["removed", "masked"]
+SeparatorPolicy = Literal["kept", "dropped"]
 
 
 class PlanError(ValueError):
     """A plan that cannot be executed as written; the message says which stage and why."""
+
+
+def cls_token(n_visual: int, view: int = 0) -> int:
+    """The reserved index of the tower's [CLS] output of view ``view`` in a plan over ``n_visual`` tokens."""
+    return int(n_visual) + int(view)
+
+
+def boxed(indices, n_visual: int) -> np.ndarray:
+    """The indices among ``indices`` that are visual tokens of the layout (the [CLS] names left out):
+    what has a box to draw and a row in every per-token [N] array."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    return indices[indices < n_visual]
 
 
 def tower_where(layer: int) -> str:
@@ -115,22 +138,39 @@ class Append:
     "original" position policy it takes the position id of the row it follows (that row's, even
     when the stage drops it); under "reindex" the sequence is numbered contiguously as usual.
     ``sources`` may be empty (the token only moves, scaled by ``weights[0]``); they are dropped by
-    the same stage.
+    the same stage. With ``before`` (instead of ``after``) the new row goes right before the row of
+    visual token ``before`` (alive before the stage, kept or not), and under "original" it takes
+    that row's position id.
+
+    The tower's [CLS]: ``token = cls_token(N, v)`` (a reserved index past the layout's tokens) in a
+    ``"pre_llm"`` stage that keeps it brings the [CLS] output of tower view ``v`` into the sequence
+    (VisionZip's and VisionDrop's code pass it to the LLM as a visual token): its row is that
+    feature at the projector's feed layer, through the projector, as the model's own patches are
+    (times ``weights[0]``; no sources), from the same tower pass as the patches. From then on it is a
+    visual token like the others, named by that index: later stages keep, drop, merge or move it;
+    it counts in every kept count and every layer's visual tokens; it has no box (``boxed``). Only
+    towers with a [CLS] can pass it (the executor says so otherwise).
     """
 
     token: int
     sources: tuple[int, ...]
     weights: tuple[float, ...]
     after: int | None = None
+    before: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "token", int(self.token))
         object.__setattr__(self, "sources", tuple(int(s) for s in self.sources))
         object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-        if self.after is not None:
-            if isinstance(self.after, bool) or not isinstance(self.after, (int, np.integer)):
-                raise PlanError(f"appended token {self.token}: 'after' must be a visual index or None, got {self.after!r}")
-            object.__setattr__(self, "after", int(self.after))
+        for name in ("after", "before"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise PlanError(f"appended token {self.token}: {name!r} must be a visual index or None, "
+                                    f"got {value!r}")
+                object.__setattr__(self, name, int(value))
+        if self.after is not None and self.before is not None:
+            raise PlanError(f"appended token {self.token}: give 'after' or 'before', not both")
         if len(self.weights) != len(self.sources) + 1:
             raise PlanError(f"appended token {self.token}: {len(self.weights)} weights for 1 token + "
                             f"{len(self.sources)} sources (need one weight each)")
@@ -144,12 +184,18 @@ class Append:
         """Every token whose state makes the new one: the token itself, then the sources."""
         return (self.token,) + self.sources
 
+    @property
+    def place(self) -> int | None:
+        """The visual token whose row the new row is placed next to (``after`` or ``before``)."""
+        return self.before if self.before is not None else self.after
+
     def to_dict(self) -> dict:
-        return {"token": self.token, "sources": list(self.sources), "weights": list(self.weights), "after": self.after}
+        return {"token": self.token, "sources": list(self.sources), "weights": list(self.weights), "after": self.after,
+                "before": self.before}
 
     @staticmethod
     def from_dict(row: dict) -> "Append":
-        return Append(row["token"], tuple(row["sources"]), tuple(row["weights"]), row.get("after"))
+        return Append(row["token"], tuple(row["sources"]), tuple(row["weights"]), row.get("after"), row.get("before"))
 
 
 @dataclass(frozen=True)
@@ -165,8 +211,22 @@ class Stage:
     for methods that rank nothing (random, uniform grid).
     ``position``: "original" keeps every surviving token's position id (FastV); "reindex" numbers
     the surviving sequence contiguously from 0 (PyramidDrop).
-    ``appends``: kept tokens rebuilt from others and moved elsewhere in the sequence (``Append``);
-    before the LLM and inside it, not in the tower.
+    ``appends``: kept tokens rebuilt from others and moved elsewhere in the sequence (``Append``),
+    and, in the ``"pre_llm"`` stage, the tower's [CLS] brought in (``cls_token``); before the LLM and
+    inside it, not in the tower.
+    ``dropped``: what becomes of the tokens the stage drops. "removed" (default): their rows leave
+    the sequence, so later layers neither compute nor see them. "masked" (inside the LLM only): they
+    stay rows of the sequence, which layers >= k still compute (each still attends to the visible
+    keys), but their keys are hidden from every query, their own included, from layer k on, in the
+    prefill and while decoding: what AIM's code does with its attention mask. ``kept`` is then the
+    tokens still visible as keys; later stages keep a subset of them and a later "removed" stage
+    takes the masked rows out too. A masking stage only hides tokens: no merges or appends, and
+    positions stay as they are ("original").
+    ``separators``: the layout's separators (image-newline rows, tile markers), which no stage keeps
+    or drops by index. "kept" (default): they stay in their places. "dropped" (the ``"pre_llm"``
+    stage only): their rows are left out of the LLM input, so no layer computes or sees them (HiRED's
+    code packs its image features with no newline); positions follow ``position`` ("reindex"
+    numbers the shorter sequence contiguously, "original" leaves gaps).
     """
 
     where: Where
@@ -175,6 +235,8 @@ class Stage:
     merges: tuple[Merge, ...] = ()
     position: PositionPolicy = "original"
     appends: tuple[Append, ...] = ()
+    dropped: DropPolicy = "removed"
+    separators: SeparatorPolicy = "kept"
 
     def __post_init__(self):
         if self.where != PRE_LLM and tower_layer(self.where) is None:
@@ -196,6 +258,16 @@ class Stage:
                             f"{POSITION_POLICIES}, got {self.position!r}")
         kept_set = set(kept)
         where = describe_where(self.where)
+        if self.dropped not in DROP_POLICIES:
+            raise PlanError(f"stage {where}: dropped must be one of {DROP_POLICIES}, got {self.dropped!r}")
+        if self.dropped == "masked" and (not self.in_llm or self.merges or self.appends or self.position != "original"):
+            raise PlanError(f"stage {where}: a masking stage (dropped='masked') acts inside the LLM, keeps every "
+                            "row where it is (position 'original') and has no merges or appends")
+        if self.separators not in SEPARATOR_POLICIES:
+            raise PlanError(f"stage {where}: separators must be one of {SEPARATOR_POLICIES}, got {self.separators!r}")
+        if self.separators == "dropped" and self.where != PRE_LLM:
+            raise PlanError(f"stage {where}: only the {PRE_LLM!r} stage can leave the layout's separators out of the "
+                            "LLM input (separators='dropped')")
 
         def check_fold(what: str, token: int, sources) -> None:
             # A merge and an append both rebuild one kept token from dropped ones.
@@ -247,7 +319,8 @@ class Stage:
         scores = None if self.scores is None else [None if math.isnan(s) else s for s in self.scores]
         return {"where": self.where, "kept": list(self.kept), "scores": scores,
                 "merges": [m.to_dict() for m in self.merges], "position": self.position,
-                "appends": [a.to_dict() for a in self.appends]}
+                "appends": [a.to_dict() for a in self.appends], "dropped": self.dropped,
+                "separators": self.separators}
 
     @staticmethod
     def from_dict(row: dict) -> "Stage":
@@ -256,7 +329,8 @@ class Stage:
             scores = tuple(math.nan if s is None else s for s in scores)
         return Stage(row["where"], tuple(row["kept"]), scores,
                      tuple(Merge.from_dict(m) for m in row.get("merges", ())), row.get("position", "original"),
-                     tuple(Append.from_dict(a) for a in row.get("appends", ())))
+                     tuple(Append.from_dict(a) for a in row.get("appends", ())), row.get("dropped", "removed"),
+                     row.get("separators", "kept"))  # plans written before the field kept them
 
 
 @dataclass(frozen=True)
@@ -297,10 +371,16 @@ class KeepPlan:
             if previous is not None and _stage_order(stage.where) <= _stage_order(previous.where):
                 raise PlanError(f"stage {where} comes after stage {describe_where(previous.where)}; "
                                 "stages must be in strictly increasing order (pre_llm first, then layers)")
-            bad = [i for i in stage.kept if not 0 <= i < n]
+            entering = {a.token for a in stage.appends if a.token >= n and a.token not in alive}
+            for token in sorted(entering):
+                append = next(a for a in stage.appends if a.token == token)
+                if stage.where != PRE_LLM or append.sources:
+                    raise PlanError(f"stage {where}: the tower's [CLS] (token {token}) enters the sequence in the "
+                                    "'pre_llm' stage, made of no other token")
+            bad = [i for i in stage.kept if not (0 <= i < n or i in entering or i in alive)]
             if bad:
                 raise PlanError(f"stage {where}: kept indices {bad[:5]} are out of range 0..{n - 1}")
-            extra = sorted(set(stage.kept) - alive)
+            extra = sorted(set(stage.kept) - alive - entering)
             if extra:
                 raise PlanError(f"stage {where}: keeps {extra[:5]} which an earlier stage dropped "
                                 "(each stage must keep a subset of the previous one)")
@@ -313,9 +393,9 @@ class KeepPlan:
                                     "that were already dropped (or are out of range)")
             for append in stage.appends:
                 gone = sorted(set(append.sources) - alive)
-                if gone or (append.after is not None and append.after not in alive):
+                if gone or (append.place is not None and append.place not in alive):
                     raise PlanError(f"stage {where}: appended token {append.token} uses tokens "
-                                    f"{(gone or [append.after])[:5]} that were already dropped (or are out of range)")
+                                    f"{(gone or [append.place])[:5]} that were already dropped (or are out of range)")
             alive = set(stage.kept)
             previous = stage
 

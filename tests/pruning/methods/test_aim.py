@@ -74,8 +74,8 @@ def state(visual_rows, ids, probs):
 def test_callback_ranks_by_pagerank_on_the_live_sequence():
     # 4 visual tokens (rows 1-4), text rows 0 and 5. One PageRank step (temperature 1): the column
     # means over ALL query rows rank ids 0 (.95) > 1 (.8) > 2 (.55) > 3 (.4); the last row alone
-    # would keep ids 1 and 3.
-    method = AIM(first_layer=16, rate_step=0.5, temperature=1.0, iterations=1)
+    # would keep ids 1 and 3. ``dropped="removed"``: the dropped tokens leave the sequence.
+    method = AIM(first_layer=16, rate_step=0.5, temperature=1.0, iterations=1, dropped="removed")
     context = SelectionContext(grid_layout((2, 2)), 4, None, LLAVA_FACTS)
     assert method.kept_counts(context) == (4, 2, 0)
     callback = method.layer_callback(context)
@@ -92,12 +92,31 @@ def test_callback_ranks_by_pagerank_on_the_live_sequence():
     assert final.score_array[1] == pytest.approx((.3 + .3 / .85) / 4)
 
 
+def test_masked_tokens_stay_queries_of_the_pagerank():
+    # The default (the code): ids 2, 3 dropped before layer 17 stay rows 3, 4 with hidden keys. Layer 17
+    # scores all 6 rows with keys 3, 4 hidden (rows renormalised: row 3 (.4, .1, .1) / .6, row 4 the
+    # same, row 5 (.2, .05, .3, .3) / .85), from 1/6 each: id 0 gets (.5 + .2 + 2 * .1/.6 + .05/.85) / 6.
+    method = AIM(first_layer=16, rate_step=0.5, temperature=1.0, iterations=1)
+    callback = method.layer_callback(SelectionContext(grid_layout((2, 2)), 4, None, LLAVA_FACTS))
+    callback(16, state([1, 2, 3, 4], [0, 1, 2, 3], P))
+    stage = callback(17, state([1, 2, 3, 4], [0, 1, 2, 3], P))
+    assert stage.kept == (0, 1) and stage.dropped == "masked" and stage.position == "original"
+    hidden = P.clone()
+    hidden[:, :, [3, 4]] = 0
+    hidden /= hidden.sum(-1, keepdim=True)  # what the layer's masked attention gives at layer 18
+    final = callback(18, state([1, 2], [0, 1], hidden))
+    assert final.kept == () and final.dropped == "masked"
+    assert final.score_array[0] == pytest.approx((.5 + .2 + 2 * .1 / .6 + .05 / .85) / 6)
+    assert final.score_array[1] == pytest.approx((.3 + 2 * .1 / .6 + .3 / .85) / 6)
+    assert np.isnan(final.score_array[2:]).all()
+
+
 def test_select_merges_the_llm_input():
     x = angles(0, 5, 90, 80, 45, 44)
     context = handmade_context(grid_layout((2, 3)), 3, {SignalNeed("visual_states", "llm", 0): x})
     (stage,) = AIM().select(context).stages
     assert stage.where == PRE_LLM and stage.position == "reindex" and len(stage.kept) == 3
-    assert sum(len(m.sources) for m in stage.merges) == 3
+    assert sum(len(m.sources) for m in stage.folds) == 3
     # the code's own two steps ignore the budget: 6 -> 3 -> 2 (r = 6 // 2, then min(6 // 4, 3 // 2))
     (fixed,) = AIM(reference_steps=2).select(context).stages
     assert len(fixed.kept) == 2 and AIM(reference_steps=2).kept_counts(context)[0] == 2
@@ -107,7 +126,8 @@ def test_parameters_are_checked():
     for bad, message in [(dict(first_layer=0), "first_layer"), (dict(first_layer=40), "below 32"),
                          (dict(rate_step=0.0), "rate_step"), (dict(temperature=-1), "temperature"),
                          (dict(iterations=0), "iterations"), (dict(damping=1.0), "damping"),
-                         (dict(position="keep"), "position"), (dict(reference_steps=-1), "reference_steps")]:
+                         (dict(position="keep"), "position"), (dict(reference_steps=-1), "reference_steps"),
+                         (dict(dropped="hidden"), "dropped"), (dict(order="random"), "order")]:
         with pytest.raises(ValueError, match=f"aim: .*{message}"):
             AIM(**bad)
 
@@ -116,7 +136,7 @@ def test_shipped_model_and_families():
     execution, _ = check_on_shipped(AIM())
     stages = execution.plan.stages
     assert [(s.where, len(s.kept)) for s in stages] == [(PRE_LLM, 32), (3, 0)]
-    assert stages[0].merges and stages[1].position == "original"
+    assert stages[0].folds and stages[1].position == "original" and stages[1].dropped == "masked"
     execution, _ = run_checked(*tiny_input("qwen2_vl"), AIM(), 0.25, max_new_tokens=2)
     assert execution.plan.stages[0].position == "original"  # M-RoPE: no re-indexing
 

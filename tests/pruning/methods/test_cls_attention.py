@@ -149,8 +149,8 @@ def test_hired_runs_on_tiny_llava():
     assert len(execution.plan.final_kept) == (prepared.layout.n_tokens + 1) // 2
 
 
-# FasterVLM's default top-k per crop is checked against its code in parity/test_fastervlm_anyres.py
-@pytest.mark.parametrize("method", [FasterVLM(crops="budget"), VtcCls(), HiRED()])
+# The defaults' top-k per crop are checked against the codes in parity/test_{fastervlm,vtc_cls,hired}_anyres.py
+@pytest.mark.parametrize("method", [FasterVLM(crops="budget"), VtcCls(crops="budget"), HiRED(crops="budget")])
 def test_tiny_llava_next_reads_every_crop_through_the_tower_map(method):
     # LLaVA-NeXT's tower records per crop (base + 4 tiles here): the scores are the map's fold of all of them.
     adapter, prepared = tiny_input("llava_next")

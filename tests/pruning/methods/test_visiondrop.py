@@ -13,7 +13,7 @@ from tests.pruning.handmade import LLAVA_FACTS, NO_CLS_FACTS, grid_layout, handm
 from tests.pruning.shipped import check_on_shipped, run_checked, tiny_input
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, SelectionContext, SignalNeed
 from workbench.pruning.methods.visiondrop import VisionDrop
-from workbench.pruning.plan import PRE_LLM, Append, Merge
+from workbench.pruning.plan import PRE_LLM, Append, Merge, Stage
 from workbench.pruning.run import run_method
 
 FEED = LLAVA_FACTS.projector_feed_tower_layer  # 22
@@ -41,21 +41,25 @@ def test_tower_stage_by_hand():
     assert stage.position == "reindex"
     merges = {Merge(0, (1, 2, 3, 4, 12, 13), (1.0,) + (1 / 6,) * 6), Merge(7, (6, 8, 9, 11, 14), (1.0,) + (1 / 5,) * 5)}
     assert set(stage.merges) == merges
-    # the tower's output order [dominant..., contextual...]: the targets move behind the dominant tokens
-    assert reorder.where == PRE_LLM and reorder.kept == stage.kept and reorder.appends == (
-        Append(0, (), (1.0,)), Append(7, (), (1.0,)))
+    # the tower's output order [CLS, dominant..., contextual...]: the [CLS] (reserved index 16) comes in
+    # before the first patch, the targets move behind the dominant tokens
+    cls = Append(16, (), (1.0,), before=0)
+    assert reorder.where == PRE_LLM and reorder.kept == stage.kept + (16,) and reorder.appends == (
+        cls, Append(0, (), (1.0,)), Append(7, (), (1.0,)))
     # The deviations as named values: the same selection as a pre_llm stage (merged and moved at once);
-    # every token in place; no [CLS] slot: 4 patches.
+    # every token in place; the [CLS] slot left empty (4 patches, no [CLS]) or given to a patch (5).
     simulated = dataclasses.replace(method, progression="simulated")
     (pre,) = simulated.select(handmade_context(grid_layout((4, 4)), 5, tower_entries())).stages
-    assert pre.where == PRE_LLM and pre.kept == stage.kept and not pre.merges
-    assert [(a.token, a.sources, a.weights) for a in pre.appends] == sorted(
+    assert pre.where == PRE_LLM and pre.kept == stage.kept + (16,) and not pre.merges
+    assert pre.appends[0] == cls and [(a.token, a.sources, a.weights) for a in pre.appends[1:]] == sorted(
         (m.target, m.sources, m.weights) for m in merges)
-    (in_place,) = dataclasses.replace(method, order="layout").select(
+    in_place, entry = dataclasses.replace(method, order="layout").select(
         handmade_context(grid_layout((4, 4)), 5, tower_entries())).stages
-    assert in_place == stage
-    no_slot = dataclasses.replace(method, cls_slot=False)
-    assert len(no_slot.select(handmade_context(grid_layout((4, 4)), 5, tower_entries())).final_kept) == 6
+    assert in_place == stage and entry == Stage(PRE_LLM, stage.kept + (16,), position="reindex", appends=(cls,))
+    empty = dataclasses.replace(method, cls_slot="empty").select(handmade_context(grid_layout((4, 4)), 5, tower_entries()))
+    assert empty.stages[0] == stage and empty.final_kept == stage.kept
+    patch = dataclasses.replace(method, cls_slot="patch")
+    assert len(patch.select(handmade_context(grid_layout((4, 4)), 5, tower_entries())).final_kept) == 6
 
 
 def test_llm_stage_averages_visual_rows():
@@ -70,7 +74,7 @@ def test_llm_stage_averages_visual_rows():
                             keys=lambda: torch.tensor([[[0.0, 0], [1, 0], [0, 1], [1, 1], [1, 2], [0, 0]]]))
     method = VisionDrop(dominant=4, contextual=0, llm_layers=(8,), llm_tokens=((1, 1),), reference_budget=2)
     context = SelectionContext(grid_layout((4, 4)), 2, None, LLAVA_FACTS)
-    assert method.kept_counts(context) == (3, 2)  # [CLS] + 3 patches in the tower
+    assert method.kept_counts(context) == (3, 4, 2)  # 3 patches in the tower; + the [CLS] before the LLM
     callback = method.layer_callback(context)
     assert callback(7, state) is None
     stage = callback(8, state)
@@ -86,11 +90,14 @@ def test_schedule_scales_the_reference():
     context = SelectionContext(grid_layout((24, 24)), 32, None, LLAVA_FACTS)
     # the tower stage after the feed layer: 41 patches + the [CLS] (main.py: dominant - 1)
     assert VisionDrop().schedule(context) == [(f"tower:{FEED}", 41, 6), (8, 30, 5), (16, 22, 4), (24, 16, 3)]
-    assert VisionDrop(progression="simulated", cls_slot=False).schedule(context)[0] == (PRE_LLM, 42, 6)
+    assert VisionDrop(progression="simulated", cls_slot="patch").schedule(context)[0] == (PRE_LLM, 42, 6)
     shallow = SelectionContext(grid_layout((12, 12)), 64, None, ModelFacts("LlavaAdapter", 3, 3, True, 3))
-    # x2; 8 -> 1, 16 and 24 -> 2 (the later counts win); the tower's tokens reordered before the LLM
-    assert VisionDrop().kept_counts(shallow) == (95, 95, 70, 38)
-    assert VisionDrop(order="layout").kept_counts(shallow) == (95, 70, 38)
+    # x2; 8 -> 1, 16 and 24 -> 2 (the later counts win); the tower's tokens reordered before the LLM,
+    # where the [CLS] joins them: 96 = the code's 84 + 12 tokens enter the LLM
+    assert VisionDrop().kept_counts(shallow) == (95, 96, 70, 38)
+    assert VisionDrop(order="layout").kept_counts(shallow) == (95, 96, 70, 38)
+    assert VisionDrop(order="layout", cls_slot="empty").kept_counts(shallow) == (95, 70, 38)
+    assert VisionDrop(progression="simulated").kept_counts(shallow) == (96, 70, 38)
 
 
 def test_validation_and_applicability():
@@ -100,8 +107,8 @@ def test_validation_and_applicability():
         VisionDrop(llm_tokens=((1, 1),))
     with pytest.raises(ValueError, match="progression"):
         VisionDrop(progression="inside")
-    with pytest.raises(ValueError, match="cls_slot"):
-        VisionDrop(cls_slot=1)
+    with pytest.raises(ValueError, match="cls_slot must be one of"):
+        VisionDrop(cls_slot=True)
     with pytest.raises(ValueError, match="order must be one of"):
         VisionDrop(order="sorted")
     with pytest.raises(MethodNotApplicable, match="tower_score='visual'"):
@@ -113,7 +120,7 @@ def test_validation_and_applicability():
 
 def test_shipped_model():
     execution, _ = check_on_shipped(VisionDrop())
-    assert [len(st.kept) for st in execution.plan.stages] == [47, 47, 35, 26, 19]
+    assert [len(st.kept) for st in execution.plan.stages] == [47, 48, 35, 26, 19]  # the [CLS] enters the LLM
     assert [st.where for st in execution.plan.stages] == ["tower:2", PRE_LLM, 1, 2, 3]
     tower, *llm = execution.plan.stages[:1] + execution.plan.stages[2:]
     assert tower.merges and all(any(a.sources for a in st.appends) for st in llm)

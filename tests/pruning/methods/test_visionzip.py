@@ -59,14 +59,17 @@ def test_dominant_then_stride_targets_among_the_remaining_tokens():
                                Merge(9, (6, 7, 8, 10, 11, 12, 13, 14, 15), (1.0,) + (1 / 9,) * 9))
 
 
-def test_the_reference_cls_slot_takes_one_dominant_patch():
+def test_the_reference_cls_slot_takes_one_dominant_patch_and_passes_the_cls():
     # dominant 2 = [CLS] + 1 patch (visionzip/main.py: dominant_num = dominant - 1): token 2 only.
     # Remaining: the 15 others; stride 15 // 2 = 7 -> targets are remaining[0], remaining[7]: 0 and 8.
+    # The [CLS] (reserved index 16) is passed first (clip_encoder.py line 58): 4 tokens, the budget.
     layout = grid_layout((4, 4))
     context = handmade_context(layout, 4, entries())
-    plan = VisionZip(contextual_ratio=0.5).select(context)
-    assert plan.final_kept == (0, 2, 8)
-    assert VisionZip(contextual_ratio=0.5).kept_counts(context) == (3,)
+    (stage,) = VisionZip(contextual_ratio=0.5).select(context).stages
+    assert stage.kept == (0, 2, 8, 16) and stage.appends[0] == Append(16, (), (1.0,), before=0)
+    assert VisionZip(contextual_ratio=0.5).kept_counts(context) == (4,)
+    empty = VisionZip(contextual_ratio=0.5, cls_slot="empty")
+    assert empty.select(context).final_kept == (0, 2, 8) and empty.kept_counts(context) == (3,)
     assert VisionZip(contextual_ratio=0.5, cls_slot="patch").kept_counts(context) == (4,)
 
 
@@ -74,7 +77,7 @@ def test_no_contextual_slots_is_plain_top_k():
     layout = grid_layout((4, 4))
     plan = VisionZip(contextual_ratio=0.0, cls_slot="patch").select(handmade_context(layout, 2, entries()))
     assert plan.final_kept == (2, 3) and plan.stages[0].merges == ()
-    assert VisionZip(contextual_ratio=0.0).select(handmade_context(layout, 2, entries())).final_kept == (2,)
+    assert VisionZip(contextual_ratio=0.0).select(handmade_context(layout, 2, entries())).final_kept == (2, 16)
 
 
 def test_invalid_hyper_parameters():
@@ -97,8 +100,8 @@ def test_no_cls_tower_is_not_applicable():
 def test_runs_on_tiny_llava():
     adapter, prepared = tiny_input("llava")
     execution, _ = run_checked(adapter, prepared, VisionZip(), 0.5, max_new_tokens=2)
-    n_keep = len(execution.plan.final_kept)
-    assert n_keep == (prepared.layout.n_tokens + 1) // 2 - 1  # the [CLS] slot is not given to a patch
+    n, kept = prepared.layout.n_tokens, execution.plan.final_kept
+    assert len(kept) == (n + 1) // 2 and kept[-1] == n  # the [CLS] fills one slot and is passed on
     assert execution.plan.stages[0].appends  # contextual tokens were made and appended
 
 
@@ -109,10 +112,16 @@ def test_runs_on_tiny_llava_next_through_the_tower_map_and_not_on_qwen2_vl():
     layout = prepared.layout
     execution, context = run_checked(adapter, prepared, VisionZip(), 0.5, max_new_tokens=2)
     recording, stage = context.recording, execution.plan.stages[0]
-    assert len(stage.kept) == context.n_keep - len(layout.groups) and stage.appends  # one [CLS] slot per crop
+    # every view's [CLS] fills a slot and is passed: the base view's first, the crops' after the tiles
+    n, views = layout.n_tokens, len(layout.tower_owner)
+    assert len(stage.kept) == context.n_keep and stage.kept[-views:] == tuple(range(n, n + views))
+    entering = [a for a in stage.appends if a.token >= n]
+    assert entering[0] == Append(n, (), (1.0,), before=0)
+    assert {a.after for a in entering[1:]} == {n - 1} and [a.token for a in entering] == list(range(n, n + views))
     # each crop's contextual tokens follow that crop's tokens
-    assert {a.after for a in stage.appends} <= {int(np.flatnonzero(layout.group == g)[-1]) for g in range(len(layout.groups))}
-    assert all(layout.group[a.token] == layout.group[a.after] for a in stage.appends)
+    contextual = [a for a in stage.appends if a.token < n]
+    assert {a.after for a in contextual} <= {int(np.flatnonzero(layout.group == g)[-1]) for g in range(len(layout.groups))}
+    assert all(layout.group[a.token] == layout.group[a.after] for a in contextual)
     layer = VisionZip().layer(context.model)
     np.testing.assert_allclose(stage.scores, folded(recording, layout, "attention", layer, "cls"))
     keys = tower_features(recording, layout, "visual_keys", layer)
@@ -127,5 +136,5 @@ def test_runs_on_tiny_llava_next_through_the_tower_map_and_not_on_qwen2_vl():
 
 def test_runs_on_the_shipped_model():
     execution, _ = check_on_shipped(VisionZip())
-    assert [len(st.kept) for st in execution.plan.stages] == [31]  # 32 = [CLS] + 31 patches
+    assert [len(st.kept) for st in execution.plan.stages] == [32]  # 32 = [CLS] + 31 patches
     assert len(execution.plan.stages[0].appends) > 0

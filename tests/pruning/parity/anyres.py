@@ -94,13 +94,16 @@ def to_layout(prepared, grid: Stitching, kept_per_view) -> np.ndarray:
     return np.sort([t for t in tokens if t is not None])
 
 
-def assert_per_view_parity(method, official, size, budgets) -> None:
+def assert_per_view_parity(method, official, size, budgets, argument=None) -> None:
     """``method``'s kept set equals ``official(adapter, prepared, T)`` at every budget, with T the
-    budget's share of one view's P patches, rounded (the codes' per-view count)."""
+    budget's share of one view's P patches, rounded (the codes' per-view count); ``argument(prepared,
+    budget)``, when given, is what ``official`` takes instead of T (e.g. HiRED's budget rate)."""
     adapter, prepared = llava_next_case(size)
     patches = len(prepared.layout.tower_owner[0])
     for budget in budgets:
-        reference = official(adapter, prepared, round(patches * n_keep(prepared, budget) / prepared.layout.n_tokens))
+        given = (round(patches * n_keep(prepared, budget) / prepared.layout.n_tokens) if argument is None
+                 else argument(prepared, budget))
+        reference = official(adapter, prepared, given)
         (stage,) = workbench_plan(method, adapter, prepared, budget).stages
         assert len(stage.kept) == len(reference)
         assert jaccard(stage.kept, reference) == 1.0, (size, budget)

@@ -9,9 +9,14 @@ Official code: LaVi-Lab/AIM (HEAD)
   ``[unmerged (in that order), destinations]``;
 - llava/model/llava_arch.py lines 194-198 (get_2dPool): ``r = orig_num // 2`` then ``orig_num // 4``
   (25 % kept, the default); ``// 8`` (12.5 %) is the next commented-out step; the metric is the
-  features themselves (merged features in the second step).
+  features themselves (merged features in the second step); it returns the merged tokens in the
+  last step's order, which ``prepare_inputs_labels_for_multimodal`` concatenates with the text as is
+  (lines 449-560: the image features spliced in as they come; ``position_ids`` stays None, so the
+  decoder numbers the new sequence 0..L-1).
 The reference tracks every merged token's weights over the original tokens (a one-hot block carried
-through the same op) and its place (its destination's original index). ``argsort`` ties: stable.
+through the same op), its place (its destination's original index) and its order in the sequence the
+LLM gets (the default ``order="code"``; ``order="layout"`` puts every token at its place instead).
+``argsort`` ties: stable.
 The in-LLM PageRank stages are not covered here. The code merges only video frames; the method
 applies the same merging to the image (the paper's description), as does this reference.
 """
@@ -61,7 +66,7 @@ def official_aim_merge(adapter, prepared, steps):
 
 def workbench_weights(stage, n):
     out = {}
-    merges = {m.target: m for m in stage.merges}
+    merges = {m.target: m for m in stage.folds}
     for t in stage.kept:
         w = np.zeros(n)
         if t in merges:
@@ -89,6 +94,18 @@ def test_merging_equals_the_official_rule(label):
         stage = workbench_plan(method, adapter, prepared, budget).stages[0]
         reference = official_aim_merge(adapter, prepared, steps)
         assert set(stage.kept) == set(reference), (label, budget, steps)
+        # the LLM gets them in the code's order: every kept token appended at the end of the visual
+        # block, in that order (one-axis positions, re-numbered)
+        assert stage.position == "reindex" and not stage.merges
+        assert [a.token for a in stage.appends] == list(reference), (label, budget, steps)
+        assert all(a.after is None for a in stage.appends)
         ours = workbench_weights(stage, n)
         for place, weights in reference.items():
             np.testing.assert_allclose(ours[place], weights, atol=1e-12, err_msg=f"{label} {budget} {place}")
+        # order="layout": the same tokens and weights, each merged in place (no token moves)
+        layout = workbench_plan(AIM(order="layout", reference_steps=method.reference_steps), adapter, prepared,
+                                budget).stages[0]
+        assert layout.kept == stage.kept and not layout.appends
+        assert workbench_weights(layout, n).keys() == ours.keys()
+        for place in reference:
+            np.testing.assert_allclose(workbench_weights(layout, n)[place], ours[place], atol=0)

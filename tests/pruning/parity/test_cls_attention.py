@@ -6,8 +6,9 @@ reference's projector-feed layer 22 = ``attentions[-2]`` on this tower's feed la
 FasterVLM's ``visual_token_num`` and VTC-CLS's ``token_num`` are counts (the budget's ``n_keep``);
 HiRED's is ``int(N * token_budget_rate)``, which its default ``count="floor"`` keeps (0.22 of 144 is 31).
 
-Single-image layouts only (LLaVA-1.5 code paths): the shipped model and the tiny LLaVA. HiRED's
-AnyRes (LLaVA-NeXT) rule is not covered here (see its docstring's deviations).
+Single-image layouts only (LLaVA-1.5 code paths): the shipped model and the tiny LLaVA. The multi-crop
+(LLaVA-NeXT) rules are in ``test_fastervlm_anyres.py``, ``test_hired_anyres.py`` (HiRED's own AnyRes
+code) and ``test_vtc_cls_anyres.py`` (VTC-CLS's single-image rule applied to every view).
 """
 
 from __future__ import annotations

@@ -14,8 +14,11 @@ Official code: Ruixxxx/VisionDrop (HEAD)
   joins the ``argmax`` of its cosine to the targets (73-76); contextual token = target hidden state +
   mean of its assigned hidden states (77-82), on ``hidden_states[-2]``, the tower features that then
   go through the projector (llava_arch.py lines 31-36).
-The reference's LLM also receives the [CLS] feature itself; the workbench's layouts have no slot for
-it (a documented deviation), so the comparison covers the patches.
+  The block it returns is [CLS, dominant patches, contextual tokens] (``masked_select`` keeps sequence
+  order, line 58; line 88 concatenates): the [CLS] output of ``hidden_states[-2]`` is the LLM's first
+  visual token. The workbench passes it as the plan's reserved token ``cls_token(N)``, brought in by
+  the ``pre_llm`` stage before the first patch; compared here: that stage, and the projected [CLS]
+  row the LLM receives.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import pytest
 import torch
 
 from tests.pruning.parity.common import case, eager_model, eager_tower, facts, labels, n_keep, tower_key_states
+from tests.pruning.reference import LayerIO
 from workbench.pruning.methods.visiondrop import VisionDrop
-from workbench.pruning.plan import KeepPlan
+from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, cls_token
 from workbench.pruning.run import run_method
 from workbench.pruning.tower_stages import tower_inputs
 
@@ -35,7 +39,8 @@ BUDGETS = (0.22, 0.5)
 
 @torch.no_grad()
 def official_tower_stage(adapter, prepared, dominant: int, contextual: int, layer: int, heads: int):
-    """(kept patch indices, {target: sources}, {patch: feature}) of the official tower stage."""
+    """(kept patch indices, {target: sources}, {token: feature}) of the official tower stage; the
+    [CLS] feature under the reserved index N (the patch count)."""
     out = eager_tower(adapter, prepared)
     attn = out.attentions[layer].double()                                      # attentions[-2]
     hidden_states = out.hidden_states[layer + 1].double()                      # hidden_states[-2]
@@ -63,7 +68,7 @@ def official_tower_stage(adapter, prepared, dominant: int, contextual: int, laye
     targets, sources = filtered[target_indices] - 1, filtered[others] - 1
     assigned = similarity.argmax(dim=2)[0]
     merges = {int(t): sorted(int(s) for s in sources[assigned == i]) for i, t in enumerate(targets)}
-    features = {int(i) - 1: hidden_states[0, i] for i in dominant_ids if i > 0}
+    features = {int(i) - 1 if i > 0 else hidden_states.shape[1] - 1: hidden_states[0, i] for i in dominant_ids}
     features.update({int(t): contextual_tokens[0, j] for j, t in enumerate(targets)})
     kept = np.sort(np.concatenate([dominant_ids[1:].numpy() - 1, targets.numpy()]))
     return kept, {t: s for t, s in merges.items() if s}, features
@@ -92,3 +97,14 @@ def test_default_tower_stage_equals_the_official_rule(label):
         rows = torch.as_tensor(prepared.layout.positions[list(stage.kept)])
         expected = projector(torch.stack([features[i] for i in stage.kept]).float())
         torch.testing.assert_close(llm.inputs_embeds[0, rows], expected, atol=1e-4, rtol=1e-4)
+        # the [CLS] enters first (before the first kept patch) and is one of the LLM's visual tokens
+        n = prepared.layout.n_tokens
+        entry = execution.plan.stages[1]
+        assert entry.where == PRE_LLM and entry.kept == stage.kept + (cls_token(n),)
+        assert entry.appends[0] == Append(cls_token(n), (), (1.0,), before=stage.kept[0])
+        assert execution.visual_tokens_per_layer[0] == dominant + contextual  # the code's 42 + 6 at 32
+        with LayerIO(adapter) as seen:
+            run_method(adapter, prepared, method, budget, max_new_tokens=0)
+        start = int(prepared.layout.positions[0])
+        torch.testing.assert_close(seen.inputs[0][0, start], projector(features[cls_token(n)].float()),
+                                   atol=1e-4, rtol=1e-4)

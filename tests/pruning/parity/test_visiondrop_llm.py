@@ -17,8 +17,9 @@ Official code: Ruixxxx/VisionDrop (HEAD), llava/model/modeling_llama_visiondrop.
 - lines 1458-1462: the image block becomes [dominant tokens (sequence order), contextual tokens];
   lines 1497-1498: positions re-numbered ``0..len-1``.
 The LLM's first visual block is the tower stage's output (clip_encoder.py lines 43-85, checked in
-test_visiondrop.py): [CLS, dominant patches, contextual patches]. The workbench's layouts have no slot
-for the [CLS] feature (documented in the method), so the reference's LLM does not get it either.
+test_visiondrop.py): [CLS, dominant patches, contextual patches]. The [CLS] is a visual token of every
+LLM stage there (``image_tokens`` counts it, line 1321): ranked, kept, dropped or merged like a patch;
+the workbench names it by the reserved index N (``cls_token``), so it is compared like the others.
 
 What is compared: the kept SET of original visual indices at every stage and every merge (target and
 sources). The code's reordering changes which tokens are spaced targets and, through the causal mask
@@ -45,7 +46,7 @@ from tests.pruning.parity.common import (case, causal_mask, eager_forward, eager
 from tests.pruning.parity.test_visiondrop import official_tower_stage
 from workbench.pruning.method import SelectionContext
 from workbench.pruning.methods.visiondrop import VisionDrop
-from workbench.pruning.plan import PRE_LLM, Merge
+from workbench.pruning.plan import PRE_LLM, Append, Merge, cls_token
 from workbench.pruning.run import run_method
 
 BUDGETS = (0.22, 0.5)
@@ -111,8 +112,10 @@ def official_visiondrop(adapter, prepared, budget, order="code"):
     # the tower stage's output order: dominant patches (sequence order), then contextual (clip_encoder.py line 88)
     cls_row = eager_tower(adapter, prepared).attentions[tower_layer][0, :, 0, 1:].double().sum(0)
     dominant_set = set(cls_row.topk(dominant).indices.tolist())
-    ordered = ([i for i in kept if i in dominant_set] + [i for i in kept if i not in dominant_set]
-               if order == "code" else list(kept))
+    n = prepared.layout.n_tokens
+    cls = [cls_token(n)]  # the block starts with the [CLS] (clip_encoder.py line 58)
+    ordered = cls + ([i for i in kept if i in dominant_set] + [i for i in kept if i not in dominant_set]
+                     if order == "code" else list(kept))
     stages = {where: (tuple(int(i) for i in kept), merges)}
     model = eager_model(adapter)
     projector = model.model.multi_modal_projector
@@ -134,8 +137,8 @@ def official_visiondrop(adapter, prepared, budget, order="code"):
             stages[i] = (tuple(sorted(int(ids[r]) for r in np.concatenate([dominant_rows, targets]))),
                          {int(ids[t]): sorted(int(ids[s]) for s in src) for t, src in row_merges.items() if src})
             new_ids = np.concatenate([ids[dominant_rows], ids[targets]])
-            if order != "code":  # the layout order: rows back in original-index order
-                rank = np.argsort(new_ids, kind="stable")
+            if order != "code":  # the layout order: rows back in original-index order (the [CLS] first)
+                rank = np.argsort(np.where(new_ids >= n, -1, new_ids), kind="stable")
                 block, new_ids = block[torch.as_tensor(rank)], new_ids[rank]
             states = torch.cat([states[:, :start], block[None], states[:, start + len(ids):]], dim=1)
             ids = new_ids
@@ -170,10 +173,13 @@ def test_default_llm_stages_equal_the_official_rule(label):
         stages, plan = workbench_visiondrop(VisionDrop(), adapter, prepared, budget)
         # the tower's output order: a pre_llm stage keeps the tower's tokens and moves its targets
         tower, reorder = plan.stages[:2]
-        assert reorder.where == PRE_LLM and reorder.kept == tower.kept and not reorder.merges
-        moved = [a.token for a in reorder.appends]
+        cls = cls_token(prepared.layout.n_tokens)
+        assert reorder.where == PRE_LLM and reorder.kept == tower.kept + (cls,) and not reorder.merges
+        entering, *moved = reorder.appends
+        assert entering == Append(cls, (), (1.0,), before=tower.kept[0])  # the [CLS] first
+        moved = [a.token for a in moved]
         assert moved == sorted(moved) and {m.target for m in tower.merges} <= set(moved)
-        assert all(not a.sources and a.after is None for a in reorder.appends)
+        assert all(not a.sources and a.after is None and a.before is None for a in reorder.appends[1:])
         check_equal(reference, {w: v for w, v in stages.items() if w != PRE_LLM}, label, budget)
 
 
@@ -183,5 +189,6 @@ def test_layout_order_variant_is_the_rule_with_tokens_in_place(label):
     for budget in BUDGETS:
         reference = official_visiondrop(adapter, prepared, budget, order="layout")
         stages, plan = workbench_visiondrop(VisionDrop(order="layout"), adapter, prepared, budget)
-        assert not any(s.appends for s in plan.stages)
-        check_equal(reference, stages, label, budget)
+        cls = cls_token(prepared.layout.n_tokens)
+        assert [a for s in plan.stages for a in s.appends] == [Append(cls, (), (1.0,), before=plan.stages[0].kept[0])]
+        check_equal(reference, {w: v for w, v in stages.items() if w != PRE_LLM}, label, budget)

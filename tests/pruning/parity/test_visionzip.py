@@ -8,7 +8,9 @@ Official code: dvlab-research/VisionZip (HEAD)
   ``raw_key_states.mean(1)``), L2-normalised (64); targets ``arange(0, R, max(1, R // C))[:C]``
   (67-68); every other token joins ``argmax`` of its cosine to the targets (72-74); contextual token
   = target + mean of its assigned tokens (75-80); ``cat([dominant, contextual])`` (83): the contextual
-  tokens follow the dominant ones, in target order.
+  tokens follow the dominant ones, in target order. ``dominant_tokens`` (58) is ``masked_select`` of
+  ``hidden_states[-2]`` at ``all_indices``, in sequence order, so the [CLS] output (row 0) is the first
+  token of the block the projector and the LLM receive (llava_arch.py ``encode_images_visionzip``).
 Splits: README 54+10 / 108+20 / 162+30, i.e. the method's ``split`` (10/64 contextual).
 The layer is the method's ``layer`` (the reference's -2, this tower's projector-feed layer).
 """
@@ -22,12 +24,14 @@ import torch
 from tests.pruning.parity.common import (case, eager_tower, facts, jaccard, labels, n_keep, tower_key_states,
                                          workbench_plan)
 from workbench.pruning.methods.visionzip import VisionZip
+from workbench.pruning.plan import Append, cls_token
 
 BUDGETS = (0.25, 0.5, 0.75)
 
 
 def official_visionzip(adapter, prepared, dominant: int, contextual: int, layer: int, heads: int):
-    """(kept patch indices, {target: sources}) in 0-based patch indices (the [CLS] is dropped)."""
+    """(kept patch indices, {target: sources}, the LLM's visual block) in 0-based patch indices; the
+    block lists the tokens in the code's order, the [CLS] as "cls": [CLS, dominant..., contextual...]."""
     attn = eager_tower(adapter, prepared).attentions[layer].double()       # [1, H, P+1, P+1]
     dominant_num = dominant - 1                                             # main.py line 7
     cls_attention_sum = attn[:, :, 0, 1:].sum(dim=1)                        # lines 51-52
@@ -48,7 +52,9 @@ def official_visionzip(adapter, prepared, dominant: int, contextual: int, layer:
     sources = filtered[others] - 1
     merges = {int(t): sorted(int(s) for s in sources[assigned == i]) for i, t in enumerate(targets)}
     kept = np.sort(np.concatenate([topk_indices[0].numpy() - 1, targets.numpy()]))
-    return kept, {t: s for t, s in merges.items() if s}
+    dominant_ids = torch.arange(metric.shape[1])[~mask[0]]                   # line 58: sequence order, [CLS] first
+    block = ["cls" if i == 0 else int(i) - 1 for i in dominant_ids] + [int(t) for t in targets]  # line 83
+    return kept, {t: s for t, s in merges.items() if s}, block
 
 
 @pytest.mark.parametrize("label", labels(("llava",)))
@@ -60,13 +66,33 @@ def test_default_equals_the_official_rule(label):
     for budget in BUDGETS:
         dominant, contextual = method.split(n_keep(prepared, budget))
         (stage,) = workbench_plan(method, adapter, prepared, budget).stages
-        kept, merges = official_visionzip(adapter, prepared, dominant, contextual, method.layer(f), f.vision_heads)
-        assert len(stage.kept) == dominant - 1 + contextual  # the official patch count
-        assert jaccard(stage.kept, kept) == 1.0, (label, budget)
-        assert {a.token: sorted(a.sources) for a in stage.appends if a.sources} == merges
-        for a in stage.appends:  # target + mean(sources), lines 75-80 (a target nothing joined: itself)
+        kept, merges, block = official_visionzip(adapter, prepared, dominant, contextual, method.layer(f),
+                                                 f.vision_heads)
+        n, cls = prepared.layout.n_tokens, cls_token(prepared.layout.n_tokens)
+        # the LLM gets dominant + contextual tokens, the [CLS] among them (the code's count)
+        assert len(stage.kept) == dominant + contextual == len(block)
+        assert jaccard(stage.kept, list(kept) + [cls]) == 1.0, (label, budget)
+        # the [CLS] is brought in first, before the first patch (line 58); then the contextual tokens
+        entering, *contextual_tokens = stage.appends
+        assert entering == Append(cls, (), (1.0,), before=0)
+        assert {a.token: sorted(a.sources) for a in contextual_tokens if a.sources} == merges
+        for a in contextual_tokens:  # target + mean(sources), lines 75-80 (a target nothing joined: itself)
             assert a.weights == pytest.approx((1.0,) + (1.0 / max(len(a.sources), 1),) * len(a.sources))
         # line 83: every target's contextual token after the dominant ones, in target order
-        targets = [a.token for a in stage.appends]
+        targets = [a.token for a in contextual_tokens]
         assert len(targets) == contextual and targets == sorted(targets) and stage.merges == ()
-        assert {a.after for a in stage.appends} == {prepared.layout.n_tokens - 1}
+        assert {a.after for a in contextual_tokens} == {n - 1}
+        # the LLM's visual block in the code's order, the [CLS] as the reserved token
+        assert executed_block(stage, n) == [cls if t == "cls" else t for t in block]
+
+
+def executed_block(stage, n: int) -> list[int]:
+    """The visual tokens of ``stage``'s output in sequence order, as ``arrange`` places them."""
+    from workbench.pruning.executor import arrange
+
+    alive = np.arange(n)
+    order = arrange(stage, alive).order.numpy()
+    tokens = alive[order]
+    for row, append in arrange(stage, alive).appended:
+        tokens[row] = append.token
+    return [int(t) for t in tokens]

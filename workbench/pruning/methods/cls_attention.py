@@ -7,10 +7,12 @@ budget is shared among the groups (tiles) of a multi-view layout:
 
 - FasterVLM: one layer (the one feeding the projector); every view keeps its own top-T, as its code
   (``crops="budget"``: every group keeps its share by size).
-- VTC-CLS: the [CLS] rows of a range of layers, summed; shares by size.
-- HiRED: the base (full-image) view gets ``alpha`` of the budget, the other views share the rest in
-  proportion to how many of the base view's early-layer top-[CLS] tokens fall on them; top-k per
-  view by the deep layer.
+- VTC-CLS: the [CLS] rows of a range of layers, summed; its code is single-image, and on multi-view
+  layouts every view keeps its own top-T as FasterVLM's (an extension; ``crops="budget"``: by size).
+- HiRED: the base (full-image) view gets ``alpha`` of the selected patches, the crops share the rest
+  in proportion to how many of the base view's early-layer top-[CLS] patches fall in each crop's chunk
+  of the base's patch list, as its code; top-k per view by the deep layer (``crops="budget"``: group
+  shares by the paper's spatial mapping).
 
 On a single-group layout every one of them is one top-k over the tokens.
 
@@ -25,7 +27,9 @@ with ``visionzip.py`` and ``hiprune.py``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import ClassVar
 
 import numpy as np
@@ -33,7 +37,7 @@ import numpy as np
 from workbench.layout import VisualLayout
 from workbench.pruning.budget import split_budget
 from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
+from workbench.pruning.plan import PRE_LLM, SEPARATOR_POLICIES, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
 from workbench.tower_map import owners, tower_scores, tower_views
@@ -134,19 +138,30 @@ def per_view_count(layout: VisualLayout, n_keep: int, patches: int) -> int:
     return int(round(patches * n_keep / layout.n_tokens))
 
 
-def per_view_top_k(context: SelectionContext, need: SignalNeed) -> tuple[int, ...]:
-    """The code's multi-crop rule on a recorded [CLS] row: the top ``per_view_count`` patches of every
-    view by its own row (ties: the lower index), each mapped to the layout token that owns it by the
-    layout's tower map; a patch that feeds no token (unpadded away) is lost with its slot."""
-    layout = context.layout
-    views = tower_views(context.recording, layout, need.signal, need.layer, need.rows)
+def view_cls_rows(context: SelectionContext, layers) -> list[np.ndarray]:
+    """Per tower view (in the tower's order), its [P_v] recorded [CLS] row (head mean) summed over ``layers``."""
+    per_layer = [tower_views(context.recording, context.layout, "attention", int(layer), "cls") for layer in layers]
+    return [np.sum([views[v].reshape(-1) for views in per_layer], axis=0) for v in range(len(per_layer[0]))]
+
+
+def keep_view_patches(layout: VisualLayout, rows, counts) -> tuple[int, ...]:
+    """The top ``counts[v]`` patches of every view v by its own ``rows[v]`` (ties: the lower index),
+    each mapped to the layout token that owns it by the layout's tower map; a patch that feeds no
+    token (unpadded away) is lost with its slot."""
     kept = set()
-    for row, owner in zip(views, owners(layout, [v.shape[-1] for v in views])):
-        scores = row.reshape(-1)
-        for patch in top_k(scores, min(per_view_count(layout, context.n_keep, len(scores)), len(scores))):
+    for row, owner, count in zip(rows, owners(layout, [len(r) for r in rows]), counts):
+        for patch in top_k(row, min(int(count), len(row))):
             if owner[patch] >= 0:
                 kept.add(int(owner[patch]))
     return tuple(sorted(kept))
+
+
+def per_view_top_k(context: SelectionContext, layers) -> tuple[int, ...]:
+    """The codes' multi-crop rule on the recorded [CLS] rows (summed over ``layers``): the top
+    ``per_view_count`` patches of every view by its own row (``keep_view_patches``)."""
+    rows = view_cls_rows(context, layers)
+    return keep_view_patches(context.layout, rows,
+                             [per_view_count(context.layout, context.n_keep, len(r)) for r in rows])
 
 
 def check_crop_rule(method: str, value) -> None:
@@ -256,8 +271,7 @@ class FasterVLM(ClsAttentionMethod):
         self.check_applies(model)
         scores = self.summed_cls(context, self.cls_layers(model))
         if self.per_view(context.layout):
-            (layer,) = self.cls_layers(model)
-            kept = per_view_top_k(context, cls_need(layer))
+            kept = per_view_top_k(context, self.cls_layers(model))
             return self.plan(context, [Stage(PRE_LLM, kept, tuple(scores), position=self.entry_position(context))])
         return self.top_k_plan(context, scores, size_shares(context.layout, context.n_keep))
 
@@ -273,8 +287,20 @@ class VtcCls(ClsAttentionMethod):
     re-sorts the kept tokens into their original (spatial) order; our plans always keep tokens in
     original order, so that is implied. ``start_layer`` is 0-based on the 24-layer reference tower and
     placed on this tower by relative depth (``tower_layer``); the range ends at this model's feed layer.
-    The reference handles a single 576-token image only; on multi-group layouts each group keeps its
-    share by size, as for FasterVLM."""
+
+    Multi-view (AnyRes) layouts are an extension beyond the released code, which handles one 576-patch
+    image only: its ``cls_token_only`` averages ``attentions[l].squeeze(0)`` over dim 0, the views
+    rather than the heads once several views are batched (clip_encoder.py lines 322-325), its
+    ``encode_images`` takes ``topk(dim=0)`` against a hard-coded ``arange(0, 576)`` (llava_arch.py
+    lines 169-172), and the AnyRes merge then fails its ``height * width == base`` check (line 213).
+    ``crops="reference"`` (the default) applies the code's rule to every view, as the LLaVA code path
+    would if it called the same function on each view's features: each view (the base image and each
+    crop) keeps its own top-T by its own summed [CLS] rows, T the budget's ratio of a view
+    (``per_view_count``, as FasterVLM's per-crop count), before the crops are stitched and unpadded; a
+    crop patch chosen in the padding is lost, so ``kept_counts`` reports the survivors. The row-end
+    newlines stay, as in the LLaVA merge (llava_arch.py lines 222-225). ``crops="budget"`` is the
+    earlier rule: each token group keeps its share of exactly n_keep by size. A single-view layout is
+    one top-k of n_keep either way (the released code)."""
 
     reference: ClassVar[str] = (
         "Wang et al., '[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs', "
@@ -282,9 +308,12 @@ class VtcCls(ClsAttentionMethod):
         "(cls_token_only: sum over attentions[start_layer:-1] of the head-mean [CLS] row) and "
         "llava/model/llava_arch.py (topk, then argsort back to spatial order); default start layer 16 from "
         "llava/eval/model_vqa_loader.py (--layer). The paper describes 'ensembling' layers; the code sums "
-        "them (followed here). The code hard-codes one 576-token image; multi-group shares by size are ours.")
+        "them (followed here). The code handles one 576-patch image only; on multi-view (AnyRes) layouts we "
+        "extend it by applying its rule to every view (top-T per view before unpadding, crops=reference); "
+        "crops=budget: per-group shares of exactly the budget.")
 
     start_layer: int = 16
+    crops: str = "reference"
 
     def __post_init__(self):
         super().__post_init__()
@@ -292,15 +321,27 @@ class VtcCls(ClsAttentionMethod):
                 or not 0 <= self.start_layer <= REFERENCE_FEED_LAYER:
             raise ValueError(f"vtc_cls: start_layer must be an int in 0..{REFERENCE_FEED_LAYER} (0-based, "
                              f"24-layer reference tower), got {self.start_layer!r}")
+        check_crop_rule("vtc_cls", self.crops)
 
     def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
         start = tower_layer(self.start_layer, model)
         return tuple(range(start, model.projector_feed_tower_layer + 1))
 
+    def per_view(self, layout: VisualLayout) -> bool:
+        return self.crops == "reference" and len(layout.tower_owner) > 1
+
+    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        if self.per_view(context.layout):
+            return (len(self.select(context).final_kept),)
+        return (context.n_keep,)
+
     def select(self, context: SelectionContext) -> KeepPlan:
         model = context.require_model()
         self.check_applies(model)
         scores = self.summed_cls(context, self.cls_layers(model))
+        if self.per_view(context.layout):
+            kept = per_view_top_k(context, self.cls_layers(model))
+            return self.plan(context, [Stage(PRE_LLM, kept, tuple(scores), position=self.entry_position(context))])
         return self.top_k_plan(context, scores, size_shares(context.layout, context.n_keep))
 
 
@@ -312,28 +353,53 @@ class HiRED(ClsAttentionMethod):
     """HiRED: share the budget across the views of a high-resolution (AnyRes) image, then keep the
     top-k of each view by deep-layer [CLS] attention.
 
-    Reference rule (LLaVA-NeXT): the full-image (base) view gets ``floor(budget * alpha)`` tokens
-    (alpha = 0.5), chosen by [CLS] attention at layer 22 (the feed layer). The rest goes to the
-    sub-images in proportion to how many of the base view's top ``floor(N_base * (1 - alpha))`` tokens
-    by layer-0 [CLS] attention lie on each sub-image; each sub-image keeps its share by layer-22 [CLS]
-    attention. Here the views are the layout's groups: a group named ".../base" or ".../global" is
-    the base view, and a base token "lies on" a group when its pixel-box centre falls inside the
-    bounding box of that group's token boxes. Without a base view the other groups share the budget
-    in proportion to their own summed early-layer [CLS] attention; on a single group it is one top-k
-    by the deep layer (HiRED's LLaVA-1.5 code). Deviations: the reference floors each sub-image share
-    (so it can keep fewer than the budget); we use largest remainders and keep exactly the budget.
-    The reference maps the base view onto the sub-images by cutting its flattened token list into
-    equal contiguous chunks (row bands, not the sub-images' regions); we use the regions, as the
-    paper describes.
+    The code's rule (LLaVA-NeXT, ``crops="reference"``, the default; transformers/src/transformers/models/
+    llava_next/modeling_llava_next.py): [CLS] rows of tower layers 0 (early) and 22 (deep, the feed
+    layer), heads summed (lines 534-535, 966-967; the sum ranks as our head mean does). With V views of P
+    patches (the base image first, then the crops) it selects ``total = int(V * P * rate)`` patches
+    (line 538); the base view gets ``min(int(total * alpha), P)`` of them by the deep row (lines 539,
+    547), the crops ``min(total - base, (V - 1) * P)`` (line 540), split by the base view's top
+    ``int(P * (1 - alpha))`` patches by the early row (line 551): the base's flattened patch list is cut
+    into V - 1 equal contiguous chunks, chunk i standing for crop i (``reshape`` then ``sum``, lines
+    508-511), and crop i gets ``int(share_i * crop_budget)`` in float32 (``.int()`` of the ratio times
+    the budget, line 514), at most P (line 516); each crop keeps that many by its own deep row (line
+    556). The crops' masks are then stitched and unpadded with their features (lines 816-828): a crop
+    patch chosen in the padding is lost with its slot, so the code keeps fewer than ``total``;
+    ``kept_counts`` reports the survivors. At a rate of 1 it drops nothing (line 989). Where the code
+    cannot run, we extend it: when V - 1 does not
+    divide P (its ``reshape`` fails) patch j is in chunk ``j * (V - 1) // P``; when no early patch is
+    chosen (alpha = 1, where it divides by zero) the crops keep nothing. ``rate`` is a fractional
+    budget as given (``count="floor"``, the code's ``int``), else the budget's ratio of the layout's
+    tokens (``n_keep / N``; ``count="budget"`` rounds ``V * P * rate`` half up instead of flooring).
 
-    Kept count (``count``): "floor" (default, the code: ``int(N * token_budget_rate)``,
-    models/llava/modeling_llava.py line 352) on a fractional budget, a count kept as given; "budget"
-    keeps the workbench's half-up ``n_keep`` (they differ where ``budget * N`` is not whole: 0.22 of
-    144 is 31 in the code, 32 here).
+    Image newlines (``separators``): the code puts no image-newline token into the LLM input, for
+    every image and at every rate, pruning on or off: its forward's only image path packs the features
+    with ``image_newline=None`` (line 1011), and both branches of ``pack_HiRED_image_features`` add a
+    newline only when one is given (lines 830, 854). ``separators="dropped"`` (default) does the same:
+    on the layouts it runs on (``anyres``: LLaVA-NeXT's base view plus crops; under either ``crops``
+    rule) the pre-LLM stage leaves
+    the layout's separators, the model's newlines, out of the LLM input, at a budget of 1 too, and the
+    LLM numbers the shorter sequence as ``position`` says; ``"kept"`` keeps them where the model puts
+    them. Other layouts keep their separators either way (the code never saw them).
 
-    Our LLaVA-NeXT layout stitches all tiles into one group, so there the split is
-    base vs tiles (per-tile shares would need a per-token tile id in ``VisualLayout``); its per-crop
-    tower recording is folded onto the layout by the tower map (see ``row_scores``)."""
+    Not followed: the code's packing also reads the crop grid as (width, height) (line 816) where its
+    ``get_anyres_image_grid_shape`` returns (rows, cols) (line 127), so on a non-square crop grid it
+    stitches the crops transposed (a bug of the transformers version it forks); the chosen patches are
+    placed here by the model's own stitching, which is the one the model runs.
+
+    ``crops="budget"`` (the earlier rule, and the rule on layouts whose tower map does not start with a
+    base view, or has none): the layout's token groups share the budget; a group named ".../base" or
+    ".../global" gets ``floor(n * alpha)``, the other groups share the rest in proportion to how many
+    of the base group's top ``floor(N_base * (1 - alpha))`` tokens by the early layer have their
+    pixel-box centre inside each group's bounding box (the paper's spatial mapping), by largest
+    remainders, exactly the kept count; without a base group the groups share in proportion to their
+    summed early-layer [CLS] attention. On a single group (LLaVA-1.5, HiRED's models/llava/
+    modeling_llava.py) it is one top-k by the deep layer either way.
+
+    Kept count on a single group or under ``crops="budget"`` (``count``): "floor" (default, the code:
+    ``int(N * token_budget_rate)``, models/llava/modeling_llava.py line 352) on a fractional budget, a
+    count kept as given; "budget" keeps the workbench's half-up ``n_keep`` (they differ where
+    ``budget * N`` is not whole: 0.22 of 144 is 31 in the code, 32 here)."""
 
     reference: ClassVar[str] = (
         "Arif et al., 'HiRED: Attention-Guided Token Dropping for Efficient Inference of High-Resolution "
@@ -341,14 +407,18 @@ class HiRED(ClsAttentionMethod):
         "github.com/hasanar1f/HiRED, transformers/src/transformers/models/llava_next/modeling_llava_next.py "
         "(HiRED_token_selection, HiRED_sub_img_budgets; vit_top_layer=0, vit_bottom_layer=22, heads summed) "
         "and models/llava/modeling_llava.py (single image: top-k by layer 22); alpha=0.5 from "
-        "accuracy_benchmarks/*.sh. Code vs paper: the code maps the base view to sub-images by contiguous "
-        "chunks of its token list and floors shares; we follow the paper's spatial mapping and keep the exact budget. "
-        "Total count: the code's int(N * rate) (count='floor', default); count='budget' keeps n_keep.")
+        "accuracy_benchmarks/*.sh. Followed (crops=reference): int(V*P*rate) patches over the padded views, "
+        "the base view's alpha share by layer 22, the crops' shares from the base view's layer-0 top patches "
+        "cut into contiguous chunks (floored), top-k per view, padded picks lost, no image-newline tokens in "
+        "the LLM input (separators=dropped; separators=kept keeps the model's). crops=budget: group shares of exactly the "
+        "budget with the paper's spatial mapping.")
 
     alpha: float = 0.5
     early_layer: int = 0
     deep_layer: int = REFERENCE_FEED_LAYER
     count: str = "floor"
+    crops: str = "reference"
+    separators: str = "dropped"
 
     def __post_init__(self):
         super().__post_init__()
@@ -362,15 +432,67 @@ class HiRED(ClsAttentionMethod):
                                  f"(0-based, 24-layer reference tower), got {value!r}")
         if self.count not in ("floor", "budget"):
             raise ValueError(f"hired: count must be one of ('floor', 'budget'), got {self.count!r}")
+        check_crop_rule("hired", self.crops)
+        if self.separators not in SEPARATOR_POLICIES:
+            raise ValueError(f"hired: separators must be one of {SEPARATOR_POLICIES}, got {self.separators!r}")
+
+    @staticmethod
+    def anyres(layout: VisualLayout) -> bool:
+        """The layout is one the code's LLaVA-NeXT path runs on: several tower views, view 0 (the base
+        image) feeding the base group; its separators are the model's image newlines."""
+        if len(layout.tower_owner) < 2:
+            return False
+        fed = layout.tower_owner[0][layout.tower_owner[0] >= 0]
+        return len(fed) > 0 and all(layout.groups[g].is_base_view for g in np.unique(layout.group[fed]))
+
+    def per_view(self, layout: VisualLayout) -> bool:
+        """The code's per-view rule applies (``crops="reference"`` on an ``anyres`` layout)."""
+        return self.crops == "reference" and self.anyres(layout)
+
+    def separator_policy(self, layout: VisualLayout) -> str:
+        """What the pre-LLM stage does with the layout's separators: ``separators`` on the layouts the
+        code runs on (it packs no newline, line 1011), "kept" on any other (whose separators, tile
+        markers or a passed [CLS], the code never saw)."""
+        return self.separators if self.anyres(layout) else "kept"
 
     def kept_count(self, context: SelectionContext) -> int:
-        """Tokens kept: the code's ``int(N * rate)`` for a fractional budget under ``count="floor"``."""
+        """Tokens kept on one group or under ``crops="budget"``: the code's ``int(N * rate)`` for a
+        fractional budget under ``count="floor"``."""
         budget = context.budget
         if self.count == "floor" and isinstance(budget, float):
             return min(int(context.n_visual * budget), context.n_visual)
         return context.n_keep
 
+    def selected_total(self, context: SelectionContext, slots: int) -> int:
+        """Patches the per-view rule selects over ``slots`` = V * P padded view patches."""
+        budget = context.budget
+        if self.count == "floor" and isinstance(budget, float):
+            return min(int(slots * budget), slots)  # the code's int(num_patch * num_vision_tokens * rate)
+        exact = Fraction(slots * context.n_keep, context.n_visual)
+        return min(math.floor(exact if self.count == "floor" else exact + Fraction(1, 2)), slots)
+
+    def view_counts(self, context: SelectionContext, early_rows) -> list[int]:
+        """Patches each view selects (view 0 the base), by the code's split (see the class docstring)."""
+        views, patches = len(early_rows), len(early_rows[0])
+        budget = context.budget
+        if (budget >= 1.0 if isinstance(budget, float) else context.n_keep >= context.n_visual):
+            return [patches] * views  # the code drops tokens only when token_budget_rate < 1.0
+        total = self.selected_total(context, views * patches)
+        base = min(int(total * self.alpha), patches)
+        crop_budget = min(total - base, (views - 1) * patches)
+        counts = [base] + [0] * (views - 1)
+        if crop_budget > 0:
+            chosen = top_k(early_rows[0], int(patches * (1 - self.alpha)))
+            hits = np.bincount(chosen * (views - 1) // patches, minlength=views - 1)
+            if hits.sum() > 0:
+                # float32 as the code's torch division of the two integer tensors; .int() truncates
+                ratio = hits.astype(np.float32) / np.float32(hits.sum())
+                counts[1:] = np.minimum((ratio * np.float32(crop_budget)).astype(np.int64), patches).tolist()
+        return [int(c) for c in counts]
+
     def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        if self.per_view(context.layout):
+            return (len(self.select(context).final_kept),)
         return (self.kept_count(context),)
 
     def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
@@ -413,6 +535,13 @@ class HiRED(ClsAttentionMethod):
     def select(self, context: SelectionContext) -> KeepPlan:
         model = context.require_model()
         self.check_applies(model)
-        early = row_scores(context, cls_need(tower_layer(self.early_layer, model)))
-        deep = row_scores(context, cls_need(tower_layer(self.deep_layer, model)))
-        return self.top_k_plan(context, deep, self.shares(context, early))
+        early_layer, deep_layer = tower_layer(self.early_layer, model), tower_layer(self.deep_layer, model)
+        deep = row_scores(context, cls_need(deep_layer))
+        if self.per_view(context.layout):
+            counts = self.view_counts(context, view_cls_rows(context, [early_layer]))
+            kept = keep_view_patches(context.layout, view_cls_rows(context, [deep_layer]), counts)
+        else:
+            early = row_scores(context, cls_need(early_layer))
+            kept = top_k_per_group(context.layout, deep, self.shares(context, early))
+        return self.plan(context, [Stage(PRE_LLM, kept, tuple(deep), position=self.entry_position(context),
+                                         separators=self.separator_policy(context.layout))])

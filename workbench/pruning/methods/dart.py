@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.plan import KeepPlan, Stage
 from workbench.pruning.ranking import cosine_matrix, top_k
 from workbench.pruning.registry import register_method
@@ -99,12 +99,9 @@ class DART(PruningMethod):
                 raise ValueError(f"dart: {name} must be a non-negative int, got {value!r}")
         if self.image_pivots + self.text_pivots == 0:
             raise ValueError("dart: needs at least one pivot (image_pivots + text_pivots > 0)")
-        if self.count not in COUNT_RULES:
-            raise ValueError(f"dart: count must be one of {COUNT_RULES}, got {self.count!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"dart: norm must be one of {NORMS}, got {self.norm!r}")
-        if self.pivot_order not in PIVOT_ORDERS:
-            raise ValueError(f"dart: pivot_order must be one of {PIVOT_ORDERS}, got {self.pivot_order!r}")
+        check_choice("dart", "count", self.count, COUNT_RULES)
+        check_choice("dart", "norm", self.norm, NORMS)
+        check_choice("dart", "pivot_order", self.pivot_order, PIVOT_ORDERS)
 
     # --- where it acts ------------------------------------------------------------------------
     def applicability(self, model: ModelFacts) -> str | None:

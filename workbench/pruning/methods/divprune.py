@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import cosine_matrix
 from workbench.pruning.registry import register_method
@@ -105,8 +105,7 @@ class DivPrune(PreLLMMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.count not in COUNT_RULES:
-            raise ValueError(f"divprune: count must be one of {COUNT_RULES}, got {self.count!r}")
+        check_choice("divprune", "count", self.count, COUNT_RULES)
 
     def kept_count(self, context: SelectionContext) -> int:
         """Tokens kept: the code's ``int(round(ratio * N))`` for a fractional budget under "round"."""

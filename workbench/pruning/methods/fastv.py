@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.plan import KeepPlan, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
@@ -52,8 +52,7 @@ class FastV(PruningMethod):
     def __post_init__(self):
         if isinstance(self.layer, bool) or not isinstance(self.layer, (int, np.integer)) or self.layer < 1:
             raise ValueError(f"fastv: layer K must be an int >= 1 (the reference uses 2), got {self.layer!r}")
-        if self.rows not in FASTV_ROWS:
-            raise ValueError(f"fastv: rows must be one of {FASTV_ROWS}, got {self.rows!r}")
+        check_choice("fastv", "rows", self.rows, FASTV_ROWS)
         check_reference_layers("fastv", "layer", int(self.layer))
 
     def prune_layer(self, model: ModelFacts) -> int:

@@ -12,7 +12,7 @@ import torch
 
 from workbench.layout import VisualLayout
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.plan import KeepPlan, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
@@ -98,8 +98,7 @@ class Feather(PruningMethod):
             raise ValueError(f"feather: ratio (reduction per cut) must be in [0, 1), got {self.ratio!r}")
         if isinstance(self.stride, bool) or not isinstance(self.stride, (int, np.integer)) or self.stride < 1:
             raise ValueError(f"feather: stride must be an int >= 1, got {self.stride!r}")
-        if self.budget_mode not in BUDGET_MODES:
-            raise ValueError(f"feather: budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
+        check_choice("feather", "budget_mode", self.budget_mode, BUDGET_MODES)
 
     def cut_layers(self, model: ModelFacts) -> tuple[int, int]:
         return tuple(scaled_layer(k, model.decoder_layers) for k in self.layers)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from probes.flow import flowcut_score
-from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage, tower_where
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
@@ -134,8 +134,7 @@ class FlowCut(PreLLMMethod):
         if not isinstance(self.running_average, (int, float)) or isinstance(self.running_average, bool) \
                 or not 0.0 <= self.running_average < 1.0:
             raise ValueError(f"flowcut: running_average must be a number in [0, 1), got {self.running_average!r}")
-        if self.progression not in PROGRESSIONS:
-            raise ValueError(f"flowcut: progression must be one of {PROGRESSIONS}, got {self.progression!r}")
+        check_choice("flowcut", "progression", self.progression, PROGRESSIONS)
 
     def applicability(self, model: ModelFacts) -> str | None:
         if not model.has_cls_token:

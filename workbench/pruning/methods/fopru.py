@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.layout import VisualLayout
-from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
@@ -83,8 +83,7 @@ class FoPru(PreLLMMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"fopru: strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        check_choice("fopru", "strategy", self.strategy, STRATEGIES)
 
     def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
         return (SignalNeed("attention", "tower", model.projector_feed_tower_layer, "mean"),)

@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.pruning.layers import REFERENCE_DEPTH, check_reference_layers, scaled_layer
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.plan import POSITION_POLICIES, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
@@ -110,10 +110,8 @@ class GPrune(PruningMethod):
                                  f"reference decoder, got {self.rates!r}")
             if any(b > a for a, b in zip(rates, rates[1:])):
                 raise ValueError("gprune: rates must not increase with depth (a layer keeps a subset of the one before)")
-        if self.rows not in ROWS:
-            raise ValueError(f"gprune: rows must be one of {ROWS}, got {self.rows!r}")
-        if self.position not in POSITION_POLICIES:
-            raise ValueError(f"gprune: position must be one of {POSITION_POLICIES}, got {self.position!r}")
+        check_choice("gprune", "rows", self.rows, ROWS)
+        check_choice("gprune", "position", self.position, POSITION_POLICIES)
 
     def applicability(self, model: ModelFacts) -> str | None:
         if model.decoder_layers < 2:

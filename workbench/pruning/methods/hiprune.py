@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.methods.cls_attention import group_members, row_scores, size_shares, tower_layer
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
@@ -109,8 +109,7 @@ class HiPrune(PreLLMMethod):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= depth:
                 raise ValueError(f"hiprune: {name} must be a 1-based layer in 1..{depth}, got {value!r}")
-        if self.neighbours not in NEIGHBOUR_RULES:
-            raise ValueError(f"hiprune: neighbours must be one of {NEIGHBOUR_RULES}, got {self.neighbours!r}")
+        check_choice("hiprune", "neighbours", self.neighbours, NEIGHBOUR_RULES)
 
     def layers(self, model: ModelFacts) -> tuple[int, int]:
         """(object layer, deep layer), 0-based on this model's tower."""

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.methods.cls_attention import REFERENCE_FEED_LAYER, cls_need, row_scores, tower_layer
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
@@ -139,8 +139,7 @@ class HoloV(PreLLMMethod):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.overflow not in OVERFLOWS:
-            raise ValueError(f"holov: overflow must be one of {OVERFLOWS}, got {self.overflow!r}")
+        check_choice("holov", "overflow", self.overflow, OVERFLOWS)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
                 or self.alpha < 0:
             raise ValueError(f"holov: alpha must be a finite number >= 0, got {self.alpha!r}")

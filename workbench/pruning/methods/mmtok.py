@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import cosine_matrix
 from workbench.pruning.registry import register_method
@@ -94,8 +94,7 @@ class MMTok(PreLLMMethod):
         if self.tv_temperature <= 0 or self.vv_temperature <= 0:
             raise ValueError("mmtok: temperatures must be > 0, got "
                              f"tv={self.tv_temperature}, vv={self.vv_temperature}")
-        if self.vision_space not in VISION_SPACES:
-            raise ValueError(f"mmtok: vision_space must be one of {VISION_SPACES}, got {self.vision_space!r}")
+        check_choice("mmtok", "vision_space", self.vision_space, VISION_SPACES)
 
     def _vision_need(self, model: ModelFacts) -> SignalNeed:
         if self.vision_space == "tower":

@@ -9,7 +9,7 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext
+from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, check_choice
 from workbench.pruning.plan import KeepPlan, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
@@ -115,10 +115,8 @@ class PyramidDrop(PruningMethod):
         check_reference_layers("pyramiddrop", "layers", layers)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
             raise ValueError(f"pyramiddrop: ratio (lambda) must be in (0, 1], got {self.ratio!r}")
-        if self.budget_mode not in BUDGET_MODES:
-            raise ValueError(f"pyramiddrop: budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"pyramiddrop: position must be one of {POSITIONS}, got {self.position!r}")
+        check_choice("pyramiddrop", "budget_mode", self.budget_mode, BUDGET_MODES)
+        check_choice("pyramiddrop", "position", self.position, POSITIONS)
 
     def applicability(self, model: ModelFacts) -> str | None:
         if model.decoder_layers < 2:

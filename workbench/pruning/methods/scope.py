@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import SelectionContext
+from workbench.pruning.method import SelectionContext, check_choice
 from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, ClsAndFeaturesMethod, check_tower_layer,
                                                      cls_need, group_members, row_scores, size_shares)
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
@@ -79,8 +79,7 @@ class Scope(ClsAndFeaturesMethod):
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) \
                 or self.alpha < 0:
             raise ValueError(f"scope: alpha must be a finite number >= 0, got {self.alpha!r}")
-        if self.combine not in COMBINATIONS:
-            raise ValueError(f"scope: combine must be one of {COMBINATIONS}, got {self.combine!r}")
+        check_choice("scope", "combine", self.combine, COMBINATIONS)
         check_tower_layer("scope", self.reference_layer)
 
     def select(self, context: SelectionContext) -> KeepPlan:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.plan import Append, KeepPlan, Merge, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
@@ -203,12 +203,10 @@ class SparseVLM(PruningMethod):
             raise ValueError(f"sparsevlm: layers must be three increasing ints >= 0 (one per schedule "
                              f"entry), got {self.layers!r}")
         check_reference_layers("sparsevlm", "layers", layers)
-        if self.version not in VERSIONS:
-            raise ValueError(f"sparsevlm: version must be one of {VERSIONS}, got {self.version!r}")
+        check_choice("sparsevlm", "version", self.version, VERSIONS)
         if self.recycle is not None and not isinstance(self.recycle, bool):
             raise ValueError(f"sparsevlm: recycle must be a bool (or None: the version's), got {self.recycle!r}")
-        if self.recycle_at not in RECYCLE_PLACES:
-            raise ValueError(f"sparsevlm: recycle_at must be one of {RECYCLE_PLACES}, got {self.recycle_at!r}")
+        check_choice("sparsevlm", "recycle_at", self.recycle_at, RECYCLE_PLACES)
         if self.position is not None and self.position not in POSITIONS:
             raise ValueError(f"sparsevlm: position must be one of {POSITIONS} (or None: the version's), "
                              f"got {self.position!r}")

@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import MethodNotApplicable, ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import MethodNotApplicable, ModelFacts, PreLLMMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.methods.divprune import cosine_distance, greedy_max_min
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
@@ -96,10 +96,8 @@ class ToDRE(PreLLMMethod):
                 or not 0 < self.relevance_keep <= 1:
             raise ValueError(f"todre: relevance_keep (share of stage-1 tokens stage 2 keeps) must be in (0, 1], "
                              f"got {self.relevance_keep!r}")
-        if self.features not in FEATURE_SPACES:
-            raise ValueError(f"todre: features must be one of {FEATURE_SPACES}, got {self.features!r}")
-        if self.first not in FIRST_PICKS:
-            raise ValueError(f"todre: first must be one of {FIRST_PICKS}, got {self.first!r}")
+        check_choice("todre", "features", self.features, FEATURE_SPACES)
+        check_choice("todre", "first", self.first, FIRST_PICKS)
 
     # --- where it acts ------------------------------------------------------------------------
     def applicability(self, model: ModelFacts) -> str | None:

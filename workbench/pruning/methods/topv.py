@@ -10,7 +10,7 @@ import numpy as np
 
 from workbench.layout import VisualLayout
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed
+from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, SignalNeed, check_choice
 from workbench.pruning.plan import POSITION_POLICIES, KeepPlan, Stage
 from workbench.pruning.ranking import cosine_matrix, top_k
 from workbench.pruning.registry import register_method
@@ -121,8 +121,7 @@ class TopV(PruningMethod):
             raise ValueError(f"topv: iterations must be an int >= 1, got {self.iterations!r}")
         if isinstance(self.recover, bool) or not isinstance(self.recover, (int, float)) or not 0 <= self.recover < 1:
             raise ValueError(f"topv: recover must be a share in [0, 1), got {self.recover!r}")
-        if self.position not in POSITION_POLICIES:
-            raise ValueError(f"topv: position must be one of {POSITION_POLICIES}, got {self.position!r}")
+        check_choice("topv", "position", self.position, POSITION_POLICIES)
 
     def applicability(self, model: ModelFacts) -> str | None:
         if model.decoder_layers < 2:

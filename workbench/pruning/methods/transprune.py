@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
-from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext
+from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext, check_choice
 from workbench.pruning.plan import POSITION_POLICIES, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
@@ -120,10 +120,8 @@ class TransPrune(PruningMethod):
             raise ValueError(f"transprune: ratios must not increase, got {self.ratios}")
         if not isinstance(self.ttv_weight, (int, float)) or isinstance(self.ttv_weight, bool) or self.ttv_weight < 0:
             raise ValueError(f"transprune: ttv_weight must be a non-negative number, got {self.ttv_weight!r}")
-        if self.position not in POSITION_POLICIES:
-            raise ValueError(f"transprune: position must be one of {POSITION_POLICIES}, got {self.position!r}")
-        if self.budget_mode not in BUDGET_MODES:
-            raise ValueError(f"transprune: budget_mode must be one of {BUDGET_MODES}, got {self.budget_mode!r}")
+        check_choice("transprune", "position", self.position, POSITION_POLICIES)
+        check_choice("transprune", "budget_mode", self.budget_mode, BUDGET_MODES)
 
     def applicability(self, model: ModelFacts) -> str | None:
         if model.decoder_layers < 2:

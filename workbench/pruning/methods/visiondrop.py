@@ -19,7 +19,7 @@ import numpy as np
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, Merge, Stage, tower_layer, tower_where
+from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, Merge, Stage, cls_token, tower_layer, tower_where
 from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
 from workbench.pruning.registry import register_method
 from workbench.pruning.tower_stages import PROGRESSIONS, in_tower_reason
@@ -29,6 +29,10 @@ TOWER_SCORES = ("cls", "visual")
 # "code": after each stage the contextual tokens sit after the dominant ones, as the code concatenates
 # them; "layout": every kept token stays in its place (layout order).
 ORDERS = ("code", "layout")
+# What fills the dominant slot the code gives the [CLS] in the tower stage: "reference", the [CLS] itself,
+# passed to the LLM as its first visual token (the code); "empty", nothing (one patch fewer, no [CLS]);
+# "patch", one more patch.
+CLS_SLOTS = ("reference", "empty", "patch")
 
 
 def contextual_merges(candidates: np.ndarray, metric: np.ndarray, contextual: int
@@ -89,8 +93,12 @@ class VisionDrop(PreLLMMethod):
     * tower stage (before the projector, on the features of layer -2): importance = the [CLS]
       attention row of that layer (head sum; VisionZip's rule, ``tower_score="cls"``); dominant =
       top-k, the [CLS] filling one of the ``dominant`` slots (``main.py``: ``dominant_num =
-      dominant - 1`` patches; ``cls_slot=False`` takes ``dominant`` patches); metric = that layer's
-      keys; contextual merging as in ``contextual_merges``, on the tower's features
+      dominant - 1`` patches) and passed on to the LLM as the first token of the tower's output
+      [CLS, dominant patches, contextual tokens] (``cls_slot="reference"``: the plan's reserved
+      token ``cls_token(N)``, brought in by the ``pre_llm`` stage before the first patch; the LLM
+      stages then rank, keep, drop or merge it like any visual token, as the code's do;
+      ``cls_slot="empty"``: the slot stays empty, no [CLS]; ``"patch"``: ``dominant`` patches);
+      metric = that layer's keys; contextual merging as in ``contextual_merges``, on the tower's features
       (``progression="tower"``: a ``"tower:<feed layer>"`` stage whose merges act on the hidden
       states that feed the projector). Nothing is pruned in the tower before that layer, so the
       selection read from the unpruned recording is the code's;
@@ -111,14 +119,13 @@ class VisionDrop(PreLLMMethod):
     Schedule from the budget: the reference settings scaled by ``n_keep / reference_budget`` (32),
     rounded (at least one token for a positive budget), each stage capped by the previous one; the
     LLM layers placed with ``scaled_layer`` (stages folding onto one layer keep the later counts).
-    ``kept_counts`` returns it; the final stage keeps about 19/32 of the budget because the
-    reference's budget is an average.
+    ``kept_counts`` returns it (the [CLS] counted where it is passed: 48 tokens enter the LLM at the
+    reference budget, the code's ``sum(image_token_ratio_list[0])``); the final stage keeps about
+    19/32 of the budget because the reference's budget is an average.
 
     Deviations: ``progression="simulated"`` applies the tower stage as a ``pre_llm`` stage, so its
-    merges act on projected embeddings, not tower features (the projector is not linear); the
-    reference passes the [CLS] token itself on to the LLM as one of its visual tokens, our layouts
-    have no slot for it (the LLM gets the 41 patches + contextual tokens; the [CLS] slot is still
-    counted, ``cls_slot``). The paper motivates a
+    merges act on projected embeddings, not tower features (the projector is not linear). On a
+    multi-view tower (simulated progression only) the [CLS] passed is the base view's. The paper motivates a
     visual-only score everywhere; for towers without [CLS] ``tower_score="visual"`` uses the
     tower's visual->visual attention (mean over query rows) at the feed layer (our fallback, not in
     the code). M-RoPE models (Qwen2-VL) keep their original positions at every stage (``entry_position``). Towers whose patches do not
@@ -136,8 +143,9 @@ class VisionDrop(PreLLMMethod):
         "[CLS] attention of layer -2, VisionZip-style) + llava/model/modeling_llama_visiondrop.py "
         "visiondrop_rank_drop (LLM: visual->visual attention averaged over visual rows, key-cosine "
         "contextual merge target+mean(sources), reindexed positions). Code followed: the tower stage runs inside "
-        "the tower (tower:<feed layer>, merges on tower features, [CLS] fills one dominant slot); the [CLS] itself "
-        "is not passed to the LLM (no slot in our layouts); each stage's contextual tokens move behind its dominant ones, "
+        "the tower (tower:<feed layer>, merges on tower features, [CLS] fills one dominant slot and is passed to the "
+        "LLM as its first visual token; cls_slot=empty/patch: not passed); each stage's contextual tokens move "
+        "behind its dominant ones, "
         "as the code concatenates them (order=layout: every token stays in place). progression=simulated: the tower "
         "stage as pre_llm (merges on projected embeddings)."
     )
@@ -149,7 +157,7 @@ class VisionDrop(PreLLMMethod):
     reference_budget: int = 32
     tower_score: str = "cls"
     progression: str = "tower"  # "tower": stage 0 inside the tower (the code); "simulated": as pre_llm
-    cls_slot: bool = True  # the [CLS] fills one of stage 0's dominant slots (the code's dominant - 1)
+    cls_slot: str = "reference"  # the [CLS] fills one of stage 0's dominant slots (the code's dominant - 1)
     order: str = "code"  # "code": contextual tokens move behind the dominant ones; "layout": all stay in place
 
     def __post_init__(self):
@@ -181,8 +189,8 @@ class VisionDrop(PreLLMMethod):
             raise ValueError(f"visiondrop: tower_score must be one of {TOWER_SCORES}, got {self.tower_score!r}")
         if self.progression not in PROGRESSIONS:
             raise ValueError(f"visiondrop: progression must be one of {PROGRESSIONS}, got {self.progression!r}")
-        if not isinstance(self.cls_slot, bool):
-            raise ValueError(f"visiondrop: cls_slot must be true or false, got {self.cls_slot!r}")
+        if self.cls_slot not in CLS_SLOTS:
+            raise ValueError(f"visiondrop: cls_slot must be one of {CLS_SLOTS}, got {self.cls_slot!r}")
         if self.order not in ORDERS:
             raise ValueError(f"visiondrop: order must be one of {ORDERS}, got {self.order!r}")
 
@@ -216,18 +224,29 @@ class VisionDrop(PreLLMMethod):
         raw += [(where, d, c) for where, (d, c) in sorted(folded.items())]
         if self.progression == "tower":
             raw[0] = (tower_where(model.projector_feed_tower_layer),) + raw[0][1:]
-        stages, alive = [], context.n_visual
+        stages, alive, passed = [], context.n_visual, self.passes_cls(context)
         for i, (where, d, c) in enumerate(raw):
             d, c = int(round(d * factor)), int(round(c * factor))
-            if i == 0 and self.cls_slot and model.has_cls_token and d > 0:
+            if i == 0 and self.cls_slot != "patch" and model.has_cls_token and d > 0:
                 d -= 1  # main.py: ``dominant_num = dominant - 1``, the [CLS] takes one dominant slot
             if d + c == 0 and context.n_keep > 0:
                 d = 1  # a positive budget never rounds a stage down to nothing
             d = min(d, alive)
             c = min(c, alive - d)
             stages.append((where, d, c))
-            alive = d + c
+            alive = d + c + (1 if i == 0 and passed else 0)  # the [CLS] is one of the LLM's visual tokens
         return stages
+
+    def passes_cls(self, context: SelectionContext) -> bool:
+        """Whether the plan passes the tower's [CLS] to the LLM (it fills a slot of the first stage)."""
+        model = context.require_model()
+        return (self.cls_slot == "reference" and model.has_cls_token
+                and int(round(self.dominant * context.n_keep / self.reference_budget)) > 0)
+
+    def entry_stage(self, context: SelectionContext, first: tuple[object, int, int]) -> bool:
+        """Whether a ``pre_llm`` stage follows the tower stage ``first``: to move its contextual tokens
+        behind the dominant ones, or to bring the [CLS] in."""
+        return tower_layer(first[0]) is not None and (self.reorders_tower_output(first) or self.passes_cls(context))
 
     def reorders_tower_output(self, first: tuple[object, int, int]) -> bool:
         """Whether a ``pre_llm`` stage follows the tower stage ``first`` to move its contextual tokens."""
@@ -235,18 +254,25 @@ class VisionDrop(PreLLMMethod):
         return self.order == "code" and tower_layer(where) is not None and contextual > 0
 
     def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        """The visual tokens alive after each stage, the [CLS] included once it is passed."""
         schedule = self.schedule(context)
         counts = [d + c for _, d, c in schedule]
-        if self.reorders_tower_output(schedule[0]):
-            counts.insert(1, counts[0])
+        cls = 1 if self.passes_cls(context) else 0
+        if self.entry_stage(context, schedule[0]):
+            counts.insert(1, counts[0] + cls)
+        else:
+            counts[0] += cls
         return tuple(counts)
 
-    def stage(self, where, kept, scores, merges: list[Merge], targets: list[int], position: str) -> Stage:
+    def stage(self, where, kept, scores, merges: list[Merge], targets: list[int], position: str,
+              cls: tuple[Append, ...] = ()) -> Stage:
         """A stage whose contextual tokens are merged in place (``order="layout"``, and in the tower,
-        where tokens cannot move) or moved behind the dominant ones, merged on the way (``"code"``)."""
+        where tokens cannot move) or moved behind the dominant ones, merged on the way (``"code"``);
+        ``cls``: the [CLS] brought in before the LLM."""
+        kept = tuple(kept) + tuple(a.token for a in cls)
         if self.order == "code" and tower_layer(where) is None:
-            return Stage(where, kept, scores, (), position, moved_after_dominant(targets, merges))
-        return Stage(where, kept, scores, tuple(merges), position)
+            return Stage(where, kept, scores, (), position, cls + moved_after_dominant(targets, merges))
+        return Stage(where, kept, scores, tuple(merges), position, cls)
 
     # --- selection -------------------------------------------------------------------------------
     def tower_importance(self, context: SelectionContext, layer: int) -> np.ndarray:
@@ -274,10 +300,14 @@ class VisionDrop(PreLLMMethod):
         ids = np.arange(context.n_visual)
         kept, merges, targets = dominant_and_contextual(ids, importance, metric, *first[1:])
         position = self.entry_position(context)
-        stages = [self.stage(first[0], kept, tuple(importance), merges, targets, position)]
-        if self.reorders_tower_output(first):  # the tower's output order: [dominant..., contextual...]
-            stages.append(Stage(PRE_LLM, kept, None, (), position, moved_after_dominant(targets, [])))
-        return self.plan(context, stages)
+        # the tower's output order: [CLS, dominant..., contextual...] (clip_encoder.py lines 55-88)
+        cls = ((Append(cls_token(context.n_visual), (), (1.0,), before=kept[0]),)
+               if self.passes_cls(context) and kept else ())
+        if not self.entry_stage(context, first):
+            return self.plan(context, [self.stage(first[0], kept, tuple(importance), merges, targets, position, cls)])
+        moved = moved_after_dominant(targets, []) if self.reorders_tower_output(first) else ()
+        return self.plan(context, [self.stage(first[0], kept, tuple(importance), merges, targets, position),
+                                   Stage(PRE_LLM, kept + tuple(a.token for a in cls), None, (), position, cls + moved)])
 
     def layer_callback(self, context: SelectionContext):
         stages = {where: (d, c) for where, d, c in self.schedule(context)[1:]}
@@ -296,7 +326,8 @@ class VisionDrop(PreLLMMethod):
             ids = np.asarray(state.visual_indices, dtype=np.int64)
             kept, merges, targets = dominant_and_contextual(ids, importance, keys, d, c)
             scores = np.full(n_visual, np.nan)
-            scores[ids] = importance
+            patches = ids < n_visual  # the [CLS] has no slot among the layout's scores
+            scores[ids[patches]] = importance[patches]
             return self.stage(layer, kept, tuple(scores), merges, targets, position)
 
         return callback

@@ -12,16 +12,33 @@ import numpy as np
 from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
 from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, ClsAttentionMethod, check_tower_layer,
                                                      cls_need, group_members, row_scores, size_shares, tower_layer)
-from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, Merge, Stage
+from workbench.layout import VisualLayout
+from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, Merge, Stage, cls_token
 from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
 from workbench.pruning.registry import register_method
 from workbench.tower_map import tower_features
 
 MERGE_RULES = ("reference", "mean")
-CLS_SLOTS = ("reference", "patch")
+# What fills the dominant slot the code gives the [CLS]: "reference", the [CLS] itself, passed to the LLM
+# (the code); "empty", nothing (one patch fewer, no [CLS]); "patch", one more patch.
+CLS_SLOTS = ("reference", "empty", "patch")
 # Where a contextual token goes: "end", after its group's dominant tokens (clip_encoder.py line 83
 # concatenates [dominant, contextual]); "target", merged into its target at the target's own place.
 CONTEXTUAL_PLACES = ("end", "target")
+
+
+def group_views(layout: VisualLayout) -> list[list[int]]:
+    """Per token group, the tower views (in tower order) whose patches feed it: one view per group on
+    LLaVA-1.5 (and the base view of LLaVA-NeXT), several for a group stitched from AnyRes crops. A
+    layout without a tower map is one view feeding its first group."""
+    out: list[list[int]] = [[] for _ in layout.groups]
+    if not layout.tower_owner:
+        return [[0]] + out[1:] if out else out
+    for view, owner in enumerate(layout.tower_owner):
+        fed = owner[owner >= 0]
+        if len(fed):
+            out[int(np.bincount(layout.group[fed]).argmax())].append(view)
+    return out
 
 
 @register_method("visionzip")
@@ -53,15 +70,22 @@ class VisionZip(ClsAttentionMethod):
 
     [CLS] slot (``cls_slot``): the reference's dominant set includes the [CLS] token itself
     (visionzip/main.py line 7 passes ``dominant_num = dominant - 1`` to the top-k, clip_encoder.py
-    lines 53-54 add index 0), so ``dominant=54`` is [CLS] + 53 patches. "reference" (default) picks
-    ``dominant - 1`` patches per group, as the code does, and the contextual targets are strided over
-    the ``N - dominant + 1`` remaining patches; our plans index patch tokens only and cannot carry
-    the [CLS] output, so each group keeps one patch fewer than its share (``kept_counts``).
-    "patch" spends the [CLS] slot on one more patch (exactly ``n_keep`` patches).
+    lines 53-54 add index 0), so ``dominant=54`` is [CLS] + 53 patches, and the LLM receives the
+    [CLS] output (projected, like the patches) as the first of the dominant tokens (masked_select
+    keeps sequence order, line 58; line 83 concatenates [dominant, contextual]). "reference"
+    (default) does the same: ``dominant - 1`` patches per view, the contextual targets strided over
+    the ``N - dominant + 1`` remaining patches, and the plan passes the [CLS] (``Append`` of the
+    reserved token ``cls_token(N)``, placed before the group's first patch), so the LLM gets exactly
+    ``n_keep`` visual tokens, the [CLS] among them (``kept_counts``). A group stitched from several
+    AnyRes crops loses one patch per crop and passes their [CLS] tokens after its patches, before its
+    contextual tokens (llava_arch.py ``restore_image_features_sorted``: [crop patches, [CLS]s,
+    contextual]). "empty" leaves the slot empty (one patch fewer per view, no [CLS]); "patch" spends
+    it on one more patch (exactly ``n_keep`` patches).
 
     Deviations (documented): (a) the reference merges the tower's hidden states BEFORE the projector;
     our executor merges the projected embeddings at the LLM input (the projector is nonlinear, so
-    this is not the same vector). (b) The [CLS] token itself is not fed to the LLM (see above).
+    this is not the same vector). (b) Multi-crop: see (d); the crops' [CLS] tokens follow the
+    stitched group, whose patches are the layout's (unpadded) tokens, not the code's padded grid.
     (c) The reference's similarity metric is the
     head-MEAN of the layer's keys ([N, d]), as here (the recording's [N, H*d] keys averaged over
     the tower's heads).
@@ -75,10 +99,10 @@ class VisionZip(ClsAttentionMethod):
         "(CLIPVisionTower_VisionZip.forward: attentions[-2] [CLS] row summed over heads, topk dominant; "
         "uniform-stride targets, argmax cosine of the layer's head-mean keys, target + mean of assigned), "
         "visionzip/utils.py (metric = head-mean keys), README (54+10 / 108+20 / 162+30). "
-        "visionzip/main.py line 7 (dominant_num = dominant - 1: [CLS] fills one dominant slot; followed, "
-        "cls_slot='reference', its slot left empty; cls_slot='patch' gives it to a patch). Contextual tokens "
-        "appended after the dominant ones (line 83; contextual_at='target' merges each in place at its target). "
-        "Deviations: merge after the projector; [CLS] not fed to the LLM.")
+        "visionzip/main.py line 7 (dominant_num = dominant - 1: [CLS] fills one dominant slot and is passed to "
+        "the LLM first, as the code; cls_slot='empty' leaves the slot empty, cls_slot='patch' gives it to a patch). "
+        "Contextual tokens appended after the dominant ones (line 83; contextual_at='target' merges each in place "
+        "at its target). Deviation: merge after the projector.")
 
     contextual_ratio: float = 10 / 64
     merge: str = "reference"
@@ -115,16 +139,20 @@ class VisionZip(ClsAttentionMethod):
         contextual = min(int(math.floor(n_keep * self.contextual_ratio + 0.5)), n_keep)
         return n_keep - contextual, contextual
 
-    def dominant_patches(self, n_dominant: int) -> int:
-        """Patches the dominant top-k picks: one slot goes to [CLS] under ``cls_slot="reference"``."""
-        return max(n_dominant - 1, 0) if self.cls_slot == "reference" else n_dominant
+    def cls_views(self, n_dominant: int, views: list[int]) -> list[int]:
+        """The views whose [CLS] fills a dominant slot (one each, as many as there are slots); none
+        under ``cls_slot="patch"``."""
+        return [] if self.cls_slot == "patch" else views[:n_dominant]
 
     def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        """The visual tokens the LLM receives, the [CLS] tokens passed included."""
         kept = 0
-        for share in size_shares(context.layout, context.n_keep):
+        for share, views in zip(size_shares(context.layout, context.n_keep), group_views(context.layout)):
             if share:
                 n_dominant, n_contextual = self.split(share)
-                kept += self.dominant_patches(n_dominant) + n_contextual
+                kept += n_dominant + n_contextual
+                if self.cls_slot == "empty":
+                    kept -= len(self.cls_views(n_dominant, views))
         return (kept,)
 
     def select(self, context: SelectionContext) -> KeepPlan:
@@ -136,12 +164,21 @@ class VisionZip(ClsAttentionMethod):
         # LLaVA-1.5-style towers), like the [CLS] scores (see cls_attention.row_scores).
         keys = head_mean(tower_features(context.recording, context.layout, "visual_keys", layer), model.vision_heads)
         kept, merges, appends = [], [], []
-        for members, share in zip(group_members(context.layout), size_shares(context.layout, context.n_keep)):
+        n = context.n_visual
+        for members, share, views in zip(group_members(context.layout), size_shares(context.layout, context.n_keep),
+                                         group_views(context.layout)):
             if share == 0:
                 continue
             n_dominant, n_contextual = self.split(share)
-            dominant = top_k(attention, self.dominant_patches(n_dominant), among=members)
+            cls_views = self.cls_views(n_dominant, views)
+            dominant = top_k(attention, n_dominant - len(cls_views), among=members)
             kept += [int(i) for i in dominant]
+            if self.cls_slot == "reference":
+                # One view: its [CLS] is the first dominant token (clip_encoder.py line 58); stitched
+                # crops: their [CLS] tokens follow the crops' patches (llava_arch.py).
+                place = {"before": int(members[0])} if len(views) == 1 else {"after": int(members[-1])}
+                appends += [Append(cls_token(n, v), (), (1.0,), **place) for v in cls_views]
+                kept += [cls_token(n, v) for v in cls_views]
             remaining = np.setdiff1d(members, dominant)  # sorted, index order
             if n_contextual == 0:
                 continue
