@@ -45,3 +45,30 @@ def handmade_recording(layout: VisualLayout, entries: dict[SignalNeed, object]) 
 def handmade_context(layout: VisualLayout, budget, entries: dict[SignalNeed, object],
                      model: ModelFacts = LLAVA_FACTS) -> SelectionContext:
     return SelectionContext(layout, budget, handmade_recording(layout, entries), model)
+
+
+def text_and_kept_rows(prepared, kept) -> torch.Tensor:
+    """Rows of the unpruned sequence that are neither visual nor separators, plus the kept visual ones."""
+    layout = prepared.layout
+    keep = np.ones(layout.sequence_length, dtype=bool)
+    keep[layout.positions] = False
+    keep[layout.separators] = False
+    keep[layout.positions[np.asarray(kept, dtype=np.int64)]] = True
+    return torch.from_numpy(np.flatnonzero(keep))
+
+
+def stack_inputs(adapter, run):
+    """(result of ``run()``, the embeddings and position ids the decoder stack got in the prefill)."""
+    seen = []
+
+    def grab(module, args, kwargs):
+        seen.append((kwargs.get("inputs_embeds"), kwargs.get("position_ids")))
+
+    hook = adapter.language_model().register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        out = run()
+    finally:
+        hook.remove()
+    # the last whole-sequence call is the prefill (an earlier one may make the wrapper's inputs to the stack)
+    embeds, positions = [s for s in seen if s[0] is not None and s[0].shape[1] > 1][-1]
+    return out, embeds, positions

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from analyses.failures import restore_plan
+from tests.pruning.handmade import stack_inputs, text_and_kept_rows
 from tests.tiny_models import QUESTION, TINY_SPECS, noise_image, tiny_adapter
 from workbench.pruning.executor import Job, execute, execute_batch
 from workbench.pruning.flops import DecoderShape, prefill_flops
@@ -36,33 +36,6 @@ def plan(n: int, kept, separators: str = "dropped", position: str = "reindex", l
     return KeepPlan("test", len(stages[-1].kept), n, stages)
 
 
-def text_and_kept_rows(prepared, kept) -> torch.Tensor:
-    """Rows of the unpruned sequence that are neither visual nor separators, plus the kept visual ones."""
-    layout = prepared.layout
-    keep = np.ones(layout.sequence_length, dtype=bool)
-    keep[layout.positions] = False
-    keep[layout.separators] = False
-    keep[layout.positions[np.asarray(kept, dtype=np.int64)]] = True
-    return torch.from_numpy(np.flatnonzero(keep))
-
-
-def stack_inputs(adapter, run):
-    """(result of ``run()``, the embeddings and position ids the decoder stack got in the prefill)."""
-    seen = []
-
-    def grab(module, args, kwargs):
-        seen.append((kwargs.get("inputs_embeds"), kwargs.get("position_ids")))
-
-    hook = adapter.language_model().register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        out = run()
-    finally:
-        hook.remove()
-    # the last whole-sequence call is the prefill (an earlier one may make the wrapper's inputs to the stack)
-    embeds, positions = [s for s in seen if s[0] is not None and s[0].shape[1] > 1][-1]
-    return out, embeds, positions
-
-
 # --- the plan ------------------------------------------------------------------------------------
 
 def test_the_policy_travels_with_the_plan_and_old_plans_keep_separators():
@@ -73,6 +46,7 @@ def test_the_policy_travels_with_the_plan_and_old_plans_keep_separators():
     del old["stages"][0]["separators"]  # plans written before the field existed
     assert KeepPlan.from_dict(old).stages[0].separators == "kept"
     assert Stage(PRE_LLM, (1,)).separators == "kept"
+
 
 
 @pytest.mark.parametrize("where", [2, "tower:1"])

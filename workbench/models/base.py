@@ -97,9 +97,12 @@ class _StopForward(Exception):
 @dataclass
 class TowerCls:
     """The tower's [CLS] outputs at the projector's feed layer, through the projector: [views, D]
-    (one row per view the tower encoded), filled by the last tower pass seen (None before)."""
+    (one row per view the tower encoded), filled by the last tower pass seen (None before); and,
+    when asked (``tower_cls_capture(patches=True)``), its patch outputs there, projected the same way:
+    [views, P, D], the tower's order ([CLS] left out), before any unpadding or newline."""
 
     features: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
 
 
 # What a wrapper passes its decoder besides the inputs proper: not part of ``LLMInputs``.
@@ -181,23 +184,28 @@ class ModelAdapter(ABC):
         raise NotImplementedError(f"{type(self).__name__}: no projector known")
 
     @contextlib.contextmanager
-    def tower_cls_capture(self):
+    def tower_cls_capture(self, patches: bool = False):
         """Within it, every pass of the vision tower leaves its [CLS] outputs at the projector's feed
-        layer, projected, in the yielded ``TowerCls``. The feed layer's output as that pass computed
-        it: a pass with pruning stages inside the tower gives that pass's [CLS]."""
-        if not self.has_cls_token:
+        layer, projected, in the yielded ``TowerCls`` (and its patch outputs, with ``patches``: what
+        the model's own feature packing starts from, padding patches included). The feed layer's
+        output as that pass computed it: a pass with pruning stages inside the tower gives that
+        pass's [CLS]. Without ``patches`` the tower must have a [CLS]."""
+        if not self.has_cls_token and not patches:
             raise ValueError(f"{type(self).__name__}: the vision tower has no [CLS] token")
         seen, feed, layers = TowerCls(), self.projector_feed_layer, self.vision_layers()
-        projector = self.projector()
+        projector, first = self.projector(), int(self.has_cls_token)
 
-        def keep(rows: torch.Tensor) -> None:  # rows [views, D_tower]: each view's [CLS] (its first row)
-            seen.features = projector(rows[:, None])[:, 0]
+        def keep(states: torch.Tensor) -> None:  # [views, S, D_tower]: each view's [CLS] (its first row), patches
+            if self.has_cls_token:
+                seen.features = projector(states[:, :1])[:, 0]
+            if patches:
+                seen.patches = projector(states[:, first:])
 
         if feed == 0:  # hidden_states[0]: what enters the first layer
-            handle = layers[0].register_forward_pre_hook(lambda module, args: keep(args[0][:, 0]))
+            handle = layers[0].register_forward_pre_hook(lambda module, args: keep(args[0]))
         else:
             handle = layers[feed - 1].register_forward_hook(
-                lambda module, args, output: keep((output[0] if isinstance(output, tuple) else output)[:, 0]))
+                lambda module, args, output: keep(output[0] if isinstance(output, tuple) else output))
         try:
             yield seen
         finally:
@@ -213,6 +221,19 @@ class ModelAdapter(ABC):
             prepared._decoder_inputs.setdefault("llm", self._llm_call(call))
             prepared._decoder_inputs["cls"] = seen.features
         return prepared._decoder_inputs["cls"]
+
+    @torch.no_grad()
+    def tower_patches(self, prepared: "PreparedInput") -> torch.Tensor:
+        """[views, P, D]: the projected patch outputs at the feed layer of the sample's own (unpruned)
+        tower pass (``TowerCls.patches``), computed once per prepared input."""
+        if "patches" not in prepared._decoder_inputs:
+            with self.tower_cls_capture(patches=True) as seen:
+                call = self._decoder_call(prepared.inputs)
+            prepared._decoder_inputs.setdefault("llm", self._llm_call(call))
+            if seen.features is not None:
+                prepared._decoder_inputs.setdefault("cls", seen.features)
+            prepared._decoder_inputs["patches"] = seen.patches
+        return prepared._decoder_inputs["patches"]
 
     # --- inputs ----------------------------------------------------------------------------------
     def prompt(self, question: str) -> str:

@@ -24,7 +24,9 @@ How it works, for a batch of samples (each under its own plan; a batch of one is
   borrows the row it follows (its mask row, kept causal in the new order, and its position id under
   "original"); it counts as a visual token of every layer after the stage. The tower's [CLS] a
   ``pre_llm`` stage brings in (``cls_token``) is such a row, made from the projected [CLS] output of
-  the tower pass that made the decoder's inputs (``ModelAdapter.tower_cls_capture``).
+  the tower pass that made the decoder's inputs (``ModelAdapter.tower_cls_capture``); so is a padded
+  patch (``padded_patch``: a tower patch the layout has no token for), from that pass's projected
+  patch outputs.
 * A masking stage (``Stage.dropped == "masked"``, AIM's code) changes no row: its dropped tokens
   stay in the sequence, are still computed by every later layer and still written to its cache,
   but from layer k on every layer's mask hides their keys from every query (``_hide_keys``), in
@@ -61,7 +63,7 @@ from transformers import DynamicCache
 
 from workbench.models.base import ModelAdapter, PreparedInput
 from workbench.pruning.layer_state import LayerState, hooks_suspended
-from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, PlanError, Stage, describe_where
+from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, PlanError, Stage, describe_where, padded_patch_at
 
 LayerCallback = Callable[[int, LayerState], "Stage | None"]
 
@@ -284,7 +286,7 @@ def _pack(parts: list[torch.Tensor], batch_dim: int, seq_dim: int) -> torch.Tens
         if missing:
             shape = list(part.shape)
             shape[seq_dim] = missing
-            part = torch.cat([part.new_zeros(shape), part], dim=seq_dim)
+            part = torch.cat([part, part.new_zeros(shape)], dim=seq_dim)
         padded.append(part)
     return torch.cat(padded, dim=batch_dim)
 
@@ -380,10 +382,12 @@ class _Run:
         from workbench.pruning.tower_stages import llm_entry, tower_inputs  # it builds on this module
 
         stage = next((s for s in self.plan.stages if s.where == PRE_LLM), None)
-        # the tower's [CLS] tokens this stage brings in (``cls_token``): made from the same tower pass
+        # the tower's [CLS] tokens and padded patches this stage brings in (``cls_token``, ``padded_patch``):
+        # made from the same tower pass
         entering = [a.token for a in stage.appends if a.token >= self.layout.n_tokens] if stage is not None else []
         with self._tower_cls(entering) as cls:
             llm, tower = tower_inputs(self.adapter, self.prepared, self.plan, self.tower_callback)
+        entered = self._entering_rows(entering, cls)
         self.applied.extend(tower)
         embeds, mask, positions = llm.inputs_embeds, llm.attention_mask, llm.position_ids
         if embeds.shape[0] != 1:
@@ -404,7 +408,6 @@ class _Run:
             row_of = {int(v): i for i, v in enumerate(kinds) if v >= 0}
             arrangement = arrange(stage, kinds)
             keep = arrangement.order
-            entered = {t: cls.features[t - self.layout.n_tokens] for t in entering}
             embeds = apply_appends(embeds, _take(apply_merges(embeds, stage, row_of), keep, 1), arrangement, row_of,
                                    entered)
             mask = _take(mask, keep, 1)
@@ -429,25 +432,54 @@ class _Run:
         self.reindexed = False
         return embeds, mask, positions, llm.extra
 
+    def _padded(self, entering: list[int]) -> dict[int, tuple[int, int]]:
+        """The (view, patch) of each of the ``entering`` tokens that names a padded patch (``padded_patch``)."""
+        sizes = [len(owner) for owner in self.layout.tower_owner]
+        out = {}
+        for token in entering:
+            place = padded_patch_at(token, self.layout.n_tokens, sizes)
+            if place is not None:
+                owner = int(self.layout.tower_owner[place[0]][place[1]])
+                if owner >= 0:
+                    raise PlanError(f"reserved token {token} names patch {place[1]} of tower view {place[0]}, which "
+                                    f"feeds visual token {owner}: a plan names it by that index")
+                out[token] = place
+        return out
+
     @contextlib.contextmanager
     def _tower_cls(self, entering: list[int]):
-        """The projected [CLS] outputs of the tower views (``.features``, [views, D]) for a plan whose
-        pre-LLM stage brings the ``entering`` [CLS] tokens in: those of the tower pass made within
-        (which runs the tower stages), or of the sample's own tower pass when none runs there."""
+        """The projected [CLS] outputs of the tower views (``.features``, [views, D]), and their patch
+        outputs (``.patches``, [views, P, D]) when padded patches enter, for a plan whose pre-LLM stage
+        brings the ``entering`` reserved tokens in: those of the tower pass made within (which runs the
+        tower stages), or of the sample's own tower pass when none runs there."""
         if not entering:
             yield None
             return
-        if not self.adapter.has_cls_token:
-            raise ExecutionError(f"the plan passes the vision tower's [CLS] (tokens {entering}) to the LLM; "
+        padded = self._padded(entering)
+        classes = [t for t in entering if t not in padded]
+        if classes and not self.adapter.has_cls_token:
+            raise ExecutionError(f"the plan passes the vision tower's [CLS] (tokens {classes}) to the LLM; "
                                  f"this model's tower ({type(self.adapter.vision_tower()).__name__}) has no [CLS]")
-        with self.adapter.tower_cls_capture() as seen:
+        with self.adapter.tower_cls_capture(patches=bool(padded)) as seen:
             yield seen
-        if seen.features is None:
+        if classes and seen.features is None:
             seen.features = self.adapter.tower_cls(self.prepared)
-        views = len(seen.features)
-        if max(entering) >= self.layout.n_tokens + views:
-            raise ExecutionError(f"the plan passes the [CLS] of tower view {max(entering) - self.layout.n_tokens}; "
+        if padded and seen.patches is None:
+            seen.patches = self.adapter.tower_patches(self.prepared)
+        views = len(seen.features) if classes else 0
+        if classes and max(classes) >= self.layout.n_tokens + views:
+            raise ExecutionError(f"the plan passes the [CLS] of tower view {max(classes) - self.layout.n_tokens}; "
                                  f"the tower encoded {views} view(s)")
+        sizes = [len(owner) for owner in self.layout.tower_owner]
+        if padded and (seen.patches.shape[0] != len(sizes) or seen.patches.shape[1] != max(sizes)):
+            raise ExecutionError(f"the plan passes padded tower patches; the tower pass gave {seen.patches.shape[0]} "
+                                 f"view(s) of {seen.patches.shape[1]} patches, the layout maps views of {sizes}")
+
+    def _entering_rows(self, entering: list[int], seen) -> dict[int, torch.Tensor]:
+        """[D] of each reserved token the pre-LLM stage brings in: a [CLS] output or a padded patch's."""
+        padded = self._padded(entering)
+        return {t: seen.patches[padded[t]] if t in padded else seen.features[t - self.layout.n_tokens]
+                for t in entering}
 
     # --- per layer ------------------------------------------------------------------------------
     def _cut_kwargs(self, kwargs: dict) -> dict:

@@ -7,8 +7,11 @@ strings, tuples) and round-trips through ``to_dict``/``from_dict`` and JSON.
 Every index is into the ORIGINAL visual tokens ``0..N-1`` of the sample's ``VisualLayout`` (layout
 order), whatever stage it belongs to, so plans of different methods line up token for token. The
 indices from ``N`` on are reserved: ``N + v`` names the vision tower's [CLS] output of tower view ``v``
-(``cls_token``), a token some methods pass on to the LLM (``Append``); it has no box in the layout, so
-whatever draws or counts tokens on the image reads ``boxed`` indices only.
+(``cls_token``), a token some methods pass on to the LLM (``Append``); after the V views' [CLS] names
+come the tower patches the layout has no token for (LLaVA-NeXT's unpadding drops the crops' padding
+patches), view by view: ``N + V + (patches of views 0..v-1) + p`` names patch ``p`` of view ``v``
+(``padded_patch``; VisPruner's code passes them on). Neither has a box in the layout, so whatever
+draws or counts tokens on the image reads ``boxed`` indices only.
 """
 
 from __future__ import annotations
@@ -47,8 +50,34 @@ def cls_token(n_visual: int, view: int = 0) -> int:
     return int(n_visual) + int(view)
 
 
+def padded_patch(n_visual: int, view_sizes, view: int, patch: int) -> int:
+    """The reserved index of patch ``patch`` of tower view ``view`` (row-major in the view, the tower's
+    order) in a plan over ``n_visual`` tokens whose tower encodes views of ``view_sizes`` patches: a
+    name for a patch the layout has no token for (``VisualLayout.tower_owner`` -1), past the [CLS]
+    names. Brought into the LLM like the [CLS] (an ``Append`` of the ``"pre_llm"`` stage, no sources):
+    its row is the patch's tower feature at the projector's feed layer, through the projector."""
+    sizes = [int(s) for s in view_sizes]
+    if not (0 <= int(view) < len(sizes) and 0 <= int(patch) < sizes[int(view)]):
+        raise PlanError(f"no patch {patch} of tower view {view} among views of {sizes} patches")
+    return int(n_visual) + len(sizes) + sum(sizes[:int(view)]) + int(patch)
+
+
+def padded_patch_at(index: int, n_visual: int, view_sizes) -> tuple[int, int] | None:
+    """(view, patch) of a ``padded_patch`` name; None for a layout token or a [CLS] name."""
+    sizes = [int(s) for s in view_sizes]
+    offset = int(index) - int(n_visual) - len(sizes)
+    if offset < 0:
+        return None
+    for view, size in enumerate(sizes):
+        if offset < size:
+            return view, offset
+        offset -= size
+    raise PlanError(f"reserved index {index} is past the last tower patch ({len(sizes)} views of {sizes} patches)")
+
+
 def boxed(indices, n_visual: int) -> np.ndarray:
-    """The indices among ``indices`` that are visual tokens of the layout (the [CLS] names left out):
+    """The indices among ``indices`` that are visual tokens of the layout (the [CLS] and padded-patch
+    names left out):
     what has a box to draw and a row in every per-token [N] array."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     return indices[indices < n_visual]
@@ -149,7 +178,9 @@ class Append:
     (times ``weights[0]``; no sources), from the same tower pass as the patches. From then on it is a
     visual token like the others, named by that index: later stages keep, drop, merge or move it;
     it counts in every kept count and every layer's visual tokens; it has no box (``boxed``). Only
-    towers with a [CLS] can pass it (the executor says so otherwise).
+    towers with a [CLS] can pass it (the executor says so otherwise). A padded patch
+    (``padded_patch``: a tower patch the layout has no token for) enters the same way, its row that
+    patch's feature at the feed layer, through the projector, from the same tower pass.
     """
 
     token: int
@@ -375,8 +406,8 @@ class KeepPlan:
             for token in sorted(entering):
                 append = next(a for a in stage.appends if a.token == token)
                 if stage.where != PRE_LLM or append.sources:
-                    raise PlanError(f"stage {where}: the tower's [CLS] (token {token}) enters the sequence in the "
-                                    "'pre_llm' stage, made of no other token")
+                    raise PlanError(f"stage {where}: reserved token {token} (the tower's [CLS] or a padded patch) "
+                                    "enters the sequence in the 'pre_llm' stage, made of no other token")
             bad = [i for i in stage.kept if not (0 <= i < n or i in entering or i in alive)]
             if bad:
                 raise PlanError(f"stage {where}: kept indices {bad[:5]} are out of range 0..{n - 1}")

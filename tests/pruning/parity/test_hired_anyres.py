@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from tests.pruning.parity.anyres import assert_per_view_parity, llava_next_case, stitching, to_layout, view_attentions
+from tests.pruning.handmade import stack_inputs, text_and_kept_rows
 from tests.pruning.parity.common import facts, torch_topk, workbench_plan
 from tests.pruning.shipped import tiny_input
 from workbench.pruning.executor import Job, execute, execute_batch
@@ -118,30 +119,6 @@ def test_budget_variant_keeps_exactly_the_kept_count_by_group_shares(size):
 
 # --- the LLM input: text and kept patches, no image newline (line 1011) ----------------------------
 
-def code_input_rows(prepared, kept) -> torch.Tensor:
-    """Rows of the model's unpruned sequence that make the code's LLM input: the text, then in the
-    image's place the kept patches (base view first, then the stitched crops), no newline row."""
-    layout = prepared.layout
-    keep = np.ones(layout.sequence_length, dtype=bool)
-    keep[layout.positions] = False
-    keep[layout.separators] = False
-    keep[layout.positions[np.asarray(kept, dtype=np.int64)]] = True
-    return torch.from_numpy(np.flatnonzero(keep))
-
-
-def prefill_input(adapter, run):
-    """(result of ``run()``, the embeddings and position ids the decoder stack got in the prefill)."""
-    seen = []
-    hook = adapter.language_model().register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append((kwargs.get("inputs_embeds"), kwargs.get("position_ids"))),
-        with_kwargs=True)
-    try:
-        out = run()
-    finally:
-        hook.remove()
-    return (out,) + [s for s in seen if s[0] is not None and s[0].shape[1] > 1][-1]  # the last is the prefill
-
-
 def newline_of(adapter) -> torch.Tensor:
     """The model's learned image-newline embedding."""
     return next(p for name, p in adapter.model.named_parameters() if name.endswith("image_newline")).detach()
@@ -157,9 +134,9 @@ def test_the_llm_input_has_no_image_newline_rows(size):
     assert torch.equal(inputs.inputs_embeds[0, layout.separators], newline.expand(len(layout.separators), -1))
     recording = record_needs(adapter, prepared, [HiRED()])
     for budget in BUDGETS:
-        execution, embeds, positions = prefill_input(
+        execution, embeds, positions = stack_inputs(
             adapter, lambda: run_method(adapter, prepared, HiRED(), budget, recording=recording, max_new_tokens=0))
-        rows = code_input_rows(prepared, official_hired_anyres(adapter, prepared, budget))
+        rows = text_and_kept_rows(prepared, official_hired_anyres(adapter, prepared, budget))
         assert execution.plan.stages[0].separators == "dropped"
         assert not (embeds[0] == newline).all(-1).any(), (size, budget)
         assert torch.equal(embeds, inputs.inputs_embeds[:, rows]), (size, budget)
@@ -167,10 +144,10 @@ def test_the_llm_input_has_no_image_newline_rows(size):
         assert execution.tokens_per_layer == (len(rows),) * len(adapter.decoder_layers())
 
     # the named variant keeps the model's newlines where the model puts them
-    kept, embeds, _ = prefill_input(adapter, lambda: run_method(adapter, prepared, HiRED(separators="kept"), 0.25,
+    kept, embeds, _ = stack_inputs(adapter, lambda: run_method(adapter, prepared, HiRED(separators="kept"), 0.25,
                                                                  recording=recording, max_new_tokens=0))
     assert (embeds[0] == newline).all(-1).sum() == len(layout.separators)
-    assert kept.tokens_per_layer[0] == len(code_input_rows(prepared, kept.final_kept)) + len(layout.separators)
+    assert kept.tokens_per_layer[0] == len(text_and_kept_rows(prepared, kept.final_kept)) + len(layout.separators)
 
 
 @pytest.mark.parametrize("size", HIRED_SIZES[:2])
@@ -180,7 +157,7 @@ def test_the_pruned_logits_are_the_models_on_the_codes_llm_input(size):
     recording = record_needs(adapter, prepared, [HiRED()])
     for budget in (0.22, 1.0):
         execution = run_method(adapter, prepared, HiRED(), budget, recording=recording, max_new_tokens=0)
-        rows = code_input_rows(prepared, official_hired_anyres(adapter, prepared, budget))
+        rows = text_and_kept_rows(prepared, official_hired_anyres(adapter, prepared, budget))
         with torch.no_grad():  # by hand: text + kept patches, no newline, the model's own positions 0..L'-1
             expected = adapter.model(inputs_embeds=inputs.inputs_embeds[:, rows], logits_to_keep=1).logits[0, -1]
         torch.testing.assert_close(execution.logits, expected.float(), atol=1e-5, rtol=1e-5)
@@ -198,7 +175,7 @@ def test_a_batch_of_two_shapes_equals_each_alone():
     batched = execute_batch(adapter, jobs, 4)
     for job, together in zip(jobs, batched):
         one = execute(adapter, job.prepared, job.plan, 4, gold_answer=job.gold_answer)
-        rows = code_input_rows(job.prepared, job.plan.final_kept)
+        rows = text_and_kept_rows(job.prepared, job.plan.final_kept)
         assert together.tokens_per_layer == one.tokens_per_layer == (len(rows),) * len(adapter.decoder_layers())
         assert together.answer_ids == one.answer_ids
         torch.testing.assert_close(together.logits, one.logits, atol=1e-4, rtol=1e-4)

@@ -221,11 +221,37 @@ class ClsAndFeaturesMethod(ClsAttentionMethod):
         return (cls_need(self.layer(model)), self._feature_need(model))
 
 
+class PerViewClsTopK(ClsAttentionMethod):
+    """Base of the methods that keep the patches of highest [CLS] attention summed over
+    ``cls_layers``: on a multi-view layout under ``crops="reference"`` the code's top-T of every view
+    before unpadding (``per_view_top_k``; ``kept_counts`` says how many survive), else one top-k per
+    token group by size shares of exactly n_keep."""
+
+    crops: str
+
+    def per_view(self, layout: VisualLayout) -> bool:
+        return self.crops == "reference" and len(layout.tower_owner) > 1
+
+    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
+        if self.per_view(context.layout):
+            return (len(self.select(context).final_kept),)
+        return (context.n_keep,)
+
+    def select(self, context: SelectionContext) -> KeepPlan:
+        model = context.require_model()
+        self.check_applies(model)
+        scores = self.summed_cls(context, self.cls_layers(model))
+        if self.per_view(context.layout):
+            kept = per_view_top_k(context, self.cls_layers(model))
+            return self.plan(context, [Stage(PRE_LLM, kept, tuple(scores), position=self.entry_position(context))])
+        return self.top_k_plan(context, scores, size_shares(context.layout, context.n_keep))
+
+
 # --- FasterVLM -------------------------------------------------------------------------------------
 
 @register_method("fastervlm")
 @dataclass(frozen=True)
-class FasterVLM(ClsAttentionMethod):
+class FasterVLM(PerViewClsTopK):
     """FasterVLM: keep the patch tokens with the highest [CLS] attention (head mean) at the tower layer
     that feeds the projector (``attentions[-2]`` = layer 22 of LLaVA's 24-layer CLIP tower; here
     ``projector_feed_tower_layer``), before the LLM. On a multi-view (AnyRes) layout the code runs its
@@ -255,32 +281,15 @@ class FasterVLM(ClsAttentionMethod):
         check_tower_layer("fastervlm", self.reference_layer)
         check_crop_rule("fastervlm", self.crops)
 
-    def per_view(self, layout: VisualLayout) -> bool:
-        return self.crops == "reference" and len(layout.tower_owner) > 1
-
-    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
-        if self.per_view(context.layout):
-            return (len(self.select(context).final_kept),)
-        return (context.n_keep,)
-
     def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
         return (tower_layer(self.reference_layer, model),)
-
-    def select(self, context: SelectionContext) -> KeepPlan:
-        model = context.require_model()
-        self.check_applies(model)
-        scores = self.summed_cls(context, self.cls_layers(model))
-        if self.per_view(context.layout):
-            kept = per_view_top_k(context, self.cls_layers(model))
-            return self.plan(context, [Stage(PRE_LLM, kept, tuple(scores), position=self.entry_position(context))])
-        return self.top_k_plan(context, scores, size_shares(context.layout, context.n_keep))
 
 
 # --- VTC-CLS ---------------------------------------------------------------------------------------
 
 @register_method("vtc_cls")
 @dataclass(frozen=True)
-class VtcCls(ClsAttentionMethod):
+class VtcCls(PerViewClsTopK):
     """VTC-CLS: the [CLS] attention (head mean) SUMMED over the tower layers ``start_layer`` up to the
     projector-feed layer (the reference sums ``attentions[start_layer:-1]``: layers 16..22 of the
     24-layer CLIP tower with its default ``--layer 16``), then top-k before the LLM. The reference then
@@ -326,23 +335,6 @@ class VtcCls(ClsAttentionMethod):
     def cls_layers(self, model: ModelFacts) -> tuple[int, ...]:
         start = tower_layer(self.start_layer, model)
         return tuple(range(start, model.projector_feed_tower_layer + 1))
-
-    def per_view(self, layout: VisualLayout) -> bool:
-        return self.crops == "reference" and len(layout.tower_owner) > 1
-
-    def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
-        if self.per_view(context.layout):
-            return (len(self.select(context).final_kept),)
-        return (context.n_keep,)
-
-    def select(self, context: SelectionContext) -> KeepPlan:
-        model = context.require_model()
-        self.check_applies(model)
-        scores = self.summed_cls(context, self.cls_layers(model))
-        if self.per_view(context.layout):
-            kept = per_view_top_k(context, self.cls_layers(model))
-            return self.plan(context, [Stage(PRE_LLM, kept, tuple(scores), position=self.entry_position(context))])
-        return self.top_k_plan(context, scores, size_shares(context.layout, context.n_keep))
 
 
 # --- HiRED -----------------------------------------------------------------------------------------

@@ -8,16 +8,20 @@ from typing import ClassVar
 
 import numpy as np
 
-from workbench.pruning.method import SelectionContext
+from workbench.pruning.method import SelectionContext, check_choice
 from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, ClsAndFeaturesMethod, check_crop_rule,
                                                      check_tower_layer, cls_need, group_members, per_view_count,
                                                      row_scores, size_shares)
+from workbench.pruning.padded_grid import code_sequence, padded_grid
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import normalized
 from workbench.pruning.registry import register_method
 from workbench.tower_map import owners, tower_views
 
 REFERENCE_ROUND = 8  # tokens the reference removes per matching round at most
+# The LLM sequence on multi-view layouts: "code", the code's (padding patches passed, no newlines);
+# "layout", the model's own unpadded arrangement with its newlines (padding patches lost).
+SEQUENCES = ("code", "layout")
 
 
 def attention_order(scores: np.ndarray, members: np.ndarray) -> np.ndarray:
@@ -71,12 +75,20 @@ class VisPruner(ClsAndFeaturesMethod):
     Multi-view (AnyRes) layouts, ``crops="reference"`` (the default): as the code, every view (the base
     image, each crop) runs both steps on its own patches -- its own [CLS] row and features -- with the
     same count T (``encode_images`` on the concatenated views), T the budget's ratio of a view's
-    patches (``per_view_count``). The code's LLaVA-NeXT branch then drops ``_unpad`` from the merge
-    type (llava_arch.py line 211), so it passes every crop patch on, padding included, without
-    newlines; our layouts are the model's own unpadded arrangement, where a chosen patch in the padding
-    has no token and is lost (``kept_counts`` says how many survive). ``crops="budget"`` (the old
-    rule): the layout's groups (base view, stitched tiles) each keep their share of exactly n_keep by
-    size.
+    patches (``per_view_count``). ``crops="budget"`` (the old rule): the layout's groups (base view,
+    stitched tiles) each keep their share of exactly n_keep by size.
+
+    The LLM sequence on multi-view layouts, ``sequence="code"`` (the default): the code's LLaVA-NeXT
+    branch drops ``_unpad`` from the merge type (llava_arch.py line 207), so it stitches the crops'
+    chosen patches on the PADDED grid (lines 246-250: ``permute(0, 2, 1, 3, 4).flatten(0, 3)``, raster
+    order across crops) and puts the base view's chosen patches first (lines 251-252), with no image
+    newline; the sequence is renumbered 0..L'-1 (``position``). We give the LLM that sequence: a chosen
+    crop patch in the padding, which has no token in the model's unpadded layout, enters as its tower
+    feature through the projector (``padded_patch``, placed at its raster place), and the layout's
+    newlines are left out (``separators="dropped"``). Every such patch counts in ``kept_counts``, every
+    layer's tokens and the FLOPs; it has no box on the image. ``sequence="layout"`` (the former
+    default): the model's own unpadded arrangement with its newlines, where a chosen padding patch has
+    no token and is lost (``kept_counts`` says how many survive).
     """
 
     reference: ClassVar[str] = (
@@ -86,12 +98,15 @@ class VisPruner(ClsAndFeaturesMethod):
         "r = min(8, R - T_div) by max cosine of even to odd positions) and "
         "llava/model/multimodal_encoder/clip_encoder.py (feature_select: attentions/hidden_states[-2]); default "
         "important_ratio 0.5 from llava/eval/model_vqa_loader.py. Paper and code agree; we follow the code, "
-        "generalised to odd residual counts and tiny budgets; per view with one count T on multi-view layouts, where a "
-        "chosen padded crop patch has no token in the model's unpadded layout (crops=budget: per-group shares).")
+        "generalised to odd residual counts and tiny budgets; per view with one count T on multi-view layouts, the LLM "
+        "getting the code's sequence (lines 207, 246-252: base view first, then the crops' chosen patches on the padded "
+        "stitched grid in raster order, padding patches included, no newlines); sequence=layout: the model's unpadded "
+        "arrangement, where a chosen padding patch is lost; crops=budget: per-group shares.")
 
     important_ratio: float = 0.5
     reference_layer: int = REFERENCE_FEED_LAYER
     crops: str = "reference"
+    sequence: str = "code"
 
     def __post_init__(self):
         super().__post_init__()
@@ -100,6 +115,7 @@ class VisPruner(ClsAndFeaturesMethod):
             raise ValueError(f"vispruner: important_ratio must be a number in [0, 1], got {self.important_ratio!r}")
         check_tower_layer("vispruner", self.reference_layer)
         check_crop_rule("vispruner", self.crops)
+        check_choice("vispruner", "sequence", self.sequence, SEQUENCES)
 
     def split(self, n_keep: int) -> tuple[int, int]:
         """(important, diverse) for a budget of ``n_keep`` tokens: ``int(T * r)`` as the reference."""
@@ -120,6 +136,22 @@ class VisPruner(ClsAndFeaturesMethod):
     def per_view(self, context: SelectionContext) -> bool:
         return self.crops == "reference" and len(context.layout.tower_owner) > 1
 
+    def code_grid(self, context: SelectionContext):
+        """The padded stitched grid the code's sequence is built on (``sequence="code"`` on a multi-view
+        layout), None where the layout's own arrangement is used."""
+        if self.sequence != "code" or len(context.layout.tower_owner) < 2:
+            return None
+        grid = padded_grid(context.layout)
+        if grid is None:
+            raise ValueError("vispruner: sequence='code' needs LLaVA-NeXT's stitched crop grid, and this layout's tower "
+                             "map is not one; use vispruner:sequence=layout")
+        return grid
+
+    def entry_stage(self, context: SelectionContext, kept, attention, grid, appends=()) -> Stage:
+        """The pre-LLM stage; on the code's sequence the layout's newlines are left out, as the code packs none."""
+        return Stage(PRE_LLM, tuple(sorted(kept)), tuple(attention), position=self.entry_position(context),
+                     appends=tuple(appends), separators="kept" if grid is None else "dropped")
+
     def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
         if self.per_view(context):
             return (len(self.select(context).final_kept),)
@@ -130,18 +162,23 @@ class VisPruner(ClsAndFeaturesMethod):
         self.check_applies(model)
         layout, need = context.layout, cls_need(self.layer(model))
         attention = row_scores(context, need)
+        grid = self.code_grid(context)
         if self.per_view(context):
             rows = tower_views(context.recording, layout, need.signal, need.layer, need.rows)
             feature = self._feature_need(model)
             views = tower_views(context.recording, layout, feature.signal, feature.layer, feature.rows)
-            kept = set()
-            for row, view, owner in zip(rows, views, owners(layout, [len(v) for v in views])):
-                patches = np.arange(len(view))
+            chosen = {}
+            for v, (row, view) in enumerate(zip(rows, views)):
                 count = min(per_view_count(layout, context.n_keep, len(view)), len(view))
-                kept.update(int(owner[p]) for p in self.choose(row.reshape(-1), view, patches, count) if owner[p] >= 0)
-            return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(attention), position=self.entry_position(context))])
+                chosen[v] = self.choose(row.reshape(-1), view, np.arange(len(view)), count)
+            if grid is not None:
+                kept, appends = code_sequence(layout, grid, chosen)
+                return self.plan(context, [self.entry_stage(context, kept, attention, grid, appends)])
+            owner = owners(layout, [len(v) for v in views])
+            kept = {int(owner[v][p]) for v, patches in chosen.items() for p in patches if owner[v][p] >= 0}
+            return self.plan(context, [self.entry_stage(context, kept, attention, grid)])
         features = context.features(self._feature_need(model))
         kept = []
         for members, share in zip(group_members(layout), size_shares(layout, context.n_keep)):
             kept += self.choose(attention, features, members, share)
-        return self.plan(context, [Stage(PRE_LLM, tuple(sorted(kept)), tuple(attention), position=self.entry_position(context))])
+        return self.plan(context, [self.entry_stage(context, kept, attention, grid)])
