@@ -175,8 +175,8 @@ def kept_overlay(image: Image.Image, layout, kept, scale: float = 1.0, merges=()
 
     ``kept``: indices of the surviving visual tokens, or a boolean [N] mask. ``merges``: objects
     with ``target`` and ``sources`` (``workbench.pruning.plan.Merge``). ``evidence``: boolean [N].
-    Indices from N on (a plan's [CLS] tokens, ``workbench.pruning.plan.cls_token``) have no box and
-    are not drawn.
+    Indices from N on (a plan's [CLS] tokens and padded patches, ``workbench.pruning.plan.cls_token``,
+    ``padded_patch``) have no box and are not drawn.
     """
     n = layout.n_tokens
     keep = np.zeros(n, dtype=bool)

@@ -173,9 +173,11 @@ class Composed(PruningMethod):
 
     # --- the two stages -----------------------------------------------------------------------
     def first_stages(self, context: SelectionContext) -> tuple[Stage, ...]:
-        """The first method's stages: before the LLM only (in the tower or on its input), at least one."""
+        """The first method's stages: before the LLM only (in the tower or on its input; a stage
+        before decoder layer 0 acts on that input too, as VisionZip's multi-crop contextual tokens
+        do), at least one."""
         stages = self.first.select(context).stages
-        if not stages or any(stage.in_llm for stage in stages):
+        if not stages or any(stage.in_llm and stage.where != 0 for stage in stages):
             raise InvalidMethodParameters(f"{self.name}: {self.first.name} made stages "
                                           f"{[s.where for s in stages]}; the first method of a composition must "
                                           "prune before the LLM only")

@@ -286,7 +286,7 @@ def _pack(parts: list[torch.Tensor], batch_dim: int, seq_dim: int) -> torch.Tens
         if missing:
             shape = list(part.shape)
             shape[seq_dim] = missing
-            part = torch.cat([part, part.new_zeros(shape)], dim=seq_dim)
+            part = torch.cat([part.new_zeros(shape), part], dim=seq_dim)
         padded.append(part)
     return torch.cat(padded, dim=batch_dim)
 

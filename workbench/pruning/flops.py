@@ -13,7 +13,8 @@ whose projections and MLP are computed, and dense attention still multiplies its
 (hidden) key, so it costs what a kept token costs. Separators a pre-LLM stage leaves out of the
 LLM input (``Stage.separators == "dropped"``, HiRED's code) are no rows of any layer, so they cost
 nothing. A tower [CLS] a plan passes to the LLM (``cls_token``, VisionZip's and VisionDrop's code) is
-a row of every layer it reaches, so it costs what a patch costs.
+a row of every layer it reaches, so it costs what a patch costs; a padded patch (``padded_patch``,
+VisPruner's code on LLaVA-NeXT) likewise.
 """
 
 from __future__ import annotations

@@ -110,7 +110,12 @@ def test_runs_on_tiny_llava_next_through_the_tower_map_and_not_on_qwen2_vl():
 
     adapter, prepared = tiny_input("llava_next")
     layout = prepared.layout
-    execution, context = run_checked(adapter, prepared, VisionZip(), 0.5, max_new_tokens=2)
+    # the default: the code's per-view rule and sequence (parity/test_visionzip_anyres.py); the crops'
+    # contextual tokens are made by a stage before decoder layer 0, on the same embeddings
+    default, _ = run_checked(adapter, prepared, VisionZip(), 0.5, max_new_tokens=2)
+    assert [s.where for s in default.plan.stages] == ["pre_llm", 0] and default.plan.stages[0].separators == "dropped"
+    # crops="budget": the layout's groups stand in for the crops, each with its share of the budget
+    execution, context = run_checked(adapter, prepared, VisionZip(crops="budget"), 0.5, max_new_tokens=2)
     recording, stage = context.recording, execution.plan.stages[0]
     # every view's [CLS] fills a slot and is passed: the base view's first, the crops' after the tiles
     n, views = layout.n_tokens, len(layout.tower_owner)

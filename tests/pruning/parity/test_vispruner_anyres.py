@@ -172,9 +172,11 @@ def test_pruned_logits_equal_the_model_on_the_codes_sequence(size):
 def test_a_batch_of_two_equals_one_sample_at_a_time():
     cases = [llava_next_case(size) for size in (WIDE, COLUMNS)]
     adapter = cases[0][0]
-    jobs = [Job(prepared, workbench_plan(VisPruner(), adapter, prepared, 0.5)) for _, prepared in cases]
+    jobs = [Job(prepared, workbench_plan(VisPruner(), adapter, prepared, budget))
+            for (_, prepared), budget in zip(cases, (0.5, 0.25))]  # different lengths: one is left-padded
     assert all(any(k >= j.prepared.layout.n_tokens for k in j.plan.final_kept) for j in jobs)
     batched = execute_batch(adapter, jobs, max_new_tokens=3)
+    assert len({b.tokens_per_layer for b in batched}) == 2
     for job, together in zip(jobs, batched):
         alone = execute(adapter, job.prepared, job.plan, max_new_tokens=3)
         torch.testing.assert_close(together.logits, alone.logits, atol=1e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ from workbench.pruning.method import SelectionContext, check_choice
 from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, ClsAndFeaturesMethod, check_crop_rule,
                                                      check_tower_layer, cls_need, group_members, per_view_count,
                                                      row_scores, size_shares)
-from workbench.pruning.padded_grid import code_sequence, padded_grid
+from workbench.pruning.padded_grid import PaddedGrid, code_sequence, padded_grid
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import normalized
 from workbench.pruning.registry import register_method
@@ -88,7 +88,8 @@ class VisPruner(ClsAndFeaturesMethod):
     newlines are left out (``separators="dropped"``). Every such patch counts in ``kept_counts``, every
     layer's tokens and the FLOPs; it has no box on the image. ``sequence="layout"`` (the former
     default): the model's own unpadded arrangement with its newlines, where a chosen padding patch has
-    no token and is lost (``kept_counts`` says how many survive).
+    no token and is lost (``kept_counts`` says how many survive). With ``crops="budget"`` (no padding patch
+    is chosen) ``sequence`` only says whether the newlines are left out ("code") or kept ("layout").
     """
 
     reference: ClassVar[str] = (
@@ -136,7 +137,7 @@ class VisPruner(ClsAndFeaturesMethod):
     def per_view(self, context: SelectionContext) -> bool:
         return self.crops == "reference" and len(context.layout.tower_owner) > 1
 
-    def code_grid(self, context: SelectionContext):
+    def code_grid(self, context: SelectionContext) -> PaddedGrid | None:
         """The padded stitched grid the code's sequence is built on (``sequence="code"`` on a multi-view
         layout), None where the layout's own arrangement is used."""
         if self.sequence != "code" or len(context.layout.tower_owner) < 2:
