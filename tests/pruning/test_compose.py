@@ -16,7 +16,7 @@ from workbench.pruning.executor import execute
 from workbench.pruning.method import ModelFacts, SignalNeed
 from workbench.pruning.methods.fopru import FoPru
 from workbench.pruning.methods.pyramiddrop import PyramidDrop, last_token_callback
-from workbench.pruning.plan import PRE_LLM, Append, Merge, Stage
+from workbench.pruning.plan import PRE_LLM, Append, Merge, Stage, tower_where
 from workbench.pruning.registry import InvalidMethodParameters, create_method
 from workbench.sweep import MethodSpec
 
@@ -131,7 +131,8 @@ def test_the_pipeline_and_the_methods_command_handle_compositions(capsys):
     ready = pipeline.prepare_sample(adapter, read_dataset("data/eval/samples.jsonl", limit=1)[0], [method])
     result = pipeline.run(adapter, ready, method, 0.22, max_new_tokens=2)
     assert result.status == "ok" and result.method == "visionzip+pyramiddrop"
-    assert [s.where for s in result.plan.stages][:2] == [PRE_LLM, 1]
+    feed = tower_where(ModelFacts.of(adapter).projector_feed_tower_layer)  # VisionZip merges in the tower
+    assert [s.where for s in result.plan.stages][:3] == [feed, PRE_LLM, 1]
     assert main(["methods", "visionzip+pyramiddrop"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("visionzip+pyramiddrop  (composition: visionzip before the LLM, then pyramiddrop")

@@ -2,7 +2,8 @@
 
 A plan names it by the reserved index N (``cls_token``, past the layout's N tokens) and brings it in
 with an ``Append`` of a ``pre_llm`` stage. Checked against things computed another way: the model
-run by hand on the embedding sequence the code builds ([CLS], kept patches, contextual tokens, text),
+run by hand on the embedding sequence the code builds ([CLS], kept patches, contextual tokens merged
+on the tower's features, all through the projector, then the text),
 the vision tower run by hand on the tokens a tower stage kept, one sample at a time against a batch.
 """
 
@@ -71,30 +72,41 @@ def test_the_cls_enters_before_the_llm_alone(stages, message):
 
 # --- the executor ----------------------------------------------------------------------------------
 
+@torch.no_grad()
+def feed_features(adapter, prepared) -> torch.Tensor:
+    """[1 + N, D]: the model's own tower rows at the projector's feed layer ([CLS] first, then the patches)."""
+    out = adapter.vision_tower()(prepared.inputs["pixel_values"], output_hidden_states=True)
+    return out.hidden_states[adapter.projector_feed_layer][0]
+
+
 @pytest.mark.parametrize("position", ["reindex", "original"])
 def test_pruned_logits_equal_the_model_on_the_codes_sequence(position):
-    # VisionZip's default plan: the LLM gets [CLS, dominant patches, contextual tokens] (clip_encoder.py
-    # line 58 and 83), the sequence numbered 0..L'-1 as after the code's concatenation ("reindex"), or
-    # each row at its own place's id ("original": the [CLS] at its first patch's, contextual tokens at
-    # the last patch's, as the ``Append`` docstring says).
+    # VisionZip's default plan: the code's block [CLS, dominant patches, contextual tokens]
+    # (clip_encoder.py lines 58 and 83), each contextual token target + mean(sources) on the tower's
+    # feed-layer rows, the projector run on the block; the sequence numbered 0..L'-1 as after the code's
+    # concatenation ("reindex"), or each row at its own place's id ("original": the [CLS] at its first
+    # kept patch's, contextual tokens at the image's last patch's, as the ``Append`` docstring says).
     adapter, samples = shipped()
     prepared = samples[0]
     method = VisionZip(position=position)
     execution, _ = run_checked(adapter, prepared, method, 0.25, max_new_tokens=0)
-    (stage,) = execution.plan.stages
+    tower, stage = execution.plan.stages
     n, visual = prepared.layout.n_tokens, prepared.layout.positions
     cls = cls_token(n)
-    contextual = [a for a in stage.appends if a.token != cls]
-    targets = {a.token for a in contextual}
+    merged = {m.target: m for m in tower.merges}
+    targets = [a.token for a in stage.appends if a.token != cls]
     dominant = [i for i in stage.kept if i < n and i not in targets]
 
     inputs = adapter.llm_inputs(prepared.inputs)
     embeds, ids = inputs.inputs_embeds[0], inputs.position_ids[0]
+    feed = feed_features(adapter, prepared)
+    contextual = [sum(w * feed[1 + i] for w, i in zip(merged[t].weights, (t,) + merged[t].sources)) if t in merged
+                  else feed[1 + t] for t in targets]
+    with torch.no_grad():
+        rows = adapter.projector()(torch.stack([feed[0]] + [feed[1 + i] for i in dominant] + contextual)[None])[0]
     start, end = int(visual.min()), int(visual.max())
-    rows = [projected_cls(adapter, prepared)] + [embeds[visual[i]] for i in dominant]
-    rows += [sum(w * embeds[visual[t]] for w, t in zip(a.weights, a.members)) for a in contextual]
-    sequence = torch.cat([embeds[:start], torch.stack(rows), embeds[end + 1:]])[None]
-    positions = torch.cat([ids[:start], ids[visual[[0] + dominant]], ids[visual[[n - 1] * len(contextual)]],
+    sequence = torch.cat([embeds[:start], rows, embeds[end + 1:]])[None]
+    positions = torch.cat([ids[:start], ids[visual[[tower.kept[0]] + dominant]], ids[visual[[n - 1] * len(targets)]],
                            ids[end + 1:]])[None]
     with torch.no_grad():
         expected = adapter.model(inputs_embeds=sequence, position_ids=positions if position == "original" else None,
@@ -168,7 +180,9 @@ def test_a_composition_keeps_the_cls_the_first_method_passed():
     prepared = samples[0]
     execution, _ = run_checked(adapter, prepared, create_method("visionzip+pyramiddrop"), 0.5, max_new_tokens=0)
     cls = cls_token(prepared.layout.n_tokens)
-    assert all(cls in stage.kept for stage in execution.plan.stages)
+    tower, *llm = execution.plan.stages  # VisionZip merges in the tower, then brings the [CLS] in
+    assert tower.in_tower and cls not in tower.kept and len(llm) > 1
+    assert all(cls in stage.kept for stage in llm)
 
 
 def test_the_overlay_draws_no_box_for_the_cls():
@@ -211,14 +225,15 @@ def test_a_token_placed_before_another_inside_the_llm(position):
 
 
 def test_the_recorded_forward_leaves_the_cls_so_the_tower_runs_once_per_sample():
-    """The sample's recording runs the tower; a VisionZip run after it reads that pass's [CLS]
-    (equal to the [CLS] of a tower pass of its own) without running the tower again."""
+    """The sample's recording runs the tower; a VisionZip run after it that merges at the LLM input
+    reads that pass's [CLS] (equal to the [CLS] of a tower pass of its own) without running the tower
+    again. (Its default merges inside the tower, which takes a tower pass of its own.)"""
     from workbench import pipeline
     from workbench.samples import read_dataset
 
     adapter, _ = shipped()
     sample = read_dataset("data/eval/samples.jsonl", limit=1)[0]
-    method = create_method("visionzip")
+    method = create_method("visionzip", merge_at="embedding")
     passes = []
     handle = adapter.vision_tower().register_forward_pre_hook(lambda *_: passes.append(1))
     try:

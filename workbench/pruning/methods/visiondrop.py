@@ -19,9 +19,10 @@ import numpy as np
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, Merge, Stage, cls_token, tower_layer, tower_where
+from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, Merge, Stage, tower_layer, tower_where
 from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
 from workbench.pruning.registry import register_method
+from workbench.pruning.tower_output import cls_before, moved_after_dominant, tower_output_stages
 from workbench.pruning.tower_stages import PROGRESSIONS, in_tower_reason
 from workbench.tower_map import tower_features, tower_scores, tower_to_layout, tower_views
 
@@ -66,14 +67,6 @@ def dominant_and_contextual(ids: np.ndarray, importance: np.ndarray, metric: np.
     rest = np.setdiff1d(np.arange(len(ids)), chosen)  # sequence order kept
     targets, merges = contextual_merges(ids[rest], metric[rest], contextual)
     return tuple(sorted([int(i) for i in ids[chosen]] + targets)), merges, targets
-
-
-def moved_after_dominant(targets: list[int], merges: list[Merge]) -> tuple[Append, ...]:
-    """The contextual tokens as the code places them: each target (merged with its sources, if any)
-    moved after the last visual token, in target order, behind the dominant tokens."""
-    by_target = {m.target: m for m in merges}
-    return tuple(Append(t, by_target[t].sources, by_target[t].weights) if t in by_target else Append(t, (), (1.0,))
-                 for t in targets)
 
 
 @register_method("visiondrop")
@@ -301,13 +294,11 @@ class VisionDrop(PreLLMMethod):
         kept, merges, targets = dominant_and_contextual(ids, importance, metric, *first[1:])
         position = self.entry_position(context)
         # the tower's output order: [CLS, dominant..., contextual...] (clip_encoder.py lines 55-88)
-        cls = ((Append(cls_token(context.n_visual), (), (1.0,), before=kept[0]),)
-               if self.passes_cls(context) and kept else ())
-        if not self.entry_stage(context, first):
+        cls = cls_before(context.n_visual, kept) if self.passes_cls(context) else ()
+        if tower_layer(first[0]) is None:
             return self.plan(context, [self.stage(first[0], kept, tuple(importance), merges, targets, position, cls)])
-        moved = moved_after_dominant(targets, []) if self.reorders_tower_output(first) else ()
-        return self.plan(context, [self.stage(first[0], kept, tuple(importance), merges, targets, position),
-                                   Stage(PRE_LLM, kept + tuple(a.token for a in cls), None, (), position, cls + moved)])
+        moved = targets if self.reorders_tower_output(first) else ()
+        return self.plan(context, tower_output_stages(first[0], kept, tuple(importance), merges, position, cls, moved))
 
     def layer_callback(self, context: SelectionContext):
         stages = {where: (d, c) for where, d, c in self.schedule(context)[1:]}
