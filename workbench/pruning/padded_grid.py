@@ -94,6 +94,16 @@ def padded_grid(layout: VisualLayout) -> PaddedGrid | None:
     return found[0] if len(found) == 1 else None
 
 
+def padded_grid_for(layout: VisualLayout, method: str, instead: str) -> PaddedGrid:
+    """``padded_grid`` of a multi-view layout a method builds its code's sequence on, or one clear
+    line naming the parameter value ``instead`` that works on the layout's own arrangement."""
+    grid = padded_grid(layout)
+    if grid is None:
+        raise ValueError(f"{method}: the code's multi-crop sequence needs LLaVA-NeXT's stitched crop grid, and this "
+                         f"layout's tower map is not one; use {instead}")
+    return grid
+
+
 def code_sequence(layout: VisualLayout, grid: PaddedGrid, chosen) -> tuple[tuple[int, ...], tuple[Append, ...]]:
     """(kept, appends) of a pre-LLM stage giving the LLM the codes' sequence for ``chosen`` ({view:
     patches}, view 0 the base image): the base view's chosen patches, then the crops' in raster order

@@ -14,7 +14,7 @@ from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, ClsAt
                                                      check_tower_layer, cls_need, group_members, per_view_count,
                                                      row_scores, size_shares, tower_layer)
 from workbench.layout import VisualLayout
-from workbench.pruning.padded_grid import PaddedGrid, code_sequence, padded_grid
+from workbench.pruning.padded_grid import PaddedGrid, code_sequence, padded_grid_for
 from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, Merge, Stage, cls_token, padded_patch, tower_where
 from workbench.pruning.ranking import cosine_matrix, head_mean, top_k
 from workbench.pruning.registry import register_method
@@ -217,11 +217,7 @@ class VisionZip(ClsAttentionMethod):
         a multi-view layout), None where the layout's groups stand in for the crops."""
         if self.crops != "reference" or len(context.layout.tower_owner) < 2:
             return None
-        grid = padded_grid(context.layout)
-        if grid is None:
-            raise ValueError("visionzip: crops='reference' needs LLaVA-NeXT's stitched crop grid, and this layout's "
-                             "tower map is not one; use visionzip:crops=budget")
-        return grid
+        return padded_grid_for(context.layout, "visionzip", "visionzip:crops=budget")
 
     def select_views(self, context: SelectionContext, grid: PaddedGrid, attention: np.ndarray) -> KeepPlan:
         """The code's multi-crop sequence (llava_arch.py lines 107-121 and ``restore_image_features_sorted``):

@@ -12,7 +12,7 @@ from workbench.pruning.method import SelectionContext, check_choice
 from workbench.pruning.methods.cls_attention import (REFERENCE_FEED_LAYER, ClsAndFeaturesMethod, check_crop_rule,
                                                      check_tower_layer, cls_need, group_members, per_view_count,
                                                      row_scores, size_shares)
-from workbench.pruning.padded_grid import PaddedGrid, code_sequence, padded_grid
+from workbench.pruning.padded_grid import PaddedGrid, code_sequence, padded_grid_for
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.ranking import normalized
 from workbench.pruning.registry import register_method
@@ -142,11 +142,7 @@ class VisPruner(ClsAndFeaturesMethod):
         layout), None where the layout's own arrangement is used."""
         if self.sequence != "code" or len(context.layout.tower_owner) < 2:
             return None
-        grid = padded_grid(context.layout)
-        if grid is None:
-            raise ValueError("vispruner: sequence='code' needs LLaVA-NeXT's stitched crop grid, and this layout's tower "
-                             "map is not one; use vispruner:sequence=layout")
-        return grid
+        return padded_grid_for(context.layout, "vispruner", "vispruner:sequence=layout")
 
     def entry_stage(self, context: SelectionContext, kept, attention, grid, appends=()) -> Stage:
         """The pre-LLM stage; on the code's sequence the layout's newlines are left out, as the code packs none."""
