@@ -99,10 +99,13 @@ class TowerCls:
     """The tower's [CLS] outputs at the projector's feed layer, through the projector: [views, D]
     (one row per view the tower encoded), filled by the last tower pass seen (None before); and,
     when asked (``tower_cls_capture(patches=True)``), its patch outputs there, projected the same way:
-    [views, P, D], the tower's order ([CLS] left out), before any unpadding or newline."""
+    [views, P, D], the tower's order ([CLS] left out), before any unpadding or newline; ``feed``, those
+    patch outputs before the projector ([views, P, D_tower]: what an ``Append`` on the tower's features
+    sums)."""
 
     features: torch.Tensor | None = None
     patches: torch.Tensor | None = None
+    feed: torch.Tensor | None = None
 
 
 # What a wrapper passes its decoder besides the inputs proper: not part of ``LLMInputs``.
@@ -199,7 +202,8 @@ class ModelAdapter(ABC):
             if self.has_cls_token:
                 seen.features = projector(states[:, :1])[:, 0]
             if patches:
-                seen.patches = projector(states[:, first:])
+                seen.feed = states[:, first:]
+                seen.patches = projector(seen.feed)
 
         if feed == 0:  # hidden_states[0]: what enters the first layer
             handle = layers[0].register_forward_pre_hook(lambda module, args: keep(args[0]))
@@ -223,9 +227,10 @@ class ModelAdapter(ABC):
         return prepared._decoder_inputs["cls"]
 
     @torch.no_grad()
-    def tower_patches(self, prepared: "PreparedInput") -> torch.Tensor:
+    def tower_patches(self, prepared: "PreparedInput", projected: bool = True) -> torch.Tensor:
         """[views, P, D]: the projected patch outputs at the feed layer of the sample's own (unpruned)
-        tower pass (``TowerCls.patches``), computed once per prepared input."""
+        tower pass (``TowerCls.patches``), computed once per prepared input; with ``projected`` False,
+        the same patches before the projector ([views, P, D_tower], ``TowerCls.feed``)."""
         if "patches" not in prepared._decoder_inputs:
             with self.tower_cls_capture(patches=True) as seen:
                 call = self._decoder_call(prepared.inputs)
@@ -233,7 +238,8 @@ class ModelAdapter(ABC):
             if seen.features is not None:
                 prepared._decoder_inputs.setdefault("cls", seen.features)
             prepared._decoder_inputs["patches"] = seen.patches
-        return prepared._decoder_inputs["patches"]
+            prepared._decoder_inputs["feed"] = seen.feed
+        return prepared._decoder_inputs["patches" if projected else "feed"]
 
     # --- inputs ----------------------------------------------------------------------------------
     def prompt(self, question: str) -> str:

@@ -26,7 +26,9 @@ How it works, for a batch of samples (each under its own plan; a batch of one is
   ``pre_llm`` stage brings in (``cls_token``) is such a row, made from the projected [CLS] output of
   the tower pass that made the decoder's inputs (``ModelAdapter.tower_cls_capture``); so is a padded
   patch (``padded_patch``: a tower patch the layout has no token for), from that pass's projected
-  patch outputs.
+  patch outputs. An appended token made on the tower's features (``Append.space == "tower"``, in the
+  ``pre_llm`` stage or before layer 0) is the projector on the weighted sum of its members' unprojected
+  patch outputs of that pass (``TowerCls.feed``).
 * A masking stage (``Stage.dropped == "masked"``, AIM's code) changes no row: its dropped tokens
   stay in the sequence, are still computed by every later layer and still written to its cache,
   but from layer k on every layer's mask hides their keys from every query (``_hide_keys``), in
@@ -198,15 +200,20 @@ def arrange(stage: Stage, alive: np.ndarray) -> Arrangement:
 
 
 def apply_appends(before: torch.Tensor, after: torch.Tensor, arrangement: Arrangement,
-                  row_of: dict[int, int], entering: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                  row_of: dict[int, int], entering: dict[int, torch.Tensor] | None = None,
+                  made: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """``after`` (the rows of ``arrangement``) with each appended row set to its weighted sum of the
     states ``before`` the stage (rows ``row_of``); a token with no row before it (the tower's [CLS]
-    entering the sequence) is ``weights[0]`` times its ``entering`` state ([D])."""
+    entering the sequence) is ``weights[0]`` times its ``entering`` state ([D]); a token ``made``
+    elsewhere (on the tower's features) takes that row ([D]) as it is."""
     if not arrangement.appended:
         return after
     out = after.clone()
     for row, append in arrangement.appended:
         weights = torch.tensor(append.weights, dtype=before.dtype, device=before.device)
+        if made and append.token in made:
+            out[:, row] = made[append.token].to(before.dtype)
+            continue
         if entering and append.token in entering:
             out[:, row] = weights[0] * entering[append.token].to(before.dtype)
             continue
@@ -385,9 +392,11 @@ class _Run:
         # the tower's [CLS] tokens and padded patches this stage brings in (``cls_token``, ``padded_patch``):
         # made from the same tower pass
         entering = [a.token for a in stage.appends if a.token >= self.layout.n_tokens] if stage is not None else []
-        with self._tower_cls(entering) as cls:
+        on_tower = any([self._tower_places(s) for s in self.plan.stages])  # each checked before the tower pass
+        with self._tower_cls(entering, on_tower) as cls:
             llm, tower = tower_inputs(self.adapter, self.prepared, self.plan, self.tower_callback)
         entered = self._entering_rows(entering, cls)
+        self.feed = cls.feed if on_tower else None  # the tower pass's unprojected patches, for ``_tower_rows``
         self.applied.extend(tower)
         embeds, mask, positions = llm.inputs_embeds, llm.attention_mask, llm.position_ids
         if embeds.shape[0] != 1:
@@ -409,7 +418,7 @@ class _Run:
             arrangement = arrange(stage, kinds)
             keep = arrangement.order
             embeds = apply_appends(embeds, _take(apply_merges(embeds, stage, row_of), keep, 1), arrangement, row_of,
-                                   entered)
+                                   entered, self._tower_rows(stage))
             mask = _take(mask, keep, 1)
             if stage.position == "reindex":
                 positions = _reindexed(positions, len(keep), stage.where)
@@ -447,12 +456,13 @@ class _Run:
         return out
 
     @contextlib.contextmanager
-    def _tower_cls(self, entering: list[int]):
+    def _tower_cls(self, entering: list[int], on_tower: bool = False):
         """The projected [CLS] outputs of the tower views (``.features``, [views, D]), and their patch
-        outputs (``.patches``, [views, P, D]) when padded patches enter, for a plan whose pre-LLM stage
+        outputs (``.patches``, [views, P, D]; ``.feed`` unprojected) when padded patches enter or
+        ``on_tower`` (a plan's token is made on the tower's features), for a plan whose pre-LLM stage
         brings the ``entering`` reserved tokens in: those of the tower pass made within (which runs the
         tower stages), or of the sample's own tower pass when none runs there."""
-        if not entering:
+        if not entering and not on_tower:
             yield None
             return
         padded = self._padded(entering)
@@ -460,12 +470,13 @@ class _Run:
         if classes and not self.adapter.has_cls_token:
             raise ExecutionError(f"the plan passes the vision tower's [CLS] (tokens {classes}) to the LLM; "
                                  f"this model's tower ({type(self.adapter.vision_tower()).__name__}) has no [CLS]")
-        with self.adapter.tower_cls_capture(patches=bool(padded)) as seen:
+        with self.adapter.tower_cls_capture(patches=bool(padded) or on_tower) as seen:
             yield seen
         if classes and seen.features is None:
             seen.features = self.adapter.tower_cls(self.prepared)
-        if padded and seen.patches is None:
+        if (padded or on_tower) and seen.patches is None:
             seen.patches = self.adapter.tower_patches(self.prepared)
+            seen.feed = self.adapter.tower_patches(self.prepared, projected=False)
         views = len(seen.features) if classes else 0
         if classes and max(classes) >= self.layout.n_tokens + views:
             raise ExecutionError(f"the plan passes the [CLS] of tower view {max(classes) - self.layout.n_tokens}; "
@@ -474,6 +485,46 @@ class _Run:
         if padded and (seen.patches.shape[0] != len(sizes) or seen.patches.shape[1] != max(sizes)):
             raise ExecutionError(f"the plan passes padded tower patches; the tower pass gave {seen.patches.shape[0]} "
                                  f"view(s) of {seen.patches.shape[1]} patches, the layout maps views of {sizes}")
+
+    def _tower_places(self, stage: Stage) -> dict[Append, list[tuple[int, int]]]:
+        """(view, patch) of every member of each of ``stage``'s appended tokens made on the tower's
+        features (``Append.space`` "tower"); ``PlanError`` for a member that is no single tower patch."""
+        appends = [a for a in stage.appends if a.space == "tower"]
+        if not appends:
+            return {}
+        owner, n = self.layout.tower_owner, self.layout.n_tokens
+        sizes = [len(o) for o in owner]
+        tokens = np.concatenate(owner) if owner else np.zeros(0, dtype=np.int64)
+        starts = np.cumsum([0] + sizes)
+
+        def place(append: Append, member: int) -> tuple[int, int]:
+            if member >= n:
+                if padded_patch_at(member, n, sizes) is None:
+                    raise PlanError(f"stage {describe_where(stage.where)}: appended token {append.token} is made on "
+                                    f"the tower's features, but its member {member} is a tower's [CLS], not a patch")
+                return self._padded([member])[member]
+            hits = np.flatnonzero(tokens == member)
+            if len(hits) != 1:
+                raise PlanError(f"stage {describe_where(stage.where)}: appended token {append.token} is made on the "
+                                f"tower's features, but its member {member} owns {len(hits)} tower patches "
+                                "(a member must own exactly one)")
+            view = int(np.searchsorted(starts, hits[0], side="right") - 1)
+            return view, int(hits[0] - starts[view])
+
+        return {a: [place(a, t) for t in a.members] for a in appends}
+
+    def _tower_rows(self, stage: Stage) -> dict[int, torch.Tensor]:
+        """[D] of each of ``stage``'s appended tokens made on the tower's features (``Append.space``
+        "tower"): the projector on the weighted sum of its members' feed-layer patch outputs."""
+        places = self._tower_places(stage)
+        if not places:
+            return {}
+        feed = self.feed if self.feed is not None else self.adapter.tower_patches(self.prepared, projected=False)
+        sums = torch.stack([torch.einsum("r,rd->d", torch.tensor(a.weights, dtype=feed.dtype, device=feed.device),
+                                         torch.stack([feed[v, p] for v, p in at])) for a, at in places.items()])
+        with torch.no_grad():
+            rows = self.adapter.projector()(sums[None])[0]
+        return {a.token: row for a, row in zip(places, rows)}
 
     def _entering_rows(self, entering: list[int], seen) -> dict[int, torch.Tensor]:
         """[D] of each reserved token the pre-LLM stage brings in: a [CLS] output or a padded patch's."""
@@ -516,7 +567,8 @@ class _Run:
         else:
             arrangement = arrange(stage, alive)
         keep = arrangement.order
-        hidden = apply_appends(hidden, _take(apply_merges(hidden, stage, row_of), keep, 1), arrangement, row_of)
+        hidden = apply_appends(hidden, _take(apply_merges(hidden, stage, row_of), keep, 1), arrangement, row_of,
+                               made=self._tower_rows(stage))
         rows = self.rows[keep]
         if arrangement.appended:
             made = torch.tensor([row for row, _ in arrangement.appended])

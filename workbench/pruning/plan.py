@@ -39,6 +39,9 @@ Where = Union[Literal["pre_llm"], int, str]
 PositionPolicy = Literal["original", "reindex"]
 DropPolicy = Literal["removed", "masked"]
 SeparatorPolicy = Literal["kept", "dropped"]
+# Where an ``Append``'s weighted sum is taken: "embedding", on the rows entering the stage; "tower", on its
+# members' tower features at the projector's feed layer, then through the projector (VisionZip's code).
+APPEND_SPACES = ("embedding", "tower")
 
 
 class PlanError(ValueError):
@@ -181,6 +184,14 @@ class Append:
     towers with a [CLS] can pass it (the executor says so otherwise). A padded patch
     (``padded_patch``: a tower patch the layout has no token for) enters the same way, its row that
     patch's feature at the feed layer, through the projector, from the same tower pass.
+
+    ``space``: "embedding" (default) takes the weighted sum of the members' rows entering the stage;
+    "tower" takes it on the members' tower features at the projector's feed layer and runs the
+    projector on it, ``projector(sum_i w_i * feed_i)``, from the tower pass that made the decoder's
+    inputs (VisionZip's code merges there, before the projector). Only in the ``"pre_llm"`` stage or
+    the stage before decoder layer 0 (nothing has computed on the rows yet), and every member must be
+    a tower patch: a layout token that owns exactly one patch of one tower view, or a padded patch,
+    not a [CLS] name (the executor says so otherwise).
     """
 
     token: int
@@ -188,6 +199,7 @@ class Append:
     weights: tuple[float, ...]
     after: int | None = None
     before: int | None = None
+    space: str = "embedding"
 
     def __post_init__(self):
         object.__setattr__(self, "token", int(self.token))
@@ -209,6 +221,8 @@ class Append:
             raise PlanError(f"appended token {self.token} has non-finite weights {self.weights}")
         if len(set(self.sources)) != len(self.sources) or self.token in self.sources:
             raise PlanError(f"appended token {self.token} lists a token twice: {(self.token,) + self.sources}")
+        if self.space not in APPEND_SPACES:
+            raise PlanError(f"appended token {self.token}: space must be one of {APPEND_SPACES}, got {self.space!r}")
 
     @property
     def members(self) -> tuple[int, ...]:
@@ -222,11 +236,12 @@ class Append:
 
     def to_dict(self) -> dict:
         return {"token": self.token, "sources": list(self.sources), "weights": list(self.weights), "after": self.after,
-                "before": self.before}
+                "before": self.before, "space": self.space}
 
     @staticmethod
     def from_dict(row: dict) -> "Append":
-        return Append(row["token"], tuple(row["sources"]), tuple(row["weights"]), row.get("after"), row.get("before"))
+        return Append(row["token"], tuple(row["sources"]), tuple(row["weights"]), row.get("after"), row.get("before"),
+                      row.get("space", "embedding"))  # plans written before the field summed embeddings
 
 
 @dataclass(frozen=True)
@@ -314,6 +329,9 @@ class Stage:
         if self.appends and self.in_tower:
             raise PlanError(f"stage {where}: appended tokens are made before the LLM or "
                             "inside it, not in the vision tower")
+        if self.where not in (PRE_LLM, 0) and any(append.space == "tower" for append in self.appends):
+            raise PlanError(f"stage {where}: appended tokens are made on the tower's features (space='tower') only "
+                            f"in the {PRE_LLM!r} stage or before decoder layer 0")
         targets = {merge.target for merge in self.merges}
         tokens = [append.token for append in self.appends]
         for append in self.appends:

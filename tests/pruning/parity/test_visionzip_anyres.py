@@ -15,9 +15,11 @@ Official code: dvlab-research/VisionZip (HEAD)
   unpadding, the newline built but unused, line 67), taken in raster order (75), then every crop's [CLS]
   (77), then every crop's contextual tokens, crop by crop (76); line 79 concatenates them. 24 is the
   side of a 336-px CLIP view; the tiny tower's views are 4 x 4 (the same code with its side).
-Deviation (the method's (a)): the code merges the tower's hidden states before the projector; the
-executor merges the projected rows, so a contextual row here is target + mean(sources) of the projected
-patches.
+- clip_encoder.py lines 75-83: a contextual token is target + mean(sources) of the feed layer's hidden
+  states (``hidden_states[-2]``, every patch of the view, padding included), and llava_arch.py runs the
+  projector on the whole block afterwards, so its row is projector(target + mean(sources)).
+``merge_at="embedding"`` (the old behaviour) merges the projected rows instead: target + mean(sources) of
+the projected patches, which the nonlinear projector makes different.
 """
 
 from __future__ import annotations
@@ -112,11 +114,15 @@ def names(adapter, prepared, sequence) -> list[int]:
 
 
 @torch.no_grad()
-def visual_rows(adapter, prepared, sequence) -> torch.Tensor:
+def visual_rows(adapter, prepared, sequence, merged_in: str = "tower") -> torch.Tensor:
     """[len, D]: each item's row: the projected feed-layer feature of the [CLS] or patch; a contextual token
-    as target + mean(sources) of the projected patches (the deviation stated above)."""
+    as the code makes it (``merged_in="tower"``): projector(target + mean(sources)) of the feed layer's
+    hidden states of its view (clip_encoder.py lines 75-80, then the projector); with "embedding", as
+    target + mean(sources) of the projected patches."""
     states = eager_tower(adapter, prepared, pixels(prepared)).hidden_states[facts(adapter).projector_feed_layer]
-    projected = eager_model(adapter).model.multi_modal_projector(states.float())          # [views, 1 + P, D]
+    projector = eager_model(adapter).model.multi_modal_projector
+    projected = projector(states.float())                                                # [views, 1 + P, D]
+    space = {"tower": states.float(), "embedding": projected}[merged_in]
     rows = []
     for item in sequence:
         if item[0] == "cls":
@@ -125,16 +131,16 @@ def visual_rows(adapter, prepared, sequence) -> torch.Tensor:
             rows.append(projected[item[1], 1 + item[2]])
         else:
             _, v, target, sources = item
-            merged = projected[v, [1 + s for s in sources]].mean(0) if sources else 0
-            rows.append(projected[v, 1 + target] + merged)
+            merged = space[v, 1 + target] + (space[v, [1 + s for s in sources]].mean(0) if sources else 0)
+            rows.append(projector(merged[None, None])[0, 0] if merged_in == "tower" else merged)
     return torch.stack(rows)
 
 
-def codes_embeddings(adapter, prepared, sequence) -> torch.Tensor:
+def codes_embeddings(adapter, prepared, sequence, merged_in: str = "tower") -> torch.Tensor:
     embeds = adapter.llm_inputs(prepared.inputs).inputs_embeds[0]
     image = (prepared.inputs["input_ids"][0] == adapter.model.config.image_token_id).nonzero().flatten()
     start, end = int(image.min()), int(image.max())
-    return torch.cat([embeds[:start], visual_rows(adapter, prepared, sequence), embeds[end + 1:]])[None]
+    return torch.cat([embeds[:start], visual_rows(adapter, prepared, sequence, merged_in), embeds[end + 1:]])[None]
 
 
 def split_of(prepared, budget) -> tuple[int, int]:
@@ -159,7 +165,15 @@ def test_default_gives_the_llm_the_codes_visual_sequence(size):
             execute(adapter, prepared, plan, max_new_tokens=0)
         expected = codes_embeddings(adapter, prepared, sequence)
         assert seen.inputs[0].shape == expected.shape  # the rows layer 0 computes: no newline, nothing else
-        torch.testing.assert_close(seen.inputs[0], expected, atol=1e-5, rtol=1e-5)  # in the code's order
+        torch.testing.assert_close(seen.inputs[0], expected, atol=1e-4, rtol=1e-4)  # in the code's order
+        # merge_at="embedding": the same sequence, its contextual rows merged after the projector
+        old = workbench_plan(VisionZip(merge_at="embedding"), adapter, prepared, budget)
+        assert old.final_kept == plan.final_kept
+        with LayerIO(adapter) as seen:
+            execute(adapter, prepared, old, max_new_tokens=0)
+        torch.testing.assert_close(seen.inputs[0], codes_embeddings(adapter, prepared, sequence, "embedding"),
+                                   atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(seen.inputs[0], expected, atol=1e-4, rtol=1e-4)
     assert (padded > 0) == (size != SIZES[2])
 
 

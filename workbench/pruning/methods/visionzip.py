@@ -115,14 +115,16 @@ class VisionZip(ClsAttentionMethod):
     the image's last patch's, as with "embedding"). ``kept_counts`` gives both
     stages: the tower's patches, then the LLM's tokens, the [CLS] included. "embedding" (the old
     behaviour) merges the projected embeddings at the LLM input in one ``pre_llm`` stage (the projector
-    is nonlinear, so the vectors differ). Tower merging needs a single-view [CLS] tower whose patches
-    are the LLM's visual tokens one to one (``tower_stages.in_tower_reason``), the code's own domain;
-    elsewhere (multi-view towers, and so the multi-crop path below, whose padding patches are no
-    tower-stage tokens) VisionZip merges at the LLM input under either value.
+    is nonlinear, so the vectors differ). Tower stages need a single-view [CLS] tower whose patches
+    are the LLM's visual tokens one to one (``tower_stages.in_tower_reason``), the code's own domain.
+    On the multi-crop code path (``crops="reference"`` on a multi-view tower, whose padding patches are
+    no tower-stage tokens) "tower" makes each contextual token as the code does all the same: an
+    ``Append`` on the tower's features (``space="tower"``), the projector on target + mean(sources) of
+    the view's feed-layer patches, padding included; "embedding" merges the projected rows there too.
 
-    Deviations (documented): (a) on multi-view towers (``crops="reference"`` and ``"budget"``) the
-    contextual tokens are merged from the projected embeddings at the LLM input, not from the
-    tower's hidden states (see ``merge_at``). (b) ``crops="budget"`` only: the crops' [CLS] tokens follow the
+    Deviations (documented): (a) ``crops="budget"`` on multi-view towers, and ``contextual_at="target"``
+    on the multi-crop path, merge the contextual tokens from the projected embeddings at the LLM
+    input, not from the tower's hidden states (see ``merge_at``). (b) ``crops="budget"`` only: the crops' [CLS] tokens follow the
     stitched group, whose patches are the layout's (unpadded) tokens, not the code's padded grid, and
     the groups of our layout (base, stitched tiles) stand in for the crops, read through the layout's
     tower map. (c) The reference's similarity metric is the head-MEAN of the layer's keys ([N, d]), as
@@ -142,8 +144,8 @@ class VisionZip(ClsAttentionMethod):
         "lines 107-121, restore_image_features_sorted lines 42-80: base [CLS, dominant, contextual], the crops' dominant "
         "patches on the padded stitched grid in raster order, padding included, no newline, every crop's [CLS], every "
         "crop's contextual tokens; crops=budget: per-group shares on the layout's tokens). Merges on the tower's "
-        "feed-layer hidden states before the projector, as the code (merge_at=embedding: on the projected embeddings; "
-        "multi-view towers always merge there).")
+        "feed-layer hidden states before the projector, as the code, on the multi-crop path too (merge_at=embedding: on "
+        "the projected embeddings; crops=budget on multi-view towers always merges there).")
 
     contextual_ratio: float = 10 / 64
     merge: str = "reference"
@@ -225,7 +227,9 @@ class VisionZip(ClsAttentionMethod):
         the padded stitched grid (padding patches included, no newline), every crop's [CLS], then every
         crop's contextual tokens, crop by crop. The pre-LLM stage brings every chosen patch in (a crop's
         contextual members at their raster places) and makes the base view's contextual tokens; the
-        stage before decoder layer 0 (on the same embeddings) makes the crops' and moves them to the end."""
+        stage before decoder layer 0 (on the same embeddings) makes the crops' and moves them to the end.
+        Under ``merge_at="tower"`` each contextual token is made on the tower's features (``Append``
+        ``space="tower"``: the projector on the weighted sum of its patches at the feed layer)."""
         layout, model = context.layout, context.require_model()
         layer, n = self.layer(model), context.n_visual
         owner, sizes = layout.tower_owner, [len(o) for o in layout.tower_owner]
@@ -242,6 +246,7 @@ class VisionZip(ClsAttentionMethod):
         base, tiles = owner[0], np.flatnonzero(layout.group == grid.group)
         dominant, slot, contextual = choices[0]
         passes = self.cls_slot == "reference"
+        space = "tower" if self.merge_at == "tower" else "embedding"  # the code merges the feed layer's states
         kept = [name(0, p) for p in dominant] + ([cls_token(n, 0)] if slot and passes else [])
         appends = [Append(cls_token(n, 0), (), (1.0,), before=int(base.min()))] if slot and passes else []
         merges = []
@@ -249,7 +254,8 @@ class VisionZip(ClsAttentionMethod):
             kept.append(name(0, target))
             members = tuple(name(0, p) for p in sources)
             if self.contextual_at == "end":
-                appends.append(Append(name(0, target), members, self.weights(members), after=int(base.max())))
+                appends.append(Append(name(0, target), members, self.weights(members), after=int(base.max()),
+                                      space=space))
             elif members:
                 merges.append(Merge(name(0, target), members, self.weights(members)))
         chosen = {v: list(d) + [p for t, srcs in c for p in (t, *srcs)] for v, (d, _, c) in enumerate(choices) if v}
@@ -267,7 +273,7 @@ class VisionZip(ClsAttentionMethod):
                 members = tuple(name(view, p) for p in sources)
                 dropped.update(members)
                 if self.contextual_at == "end":
-                    made.append(Append(name(view, target), members, self.weights(members)))
+                    made.append(Append(name(view, target), members, self.weights(members), space=space))
                 elif members:
                     folded.append(Merge(name(view, target), members, self.weights(members)))
         if not made and not folded:
