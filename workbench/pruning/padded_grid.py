@@ -8,7 +8,8 @@ type: the LLM gets the chosen crop patches in raster order of the PADDED stitche
 included, with no newline. ``padded_grid`` recovers that grid from the layout's tower map alone (no
 model family: the crop arrangement and padding offsets are the unique ones that reproduce the map), and
 ``code_sequence`` turns per-view chosen patches into a pre-LLM stage's kept tokens and the appends that
-bring the padding patches in (``padded_patch``) at their raster places.
+bring the padding patches in (``padded_patch``) at their raster places. ``transposed_sequence`` builds
+the sequence of a code that reads the crop grid's shape transposed (HiRED's) on the same grid.
 """
 
 from __future__ import annotations
@@ -129,3 +130,45 @@ def code_sequence(layout: VisualLayout, grid: PaddedGrid, chosen) -> tuple[tuple
         place = {"before": int(tiles[at])} if at < len(tiles) else {"after": int(tiles[-1])}
         appends.append(Append(token, (), (1.0,), **place))
     return tuple(sorted(kept | {token for _, token in padded})), tuple(appends)
+
+
+def transposed_order(grid: PaddedGrid, image_size) -> tuple[tuple[int, int], ...]:
+    """(view, patch) of every crop patch an LLaVA-NeXT packing that reads the crop grid's shape as
+    (width, height) puts into the LLM, in its order (HiRED's code: its ``(rows, cols)`` taken as
+    ``(num_patch_width, num_patch_height)``). The crops, row-major, fill a ``cols x rows`` grid of
+    tiles (crop t at tile row ``t // rows``, column ``t % rows``, each crop upright); that grid is cut
+    by ``unpad_image`` for the original ``image_size`` (width, height) as if it were the image's
+    padded grid, and read in raster order. Equal to the padded grid's own cut on a square crop grid.
+    The cut is computed in float32, as the code's division of the image-size tensor."""
+    tile_rows, tile_cols = grid.tiles
+    side = grid.side
+    height, width = tile_cols * side, tile_rows * side
+    image_width, image_height = (np.float32(v) for v in image_size)
+    rows, cols = range(height), range(width)
+    if image_width / image_height > np.float32(width / height):  # wider than the grid: rows are cut
+        pad = (height - int(image_height * (np.float32(width) / image_width))) // 2
+        rows = range(pad, height - pad)
+    else:
+        pad = (width - int(image_width * (np.float32(height) / image_height))) // 2
+        cols = range(pad, width - pad)
+    return tuple((1 + (r // side) * tile_rows + c // side, (r % side) * side + c % side) for r in rows for c in cols)
+
+
+def transposed_sequence(layout: VisualLayout, grid: PaddedGrid, chosen) -> tuple[tuple[int, ...], tuple[Append, ...]]:
+    """(kept, appends) of a pre-LLM stage giving the LLM the sequence of ``transposed_order`` for
+    ``chosen`` ({view: patches}, view 0 the base image): the base view's chosen patches as they are,
+    then the chosen crop patches that order keeps, in that order, each moved (or, a padding patch,
+    brought in as its ``padded_patch`` name) to just before the first tile token's row; a chosen crop
+    patch outside it is lost. Each crop patch appears at most once, so the moves are exact."""
+    sizes = [len(o) for o in layout.tower_owner]
+    picked = {(int(view), int(patch)) for view, patches in chosen.items() if view > 0 for patch in patches}
+    kept = {int(layout.tower_owner[0][int(p)]) for p in chosen.get(0, ())}
+    first_tile = int(np.flatnonzero(layout.group == grid.group)[0])
+    appends = []
+    for view, patch in transposed_order(grid, layout.image_sizes[0]):
+        if (view, patch) in picked:
+            token = int(layout.tower_owner[view][patch])
+            token = token if token >= 0 else padded_patch(layout.n_tokens, sizes, view, patch)
+            kept.add(token)
+            appends.append(Append(token, (), (1.0,), before=first_tile))
+    return tuple(sorted(kept)), tuple(appends)

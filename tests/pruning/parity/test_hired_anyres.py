@@ -13,8 +13,10 @@ Official code: hasanar1f/HiRED (HEAD), transformers/src/transformers/models/llav
   per crop, ``(count / sum * budget).int()`` in float32, clamped to P; each crop's top-k by the bottom
   layer (line 556);
 - lines 782-828 (``pack_HiRED_image_features``): the crops' masks unpadded with their features, so a
-  crop patch chosen in the padding is lost. (Its stitching reads the grid shape transposed, line 816;
-  the model here stitches correctly, and the reference places patches by the model's own geometry.)
+  crop patch chosen in the padding is lost. (Its stitching reads the grid shape transposed, line 816,
+  which changes nothing on a square crop grid; on a non-square one the default follows that and is
+  tested in ``test_hired_transposed.py``; here the reference places patches by the model's own
+  geometry, which ``stitching="model"`` follows on every grid.)
 - line 1011: the forward packs the features with ``image_newline=None`` at every rate (the packing adds a
   newline only when given one, lines 830 and 854), and ``_merge_input_ids_with_image_features`` puts
   them in the image token's place with positions ``cumsum - 1`` (line 779): the LLM input is the text and
@@ -39,14 +41,22 @@ from workbench.pruning.methods.cls_attention import HiRED
 from workbench.pruning.run import record_needs, run_method
 
 HIRED_SIZES = ((90, 60), (60, 100), (56, 32), (32, 56))  # every crop count here divides P = 16, as the code needs
+SQUARE_GRIDS = HIRED_SIZES[:2]  # 2x2 crops; the others are 1x2 and 2x1
+
+
+def by_the_models_stitching(size) -> HiRED:
+    """The method the model-geometry reference describes at ``size``: the default on a square crop
+    grid (the code's transposed reading changes nothing there), ``stitching="model"`` otherwise."""
+    return HiRED() if size in SQUARE_GRIDS else HiRED(stitching="model")
 BUDGETS = (0.125, 0.22, 0.25, 0.3, 0.5, 1.0)
 
 
-def official_hired_anyres(adapter, prepared, token_budget_rate: float, alpha: float = 0.5):
+def official_hired_views(adapter, prepared, token_budget_rate: float, alpha: float = 0.5) -> dict[int, list[int]]:
+    """The code's chosen patches of every view (view 0 the base image), before its packing."""
     f = facts(adapter)
     grid = stitching(adapter, prepared, prepared.layout.tower_owner[0].shape[0])
     if not token_budget_rate < 1.0:  # line 989: no token dropping, every mask all ones
-        return to_layout(prepared, grid, {v: range(len(o)) for v, o in enumerate(prepared.layout.tower_owner)})
+        return {v: list(range(len(o))) for v, o in enumerate(prepared.layout.tower_owner)}
     top_attn = view_attentions(adapter, prepared, 0).sum(dim=1)  # [V, P], line 535
     bottom_attn = view_attentions(adapter, prepared, f.projector_feed_tower_layer).sum(dim=1)  # line 534
     num_patch, num_vision_tokens = bottom_attn.shape
@@ -64,7 +74,13 @@ def official_hired_anyres(adapter, prepared, token_budget_rate: float, alpha: fl
         sub_img_budgets = torch.clamp((budget_ratio * total_sub_img_budget).int(), max=num_vision_tokens)
         for i, num_topk_other in enumerate(sub_img_budgets.tolist()):
             kept[i + 1] = torch_topk(bottom_attn[i + 1], num_topk_other)  # line 556
-    return to_layout(prepared, grid, kept)
+    return kept
+
+
+def official_hired_anyres(adapter, prepared, token_budget_rate: float, alpha: float = 0.5):
+    """The code's chosen patches placed by the model's stitching (unpadded-away picks lost)."""
+    grid = stitching(adapter, prepared, prepared.layout.tower_owner[0].shape[0])
+    return to_layout(prepared, grid, official_hired_views(adapter, prepared, token_budget_rate, alpha))
 
 
 def rate(prepared, budget):
@@ -76,7 +92,7 @@ def test_default_equals_the_official_llava_next_rule(size):
     adapter, _ = llava_next_case(size)
     f = facts(adapter)
     assert HiRED().cls_layers(f) == tuple(sorted({0, f.projector_feed_tower_layer}))
-    assert_per_view_parity(HiRED(), official_hired_anyres, size, BUDGETS, argument=rate)
+    assert_per_view_parity(by_the_models_stitching(size), official_hired_anyres, size, BUDGETS, argument=rate)
 
 
 @pytest.mark.parametrize("size", HIRED_SIZES[:2])
@@ -133,9 +149,10 @@ def test_the_llm_input_has_no_image_newline_rows(size):
     assert len(layout.separators) > 0  # the model itself puts newlines there
     assert torch.equal(inputs.inputs_embeds[0, layout.separators], newline.expand(len(layout.separators), -1))
     recording = record_needs(adapter, prepared, [HiRED()])
+    method = by_the_models_stitching(size)
     for budget in BUDGETS:
         execution, embeds, positions = stack_inputs(
-            adapter, lambda: run_method(adapter, prepared, HiRED(), budget, recording=recording, max_new_tokens=0))
+            adapter, lambda: run_method(adapter, prepared, method, budget, recording=recording, max_new_tokens=0))
         rows = text_and_kept_rows(prepared, official_hired_anyres(adapter, prepared, budget))
         assert execution.plan.stages[0].separators == "dropped"
         assert not (embeds[0] == newline).all(-1).any(), (size, budget)
@@ -165,8 +182,9 @@ def test_the_pruned_logits_are_the_models_on_the_codes_llm_input(size):
         assert not torch.allclose(kept.logits, execution.logits, atol=1e-5, rtol=1e-5)
 
 
-def test_a_batch_of_two_shapes_equals_each_alone():
-    cases = [llava_next_case(size) for size in HIRED_SIZES[:2]]
+@pytest.mark.parametrize("sizes", (HIRED_SIZES[:2], HIRED_SIZES[2:]))  # 2x2 crops; 1x2 and 2x1 (moved crop tokens)
+def test_a_batch_of_two_shapes_equals_each_alone(sizes):
+    cases = [llava_next_case(size) for size in sizes]
     adapter = cases[0][0]
     prepared = [p for _, p in cases]
     assert prepared[0].layout.sequence_length != prepared[1].layout.sequence_length

@@ -37,6 +37,7 @@ import numpy as np
 from workbench.layout import VisualLayout
 from workbench.pruning.budget import split_budget
 from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
+from workbench.pruning.padded_grid import padded_grid_for, transposed_sequence
 from workbench.pruning.plan import PRE_LLM, SEPARATOR_POLICIES, KeepPlan, Stage
 from workbench.pruning.ranking import top_k
 from workbench.pruning.registry import register_method
@@ -374,10 +375,18 @@ class HiRED(ClsAttentionMethod):
     LLM numbers the shorter sequence as ``position`` says; ``"kept"`` keeps them where the model puts
     them. Other layouts keep their separators either way (the code never saw them).
 
-    Not followed: the code's packing also reads the crop grid as (width, height) (line 816) where its
-    ``get_anyres_image_grid_shape`` returns (rows, cols) (line 127), so on a non-square crop grid it
-    stitches the crops transposed (a bug of the transformers version it forks); the chosen patches are
-    placed here by the model's own stitching, which is the one the model runs.
+    Crop stitching (``stitching``): the code's packing reads the crop grid's shape as (width, height)
+    (line 816) where its ``get_anyres_image_grid_shape`` returns (rows, cols) (line 127), an accident
+    that matters on a non-square crop grid only: the crops, row-major, fill a cols x rows grid of tiles
+    (``view`` then ``permute``, lines 821-826), which ``unpad_image`` (lines 167-206) cuts for the
+    image's size as if it were the image's padded grid (lines 827-828), and the LLM gets the chosen
+    crop patches inside that cut in its raster order: patches the model's stitching unpads away can
+    enter (its padding), chosen patches outside the cut are lost, and the order is not the model's.
+    ``stitching="code"`` (default) reproduces that sequence exactly (deterministic: no set order is
+    involved): it is ``padded_grid.transposed_sequence``, each crop patch at most once, the kept ones
+    moved and the padding ones brought in (``padded_patch``) right before the tile block; it needs
+    LLaVA-NeXT's stitched crop grid (one clear line otherwise). ``"model"`` places the chosen patches
+    by the model's own stitching and unpadding instead. Square crop grids are the same either way.
 
     ``crops="budget"`` (the earlier rule, and the rule on layouts whose tower map does not start with a
     base view, or has none): the layout's token groups share the budget; a group named ".../base" or
@@ -402,8 +411,12 @@ class HiRED(ClsAttentionMethod):
         "accuracy_benchmarks/*.sh. Followed (crops=reference): int(V*P*rate) patches over the padded views, "
         "the base view's alpha share by layer 22, the crops' shares from the base view's layer-0 top patches "
         "cut into contiguous chunks (floored), top-k per view, padded picks lost, no image-newline tokens in "
-        "the LLM input (separators=dropped; separators=kept keeps the model's). crops=budget: group shares of exactly the "
+        "the LLM input (separators=dropped; separators=kept keeps the model's), the crops stitched as its "
+        "packing reads the grid shape, transposed on a non-square grid (stitching=code; stitching=model "
+        "stitches as the model does). crops=budget: group shares of exactly the "
         "budget with the paper's spatial mapping.")
+
+    stitchings: ClassVar[tuple[str, ...]] = ("code", "model")
 
     alpha: float = 0.5
     early_layer: int = 0
@@ -411,9 +424,12 @@ class HiRED(ClsAttentionMethod):
     count: str = "floor"
     crops: str = "reference"
     separators: str = "dropped"
+    stitching: str = "code"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.stitching not in self.stitchings:
+            raise ValueError(f"hired: stitching must be one of {self.stitchings}, got {self.stitching!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"hired: alpha must be a number in [0, 1], got {self.alpha!r}")
         for name in ("early_layer", "deep_layer"):
@@ -529,11 +545,19 @@ class HiRED(ClsAttentionMethod):
         self.check_applies(model)
         early_layer, deep_layer = tower_layer(self.early_layer, model), tower_layer(self.deep_layer, model)
         deep = row_scores(context, cls_need(deep_layer))
+        appends = ()
         if self.per_view(context.layout):
             counts = self.view_counts(context, view_cls_rows(context, [early_layer]))
-            kept = keep_view_patches(context.layout, view_cls_rows(context, [deep_layer]), counts)
+            rows = view_cls_rows(context, [deep_layer])
+            grid = padded_grid_for(context.layout, "hired", "hired:stitching=model") \
+                if self.stitching == "code" else None
+            if grid is not None and grid.tiles[0] != grid.tiles[1]:  # the code's transposed stitching
+                chosen = {v: top_k(row, min(int(c), len(row))) for v, (row, c) in enumerate(zip(rows, counts))}
+                kept, appends = transposed_sequence(context.layout, grid, chosen)
+            else:
+                kept = keep_view_patches(context.layout, rows, counts)
         else:
             early = row_scores(context, cls_need(early_layer))
             kept = top_k_per_group(context.layout, deep, self.shares(context, early))
         return self.plan(context, [Stage(PRE_LLM, kept, tuple(deep), position=self.entry_position(context),
-                                         separators=self.separator_policy(context.layout))])
+                                         appends=appends, separators=self.separator_policy(context.layout))])
