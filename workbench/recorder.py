@@ -25,6 +25,7 @@ import polars as pl
 import torch
 
 from probes import saliency
+from probes.keywords import QUESTION_KEYWORDS, keyword_embeddings
 from probes.capture import (ROW_KINDS, STACKS, CaptureError, LayerCapture, SiteReading, TokenRoles,
                             output_projection, row_positions)
 from probes.interception import listening
@@ -329,6 +330,8 @@ def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureReque
                     session.visit(plan, layer, envoys[plan.stack])
             if not whole:
                 tracer.stop()  # nothing past the last visited layer is read: the rest of the forward is skipped
+    if QUESTION_KEYWORDS in request.signals and "llm" in request.stacks:
+        builder.add(Observation(QUESTION_KEYWORDS, "tokens", keyword_embeddings(adapter, prepared.question)), "llm", 0, 0)
     answer_text = _saliency(adapter, prepared, request, builder, plans, answer)
     identity = Identity(adapter.name, sample_id, question, prepared.prompt, answer_text, adapter.fingerprint)
     return Recording(identity, request, prepared.layout, dict(builder.tensors), frozenset(builder.per_head),

@@ -73,6 +73,7 @@ class PreparedInput:
     layout: VisualLayout
     prompt: str
     image_size: tuple[int, int]  # (width, height) of the original image
+    question: str = ""  # the text the prompt was built from (MMTok's keywords are read from it)
     # Filled by ``ModelAdapter.decoder_inputs``: every run of this input reuses one tower pass.
     _decoder_inputs: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -253,7 +254,7 @@ class ModelAdapter(ABC):
         image = image.convert("RGB")
         prompt = self.prompt(question)
         inputs = self.processor_inputs([image], [prompt]).to(self.device)
-        return PreparedInput(inputs, self.layout(inputs, [image.size]), prompt, image.size)
+        return PreparedInput(inputs, self.layout(inputs, [image.size]), prompt, image.size, question)
 
     @abstractmethod
     def layout(self, inputs: BatchFeature, image_sizes: list[tuple[int, int]]) -> VisualLayout:

@@ -11,7 +11,8 @@ from workbench.pruning.method import SelectionContext, SignalNeed
 from workbench.pruning.methods.mmtok import MMTok, greedy_max_coverage
 
 PROJECTED = SignalNeed("visual_states", "llm", 0)
-TEXT = SignalNeed("text_states", "llm", 0)
+TEXT = SignalNeed("question_keywords", "llm", 0)  # the default text side: the question's keywords
+PROMPT = SignalNeed("text_states", "llm", 0)  # text="prompt": every text token after the image
 TOWER = SignalNeed("visual_states_out", "tower", LLAVA_FACTS.projector_feed_tower_layer)  # layer 22
 
 
@@ -64,8 +65,11 @@ def test_defaults_needs_and_validation():
     assert (method.alpha, method.tv_temperature, method.vv_temperature, method.vision_space) == (0.5, 0.02, 0.2, "tower")
     assert set(method.needs(LLAVA_FACTS)) == {PROJECTED, TEXT, TOWER}
     assert set(MMTok(vision_space="llm").needs(NO_CLS_FACTS)) == {PROJECTED, TEXT}
+    assert method.text == "keywords"
+    assert set(MMTok(text="prompt").needs(LLAVA_FACTS)) == {PROJECTED, PROMPT, TOWER}
     for bad, message in [(dict(alpha=-1), "alpha"), (dict(tv_temperature=0), "temperatures"),
-                         (dict(vision_space="clip"), "vision_space"), (dict(alpha=float("nan")), "alpha")]:
+                         (dict(vision_space="clip"), "vision_space"), (dict(alpha=float("nan")), "alpha"),
+                         (dict(text="question"), "text")]:
         with pytest.raises(ValueError, match=message):
             MMTok(**bad)
 

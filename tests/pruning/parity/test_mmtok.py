@@ -10,11 +10,21 @@ Official code: Ironieser/MMTok (HEAD)
 - mmtok/llava/clip_encoder_mmtok.py lines 73-76: x_clip = ``hidden_states[-2][:, 1:]`` (the projector's
   input; here the tower's projector-feed hidden state), x = ``mm_projector`` of it (the decoder's
   input embeddings at the image positions).
-The text side is the method's documented deviation (every text token after the image instead of the
-question's keywords): the reference takes the same rows, from the eager forward's ``hidden_states[0]``.
+Text side (P's rows), default ``text="keywords"``:
+- example/lmms_eval_llava_mmtok.py lines 369-379 and mmtok/llava/llava_inject.py lines 163-165: the
+  question the selector reads is the user turn, ``"<image>" + "\\n" + context``.
+- mmtok/core/text_processor.py lines 17-31 (stop words, the two answer-format prompts) and 44-54
+  (``extract_keywords_simple``: prompts deleted, ``\\b\\w+\\b`` words, stop words dropped
+  case-insensitively, joined by spaces; the stripped text when none is left).
+- mmtok/core/mmtok_core.py lines 71-85 and 107-108: ``tokenizer(text.split(), is_split_into_words=True)``,
+  ``embed_tokens`` of the ids, a leading BOS dropped.
+``text="prompt"`` (every text token after the image): the reference takes the same rows from the eager
+forward's ``hidden_states[0]``.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -50,15 +60,67 @@ def official_mmtok(text, vision, vision_clip, k: int, alpha=0.5, tv_temp=0.02, v
     return np.sort(picks)
 
 
+NON_VISUAL = {"a", "an", "the", "is", "are", "was", "were", "be", "been", "being", "have", "has", "had", "do",
+              "does", "did", "it", "they", "he", "she", "we", "you", "i", "what", "where", "when", "why", "how",
+              "who", "which", "and", "or", "but", "so", "if", "then", "question", "answer", "to", "for", "with",
+              "by", "from", "at", "into", "onto", "upon"}
+PROMPTS = ("Answer the question using a single word or phrase.",
+           "Answer with the option's letter from the given choices directly.")
+
+
+@torch.no_grad()
+def official_text(adapter, question: str) -> torch.Tensor:
+    """The code's text embedding z for ``question`` (text_processor.py 44-54, mmtok_core.py 71-85)."""
+    turn = "<image>" + "\n" + question
+    for prompt in PROMPTS:
+        turn = turn.replace(prompt, "")
+    words = [w for w in re.findall(r"\b\w+\b", turn) if w.lower() not in NON_VISUAL]
+    text = " ".join(words) if words else turn
+    tokenizer = adapter.tokenizer
+    ids = torch.tensor([tokenizer(text.split(), is_split_into_words=True, truncation=True)["input_ids"]])
+    embedded = adapter.model.get_input_embeddings()(ids)[0]
+    start = 1 if ids.shape[1] > 1 and ids[0, 0].item() == tokenizer.bos_token_id else 0
+    return embedded[start:].double()
+
+
+def reference_inputs(adapter, prepared):
+    """(projected visual tokens, the tower's projector-feed features, every text token after the image)."""
+    embeds = eager_forward(adapter, prepared).hidden_states[0][0].double()
+    positions = visual_positions(prepared)
+    clip = eager_tower(adapter, prepared).hidden_states[facts(adapter).projector_feed_layer][0, 1:].double()
+    return embeds[torch.as_tensor(positions)], clip, embeds[positions.max() + 1:]  # one sequence: no padding
+
+
 @pytest.mark.parametrize("label", labels(("llava",)))
 def test_default_equals_the_official_rule(label):
     adapter, prepared = case(label)
-    embeds = eager_forward(adapter, prepared).hidden_states[0][0].double()
-    positions = visual_positions(prepared)
-    vision = embeds[torch.as_tensor(positions)]
-    text = embeds[positions.max() + 1:]  # every token after the image (no padding: one sequence)
-    clip = eager_tower(adapter, prepared).hidden_states[facts(adapter).projector_feed_layer][0, 1:].double()
+    vision, clip, _ = reference_inputs(adapter, prepared)
+    text = official_text(adapter, prepared.question)
     for budget in BUDGETS:
         (stage,) = workbench_plan(MMTok(), adapter, prepared, budget).stages
+        kept = official_mmtok(text, vision, clip, n_keep(prepared, budget))
+        assert jaccard(stage.kept, kept) == 1.0, (label, budget)
+
+
+def test_the_prompt_rule_differs_from_the_code():
+    """Covering every text token after the image is not the code's rule: on the shipped samples it keeps
+    another set at some budget (so the test above fails when the default covers the prompt)."""
+    differs = []
+    for label in labels():
+        adapter, prepared = case(label)
+        vision, clip, _ = reference_inputs(adapter, prepared)
+        text = official_text(adapter, prepared.question)
+        for budget in BUDGETS:
+            (stage,) = workbench_plan(MMTok(text="prompt"), adapter, prepared, budget).stages
+            differs.append(jaccard(stage.kept, official_mmtok(text, vision, clip, n_keep(prepared, budget))) < 1.0)
+    assert any(differs)
+
+
+@pytest.mark.parametrize("label", labels(("llava",)))
+def test_prompt_text_covers_every_token_after_the_image(label):
+    adapter, prepared = case(label)
+    vision, clip, text = reference_inputs(adapter, prepared)
+    for budget in BUDGETS:
+        (stage,) = workbench_plan(MMTok(text="prompt"), adapter, prepared, budget).stages
         kept = official_mmtok(text, vision, clip, n_keep(prepared, budget))
         assert jaccard(stage.kept, kept) == 1.0, (label, budget)

@@ -94,9 +94,12 @@ class CDPruner(PreLLMMethod):
     default is the code's sign (``negate_relevance=True``); ``negate_relevance=False`` is the paper's.
     ``theta`` (None = off, as the code) is the code's commented-out exponential weighting.
 
-    Deviations: the reference computes relevance min-max over all crops of an image and gives every
-    crop the same count; we normalise over all visual tokens and share the budget among layout groups
-    by size. When the kernel's rank is below the budget (small feature dimension) the reference would
+    Deviations: on multi-crop (LLaVA-NeXT) layouts the reference normalises relevance min-max over
+    every patch of every view (base image and crops, the crops' padding patches included), keeps the
+    same count T in every view and passes the crops' kept patches on in raster order of the padded
+    stitched grid, without unpadding or newlines (llava_arch.py lines 141-208, 248-255); we normalise
+    over the layout's visual tokens and share the budget among its groups by size, because a method
+    reads no projected features of the padding patches. When the kernel's rank is below the budget (small feature dimension) the reference would
     divide by zero; we take the remaining tokens by their kernel diagonal (relevance^2). A sample
     without text after the image is refused (MethodNotApplicable). ``Stage.scores``: the conditional
     gain of each kept token when picked.

@@ -14,6 +14,9 @@ from workbench.pruning.ranking import cosine_matrix
 from workbench.pruning.registry import register_method
 
 VISION_SPACES = ("tower", "llm")
+# P's rows (the text the visual tokens must cover): the question's keywords as the code embeds them
+# (``probes.keywords``), or every text token after the image as it enters the decoder.
+TEXT_SIGNALS = {"keywords": "question_keywords", "prompt": "text_states"}
 
 
 def _softmax_rows(x: np.ndarray) -> np.ndarray:
@@ -61,9 +64,11 @@ class MMTok(PreLLMMethod):
     visual tokens by the layout's tower map (``workbench.tower_map.tower_features``: the mean of the
     patches each token owns -- tiles of LLaVA-NeXT/OneVision, Qwen2-VL's 2x2 merged patches,
     Idefics3's pixel shuffle; the identity on LLaVA-1.5); ``"llm"``: Q on the projected tokens.
-    Deviation: the code embeds only the question's keywords (stop words and the answer-format
-    prompt removed, no BOS); the recording has no token strings, so P covers every text token
-    after the image (question and answer prompt) as embedded at the LLM input."""
+    ``text="keywords"`` (the code's): P's rows are the question's keywords as the code builds them
+    (``probes.keywords``: the user turn "<image>", a newline and the question, the two answer-format
+    instructions deleted, stop words dropped, the words tokenised pre-split, no BOS, rows of the
+    decoder's input embedding table); ``"prompt"``: every text token after the image (question and
+    answer prompt) as it enters the decoder."""
 
     scored_by: ClassVar[str] = "similarity"
 
@@ -71,6 +76,7 @@ class MMTok(PreLLMMethod):
     tv_temperature: float = 0.02
     vv_temperature: float = 0.2
     vision_space: str = "tower"
+    text: str = "keywords"
 
     reference: ClassVar[str] = (
         "MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs (arXiv 2508.18264); "
@@ -78,9 +84,9 @@ class MMTok(PreLLMMethod):
         "mmtok/core/mmtok_core.py, mmtok/llava/clip_encoder_mmtok.py and llava_inject.py (defaults alpha=0.5, "
         "softmax_tv_temperature=0.02, softmax_vv_temperature=0.2). Paper: a submodular maximum-coverage objective "
         "over text and vision; code fixes it as Combined=[softmax(P/0.02)/m ; alpha*softmax(Q/0.2)/n] with P on "
-        "projected vision tokens vs LLM token embeddings of the question keywords, Q on CLIP hidden_states[-2] "
-        "(pre-projector). We follow the code, except the text side: every text token after the image at the LLM "
-        "input (no keyword filtering: the recording carries no token strings)."
+        "projected vision tokens vs LLM token embeddings of the question keywords (mmtok/core/text_processor.py "
+        "extract_keywords_simple, mmtok_core.py _encode_text_with_token_pooling), Q on CLIP hidden_states[-2] "
+        "(pre-projector). We follow the code; text='prompt' covers every text token after the image instead."
     )
 
     def __post_init__(self):
@@ -95,14 +101,18 @@ class MMTok(PreLLMMethod):
             raise ValueError("mmtok: temperatures must be > 0, got "
                              f"tv={self.tv_temperature}, vv={self.vv_temperature}")
         check_choice("mmtok", "vision_space", self.vision_space, VISION_SPACES)
+        check_choice("mmtok", "text", self.text, tuple(TEXT_SIGNALS))
 
     def _vision_need(self, model: ModelFacts) -> SignalNeed:
         if self.vision_space == "tower":
             return SignalNeed("visual_states_out", "tower", model.projector_feed_tower_layer)
         return SignalNeed("visual_states", "llm", 0)
 
+    def _text_need(self) -> SignalNeed:
+        return SignalNeed(TEXT_SIGNALS[self.text], "llm", 0)
+
     def needs(self, model: ModelFacts) -> tuple[SignalNeed, ...]:
-        return tuple(sorted({SignalNeed("visual_states", "llm", 0), SignalNeed("text_states", "llm", 0),
+        return tuple(sorted({SignalNeed("visual_states", "llm", 0), self._text_need(),
                              self._vision_need(model)}))
 
     def _vision_features(self, context: SelectionContext) -> np.ndarray:
@@ -118,7 +128,7 @@ class MMTok(PreLLMMethod):
     def select(self, context: SelectionContext) -> KeepPlan:
         n = context.n_visual
         projected = context.signal(SignalNeed("visual_states", "llm", 0))
-        text = context.signal(SignalNeed("text_states", "llm", 0))
+        text = context.signal(self._text_need())
         vision = self._vision_features(context)
         if projected.shape[0] != n:
             raise ValueError(f"mmtok: {projected.shape[0]} recorded visual states for {n} visual tokens")

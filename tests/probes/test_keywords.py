@@ -1,0 +1,49 @@
+"""``question_keywords``: the question's keywords as MMTok's code embeds them (probes/keywords.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from probes.keywords import QUESTION_KEYWORDS, keyword_ids, keyword_text
+from tests.pruning.shipped import tiny_input
+from workbench.recorder import record
+from workbench.recording import CaptureRequest
+
+
+def test_answer_prompts_and_stop_words_are_dropped():
+    question = "What is the colour of the Big ball?\nAnswer the question using a single word or phrase."
+    assert keyword_text(question) == "image colour of Big ball"
+    choices = "Which shape is left?\nA. circle\nAnswer with the option's letter from the given choices directly."
+    assert keyword_text(choices) == "image shape left circle"  # "A" is the stop word "a": case is ignored
+
+
+def test_stop_words_only_keeps_the_placeholder_word():
+    # "image" (from the "<image>" the user turn starts with) is never a stop word, so it always remains.
+    assert keyword_text("What is it?") == "image"
+
+
+class _Words:
+    """A word-level tokenizer: BOS 1, then one id per word."""
+
+    bos_token_id = 1
+
+    def __init__(self, bos=True):
+        self.bos = bos
+
+    def __call__(self, words, is_split_into_words):
+        assert is_split_into_words
+        return {"input_ids": ([1] if self.bos else []) + [10 + len(w) for w in words]}
+
+
+def test_ids_are_tokenised_as_words_with_the_bos_dropped():
+    assert keyword_ids(_Words(), "red ball") == [15, 13, 14]
+    assert keyword_ids(_Words(bos=False), "red ball") == [15, 13, 14]
+
+
+def test_recorded_rows_are_the_input_embeddings_of_the_keyword_ids():
+    adapter, prepared = tiny_input("llava")
+    recording = record(adapter, prepared, CaptureRequest(signals=(QUESTION_KEYWORDS,), layers=(0,), stacks=("llm",)))
+    ids = keyword_ids(adapter.tokenizer, prepared.question)
+    expected = adapter.model.get_input_embeddings().weight[torch.tensor(ids)].float().cpu()
+    assert len(ids) >= 2
+    assert torch.equal(recording.get(QUESTION_KEYWORDS, 0, "tokens"), expected)
