@@ -143,7 +143,13 @@ def screenshots(tmp_path) -> Path:
 
 def visit(driver, url: str, page: str, ready, folder: Path | None, timeout: float = 120) -> None:
     driver.get(f"{url}/?page={page}")
-    wait_until(lambda: ready(driver) and settled(driver), timeout, f"the {page} page to render")
+    try:
+        wait_until(lambda: ready(driver) and settled(driver), timeout, f"the {page} page to render")
+    except AssertionError:
+        # A browser session can lose its connection to the server mid-run and never repaint; a page
+        # that fails again after one reload is a real failure.
+        driver.get(f"{url}/?page={page}")
+        wait_until(lambda: ready(driver) and settled(driver), timeout, f"the {page} page to render after a reload")
     time.sleep(1.0)  # let the last elements paint
     wait_until(lambda: ready(driver) and settled(driver), 30, f"the {page} page to settle")
     no_exception(driver, page)
