@@ -112,6 +112,14 @@ def describe_where(where: Where) -> str:
     return "before the LLM" if where == PRE_LLM else f"before decoder layer {where}"
 
 
+def check_weights(what: str, kept: str, sources: tuple, weights: tuple) -> None:
+    """A fold's weights: one for the ``kept`` token, then one per source, all finite."""
+    if len(weights) != len(sources) + 1:
+        raise PlanError(f"{what}: {len(weights)} weights for 1 {kept} + {len(sources)} sources (need one weight each)")
+    if not all(math.isfinite(w) for w in weights):
+        raise PlanError(f"{what} has non-finite weights {weights}")
+
+
 @dataclass(frozen=True)
 class Merge:
     """Fold ``sources`` into ``target``: ``target <- weights[0]*target + sum(weights[i+1]*sources[i])``.
@@ -130,11 +138,7 @@ class Merge:
         object.__setattr__(self, "target", int(self.target))
         if not self.sources:
             raise PlanError(f"merge into token {self.target} has no source tokens")
-        if len(self.weights) != len(self.sources) + 1:
-            raise PlanError(f"merge into token {self.target}: {len(self.weights)} weights for "
-                            f"1 target + {len(self.sources)} sources (need one weight each)")
-        if not all(math.isfinite(w) for w in self.weights):
-            raise PlanError(f"merge into token {self.target} has non-finite weights {self.weights}")
+        check_weights(f"merge into token {self.target}", "target", self.sources, self.weights)
         if len(set(self.sources)) != len(self.sources):
             raise PlanError(f"merge into token {self.target} lists a source twice: {self.sources}")
         if self.target in self.sources:
@@ -214,11 +218,7 @@ class Append:
                 object.__setattr__(self, name, int(value))
         if self.after is not None and self.before is not None:
             raise PlanError(f"appended token {self.token}: give 'after' or 'before', not both")
-        if len(self.weights) != len(self.sources) + 1:
-            raise PlanError(f"appended token {self.token}: {len(self.weights)} weights for 1 token + "
-                            f"{len(self.sources)} sources (need one weight each)")
-        if not all(math.isfinite(w) for w in self.weights):
-            raise PlanError(f"appended token {self.token} has non-finite weights {self.weights}")
+        check_weights(f"appended token {self.token}", "token", self.sources, self.weights)
         if len(set(self.sources)) != len(self.sources) or self.token in self.sources:
             raise PlanError(f"appended token {self.token} lists a token twice: {(self.token,) + self.sources}")
         if self.space not in APPEND_SPACES:
