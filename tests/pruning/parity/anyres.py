@@ -107,3 +107,13 @@ def assert_per_view_parity(method, official, size, budgets, argument=None) -> No
         (stage,) = workbench_plan(method, adapter, prepared, budget).stages
         assert len(stage.kept) == len(reference)
         assert jaccard(stage.kept, reference) == 1.0, (size, budget)
+
+
+def assert_budget_variant_keeps_the_budget(method, size, budgets) -> None:
+    """``crops="budget"`` (the per-group rule): one pre-LLM stage keeping exactly the budget's
+    tokens, sorted, at every budget."""
+    adapter, prepared = llava_next_case(size)
+    for budget in budgets:
+        (stage,) = workbench_plan(method, adapter, prepared, budget).stages
+        assert len(stage.kept) == n_keep(prepared, budget), budget
+        assert np.all(np.diff(stage.kept) > 0)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pruning.parity.anyres import SIZES, assert_per_view_parity, llava_next_case, stitching, to_layout, view_attentions
-from tests.pruning.parity.common import facts, n_keep, torch_topk, workbench_plan
+from tests.pruning.parity.anyres import (SIZES, assert_budget_variant_keeps_the_budget, assert_per_view_parity, stitching,
+                                         to_layout, view_attentions)
+from tests.pruning.parity.common import facts, torch_topk
 from workbench.pruning.methods.cls_attention import FasterVLM
 
 BUDGETS = (0.125, 0.25, 0.5)
@@ -36,7 +37,4 @@ def test_default_equals_the_official_per_crop_rule(size):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_budget_variant_keeps_exactly_the_budget_by_group_shares(size):
-    adapter, prepared = llava_next_case(size)
-    for budget in BUDGETS:
-        (stage,) = workbench_plan(FasterVLM(crops="budget"), adapter, prepared, budget).stages
-        assert len(stage.kept) == n_keep(prepared, budget)
+    assert_budget_variant_keeps_the_budget(FasterVLM(crops="budget"), size, BUDGETS)

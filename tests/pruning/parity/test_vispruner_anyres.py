@@ -28,8 +28,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.pruning.parity.anyres import (SIZES, assert_per_view_parity, llava_next_case, stitching, to_layout,
-                                         token_of)
+from tests.pruning.parity.anyres import (SIZES, assert_budget_variant_keeps_the_budget, assert_per_view_parity,
+                                         llava_next_case, stitching, to_layout, token_of)
 from tests.pruning.parity.common import eager_model, eager_tower, facts, jaccard, n_keep, workbench_plan
 from tests.pruning.parity.test_vispruner import official_view
 from tests.pruning.shipped import run_checked
@@ -216,11 +216,7 @@ def test_layout_sequence_keeps_the_models_arrangement(size):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_budget_variant_keeps_exactly_the_budget(size):
-    adapter, prepared = llava_next_case(size)
-    for budget in BUDGETS:
-        (stage,) = workbench_plan(VisPruner(crops="budget"), adapter, prepared, budget).stages
-        assert len(stage.kept) == n_keep(prepared, budget)
-        assert np.all(np.diff(stage.kept) > 0)
+    assert_budget_variant_keeps_the_budget(VisPruner(crops="budget"), size, BUDGETS)
 
 
 def test_an_unknown_sequence_is_one_clear_line():
