@@ -87,14 +87,21 @@ def test_the_unpruned_run_goes_on_from_the_recorded_forward_exactly(model):
         assert torch.equal(mine, theirs)
 
 
-def test_generation_inside_a_recorded_prefill_keeps_its_own_cache():
-    """A generation on the sample's input (a saliency pass's greedy answer) is not taken for the
-    recorded forward: its cache stays its own and its answer is unchanged."""
+def test_a_forward_with_its_own_cache_inside_a_recorded_prefill_keeps_it():
+    """A generation on the sample's input (a saliency pass's greedy answer), or any forward of that
+    input bringing its own cache, is not taken for the recorded forward: its cache stays its own
+    and its answer is unchanged."""
+    from transformers import DynamicCache
+
     adapter, prepared, _ = adapter_and_input("shipped")
     alone = adapter.model.generate(**prepared.inputs, max_new_tokens=6, do_sample=False)
-    with recorded_prefill(adapter, prepared) as begun:
+    own = DynamicCache(config=adapter.language_model().config)
+    with recorded_prefill(adapter, prepared) as begun, torch.no_grad():
         inside = adapter.model.generate(**prepared.inputs, max_new_tokens=6, do_sample=False)
+        # a forward of the sample's own input that brings its own cache keeps it
+        adapter.model(**prepared.inputs, cache=own, use_cache=True)
     assert torch.equal(inside, alone) and begun.prefill is None
+    assert own.get_seq_length() == prepared.inputs["input_ids"].shape[1]
 
 
 def test_a_plan_that_prunes_before_the_llm_starts_at_the_first_layer():
