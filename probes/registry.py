@@ -117,6 +117,7 @@ def _import_probes() -> None:
     import probes.features  # noqa: F401
     import probes.flow  # noqa: F401
     import probes.keywords  # noqa: F401
+    import probes.projected  # noqa: F401
     import probes.saliency  # noqa: F401
     import probes.sinks  # noqa: F401
     import probes.transitions  # noqa: F401

@@ -25,7 +25,8 @@ import polars as pl
 import torch
 
 from probes import saliency
-from probes.keywords import QUESTION_KEYWORDS, keyword_embeddings
+from probes.keywords import TEXT_RULES, text_embeddings
+from probes.projected import PROJECTED_PATCHES, feed_tower_layer, projected_patches
 from probes.capture import (ROW_KINDS, STACKS, CaptureError, LayerCapture, SiteReading, TokenRoles,
                             output_projection, row_positions)
 from probes.interception import listening
@@ -330,10 +331,16 @@ def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureReque
                     session.visit(plan, layer, envoys[plan.stack])
             if not whole:
                 tracer.stop()  # nothing past the last visited layer is read: the rest of the forward is skipped
-    if QUESTION_KEYWORDS in request.signals and "llm" in request.stacks:
-        builder.add(Observation(QUESTION_KEYWORDS, "tokens", keyword_embeddings(adapter, prepared.question)), "llm", 0, 0)
+    for signal in TEXT_RULES:  # built from the question text, not read from a layer
+        if signal in request.signals and "llm" in request.stacks:
+            builder.add(Observation(signal, "tokens", text_embeddings(adapter, signal, prepared.question)), "llm", 0, 0)
+    if PROJECTED_PATCHES in request.signals and "tower" in request.stacks:  # from the cached tower pass
+        for view, rows in enumerate(projected_patches(adapter, prepared)):
+            builder.add(Observation(PROJECTED_PATCHES, "tokens", rows), "tower", feed_tower_layer(adapter), view)
     answer_text = _saliency(adapter, prepared, request, builder, plans, answer)
-    identity = Identity(adapter.name, sample_id, question, prepared.prompt, answer_text, adapter.fingerprint)
+    # the question the sample was prepared with unless told otherwise: a method may read it (CDPruner's CLIP side)
+    identity = Identity(adapter.name, sample_id, question or prepared.question, prepared.prompt, answer_text,
+                        adapter.fingerprint)
     return Recording(identity, request, prepared.layout, dict(builder.tensors), frozenset(builder.per_head),
                      builder.frames(), dict(builder.rows), tuple(builder.notes))
 

@@ -1,10 +1,13 @@
-"""``question_keywords``: the question's keywords as MMTok's code embeds them (probes/keywords.py)."""
+"""``question_keywords`` and ``question_text``: the question as MMTok's code embeds it on its LLaVA and
+Qwen2.5-VL paths (probes/keywords.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from probes.keywords import QUESTION_KEYWORDS, keyword_ids, keyword_text
+import pytest
+
+from probes.keywords import QUESTION_KEYWORDS, QUESTION_TEXT, keyword_ids, keyword_text, question_text, text_ids
 from tests.pruning.shipped import tiny_input
 from workbench.recorder import record
 from workbench.recording import CaptureRequest
@@ -40,10 +43,26 @@ def test_ids_are_tokenised_as_words_with_the_bos_dropped():
     assert keyword_ids(_Words(bos=False), "red ball") == [15, 13, 14]
 
 
-def test_recorded_rows_are_the_input_embeddings_of_the_keyword_ids():
-    adapter, prepared = tiny_input("llava")
-    recording = record(adapter, prepared, CaptureRequest(signals=(QUESTION_KEYWORDS,), layers=(0,), stacks=("llm",)))
-    ids = keyword_ids(adapter.tokenizer, prepared.question)
+def test_the_qwen_text_is_the_question_unfiltered():
+    question = " <image>What is the colour of the Big ball?\nAnswer the question using a single word or phrase. "
+    assert question_text(question) == ("Question: What is the colour of the Big ball?\n"
+                                       "Answer the question using a single word or phrase.")
+    assert text_ids(_Words(), question_text("What is it?")) == [19, 14, 12, 13]  # "Question:" "What" "is" "it?"
+
+
+@pytest.mark.parametrize("family, signal, text", [("llava", QUESTION_KEYWORDS, keyword_text),
+                                                  ("qwen2_5_vl", QUESTION_TEXT, question_text),
+                                                  ("qwen2_5_vl", QUESTION_KEYWORDS, keyword_text)])
+def test_recorded_rows_are_the_input_embeddings_of_the_text_ids(family, signal, text):
+    adapter, prepared = tiny_input(family)
+    recording = record(adapter, prepared, CaptureRequest(signals=(signal,), layers=(0,), stacks=("llm",)))
+    ids = text_ids(adapter.tokenizer, text(prepared.question))
     expected = adapter.model.get_input_embeddings().weight[torch.tensor(ids)].float().cpu()
     assert len(ids) >= 2
-    assert torch.equal(recording.get(QUESTION_KEYWORDS, 0, "tokens"), expected)
+    assert torch.equal(recording.get(signal, 0, "tokens"), expected)
+
+
+def test_the_two_texts_differ_on_the_same_question():
+    adapter, prepared = tiny_input("qwen2_5_vl")
+    keywords = keyword_ids(adapter.tokenizer, prepared.question)
+    assert text_ids(adapter.tokenizer, question_text(prepared.question)) != keywords

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from tests.pruning.handmade import LLAVA_FACTS, NO_CLS_FACTS, grid_layout, handmade_context
 from tests.pruning.shipped import check_on_shipped, run_checked, tiny_input
-from workbench.pruning.method import MethodNotApplicable
+from workbench.pruning.method import MethodNotApplicable, SignalNeed
 from workbench.pruning.methods.cdpruner import PROJECTED, TEXT, CDPruner, greedy_dpp, relevance_scores
 
 
@@ -66,6 +68,12 @@ def test_diversity_beats_a_duplicate():
 
 def test_needs_validation_and_missing_text():
     assert set(CDPruner().needs(LLAVA_FACTS)) == {PROJECTED, TEXT}
+    # a multi-view model: every tower patch's projected feature too (the code's multi-crop path), at the feed layer
+    next_facts = dataclasses.replace(LLAVA_FACTS, multi_view=True)
+    patches = SignalNeed("projected_patches", "tower", 22)
+    assert set(CDPruner().needs(next_facts)) == {PROJECTED, TEXT, patches}
+    assert set(CDPruner(crops="budget").needs(next_facts)) == {PROJECTED, TEXT}
+    assert CDPruner().crops == "reference" and CDPruner().clip is None
     assert CDPruner().applicability(NO_CLS_FACTS) is None  # no [CLS] needed
     assert (CDPruner().negate_relevance, CDPruner().theta) == (True, None)  # the code's sign
     with pytest.raises(ValueError, match="cdpruner: theta must be None or a number in \\[0, 1\\), got 1.0"):
@@ -81,9 +89,22 @@ def test_needs_validation_and_missing_text():
 def test_runs_on_tiny_families(family):
     adapter, prepared = tiny_input(family)
     execution, context = run_checked(adapter, prepared, CDPruner(), 0.5, max_new_tokens=2)
-    assert len(execution.plan.final_kept) == context.n_keep
+    # the code's multi-crop rule keeps T in every view (more than the budget on LLaVA-NeXT), and says so
+    assert (len(execution.plan.final_kept),) == CDPruner().kept_counts(context)
+    assert (len(execution.plan.final_kept) > context.n_keep) == (family == "llava_next")
+    budget, _ = run_checked(adapter, prepared, CDPruner(crops="budget"), 0.5, max_new_tokens=2)
+    assert len(budget.plan.final_kept) == context.n_keep
 
 
 def test_runs_on_the_shipped_model():
-    execution, _ = check_on_shipped(CDPruner())
+    execution, context = check_on_shipped(CDPruner())
     assert [len(st.kept) for st in execution.plan.stages] == [32]
+    # one view: the crop rule changes nothing there (the shipped model's kept sets stay the code's)
+    assert CDPruner(crops="budget").select(context).to_dict() == CDPruner().select(context).to_dict()
+
+
+def test_a_multi_view_layout_without_the_stitched_grid_takes_the_budget_rule():
+    adapter, prepared = tiny_input("llava_onevision")  # pooled crops: no padded stitched grid to follow
+    execution, context = run_checked(adapter, prepared, CDPruner(), 0.5, max_new_tokens=1)
+    assert execution.plan.final_kept == CDPruner(crops="budget").select(context).final_kept
+    assert len(execution.plan.final_kept) == context.n_keep

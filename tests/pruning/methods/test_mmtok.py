@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -62,16 +64,44 @@ def test_greedy_max_coverage_by_hand():
 
 def test_defaults_needs_and_validation():
     method = MMTok()
-    assert (method.alpha, method.tv_temperature, method.vv_temperature, method.vision_space) == (0.5, 0.02, 0.2, "tower")
+    assert (method.alpha, method.tv_temperature, method.vv_temperature, method.vision_space) == (0.5, None, 0.2, "tower")
+    assert (method.text, method.count) == ("code", "code")
     assert set(method.needs(LLAVA_FACTS)) == {PROJECTED, TEXT, TOWER}
     assert set(MMTok(vision_space="llm").needs(NO_CLS_FACTS)) == {PROJECTED, TEXT}
-    assert method.text == "keywords"
-    assert set(MMTok(text="prompt").needs(LLAVA_FACTS)) == {PROJECTED, PROMPT, TOWER}
+    assert set(MMTok(text="prompt").needs(LLAVA_FACTS)) == {PROMPT, PROJECTED, TOWER}
     for bad, message in [(dict(alpha=-1), "alpha"), (dict(tv_temperature=0), "temperatures"),
                          (dict(vision_space="clip"), "vision_space"), (dict(alpha=float("nan")), "alpha"),
-                         (dict(text="question"), "text")]:
+                         (dict(text="keyword"), "text"), (dict(count="round"), "count"),
+                         (dict(tv_temperature="0.01"), "tv_temperature")]:
         with pytest.raises(ValueError, match=message):
             MMTok(**bad)
+
+
+QWEN_FACTS = dataclasses.replace(NO_CLS_FACTS, adapter_family="qwen2_vl")
+QUESTION = SignalNeed("question_text", "llm", 0)  # the Qwen path's text: "Question: " and the question
+
+
+@pytest.mark.parametrize("family", ["", "llava", "llava_next", "llava_onevision", "idefics3"])
+def test_the_llava_path_is_taken_by_every_family_but_qwen(family):
+    facts = dataclasses.replace(LLAVA_FACTS, adapter_family=family)
+    assert TEXT in MMTok().needs(facts) and QUESTION not in MMTok().needs(facts)
+    assert MMTok().text_temperature(facts) == 0.02
+    assert MMTok().kept_count(SelectionContext(grid_layout((1, 28)), 0.125, None, facts)) == 4  # half up
+
+
+def test_the_qwen_path_follows_its_code_and_each_part_can_be_overridden():
+    assert set(MMTok(vision_space="llm").needs(QWEN_FACTS)) == {PROJECTED, QUESTION}
+    assert MMTok().text_temperature(QWEN_FACTS) == 0.01
+    assert MMTok(tv_temperature=0.05).text_temperature(QWEN_FACTS) == 0.05
+    assert set(MMTok(text="keywords", vision_space="llm").needs(QWEN_FACTS)) == {PROJECTED, TEXT}
+    assert set(MMTok(text="question", vision_space="llm").needs(LLAVA_FACTS)) == {PROJECTED, QUESTION}
+    layout = grid_layout((1, 28))
+    # int(0.125 * 28) = 3 (the code floors); the workbench's half-up n_keep is 4; a count is kept as given
+    assert MMTok().kept_count(SelectionContext(layout, 0.125, None, QWEN_FACTS)) == 3
+    assert MMTok(count="budget").kept_count(SelectionContext(layout, 0.125, None, QWEN_FACTS)) == 4
+    assert MMTok().kept_count(SelectionContext(layout, 5, None, QWEN_FACTS)) == 5
+    # Python's float product, as the code computes it: 0.29 * 100 is 28.999999999999996
+    assert MMTok().kept_counts(SelectionContext(grid_layout((10, 10)), 0.29, None, QWEN_FACTS)) == (28,)
 
 
 def test_tower_rows_must_match_the_visual_tokens():
@@ -86,8 +116,8 @@ def test_runs_on_the_shipped_model():
 
 def test_runs_on_a_tiny_qwen2_vl_in_the_llm_space():
     adapter, prepared = tiny_input("qwen2_vl")
-    execution, _ = run_checked(adapter, prepared, MMTok(vision_space="llm"), 0.5)
-    assert len(execution.final_kept) == SelectionContext(prepared.layout, 0.5).n_keep
+    execution, _ = run_checked(adapter, prepared, MMTok(vision_space="llm"), 0.15)
+    assert len(execution.final_kept) == 3  # the Qwen path floors 0.15 * 24 = 3.6 (the budget's count is 4)
 
 
 @pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])

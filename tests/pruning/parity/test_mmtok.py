@@ -10,7 +10,8 @@ Official code: Ironieser/MMTok (HEAD)
 - mmtok/llava/clip_encoder_mmtok.py lines 73-76: x_clip = ``hidden_states[-2][:, 1:]`` (the projector's
   input; here the tower's projector-feed hidden state), x = ``mm_projector`` of it (the decoder's
   input embeddings at the image positions).
-Text side (P's rows), default ``text="keywords"``:
+Text side (P's rows) of the LLaVA path, the default (``text="code"``) on LLaVA families and ``text="keywords"``
+on every family (the Qwen path: test_mmtok_qwen.py):
 - example/lmms_eval_llava_mmtok.py lines 369-379 and mmtok/llava/llava_inject.py lines 163-165: the
   question the selector reads is the user turn, ``"<image>" + "\\n" + context``.
 - mmtok/core/text_processor.py lines 17-31 (stop words, the two answer-format prompts) and 44-54

@@ -101,18 +101,24 @@ class VScan(PreLLMMethod):
     middle layer (at least 1 each, never more than the stage before). ``kept_counts`` gives the
     counts actually kept (the local windows floor their share, as the code does).
 
-    Deviations: the executor cannot intervene inside the vision tower, so both scans read the
-    UNPRUNED forward's recorded [CLS] attention (as the code does: VScan selects after the tower
-    has run in full) and the merge acts on the recorded projected embeddings, applied as a
-    ``pre_llm`` stage: this part is exact. The shallow layer is placed by relative depth on other
-    towers (5 of 24; layer 1 of the shipped 3-layer tower) and the window keeps its relative size
-    (6 of 24 -> 3 on a 12 x 12 grid, at least 1); the code asserts a 24 x 24 grid. On multi-grid
+    Tower side, exact: the code runs the tower in full (``output_attentions=True``, every layer's
+    [CLS] row returned by ``clip_encoder.py`` ``feature_select``) and selects after it
+    (``encode_images``), so both scans read the UNPRUNED forward's recorded [CLS] attention and the
+    merge acts on the recorded projected embeddings, applied as a ``pre_llm`` stage; nothing is cut
+    inside the tower, so no tower-side stage (``workbench.pruning.tower_stages``) is involved.
+
+    Deviations: the shallow layer is placed by relative depth on other towers (5 of 24; layer 1 of
+    the shipped 3-layer tower) and the window keeps its relative size (6 of 24 -> 3 on a 12 x 12
+    grid, at least 1); the code asserts a 24 x 24 grid. On multi-grid
     layouts (LLaVA-NeXT tiles) the [CLS] rows of every tower view are folded onto the layout's
     tokens by its tower map and one selection runs over all tokens with the local share split
     among the grids in proportion to their size (the code runs the scans per tile, T per tile).
-    Towers without [CLS] (SigLIP, Qwen2-VL) are not covered: the authors' Qwen2.5-VL variant
-    (``qwen/model/qwen2_5_vl_custom.py``) is a different design and is not implemented. Top-k ties:
-    the lower index.
+    Towers without [CLS] (SigLIP, Qwen2-VL) are not covered. The authors' Qwen2.5-VL variant
+    (``qwen/model/qwen2_5_vl_custom.py``) is a different design, not implemented: it also selects
+    after the full tower, but scores each merged token by the attention its patches receive (head
+    sum, mean over query rows, mean over the 2x2 patches) at the first full-attention block (local
+    scan, 4 x 4 windows) and the last block (global scan), keeps ``int(ratio * N)`` split half and
+    half, and merges the rest into the merger's outputs. Top-k ties: the lower index.
     """
 
     scored_by: ClassVar[str] = "visual_attention"
