@@ -8,9 +8,10 @@ as one batch of 16. Both take turns in each round (after a warm-up on two sample
 the machine's speed reaches both alike. Printed: median seconds per sample of each and their ratio
 (the goal is >= 3x at batch 16), and the same ratio for the executor alone (the 16 pruned runs of
 one method at one budget as one ``execute_batch`` against 16 ``execute`` calls), which leaves out
-the sample's preparation: reading the image and the recording, still one sample at a time (its
-forward also makes the decoder inputs and is the unpruned run's prefill), and the vision
-tower on the blank-image controls, one pass for the batch.
+the sample's preparation: reading the image and the recording (one forward for the batch's
+samples, which also makes their decoder inputs and is their unpruned prefill), and the vision
+tower on the blank-image controls, one pass for the batch. Last, the ceiling of batching on the
+device: the model's own forward on the 16 inputs, one at a time against stacked.
 
 Run: ``nice -n 19 .venv/bin/python benchmarks/bench_batching.py`` (under a minute on 2 idle CPU cores).
 On a GPU: ``.venv/bin/python benchmarks/bench_batching.py --device cuda`` (absolute times are
@@ -33,6 +34,7 @@ from workbench.pipeline import prepare_sample
 from workbench.pruning.executor import Job, execute, execute_batch
 from workbench.pruning.method import SelectionContext
 from workbench.pruning.registry import create_method
+from workbench.recorder import batch_inputs
 from workbench.samples import read_dataset, sample_to_row
 from workbench.sweep import MethodSpec, SweepTask, run_tasks
 
@@ -71,11 +73,16 @@ def main() -> None:
     for ready in readies:
         context = SelectionContext(ready.prepared.layout, 0.22, ready.recording, ready.facts)
         jobs.append(Job(ready.prepared, method.select(context), method.layer_callback(context), ready.sample.answer))
+    # The ceiling a batch can reach on this device: the model's own forward on the same inputs.
+    prepared = [ready.prepared for ready in readies]
+    stacked = batch_inputs(adapter, prepared)
     workloads = {
         "sweep, batch 1": lambda: [run_tasks(adapter, [task]) for task in work],
         f"sweep, batch {BATCH}": lambda: [run_tasks(adapter, work[i: i + BATCH]) for i in range(0, len(work), BATCH)],
         "executor, batch 1": lambda: [execute(adapter, j.prepared, j.plan, 8, j.gold_answer, j.callback) for j in jobs],
         f"executor, batch {BATCH}": lambda: execute_batch(adapter, jobs, 8),
+        "model forward, batch 1": lambda: [adapter.model(**p.inputs, use_cache=False, logits_to_keep=1) for p in prepared],
+        f"model forward, batch {BATCH}": lambda: adapter.model(**stacked, use_cache=False, logits_to_keep=1),
     }
     with torch.no_grad():
         run_tasks(adapter, work[:2])  # warm-up
@@ -91,7 +98,7 @@ def main() -> None:
           f"(unpruned, 2 controls, {len(METHODS)} methods x {len(BUDGETS)} budgets); median of {ROUNDS}")
     for name, seconds in per_sample.items():
         print(f"  {name:20s} {seconds * 1000:8.1f} ms per sample ({cpu[name] * 1000:.1f} ms CPU time, all threads)")
-    for what in ("sweep", "executor"):
+    for what in ("sweep", "executor", "model forward"):
         ratio = per_sample[f"{what}, batch 1"] / per_sample[f"{what}, batch {BATCH}"]
         print(f"{what}: batch {BATCH} is {ratio:.2f}x the throughput of batch 1 (goal >= 3x for the sweep)")
 

@@ -74,6 +74,14 @@ class AttentionCall:
     def n_keys(self) -> int:
         return self.key.shape[1]
 
+    def first(self, n: int) -> "AttentionCall":
+        """The call on the first ``n`` positions alone: a sample's rows of a right-padded causal
+        batch, whose attention never reaches the padding after them."""
+        def cut(t, axes):
+            return None if t is None else t[(slice(None),) + (slice(0, n),) * axes]
+        return AttentionCall(cut(self.query, 1), cut(self.key, 1), cut(self.value, 1), self.scaling,
+                             cut(self.mask, 2), self.causal, cut(self.query_norope, 1), cut(self.key_norope, 1))
+
     def logits(self, rows: torch.Tensor | slice, rope: bool = True, keys: int | None = None) -> torch.Tensor:
         """Masked, scaled logits [H, R, Sk] (float32) for query ``rows`` (positions, or a slice of
         them), computed like eager attention: the product in the model's dtype, then scaling,

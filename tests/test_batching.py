@@ -225,11 +225,11 @@ def test_the_recorded_forward_gives_the_sample_its_decoder_inputs(model):
     assert sorted(kept.extra) == sorted(alone.extra)
 
 
-def test_a_sweep_batch_runs_the_tower_once_per_sample_and_once_for_all_blank_images(monkeypatch, tmp_path):
-    """In ``run_tasks``: one recording per sample (none for its blank-image control), whose forward
-    makes the sample's decoder inputs and is its unpruned prefill, and one tower pass on all the
-    blank images."""
-    from workbench import recorder
+def test_a_sweep_batch_records_its_samples_in_one_forward_and_its_blank_images_in_one_tower_pass(monkeypatch, tmp_path):
+    """In ``run_tasks``: the samples (one tower view each) share one recording forward, which
+    makes their decoder inputs and is their unpruned prefill, run to the last decoder layer; their
+    blank-image controls get no recording and one tower pass on all of them."""
+    from workbench import pipeline
     from workbench.models.loading import load
     from workbench.samples import read_dataset, sample_to_row
     from workbench.sweep import MethodSpec, SweepTask, run_tasks
@@ -237,15 +237,15 @@ def test_a_sweep_batch_runs_the_tower_once_per_sample_and_once_for_all_blank_ima
     adapter = load()
     samples = read_dataset("data/eval/samples.jsonl", limit=3)
     tasks = [SweepTask(sample_to_row(s, tmp_path), str(tmp_path), (MethodSpec("fastv"),), (0.25,)) for s in samples]
-    towers, last_layer, recorded, real = [], [], [], recorder.record
+    towers, last_layer, recorded, real = [], [], [], pipeline.record_together
 
-    def counted(*args, **kwargs):
+    def counted(adapter, prepared, *args, **kwargs):
         before = len(last_layer)
-        out = real(*args, **kwargs)
-        recorded.append(len(last_layer) - before)
+        out = real(adapter, prepared, *args, **kwargs)
+        recorded.append((len(prepared), len(last_layer) - before))
         return out
 
-    monkeypatch.setattr(recorder, "record", counted)
+    monkeypatch.setattr(pipeline, "record_together", counted)
     handles = [adapter.vision_tower().register_forward_pre_hook(lambda *_: towers.append(1)),
                adapter.decoder_layers()[-1].register_forward_pre_hook(lambda *_: last_layer.append(1))]
     try:
@@ -254,7 +254,7 @@ def test_a_sweep_batch_runs_the_tower_once_per_sample_and_once_for_all_blank_ima
         for handle in handles:
             handle.remove()
     assert all(row["status"] == "ok" for sample_rows in rows for row in sample_rows)
-    assert len(towers) == len(samples) + 1
-    # One recording per sample, run to the last decoder layer (FastV reads an early one): the
-    # unpruned run takes its prefill from it.
-    assert recorded == [1] * len(samples)
+    assert len(towers) == 2
+    # One recording of the three samples, run to the last decoder layer (FastV reads an early one):
+    # their unpruned runs take their prefills from it.
+    assert recorded == [(len(samples), 1)]

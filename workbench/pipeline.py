@@ -26,8 +26,9 @@ from workbench.pruning.executor import Job, UnprunedPrefill, execute_batch
 from workbench.pruning.flops import DecoderShape, prefill_flops
 from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext
 from workbench.pruning.plan import KeepPlan, Stage, boxed
-from workbench.pruning.recorded_prefill import recorded_prefill
-from workbench.pruning.run import record_needs
+from workbench.pruning.recorded_prefill import recorded_prefills
+from workbench.pruning.run import capture_request
+from workbench.recorder import batch_inputs, record_together, recording_groups
 from workbench.samples import Sample
 from workbench.scoring import normalize_answer, score
 
@@ -90,17 +91,37 @@ def prepare_sample(adapter: ModelAdapter, sample: Sample, methods: Sequence[Prun
     as the sample's data set says. ``image``: another image in place of the sample's (the
     blank-image control). Raises ``ImageError`` when the sample's image cannot be decoded."""
     prepared = adapter.prepare(sample.load_image() if image is None else image, sample.question)
-    layout = prepared.layout
+    return prepare_inputs(adapter, [(sample, prepared)], methods)[0]
+
+
+def prepare_inputs(adapter: ModelAdapter, items: Sequence[tuple[Sample, PreparedInput]],
+                   methods: Sequence[PruningMethod] = ()) -> list[PreparedSample]:
+    """``prepare_sample`` of samples whose model inputs are made: the samples whose inputs stack
+    share their recording's forward (``recorder.recording_groups``), each recording and unpruned
+    prefill equal to the sample's own up to float rounding."""
     facts = ModelFacts.of(adapter)
-    mask = sample.evidence_mask()
-    evidence = layout.evidence_tokens(mask) if mask is not None else np.zeros(layout.n_tokens, dtype=bool)
-    started = time.perf_counter()
-    # The recorded forward runs the vision tower and the first decoder layers: the sample's plans
-    # take their decoder inputs from it, and its unpruned run goes on from it.
-    with recorded_prefill(adapter, prepared) as begun:
-        recording = record_needs(adapter, prepared, [m for m in methods if m.applicability(facts) is None])
-    return PreparedSample(sample, prepared, facts, DecoderShape.of(adapter.language_model().config), evidence,
-                          recording, time.perf_counter() - started, sample.scorer, recorded_prefill=begun.prefill)
+    shape = DecoderShape.of(adapter.language_model().config)
+    request = capture_request(need for m in methods if m.applicability(facts) is None for need in m.needs(facts))
+    prepared = [p for _, p in items]
+    recordings, prefills, seconds = [None] * len(items), [None] * len(items), [0.0] * len(items)
+    for group in ([] if request is None else recording_groups(adapter, prepared, request)):
+        members = [prepared[i] for i in group]
+        inputs = batch_inputs(adapter, members)
+        started = time.perf_counter()
+        # The recorded forward runs the vision tower and the first decoder layers: the samples' plans
+        # take their decoder inputs from it, and their unpruned runs go on from it.
+        with recorded_prefills(adapter, members, inputs) as begun:
+            made = record_together(adapter, members, inputs, request)
+        share = (time.perf_counter() - started) / len(group)
+        for i, recording, prefill in zip(group, made, begun):
+            recordings[i], prefills[i], seconds[i] = recording, prefill.prefill, share
+    out = []
+    for (sample, item), recording, prefill, spent in zip(items, recordings, prefills, seconds):
+        mask = sample.evidence_mask()
+        evidence = item.layout.evidence_tokens(mask) if mask is not None else np.zeros(item.layout.n_tokens, dtype=bool)
+        out.append(PreparedSample(sample, item, facts, shape, evidence, recording, spent, sample.scorer,
+                                  recorded_prefill=prefill))
+    return out
 
 
 @dataclass(frozen=True)

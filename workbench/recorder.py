@@ -9,6 +9,12 @@ nnsight module inputs and outputs; the listener then runs the probes that read t
 while the model waits at it, and the trace runs the probes of the layer's output once it exists.
 Nothing per layer outlives its layer but what is recorded. Saliency signals then run their own
 passes (``probes/saliency.py``).
+
+Several samples whose processor gives one image tensor each (``one_view_key``) are recorded in one
+traced forward (``recording_groups``, ``record_together``): stacked on the batch axis, which is
+then the samples' in the tower as in the decoder, and padded on the right, so each sample's rows
+come first and its causal attention never reaches the padding. The probes see each sample's rows
+alone, cut to its length, and write to its own recording.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import inspect
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import nnsight
 import polars as pl
 import torch
+from transformers import BatchFeature
 
 from probes import saliency
 from probes.keywords import TEXT_RULES, text_embeddings
@@ -33,7 +41,7 @@ from probes.interception import listening
 from probes.registry import PROBES, Observation, TableRows, probes_for, signal_spec
 from probes.sinks import massive_activations
 from workbench.memory import DEFAULT_LIMIT, check_memory
-from workbench.models.base import ModelAdapter, PreparedInput, RopeFreeQK
+from workbench.models.base import ModelAdapter, PreparedInput, RopeFreeQK, one_view_key, stacked_inputs
 from workbench.recording import CaptureRequest, EntryKey, Identity, Recording
 
 _TRACED: "weakref.WeakKeyDictionary[torch.nn.Module, nnsight.NNsight]" = weakref.WeakKeyDictionary()
@@ -154,8 +162,13 @@ class _Session:
     """State of one record() call inside the trace: probes, sink dimensions, token roles. It is
     also the attention listener of the traced forward (``called``)."""
 
-    def __init__(self, adapter: ModelAdapter, prepared: PreparedInput, request: CaptureRequest, builder: _Builder):
-        self.adapter, self.prepared, self.request, self.builder = adapter, prepared, request, builder
+    def __init__(self, adapter: ModelAdapter, samples: Sequence[PreparedInput], request: CaptureRequest,
+                 builders: Sequence[_Builder]):
+        self.adapter, self.samples, self.request, self.builders = adapter, list(samples), request, list(builders)
+        # Several samples ride the batch axis one view each, right-padded (``stacked_inputs``): a
+        # sample's rows are its first ones, so its causal attention never reaches the padding.
+        self.batched = len(self.samples) > 1
+        self.lengths = [sample.inputs["input_ids"].shape[1] for sample in self.samples]
         options = request.probe_options()
         single = [s for s in request.signals if not signal_spec(s).extra_pass]
         self.probes = [PROBES[name](wanted, options) for name, wanted in probes_for(single).items()]
@@ -169,11 +182,20 @@ class _Session:
         self.sink_dims: dict[tuple[str, int], torch.Tensor] = {}
         self.pending: dict[int, _Pending] = {}  # attention module -> the layer being visited
 
-    def roles(self, stack: str, length: int) -> TokenRoles:
+    def roles(self, stack: str, length: int, sample: int) -> TokenRoles:
         if stack == "llm":
-            mask = self.prepared.inputs.get("attention_mask")
-            return TokenRoles.for_llm(self.prepared.layout.positions, length, None if mask is None else mask[0])
+            prepared = self.samples[sample]
+            mask = prepared.inputs.get("attention_mask")
+            return TokenRoles.for_llm(prepared.layout.positions, length, None if mask is None else mask[0])
         return TokenRoles.for_tower(length, self.adapter.has_cls_token)
+
+    def owner(self, index: int) -> tuple[int, int]:
+        """(sample, view) of batch row ``index``: the sample's own tower views, or one sample each."""
+        return (index, 0) if self.batched else (0, index)
+
+    def length(self, stack: str, sample: int) -> int | None:
+        """The rows of ``sample`` in a batched decoder (its first ones; the rest are padding)."""
+        return self.lengths[sample] if self.batched and stack == "llm" else None
 
     def visit(self, plan: StackPlan, layer: int, envoys: dict) -> None:
         """Read one layer inside the trace, in execution order, and run the probes on it.
@@ -233,30 +255,35 @@ class _Session:
             views = hidden_in.shape[0]
         out_proj = output_projection(plan.attention[layer]) if "out_proj" in self.captures else None
         final_norm = self.adapter.final_norm() if "final_norm" in self.captures and plan.stack == "llm" else None
-        for view in range(views):
-            call = reading.call(view) if reading is not None else None
-            h_in = _view(hidden_in, view)
-            h_out = _view(hidden_out, view)
+        for index in range(views):
+            sample, view = self.owner(index)
+            builder, cut = self.builders[sample], self.length(plan.stack, sample)
+            call = reading.call(index) if reading is not None else None
+            h_in = _view(hidden_in, index, cut)
+            h_out = _view(hidden_out, index, cut)
+            if call is not None and cut is not None:
+                call = call.first(cut)
             length = call.n_queries if call is not None else h_in.shape[0]
-            roles = self.roles(plan.stack, length)
+            roles = self.roles(plan.stack, length, sample)
             rows = {}
             for kind in self.request.rows:
                 positions = row_positions(kind, roles, plan.stack)
                 if positions is None or not len(positions):
                     if plan.stack in ROW_KINDS[kind].stacks:
-                        self.builder.note(f"no {kind!r} rows in the {plan.stack}: skipped")
+                        builder.note(f"no {kind!r} rows in the {plan.stack}: skipped")
                     continue
                 rows[kind] = positions
-                self.builder.rows[f"{plan.stack}/{kind}/{view}"] = positions
-            # Sinks belong to the attention phase; the output phase has no use for them.
-            sinks = self.sinks(plan.stack, view, h_in, roles) if hidden_out is None else {}
-            state = LayerCapture(plan.stack, layer, view, roles, rows, call, h_in, h_out, out_proj, final_norm, **sinks,
+                builder.rows[f"{plan.stack}/{kind}/{view}"] = positions
+            # Sinks belong to the attention phase; the output phase has no use for them. Probes
+            # carrying state from layer to layer key it by the batch row, one per (sample, view).
+            sinks = self.sinks(plan.stack, index, h_in, roles) if hidden_out is None else {}
+            state = LayerCapture(plan.stack, layer, index, roles, rows, call, h_in, h_out, out_proj, final_norm, **sinks,
                                recorded=layer in plan.recorded, sweep=self.sweep, weighted=self.weighted)
             for probe in probes:
                 for item in probe.observe(state):
                     signal = item.signal if isinstance(item, Observation) else item.table
                     if plan.stack in signal_spec(signal).stacks:
-                        self.builder.add(item, plan.stack, layer, view)
+                        builder.add(item, plan.stack, layer, view)
 
     def sinks(self, stack: str, view: int, hidden: torch.Tensor | None, roles: TokenRoles) -> dict:
         """Sink tokens of the residual stream entering the layer, and the stack's sink dimensions
@@ -270,10 +297,12 @@ class _Session:
         return {"sinks": found.tokens, "sink_dims": dims, "massive": found}
 
 
-def _view(hidden, view: int):
+def _view(hidden, index: int, rows: int | None = None):
+    """Batch row ``index`` of a layer's hidden state, its first ``rows`` rows when given."""
     if hidden is None:
         return None
-    return hidden[view] if hidden.dim() == 3 else hidden
+    hidden = hidden[index] if hidden.dim() == 3 else hidden
+    return hidden if rows is None else hidden[:rows]
 
 
 @dataclass(frozen=True)
@@ -316,8 +345,51 @@ def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureReque
     """
     if memory_limit is not None:
         check_memory(adapter, prepared, request, memory_limit)
-    builder = _Builder()
-    session = _Session(adapter, prepared, request, builder)
+    return _record(adapter, [prepared], prepared.inputs, request, [(sample_id, question, answer)])[0]
+
+
+def record_together(adapter: ModelAdapter, prepared: Sequence[PreparedInput], inputs: BatchFeature,
+                    request: CaptureRequest = CaptureRequest()) -> list[Recording]:
+    """``record`` of a group from ``recording_groups`` in one traced forward on ``batch_inputs``:
+    each recording equals the sample's own up to float rounding."""
+    return _record(adapter, list(prepared), inputs, request, [("", "", None)] * len(prepared))
+
+
+def batch_inputs(adapter: ModelAdapter, prepared: Sequence[PreparedInput]) -> BatchFeature:
+    """What a group's recording forward runs on: a sample's own inputs, or the group's stacked
+    right-padded (``stacked_inputs``), each sample's rows first."""
+    if len(prepared) == 1:
+        return prepared[0].inputs
+    return stacked_inputs([item.inputs for item in prepared], adapter.tokenizer.pad_token_id, "right")
+
+
+def recording_groups(adapter: ModelAdapter, prepared: Sequence[PreparedInput], request: CaptureRequest,
+                     limit: int | None = DEFAULT_LIMIT) -> list[list[int]]:
+    """Indices of ``prepared`` recorded together (``record_together``): samples whose inputs stack
+    as one tower view each (``one_view_key``), while their memory estimates add up within
+    ``limit``; each must fit alone (``check_memory`` raises otherwise)."""
+    groups: list[list[int]] = []
+    filling: dict[tuple, list] = {}  # stack key -> [the group being filled, its estimate so far]
+    for i, item in enumerate(prepared):
+        size = check_memory(adapter, item, request, limit).total if limit is not None else 0
+        key = one_view_key(item.inputs)
+        current = filling.get(key) if key is not None else None
+        if current is None or (limit is not None and current[1] + size > limit):
+            current = [[], 0]
+            groups.append(current[0])
+            if key is not None:
+                filling[key] = current
+        current[0].append(i)
+        current[1] += size
+    return groups
+
+
+def _record(adapter: ModelAdapter, prepared: list[PreparedInput], inputs, request: CaptureRequest,
+            identities: list[tuple[str, str, str | None]]) -> list[Recording]:
+    """One traced forward of ``inputs`` (``prepared``'s own, or several stacked), then each
+    sample's saliency passes."""
+    builders = [_Builder() for _ in prepared]
+    session = _Session(adapter, prepared, request, builders)
     all_layers = any(type(p).all_layers for p in session.probes)
     plans = plan_stacks(adapter, request, all_layers)
     if session.probes and plans:
@@ -325,24 +397,27 @@ def record(adapter: ModelAdapter, prepared: PreparedInput, request: CaptureReque
         envoys = {plan.stack: _envoys(root, adapter, plan) for plan in plans}
         whole = _WHOLE_FORWARD.get()
         extra = {"logits_to_keep": 1} if whole else {}  # the head's output is never read
-        with torch.no_grad(), listening(session), root.trace(**prepared.inputs, use_cache=False, **extra) as tracer:
+        with torch.no_grad(), listening(session), root.trace(**inputs, use_cache=False, **extra) as tracer:
             for plan in plans:
                 for layer in plan.visit:
                     session.visit(plan, layer, envoys[plan.stack])
             if not whole:
                 tracer.stop()  # nothing past the last visited layer is read: the rest of the forward is skipped
-    for signal in TEXT_RULES:  # built from the question text, not read from a layer
-        if signal in request.signals and "llm" in request.stacks:
-            builder.add(Observation(signal, "tokens", text_embeddings(adapter, signal, prepared.question)), "llm", 0, 0)
-    if PROJECTED_PATCHES in request.signals and "tower" in request.stacks:  # from the cached tower pass
-        for view, rows in enumerate(projected_patches(adapter, prepared)):
-            builder.add(Observation(PROJECTED_PATCHES, "tokens", rows), "tower", feed_tower_layer(adapter), view)
-    answer_text = _saliency(adapter, prepared, request, builder, plans, answer)
-    # the question the sample was prepared with unless told otherwise: a method may read it (CDPruner's CLIP side)
-    identity = Identity(adapter.name, sample_id, question or prepared.question, prepared.prompt, answer_text,
-                        adapter.fingerprint)
-    return Recording(identity, request, prepared.layout, dict(builder.tensors), frozenset(builder.per_head),
-                     builder.frames(), dict(builder.rows), tuple(builder.notes))
+    out = []
+    for item, builder, (sample_id, question, answer) in zip(prepared, builders, identities):
+        for signal in TEXT_RULES:  # built from the question text, not read from a layer
+            if signal in request.signals and "llm" in request.stacks:
+                builder.add(Observation(signal, "tokens", text_embeddings(adapter, signal, item.question)), "llm", 0, 0)
+        if PROJECTED_PATCHES in request.signals and "tower" in request.stacks:  # from the cached tower pass
+            for view, rows in enumerate(projected_patches(adapter, item)):
+                builder.add(Observation(PROJECTED_PATCHES, "tokens", rows), "tower", feed_tower_layer(adapter), view)
+        answer_text = _saliency(adapter, item, request, builder, plans, answer)
+        # the question the sample was prepared with unless told otherwise: a method may read it (CDPruner's CLIP side)
+        identity = Identity(adapter.name, sample_id, question or item.question, item.prompt, answer_text,
+                            adapter.fingerprint)
+        out.append(Recording(identity, request, item.layout, dict(builder.tensors), frozenset(builder.per_head),
+                             builder.frames(), dict(builder.rows), tuple(builder.notes)))
+    return out
 
 
 # --- saliency passes ----------------------------------------------------------------------------

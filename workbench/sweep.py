@@ -36,7 +36,7 @@ from workbench.files import check_output, write_atomically, write_atomically_byt
 from workbench.folder_lock import exclusive
 from workbench import pipeline
 from workbench.images import ImageError, blank_image
-from workbench.models.base import ModelAdapter
+from workbench.models.base import ModelAdapter, PreparedInput
 from workbench.pruning.budget import Budget, check_budget, resolve_budget
 from workbench.pruning.method import PruningMethod
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
@@ -159,14 +159,23 @@ def run_tasks(adapter: ModelAdapter, tasks: Sequence[SweepTask]) -> list[list[di
     are those of one sample at a time, timings and float rounding aside."""
     rows: list[list[dict] | None] = [None] * len(tasks)
     created: dict[str, PruningMethod] = {}
-    readies = {}
+    made: dict[tuple[str, ...], list[tuple[int, Sample, PreparedInput]]] = {}  # by the methods to record for
     for i, task in enumerate(tasks):
         sample = sample_from_row(task.sample, Path(task.root), f"task {task.sample.get('id')}")
-        methods = [created.setdefault(spec.label, spec.create()) for spec in task.methods]
+        for spec in task.methods:
+            created.setdefault(spec.label, spec.create())
         try:
-            readies[i] = prepare_sample(adapter, sample, methods)
+            prepared = adapter.prepare(sample.load_image(), sample.question)
         except ImageError as e:
             rows[i] = _error_rows(sample, task, str(e))
+            continue
+        made.setdefault(tuple(spec.label for spec in task.methods), []).append((i, sample, prepared))
+    readies = {}
+    for labels, members in made.items():
+        prepared = pipeline.prepare_inputs(adapter, [(sample, item) for _, sample, item in members],
+                                           [created[label] for label in labels])
+        readies.update((i, ready) for (i, *_), ready in zip(members, prepared))
+    readies = dict(sorted(readies.items()))
     # The samples no recording ran the tower for get their decoder inputs from one tower pass on all.
     adapter.decoder_inputs_batch([ready.prepared for ready in readies.values()])
     # One batch per (what runs, max_new_tokens): the unpruned run first (the others start from its

@@ -360,36 +360,42 @@ class ModelAdapter(ABC):
             if key is None or len(group) == 1:
                 continue
             lengths = [item.inputs["input_ids"].shape[1] for item in group]
-            captured = self._decoder_call(_stacked([item.inputs for item in group], self.tokenizer.pad_token_id))
+            captured = self._decoder_call(stacked_inputs([item.inputs for item in group], self.tokenizer.pad_token_id))
             for item, parts in zip(group, _split_call(captured, lengths)):
                 if parts is not None:
                     item._decoder_inputs["llm"] = self._llm_call(parts)
         return [self.decoder_inputs(item) for item in prepared]
 
     @contextlib.contextmanager
-    def decoder_inputs_from_forward(self, prepared: PreparedInput, cache: Cache | None = None):
-        """Within it, a forward of the whole model on ``prepared.inputs`` themselves (a recording's
-        traced forward) also fills ``decoder_inputs(prepared)`` from its call of the decoder, so the
-        vision tower does not run again for the sample's plans. Other forwards (generation, passes
-        on the prompt with an answer appended) are not taken: their decoder calls differ. Given an
-        empty ``cache``, that decoder call fills it (the keys and values of every layer it runs),
-        and its layers are called with it: the unpruned prefill can go on from there. On a tower
-        with a [CLS], that forward's tower pass also leaves ``tower_cls(prepared)``."""
+    def decoder_inputs_from_forward(self, prepared: Sequence[PreparedInput], inputs: BatchFeature,
+                                    cache: Cache | None = None):
+        """Within it, a forward of the whole model on ``inputs`` themselves (a recording's traced
+        forward: one sample's own inputs, or several stacked right-padded by ``stacked_inputs``)
+        also fills each sample's ``decoder_inputs`` from its rows of the decoder call, so the vision
+        tower does not run again for the sample's plans. Other forwards (generation, passes on the
+        prompt with an answer appended) are not taken: their decoder calls differ. Given an empty
+        ``cache``, that decoder call fills it (the keys and values of every layer it runs, the
+        samples' rows first, padding after), and its layers are called with it: the unpruned
+        prefill can go on from there. On a tower with a [CLS], that forward's tower pass also leaves
+        each sample's ``tower_cls``."""
         own = {"forward": False}
         cls = self.tower_cls_capture() if self.has_cls_token else contextlib.nullcontext()
+        lengths = [item.inputs["input_ids"].shape[1] for item in prepared]
 
         def entered(module, args, kwargs):
-            own["forward"] = kwargs.get("input_ids") is prepared.inputs["input_ids"]
+            own["forward"] = kwargs.get("input_ids") is inputs["input_ids"]
 
         def grab(module, args, kwargs):
             mine = own["forward"] and kwargs.get("inputs_embeds") is not None
             own["forward"] = False
             if not mine:
                 return None
-            if "llm" not in prepared._decoder_inputs:
-                prepared._decoder_inputs["llm"] = self._llm_call(kwargs)
-            if seen is not None and seen.features is not None:  # the tower pass this forward just made
-                prepared._decoder_inputs.setdefault("cls", seen.features)
+            parts = [kwargs] if len(prepared) == 1 else _split_call(kwargs, lengths, "right")
+            for b, (item, call) in enumerate(zip(prepared, parts)):
+                if "llm" not in item._decoder_inputs and call is not None:
+                    item._decoder_inputs["llm"] = self._llm_call(call)
+                if seen is not None and seen.features is not None:  # the tower pass this forward just made
+                    item._decoder_inputs.setdefault("cls", seen.features if len(prepared) == 1 else seen.features[b:b + 1])
             # Not a second forward (it would extend the cache), nor one with a cache of its own (generation).
             if cache is None or cache.get_seq_length() > 0 or kwargs.get("cache") is not None:
                 return None
@@ -458,22 +464,41 @@ def _stack_key(inputs: BatchFeature) -> tuple | None:
     return tuple(key)
 
 
-def _stacked(inputs: Sequence[BatchFeature], pad_id: int) -> BatchFeature:
+ONE_VIEW_INPUTS = frozenset({"input_ids", "attention_mask", "pixel_values"})
+
+
+def one_view_key(inputs: BatchFeature) -> tuple | None:
+    """What must agree for samples to share a forward one tower view each, the batch axis being
+    the samples' in the tower as in the decoder: tokens, a padding-free mask and one image tensor
+    [1, C, H, W] of the same shape (None: multi-view or multi-tensor inputs, which record alone)."""
+    pixels, mask = inputs.get("pixel_values"), inputs.get("attention_mask")
+    if (set(inputs) - ONE_VIEW_INPUTS or not isinstance(pixels, torch.Tensor) or pixels.dim() != 4
+            or pixels.shape[0] != 1 or (mask is not None and not bool(mask.all()))):
+        return None
+    return tuple(pixels.shape), pixels.dtype
+
+
+def stacked_inputs(inputs: Sequence[BatchFeature], pad_id: int, side: str = "left") -> BatchFeature:
+    """Processor outputs as one batch, token tensors padded to the longest. ``left``: padding
+    before each sample's tokens, masked (the layout decoding appends to). ``right``: after them and
+    left unmasked: a sample's causal rows never reach it, so each keeps the positions and the
+    unmasked causal kernel of its own forward."""
     longest = max(item["input_ids"].shape[1] for item in inputs)
     out = {}
     for name, first in inputs[0].items():
         if first.shape == inputs[0]["input_ids"].shape:
-            fill = pad_id if name == "input_ids" else 0
-            out[name] = torch.cat([torch.nn.functional.pad(item[name], (longest - item[name].shape[1], 0), value=fill)
-                                   for item in inputs])
+            fill = pad_id if name == "input_ids" else int(side == "right")
+            out[name] = torch.cat([torch.nn.functional.pad(
+                item[name], (longest - item[name].shape[1], 0) if side == "left" else (0, longest - item[name].shape[1]),
+                value=fill) for item in inputs])
         else:
             out[name] = torch.cat([item[name] for item in inputs])
     return BatchFeature(out)
 
 
-def _split_call(captured: dict, lengths: list[int]) -> list[dict | None]:
-    """Each sample's part of a decoder call on stacked inputs (its rows, the padding on the left
-    cut off), or None where it cannot be told apart (the wrapper passed other batched inputs)."""
+def _split_call(captured: dict, lengths: list[int], side: str = "left") -> list[dict | None]:
+    """Each sample's part of a decoder call on stacked inputs (its rows, the padding cut off), or
+    None where it cannot be told apart (the wrapper passed other batched inputs)."""
     embeds, mask = captured.get("inputs_embeds"), captured.get("attention_mask")
     positions = captured.get("position_ids")
     known = {"inputs_embeds", "attention_mask", "position_ids", *_CALL_FLAGS}
@@ -482,14 +507,15 @@ def _split_call(captured: dict, lengths: list[int]) -> list[dict | None]:
         return [None] * len(lengths)
     longest, out = embeds.shape[1], []
     for b, n in enumerate(lengths):
-        start = longest - n
-        if mask is not None and not bool(mask[b, start:].all()):
+        rows = slice(longest - n, None) if side == "left" else slice(0, n)
+        if mask is not None and not bool(mask[b, rows].all()):
             out.append(None)  # a padded sample of its own: it is made alone
             continue
-        parts = {"inputs_embeds": embeds[b:b + 1, start:]}
+        parts = {"inputs_embeds": embeds[b:b + 1, rows]}
         if mask is not None:
-            parts["attention_mask"] = mask[b:b + 1, start:]
+            parts["attention_mask"] = mask[b:b + 1, rows]
         if positions is not None:  # None: the decoder numbers the sample's own rows from 0
-            parts["position_ids"] = positions[..., b:b + 1, start:]
+            row = b if positions.shape[-2] > 1 else 0  # one row of positions serves the whole batch
+            parts["position_ids"] = positions[..., row:row + 1, rows]
         out.append(parts)
     return out

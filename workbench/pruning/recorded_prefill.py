@@ -10,10 +10,13 @@ recorded sample costs one unpruned forward, not a recording plus a forward.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
-from transformers import DynamicCache
+import torch
+
+from transformers import BatchFeature, DynamicCache
 
 from workbench.models.base import ModelAdapter, PreparedInput
 from workbench.pruning.executor import _LAYER_KWARGS, UnprunedPrefill, _hidden
@@ -33,31 +36,41 @@ def recorded_prefill(adapter: ModelAdapter, prepared: PreparedInput) -> Iterator
     """Within it, a forward of the whole model on ``prepared.inputs`` (the recording's) also makes
     the sample's decoder inputs (``ModelAdapter.decoder_inputs_from_forward``) and begins its
     unpruned prefill: the layers it runs fill a cache, and their inputs are kept."""
+    with recorded_prefills(adapter, [prepared], prepared.inputs) as begun:
+        yield begun[0]
+
+
+@contextlib.contextmanager
+def recorded_prefills(adapter: ModelAdapter, prepared: Sequence[PreparedInput],
+                      inputs: BatchFeature) -> Iterator[list[RecordedPrefill]]:
+    """``recorded_prefill`` of several samples whose recording forward runs on ``inputs``: their
+    own, or theirs stacked right-padded (``stacked_inputs``), each sample's rows first. Each
+    sample's prefill is its rows of the batch's layer inputs, keys and values."""
     cache = DynamicCache(config=adapter.language_model().config)
-    inputs: dict[int, object] = {}
+    inputs_of: dict[int, torch.Tensor] = {}
     calls: dict[str, dict] = {}
 
     def keep(index: int):
         def pre_hook(module, args, kwargs):
             # Only the decoder call that got this cache: not generation, not the saliency passes.
-            if kwargs.get("cache") is cache and index not in inputs:
-                inputs[index] = _hidden(args, kwargs)
+            if kwargs.get("cache") is cache and index not in inputs_of:
+                inputs_of[index] = _hidden(args, kwargs)
                 calls.setdefault("kwargs", {k: kwargs.get(k) for k in _LAYER_KWARGS})
         return pre_hook
 
     def keep_output(index: int):
         def hook(module, args, kwargs, output):
             # The last layer the recording reads: its output is the next layer's input.
-            if kwargs.get("cache") is cache and index + 1 not in inputs:
-                inputs[index + 1] = output[0] if isinstance(output, tuple) else output
+            if kwargs.get("cache") is cache and index + 1 not in inputs_of:
+                inputs_of[index + 1] = output[0] if isinstance(output, tuple) else output
         return hook
 
     layers = list(adapter.decoder_layers())
     handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
     handles += [layer.register_forward_hook(keep_output(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    out = RecordedPrefill()
+    out = [RecordedPrefill() for _ in prepared]
     try:
-        with adapter.decoder_inputs_from_forward(prepared, cache), whole_forward():
+        with adapter.decoder_inputs_from_forward(prepared, inputs, cache), whole_forward():
             yield out
     finally:
         for handle in handles:
@@ -66,9 +79,35 @@ def recorded_prefill(adapter: ModelAdapter, prepared: PreparedInput) -> Iterator
     while ran < len(cache.layers) and cache.layers[ran].is_initialized:
         ran += 1
     seen = 0
-    while seen in inputs:
+    while seen in inputs_of:
         seen += 1
-    if ran and seen:
-        out.prefill = UnprunedPrefill(tuple(inputs[i] for i in range(seen)),
-                                      tuple(cache.layers[i].keys for i in range(ran)),
-                                      tuple(cache.layers[i].values for i in range(ran)), calls["kwargs"])
+    if not (ran and seen):
+        return
+    for b, (item, begun) in enumerate(zip(prepared, out)):
+        rows = functools.partial(_first_rows, b=b, n=item.inputs["input_ids"].shape[1])
+        kwargs = _sample_kwargs(calls["kwargs"], rows)
+        begun.prefill = UnprunedPrefill(tuple(rows(inputs_of[i], 0, (1,)) for i in range(seen)),
+                                        tuple(rows(cache.layers[i].keys, 0, (2,)) for i in range(ran)),
+                                        tuple(rows(cache.layers[i].values, 0, (2,)) for i in range(ran)), kwargs)
+
+
+def _first_rows(tensor: torch.Tensor, batch_dim: int, seq_dims: tuple[int, ...], *, b: int, n: int) -> torch.Tensor:
+    """Sample ``b`` of a right-padded batch tensor (a batch of one), its first ``n`` positions on
+    the sequence axes; a batch axis of one is shared by every sample."""
+    batch_dim %= tensor.dim()
+    out = tensor.narrow(batch_dim, b if tensor.shape[batch_dim] > 1 else 0, 1)
+    for dim in seq_dims:
+        out = out.narrow(dim % tensor.dim(), 0, n)
+    return out
+
+
+def _sample_kwargs(kwargs: dict, rows) -> dict:
+    """A sample's part of what the decoder passed every layer (``executor._LAYER_KWARGS``)."""
+    out = dict(kwargs)
+    if kwargs.get("attention_mask") is not None:
+        out["attention_mask"] = rows(kwargs["attention_mask"], 0, (2, 3))
+    if kwargs.get("position_embeddings") is not None:
+        out["position_embeddings"] = tuple(rows(t, -3, (-2,)) for t in kwargs["position_embeddings"])
+    if kwargs.get("position_ids") is not None:
+        out["position_ids"] = rows(kwargs["position_ids"], -2, (-1,))
+    return out

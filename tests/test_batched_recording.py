@@ -1,0 +1,110 @@
+"""Recording several samples in one forward: samples of one tower view each ride the batch axis
+right-padded, and every recording, decoder input and recorded prefill equals the sample's own up
+to float rounding; multi-view families and samples over the memory limit record one at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from polars.testing import assert_frame_equal
+
+from tests.pruning.conftest import ALL_MODELS, SHIPPED, eval_sample, shipped_architecture
+from tests.test_batching import _inputs
+from workbench import pipeline
+from workbench.memory import estimate
+from workbench.pruning.recorded_prefill import recorded_prefill, recorded_prefills
+from workbench.recorder import batch_inputs, record, record_together, recording_groups
+from workbench.recording import CaptureRequest
+
+REQUEST = CaptureRequest(rows=("last", "cls", "mean", "visual"))
+# The families whose processor gives one image tensor [1, C, H, W] and nothing else but tokens.
+ONE_VIEW = (SHIPPED, "llava")
+TOLERANCE = 1e-4
+
+
+def _assert_same_recording(together, alone, where: str) -> None:
+    assert together.tensors.keys() == alone.tensors.keys(), where
+    for key, value in alone.tensors.items():
+        torch.testing.assert_close(together.tensors[key], value, atol=TOLERANCE, rtol=TOLERANCE,
+                                   msg=lambda m: f"{where} {key}: {m}")
+    assert together.per_head == alone.per_head, where
+    assert together.row_positions.keys() == alone.row_positions.keys(), where
+    for name, rows in alone.row_positions.items():
+        assert torch.equal(together.row_positions[name], rows), f"{where} {name}"
+    assert together.tables.keys() == alone.tables.keys(), where
+    for name, table in alone.tables.items():
+        assert_frame_equal(together.tables[name], table, check_exact=False, rel_tol=TOLERANCE, abs_tol=TOLERANCE)
+    assert together.notes == alone.notes, where
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_samples_recorded_together_equal_each_recorded_alone(model):
+    adapter, prepared = _inputs(model)
+    lengths = {item.inputs["input_ids"].shape[1] for item in prepared}
+    assert len(lengths) > 1, "the samples must differ in length, or no padding is tested"
+    groups = recording_groups(adapter, prepared, REQUEST)
+    assert groups == ([[0, 1, 2]] if model in ONE_VIEW else [[0], [1], [2]])
+    together = [recording for group in groups
+                for recording in record_together(adapter, [prepared[i] for i in group],
+                                                 batch_inputs(adapter, [prepared[i] for i in group]), REQUEST)]
+    for i, (item, made) in enumerate(zip(prepared, together)):
+        _assert_same_recording(made, record(adapter, item, REQUEST), f"{model} sample {i}")
+
+
+@pytest.mark.parametrize("model", ONE_VIEW)
+def test_a_batch_recording_gives_each_sample_its_decoder_inputs_and_unpruned_prefill(model):
+    """The recorded forward of several samples also leaves each one the decoder inputs and the
+    begun unpruned prefill its own forward would: its rows of every layer's input, keys and values."""
+    adapter, prepared = _inputs(model)
+    alone = []
+    for copy in _inputs(model)[1]:  # the same inputs, made anew: nothing cached on them
+        with recorded_prefill(adapter, copy) as begun:
+            record(adapter, copy, REQUEST)
+        alone.append((adapter.decoder_inputs(copy), begun.prefill))
+    inputs = batch_inputs(adapter, prepared)
+    with recorded_prefills(adapter, prepared, inputs) as begun:
+        record_together(adapter, prepared, inputs, REQUEST)
+    for i, (item, made, (decoder_inputs, prefill)) in enumerate(zip(prepared, begun, alone)):
+        assert "llm" in item._decoder_inputs, f"sample {i}: the batch forward made no decoder inputs"
+        mine = adapter.decoder_inputs(item)
+        torch.testing.assert_close(mine.inputs_embeds, decoder_inputs.inputs_embeds, atol=TOLERANCE, rtol=TOLERANCE)
+        assert torch.equal(mine.attention_mask, decoder_inputs.attention_mask)
+        assert torch.equal(mine.position_ids, decoder_inputs.position_ids)
+        assert made.prefill is not None and made.prefill.depth == prefill.depth
+        for part in ("inputs", "keys", "values"):
+            for layer, (a, b) in enumerate(zip(getattr(made.prefill, part), getattr(prefill, part))):
+                assert a.shape == b.shape, f"sample {i} {part} {layer}"
+                torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=TOLERANCE)
+        for name, value in prefill.kwargs.items():
+            theirs = made.prefill.kwargs[name]
+            for a, b in zip(value if isinstance(value, tuple) else (value,),
+                            theirs if isinstance(theirs, tuple) else (theirs,)):
+                assert (a is None) == (b is None), name
+                if a is not None:
+                    torch.testing.assert_close(b, a, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_prepared_together_runs_give_the_answers_of_samples_prepared_alone():
+    """``pipeline.prepare_inputs`` on several samples: the unpruned run (from the batch recording's
+    prefill) and a method's run give each sample's answers and gold log-probabilities."""
+    from workbench.pruning.registry import create_method
+
+    adapter, sample = shipped_architecture(), eval_sample()
+    method = create_method("fastv")
+    together = pipeline.prepare_inputs(adapter, [(sample, item) for item in _inputs(SHIPPED)[1]], [method])
+    assert all(ready.recorded_prefill is not None for ready in together)
+    for i, (ready, item) in enumerate(zip(together, _inputs(SHIPPED)[1])):
+        alone = pipeline.prepare_inputs(adapter, [(sample, item)], [method])[0]
+        for run_method, budget in ((None, None), (method, 0.25)):
+            mine, theirs = (pipeline.run(adapter, r, run_method, budget) for r in (ready, alone))
+            assert mine.generation == theirs.generation, f"sample {i}"
+            assert mine.plan.final_kept == theirs.plan.final_kept, f"sample {i}"
+            assert mine.gold_logprob == pytest.approx(theirs.gold_logprob, abs=TOLERANCE)
+
+
+def test_recording_groups_hold_to_the_memory_limit():
+    adapter, prepared = _inputs(SHIPPED)
+    sizes = [estimate(adapter, item, REQUEST).total for item in prepared]
+    assert recording_groups(adapter, prepared, REQUEST, limit=max(sizes)) == [[0], [1], [2]]
+    assert recording_groups(adapter, prepared, REQUEST, limit=sizes[0] + sizes[1]) == [[0, 1], [2]]
+    assert recording_groups(adapter, prepared, REQUEST, limit=None) == [[0, 1, 2]]
