@@ -31,10 +31,9 @@ import torch
 
 from tests.pruning.parity.anyres import SIZES, assert_budget_variant_keeps_the_budget, llava_next_case, stitching
 from tests.pruning.parity.common import eager_forward, eager_model, eager_tower, facts, jaccard, workbench_plan
-from tests.pruning.parity.test_vispruner_anyres import (COLUMNS, codes_embeddings, decoder_input, per_view_count,
+from tests.pruning.parity.test_vispruner_anyres import (COLUMNS, assert_llm_gets_the_codes_sequence, per_view_count,
                                                         workbench_names)
 from tests.pruning.shipped import run_checked
-from workbench.pruning.executor import execute
 from workbench.pruning.methods.cdpruner import CDPruner
 
 BUDGETS = (0.125, 0.25, 0.5)
@@ -106,22 +105,7 @@ def official_llm_sequence(adapter, prepared, visual_token_num: int, masks=None) 
 
 @pytest.mark.parametrize("size", SHAPES)
 def test_default_selects_and_gives_the_llm_the_codes_sequence(size):
-    adapter, prepared = llava_next_case(size)
-    n, padded = prepared.layout.n_tokens, 0
-    for budget in BUDGETS:
-        sequence = official_llm_sequence(adapter, prepared, per_view_count(prepared, budget))
-        names = workbench_names(adapter, prepared, sequence)
-        plan = workbench_plan(CDPruner(), adapter, prepared, budget)
-        (stage,) = plan.stages
-        assert len(stage.kept) == len(names) and jaccard(stage.kept, names) == 1.0, (size, budget)
-        assert stage.separators == "dropped" and stage.position == "reindex"
-        padded += sum(name >= n for name in names)
-        _, embeds, positions = decoder_input(adapter, lambda: execute(adapter, prepared, plan, max_new_tokens=0))
-        expected = codes_embeddings(adapter, prepared, sequence)
-        assert embeds.shape == expected.shape  # the same rows: no newline, every chosen padding patch
-        torch.testing.assert_close(embeds, expected, atol=1e-5, rtol=1e-5)  # in the code's order
-        assert torch.equal(positions[0], torch.arange(expected.shape[1]))
-    assert (padded > 0) == (size != SIZES[2])  # the padded shapes do pass padding patches on
+    assert_llm_gets_the_codes_sequence(CDPruner(), size, official_llm_sequence, BUDGETS)
 
 
 def test_every_view_keeps_the_same_count_and_the_counts_say_so():

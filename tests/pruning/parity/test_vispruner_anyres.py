@@ -128,24 +128,31 @@ def per_view_count(prepared, budget) -> int:
 
 # --- the default: the code's sequence --------------------------------------------------------------
 
-@pytest.mark.parametrize("size", SHAPES)
-def test_default_gives_the_llm_the_codes_visual_sequence(size):
+def assert_llm_gets_the_codes_sequence(method, size, official_sequence, budgets) -> None:
+    """At every budget, ``method``'s kept set is the names of ``official_sequence(adapter, prepared,
+    count per view)`` and the decoder gets exactly the code's rows: no newline, every chosen padding
+    patch, in the code's order, numbered from 0; the padded shapes pass padding patches on."""
     adapter, prepared = llava_next_case(size)
     n, padded = prepared.layout.n_tokens, 0
-    for budget in BUDGETS:
-        sequence = official_llm_sequence(adapter, prepared, per_view_count(prepared, budget))
+    for budget in budgets:
+        sequence = official_sequence(adapter, prepared, per_view_count(prepared, budget))
         names = workbench_names(adapter, prepared, sequence)
-        plan = workbench_plan(VisPruner(), adapter, prepared, budget)
+        plan = workbench_plan(method, adapter, prepared, budget)
         (stage,) = plan.stages
         assert len(stage.kept) == len(names) and jaccard(stage.kept, names) == 1.0, (size, budget)
         assert stage.separators == "dropped" and stage.position == "reindex"
         padded += sum(name >= n for name in names)
         _, embeds, positions = decoder_input(adapter, lambda: execute(adapter, prepared, plan, max_new_tokens=0))
         expected = codes_embeddings(adapter, prepared, sequence)
-        assert embeds.shape == expected.shape  # the same rows: no newline, every chosen padding patch
-        torch.testing.assert_close(embeds, expected, atol=1e-5, rtol=1e-5)  # in the code's order
+        assert embeds.shape == expected.shape
+        torch.testing.assert_close(embeds, expected, atol=1e-5, rtol=1e-5)
         assert torch.equal(positions[0], torch.arange(expected.shape[1]))
-    assert (padded > 0) == (size != SIZES[2])  # the padded shapes do pass padding patches on
+    assert (padded > 0) == (size != SIZES[2])
+
+
+@pytest.mark.parametrize("size", SHAPES)
+def test_default_gives_the_llm_the_codes_visual_sequence(size):
+    assert_llm_gets_the_codes_sequence(VisPruner(), size, official_llm_sequence, BUDGETS)
 
 
 @pytest.mark.parametrize("size", [WIDE, TALL, COLUMNS])
