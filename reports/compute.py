@@ -56,7 +56,7 @@ def sweep_tables(adapter: ModelAdapter, samples: list[Sample], config: ReportCon
         tqdm.write(f"{folder / 'sweep'} was not swept with these weights of {adapter.name} (fingerprint "
                    f"{adapter.fingerprint}), this data set's content or these method versions; moved to {aside}")
     sweep = run_sweep(adapter, samples, config.dataset, specs, config.budgets, folder / "sweep",
-                      progress=progress).table
+                      progress=progress, batch_size=config.batch_size).table
     ids = {s.id for s in samples}
     sweep = sweep.filter(pl.col("sample_id").is_in(ids) & pl.col("budget").is_in(
         [budget_label(b) for b in config.budgets] + ["100%", "0"]))

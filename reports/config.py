@@ -20,6 +20,7 @@ class ReportConfig:
     dataset: str = "data/eval/samples.jsonl"
     benchmark: str | None = None  # how to read a stored benchmark (workbench.benchmarks); None: inferred
     samples: int = 64  # the first N samples of the data set are swept
+    batch_size: int = 8  # samples swept together (the same rows as one at a time, float rounding aside)
     analysis_samples: int = 16  # of those, the first N are recorded for redundancy / misalignment
     methods: tuple[str, ...] = ("all",)  # method names, "name:key=value,..." or "all"
     budgets: tuple[float | int, ...] = (0.33, 0.22, 0.11)
@@ -36,10 +37,10 @@ class ReportConfig:
         unknown = [a for a in self.analyses if a not in ANALYSES]
         if unknown:
             raise ReportConfigError(f"unknown analyses {unknown}; available: {', '.join(ANALYSES)}")
-        for name in ("samples", "analysis_samples", "diagnose_per_method"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "samples" else 0):
-                raise ReportConfigError(f"{name} must be a {'positive' if name == 'samples' else 'non-negative'} "
+        for name in ("samples", "batch_size", "analysis_samples", "diagnose_per_method"):
+            value, positive = getattr(self, name), name in ("samples", "batch_size")
+            if isinstance(value, bool) or not isinstance(value, int) or value < int(positive):
+                raise ReportConfigError(f"{name} must be a {'positive' if positive else 'non-negative'} "
                                         f"integer, got {value!r}")
         if self.diagnose_budget not in self.budgets and "failures" in self.analyses:
             raise ReportConfigError(f"diagnose_budget {self.diagnose_budget} is not one of the budgets {list(self.budgets)}")

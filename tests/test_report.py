@@ -17,7 +17,7 @@ def test_config_reads_toml_and_rejects_mistakes(tmp_path):
     config = load_config(good, out=str(tmp_path / "o"))
     assert config.samples == 5 and config.methods == ("fastv", "random:seed=2") and config.budgets == (0.5, 16)
     assert config.out == str(tmp_path / "o")
-    for text, message in [("sampels = 5\n", "unknown keys"), ("samples = 0\n", "positive"),
+    for text, message in [("sampels = 5\n", "unknown keys"), ("samples = 0\n", "positive"), ("batch_size = 0\n", "positive"),
                           ("analyses = ['nope']\n", "unknown analyses"), ("samples = [\n", "not valid TOML"),
                           ("diagnose_budget = 0.5\n", "not one of the budgets")]:
         bad = tmp_path / "bad.toml"
@@ -140,6 +140,28 @@ def test_a_small_report_builds_offline_and_resumes(tmp_path):
     rows_before = (folder / "sweep" / "rows.jsonl").read_text()
     build_report(adapter, config, progress=False)
     assert (folder / "sweep" / "rows.jsonl").read_text() == rows_before  # the sweep resumed, nothing re-run
+
+
+def test_the_report_sweeps_its_samples_in_batches_of_its_batch_size(tmp_path, monkeypatch):
+    from reports import compute
+    from reports.write import build_report
+    from workbench.models.loading import load
+
+    class Stop(Exception):
+        pass
+
+    asked = []
+
+    def sweep(*args, batch_size=1, **kwargs):
+        asked.append(batch_size)
+        raise Stop
+
+    monkeypatch.setattr(compute, "run_sweep", sweep)
+    for size in (ReportConfig().batch_size, 3):
+        with pytest.raises(Stop):
+            build_report(load(), ReportConfig(samples=2, methods=("fastv",), batch_size=size, out=str(tmp_path / "r")),
+                         progress=False)
+    assert asked == [8, 3]
 
 
 def test_a_sweep_made_with_other_weights_is_moved_aside_not_resumed(tmp_path):

@@ -17,6 +17,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                                                       "default: the config's, else inferred from its columns)")
     p.add_argument("--samples", type=positive_int, default=None,
                    help="override how many samples are swept (default: the config's)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="samples swept together (default: the config's, 8)")
     p.add_argument("--out", default=None, help="override the output folder (default runs/report)")
 
 
@@ -30,7 +32,7 @@ def run(args):
     from workbench.files import check_output
 
     config = load_config(args.config, model=args.model, dataset=args.dataset, benchmark=args.benchmark,
-                         samples=args.samples, out=args.out)
+                         samples=args.samples, batch_size=args.batch_size, out=args.out)
     check_output(config.out)  # before the model loads, not after the sweep
     print(f"loading {config.model} ...", flush=True)
     adapter = load(config.model, device=config.device)
