@@ -74,11 +74,12 @@ class AttentionCall:
     def n_keys(self) -> int:
         return self.key.shape[1]
 
-    def first(self, n: int) -> "AttentionCall":
-        """The call on the first ``n`` positions alone: a sample's rows of a right-padded causal
-        batch, whose attention never reaches the padding after them."""
+    def part(self, span: slice) -> "AttentionCall":
+        """The call on the positions ``span`` alone, queries and keys: a sample's rows of a padded
+        batch (right-padded and causal, or left-padded under a mask that keeps each sample's rows to
+        themselves), whose attention never reaches outside them."""
         def cut(t, axes):
-            return None if t is None else t[(slice(None),) + (slice(0, n),) * axes]
+            return None if t is None else t[(slice(None),) + (span,) * axes]
         return AttentionCall(cut(self.query, 1), cut(self.key, 1), cut(self.value, 1), self.scaling,
                              cut(self.mask, 2), self.causal, cut(self.query_norope, 1), cut(self.key_norope, 1))
 

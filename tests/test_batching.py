@@ -121,6 +121,29 @@ def test_methods_that_select_inside_the_llm_choose_the_same_tokens_in_a_batch(na
     _assert_same(single, execute_batch(adapter, [job(p, b) for p, b in zip(prepared, budgets)], 4))
 
 
+def test_callbacks_in_a_batch_read_one_attention_pass_per_layer_for_all_samples():
+    """Before a layer whose callbacks read its attention, the layer runs up to its attention once
+    for the batch (then once more, as the layer itself), not once per sample."""
+    adapter, prepared = _inputs(SHIPPED)
+    facts, method = ModelFacts.of(adapter), create_method("pyramiddrop")
+    jobs = []
+    for p in prepared:
+        context = SelectionContext(p.layout, 0.25, record_needs(adapter, p, [method]), facts)
+        jobs.append(Job(p, method.select(context), method.layer_callback(context)))  # no gold: its pass
+    calls = {}
+    modules = [adapter.decoder_attention(i) for i in range(len(adapter.decoder_layers()))]
+    handles = [m.register_forward_pre_hook(lambda m, *_, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+               for i, m in enumerate(modules)]
+    try:
+        execute_batch(adapter, jobs, 0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    asked = [i for i in range(len(modules)) if calls.get(i, 0) > 1]
+    assert asked, "no layer's attention was read by the callbacks"
+    assert all(calls[i] == 2 for i in asked), calls
+
+
 def test_evaluate_answers_the_same_in_batches_as_one_at_a_time():
     import dataclasses
 

@@ -262,7 +262,7 @@ class _Session:
             h_in = _view(hidden_in, index, cut)
             h_out = _view(hidden_out, index, cut)
             if call is not None and cut is not None:
-                call = call.first(cut)
+                call = call.part(slice(0, cut))
             length = call.n_queries if call is not None else h_in.shape[0]
             roles = self.roles(plan.stack, length, sample)
             rows = {}

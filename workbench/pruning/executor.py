@@ -54,6 +54,7 @@ attention), "reindex" with multi-axis (M-RoPE) position ids, and sampling.
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import time
 from dataclasses import dataclass
@@ -63,8 +64,9 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from probes.capture import AttentionCall
 from workbench.models.base import ModelAdapter, PreparedInput
-from workbench.pruning.layer_state import LayerState, hooks_suspended
+from workbench.pruning.layer_state import LayerState, attention_inputs, hooks_suspended
 from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, PlanError, Stage, describe_where, padded_patch_at
 
 LayerCallback = Callable[[int, LayerState], "Stage | None"]
@@ -600,7 +602,7 @@ class _Run:
         self.applied.append(stage)
         return hidden, kwargs
 
-    def _state(self, index: int, module, hidden, kwargs) -> LayerState:
+    def _state(self, index: int, module, hidden, kwargs, shared=None) -> LayerState:
         alive = self.kinds[self.rows.numpy()]
         masked = self.hidden[self.rows.numpy()]
         after_image = self.sequence_index[self.rows.numpy()] > (self.layout.positions.max() if self.layout.n_tokens else -1)
@@ -613,17 +615,17 @@ class _Run:
             separator_rows=torch.from_numpy(np.flatnonzero(alive == _SEPARATOR)),
             position_ids=self.positions, position_embeddings=position_embeddings,
             attention_mask=kwargs.get("attention_mask"), module=module,
-            attention_module=self.adapter.decoder_attention(index), layout=self.layout,
+            attention_module=self.adapter.decoder_attention(index), layout=self.layout, shared=shared,
         )
 
-    def consult(self, index: int, module, hidden, kwargs) -> Stage | None:
+    def consult(self, index: int, module, hidden, kwargs, shared=None) -> Stage | None:
         """The callback's stage before layer ``index`` (each layer is asked once)."""
         if index in self.prechosen:
             return self.prechosen.pop(index)
         if self.callback is None or index < self.consulted:
             return None
         self.consulted = index + 1
-        chosen = self.callback(index, self._state(index, module, hidden, kwargs))
+        chosen = self.callback(index, self._state(index, module, hidden, kwargs, shared))
         if chosen is not None and chosen.where != index:
             raise PlanError(f"the callback before layer {index} returned a stage for {describe_where(chosen.where)}")
         return chosen
@@ -649,17 +651,31 @@ class _Run:
                                            hidden.copy())
 
     def prefill_layer(self, index: int, module, hidden, kwargs):
+        return self.choose(index, module, *self.enter(index, hidden, kwargs))
+
+    def enter(self, index: int, hidden, kwargs):
+        """The sequence entering layer ``index`` and what the layer is called with, the plan's stage
+        there applied: what the callback sees."""
         kwargs = self._cut_kwargs(kwargs)
         planned = self.planned.get(index)
         if planned is not None:
             hidden, kwargs = self._apply_stage(planned, hidden, kwargs)
-        chosen = self.consult(index, module, hidden, kwargs)
+        return hidden, kwargs
+
+    def choose(self, index: int, module, hidden, kwargs, shared=None):
+        """The callback's stage before layer ``index`` applied to what ``enter`` gave (``shared``:
+        as ``LayerState.shared``), the layer recorded."""
+        chosen = self.consult(index, module, hidden, kwargs, shared)
         if chosen is not None:
-            if planned is not None:
+            if index in self.planned:
                 raise PlanError(f"both the plan and the callback prune before layer {index}; a layer takes one stage")
             hidden, kwargs = self._apply_stage(chosen, hidden, kwargs)
         self.record(index)
         return hidden, kwargs
+
+    def asks(self, index: int) -> bool:
+        """Whether the callback will be asked before layer ``index`` (and may read its attention)."""
+        return self.callback is not None and index >= self.consulted and index not in self.prechosen
 
 
 class _Batch:
@@ -712,19 +728,33 @@ class _Batch:
 
     def prefill_layer(self, index: int, module, args, kwargs):
         hidden = _hidden(args, kwargs)
-        outs = []
+        entered = []
         for b, run in enumerate(self.runs):
             mine = hidden if len(self.runs) == 1 else hidden[b:b + 1, hidden.shape[1] - len(run.rows):]
             view = self._view(kwargs, b)
             if self.captured is not None:
                 self.captured[b][index] = mine
                 self.captured[b].setdefault("kwargs", {k: view.get(k) for k in _LAYER_KWARGS})
-            outs.append(run.prefill_layer(index, module, mine, view))
-        if not self.repacked and all(run.rotary is None for run in self.runs):
-            # Nothing pruned inside the LLM yet: the model's own tensors serve this layer.
+            entered.append(run.enter(index, mine, view))
+        shared = self._shared_attention(index, module, entered, args, kwargs)
+        outs = [run.choose(index, module, *state, None if shared is None else functools.partial(shared, b))
+                for b, (run, state) in enumerate(zip(self.runs, entered))]
+        packed = self._packed(index, outs, args, kwargs)
+        if packed is not None:
+            self.repacked = True
+            self.valid[index] = _valid_rows([h.shape[1] for h, _ in outs], hidden.device,
+                                            [run.records[index].hidden for run in self.runs])
+        else:
             self.valid[index] = self.input_valid
+        return packed
+
+    def _packed(self, index: int, outs: list, args, kwargs):
+        """The layer's (args, kwargs) for the samples' (hidden, kwargs) side by side, left-padded
+        with per-sample masks; None while nothing was pruned inside the LLM: the model's own
+        tensors serve the layer."""
+        if not self.repacked and all(run.rotary is None for run in self.runs):
             return None
-        self.repacked = True
+        hidden = _hidden(args, kwargs)
         lengths = [h.shape[1] for h, _ in outs]
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = _pack_masks([k.get("attention_mask") for _, k in outs], lengths, hidden.device)
@@ -733,8 +763,29 @@ class _Batch:
             kwargs["position_embeddings"] = tuple(_pack([r[i] for r in rotary], -3, -2) for i in range(2))
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = _pack([k["position_ids"] for _, k in outs], -2, -1)
-        self.valid[index] = _valid_rows(lengths, hidden.device, [run.records[index].hidden for run in self.runs])
         return _with_hidden(args, kwargs, _pack([h for h, _ in outs], 0, 1))
+
+    def _shared_attention(self, index: int, module, entered: list, args, kwargs):
+        """``shared(b, state)``: sample ``b``'s rows of layer ``index``'s attention call made once on
+        the samples the callbacks see side by side (made on the first ask) for ``state`` as the
+        executor made it; None when at most one callback is asked here, each making its own."""
+        if sum(run.asks(index) for run in self.runs) < 2:
+            return None
+        made: dict[str, object] = {}
+
+        def shared(b: int, state: LayerState) -> AttentionCall | None:
+            hidden, given = entered[b]
+            if (state.hidden_states is not hidden or state.attention_mask is not given.get("attention_mask")
+                    or state.position_embeddings is not given.get("position_embeddings")):
+                return None
+            if "reading" not in made:
+                packed = self._packed(index, entered, args, kwargs)
+                call_args, call_kwargs = packed if packed is not None else (args, kwargs)
+                made["length"] = _hidden(call_args, call_kwargs).shape[1]
+                made["reading"] = attention_inputs(module, self.adapter.decoder_attention(index),
+                                                   _hidden(call_args, call_kwargs), call_kwargs, index)
+            return made["reading"].call(b).part(slice(made["length"] - hidden.shape[1], made["length"]))
+        return shared
 
     def last_positions(self, index: int) -> torch.Tensor:
         return torch.cat([run.records[index].last_position for run in self.runs], dim=-2)

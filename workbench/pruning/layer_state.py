@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
-from probes.capture import AttentionCall, attention_call
+from probes.capture import AttentionCall, SiteReading
 from probes.interception import listening
 from workbench.layout import VisualLayout
 
@@ -24,9 +25,9 @@ hooks_suspended: contextvars.ContextVar[bool] = contextvars.ContextVar("hooks_su
 
 
 class _Captured(Exception):
-    def __init__(self, call: AttentionCall):
+    def __init__(self, reading: SiteReading):
         super().__init__("attention inputs captured")
-        self.call = call
+        self.reading = reading
 
 
 class _StopAtAttention:
@@ -38,10 +39,28 @@ class _StopAtAttention:
 
     def called(self, module, query, key, value, attention_mask, kwargs) -> None:
         if module is self.module:
-            raise _Captured(attention_call(module, [((module, query, key, value, attention_mask), kwargs)]))
+            raise _Captured(SiteReading(module, [((module, query, key, value, attention_mask), kwargs)]))
 
     def returned(self, module, output, weights) -> None:
         pass
+
+
+@torch.no_grad()
+def attention_inputs(layer: torch.nn.Module, attention: torch.nn.Module, hidden: torch.Tensor, kwargs: dict,
+                     index: int) -> SiteReading:
+    """Run decoder layer ``layer`` (index ``index``) up to its attention module's call on ``hidden``
+    (a batch) with what the layer is called with, and return that call (input norm, projections and
+    rotary embedding applied). The layer is stopped there, so the KV cache is not touched."""
+    token = hooks_suspended.set(True)
+    try:
+        with listening(_StopAtAttention(attention)):
+            layer(hidden, attention_mask=kwargs.get("attention_mask"), position_embeddings=kwargs.get("position_embeddings"),
+                  position_ids=kwargs.get("position_ids"), use_cache=False)
+    except _Captured as captured:
+        return captured.reading
+    finally:
+        hooks_suspended.reset(token)
+    raise RuntimeError(f"layer {index} did not call its attention function")
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,10 @@ class LayerState:
     attention_module: torch.nn.Module  # its self-attention (q/k/v/o projections)
     layout: VisualLayout
     masked_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [K'] int64
+    # This sample's part of the layer's attention call made once on the whole batch (its samples
+    # side by side, as the batched layer will run them); it gives None for a state whose inputs are
+    # not those the executor made (a method's changed copy), which makes its own call.
+    shared: Callable[["LayerState"], AttentionCall | None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_rows(self) -> int:
@@ -83,22 +106,16 @@ class LayerState:
     def n_visual(self) -> int:
         return self.layout.n_tokens
 
-    @torch.no_grad()
     def _capture(self) -> AttentionCall:
-        """Run the layer up to its attention call on the current, already pruned sequence and
-        return what it was about to attend with (input norm, projections and rotary embedding
-        applied). The layer is stopped there, so the KV cache is not touched."""
-        token = hooks_suspended.set(True)
-        try:
-            with listening(_StopAtAttention(self.attention_module)):
-                self.module(self.hidden_states, attention_mask=self.attention_mask,
-                            position_embeddings=self.position_embeddings, position_ids=self.position_ids,
-                            use_cache=False)
-        except _Captured as captured:
-            return captured.call
-        finally:
-            hooks_suspended.reset(token)
-        raise RuntimeError(f"layer {self.layer} did not call its attention function")
+        """The layer's attention call on the current, already pruned sequence: this sample's rows
+        of the batch's call where the executor made one for all its samples (``shared``), else
+        the layer run up to its attention on this sample's state alone."""
+        call = None if self.shared is None else self.shared(self)
+        if call is not None:
+            return call
+        kwargs = {"attention_mask": self.attention_mask, "position_embeddings": self.position_embeddings,
+                  "position_ids": self.position_ids}
+        return attention_inputs(self.module, self.attention_module, self.hidden_states, kwargs, self.layer).call(0)
 
     def attention(self, rows: torch.Tensor) -> torch.Tensor:
         """Attention probabilities [H, R, S] (float32) of query ``rows`` in this layer, recomputed
