@@ -60,12 +60,14 @@ def test_a_batch_recording_gives_each_sample_its_decoder_inputs_and_unpruned_pre
     for copy in _inputs(model)[1]:  # the same inputs, made anew: nothing cached on them
         with recorded_prefill(adapter, copy) as begun:
             record(adapter, copy, REQUEST)
-        alone.append((adapter.decoder_inputs(copy), begun.prefill))
+        alone.append((adapter.decoder_inputs(copy), begun.prefill, copy._decoder_inputs.get("cls")))
     inputs = batch_inputs(adapter, prepared)
     with recorded_prefills(adapter, prepared, inputs) as begun:
         record_together(adapter, prepared, inputs, REQUEST)
-    for i, (item, made, (decoder_inputs, prefill)) in enumerate(zip(prepared, begun, alone)):
+    for i, (item, made, (decoder_inputs, prefill, cls)) in enumerate(zip(prepared, begun, alone)):
         assert "llm" in item._decoder_inputs, f"sample {i}: the batch forward made no decoder inputs"
+        assert cls is not None and adapter.has_cls_token  # the tower's [CLS], projected, is each sample's own
+        torch.testing.assert_close(item._decoder_inputs["cls"], cls, atol=TOLERANCE, rtol=TOLERANCE)
         mine = adapter.decoder_inputs(item)
         torch.testing.assert_close(mine.inputs_embeds, decoder_inputs.inputs_embeds, atol=TOLERANCE, rtol=TOLERANCE)
         assert torch.equal(mine.attention_mask, decoder_inputs.attention_mask)
