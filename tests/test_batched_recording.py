@@ -1,6 +1,8 @@
-"""Recording several samples in one forward: samples of one tower view each ride the batch axis
-right-padded, and every recording, decoder input and recorded prefill equals the sample's own up
-to float rounding; multi-view families and samples over the memory limit record one at a time."""
+"""Recording several samples in one forward: samples whose image tensors stack (one image, or its
+tiles and crops, of one shape) ride the batch axis, their tower views side by side and their
+decoder rows right-padded, and every recording, decoder input and recorded prefill equals the
+sample's own up to float rounding; flattened-patch towers (Qwen2-VL, Qwen2.5-VL) and samples over
+the memory limit record one at a time."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from workbench.recorder import batch_inputs, record, record_together, recording_
 from workbench.recording import CaptureRequest
 
 REQUEST = CaptureRequest(rows=("last", "cls", "mean", "visual"))
-# The families whose processor gives one image tensor [1, C, H, W] and nothing else but tokens.
+# The families whose image tensors stack, sample after sample: one view each, or tiles and crops.
 ONE_VIEW = (SHIPPED, "llava")
+STACKING = ONE_VIEW + ("llava_next", "llava_onevision", "idefics3", "smolvlm")
 TOLERANCE = 1e-4
 
 
@@ -37,27 +40,42 @@ def _assert_same_recording(together, alone, where: str) -> None:
     assert together.notes == alone.notes, where
 
 
+def _same_shapes(model: str):
+    """Three inputs whose images give tensors of one shape, their questions of different lengths."""
+    if model == SHIPPED:
+        return _inputs(model)  # the shipped processor resizes every image to one size
+    from tests.tiny_models import QUESTION, TINY_SPECS, noise_image, tiny_adapter
+
+    adapter = tiny_adapter(model)
+    size = TINY_SPECS[model].image_size
+    return adapter, [adapter.prepare(noise_image(size, seed=i), q)
+                     for i, q in enumerate([QUESTION, "what shape is it ?", QUESTION + " now"])]
+
+
 @pytest.mark.parametrize("model", ALL_MODELS)
 def test_samples_recorded_together_equal_each_recorded_alone(model):
-    adapter, prepared = _inputs(model)
+    adapter, prepared = _same_shapes(model)
     lengths = {item.inputs["input_ids"].shape[1] for item in prepared}
     assert len(lengths) > 1, "the samples must differ in length, or no padding is tested"
     groups = recording_groups(adapter, prepared, REQUEST)
-    assert groups == ([[0, 1, 2]] if model in ONE_VIEW else [[0], [1], [2]])
+    assert groups == ([[0, 1, 2]] if model in STACKING else [[0], [1], [2]])
     together = [recording for group in groups
                 for recording in record_together(adapter, [prepared[i] for i in group],
                                                  batch_inputs(adapter, [prepared[i] for i in group]), REQUEST)]
     for i, (item, made) in enumerate(zip(prepared, together)):
         _assert_same_recording(made, record(adapter, item, REQUEST), f"{model} sample {i}")
+    if model in STACKING:  # every tower view of every sample was recorded
+        views = len(prepared[0].layout.tower_owner) or 1
+        assert {key.view for key in together[-1].tensors if key.stack == "tower"} == set(range(views))
 
 
-@pytest.mark.parametrize("model", ONE_VIEW)
+@pytest.mark.parametrize("model", STACKING)
 def test_a_batch_recording_gives_each_sample_its_decoder_inputs_and_unpruned_prefill(model):
     """The recorded forward of several samples also leaves each one the decoder inputs and the
     begun unpruned prefill its own forward would: its rows of every layer's input, keys and values."""
-    adapter, prepared = _inputs(model)
+    adapter, prepared = _same_shapes(model)
     alone = []
-    for copy in _inputs(model)[1]:  # the same inputs, made anew: nothing cached on them
+    for copy in _same_shapes(model)[1]:  # the same inputs, made anew: nothing cached on them
         with recorded_prefill(adapter, copy) as begun:
             record(adapter, copy, REQUEST)
         alone.append((adapter.decoder_inputs(copy), begun.prefill, copy._decoder_inputs.get("cls")))
@@ -66,8 +84,9 @@ def test_a_batch_recording_gives_each_sample_its_decoder_inputs_and_unpruned_pre
         record_together(adapter, prepared, inputs, REQUEST)
     for i, (item, made, (decoder_inputs, prefill, cls)) in enumerate(zip(prepared, begun, alone)):
         assert "llm" in item._decoder_inputs, f"sample {i}: the batch forward made no decoder inputs"
-        assert cls is not None and adapter.has_cls_token  # the tower's [CLS], projected, is each sample's own
-        torch.testing.assert_close(item._decoder_inputs["cls"], cls, atol=TOLERANCE, rtol=TOLERANCE)
+        assert (cls is not None) == adapter.has_cls_token
+        if cls is not None:  # the tower's [CLS] of each view, projected, is the sample's own
+            torch.testing.assert_close(item._decoder_inputs["cls"], cls, atol=TOLERANCE, rtol=TOLERANCE)
         mine = adapter.decoder_inputs(item)
         torch.testing.assert_close(mine.inputs_embeds, decoder_inputs.inputs_embeds, atol=TOLERANCE, rtol=TOLERANCE)
         assert torch.equal(mine.attention_mask, decoder_inputs.attention_mask)

@@ -10,11 +10,11 @@ while the model waits at it, and the trace runs the probes of the layer's output
 Nothing per layer outlives its layer but what is recorded. Saliency signals then run their own
 passes (``probes/saliency.py``).
 
-Several samples whose processor gives one image tensor each (``one_view_key``) are recorded in one
-traced forward (``recording_groups``, ``record_together``): stacked on the batch axis, which is
-then the samples' in the tower as in the decoder, and padded on the right, so each sample's rows
-come first and its causal attention never reaches the padding. The probes see each sample's rows
-alone, cut to its length, and write to its own recording.
+Several samples whose image tensors stack (``views_key``: one image, or its tiles and crops, of
+the same shape) are recorded in one traced forward (``recording_groups``, ``record_together``):
+their tower views side by side, sample after sample, and in the decoder one row of the batch each,
+padded on the right, so each sample's rows come first and its causal attention never reaches the
+padding. The probes see each sample's rows alone, cut to its length, and write to its own recording.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from probes.interception import listening
 from probes.registry import PROBES, Observation, TableRows, probes_for, signal_spec
 from probes.sinks import massive_activations
 from workbench.memory import DEFAULT_LIMIT, check_memory
-from workbench.models.base import ModelAdapter, PreparedInput, RopeFreeQK, one_view_key, stacked_inputs
+from workbench.models.base import ModelAdapter, PreparedInput, RopeFreeQK, stacked_inputs, tower_views, views_key
 from workbench.recording import CaptureRequest, EntryKey, Identity, Recording
 
 _TRACED: "weakref.WeakKeyDictionary[torch.nn.Module, nnsight.NNsight]" = weakref.WeakKeyDictionary()
@@ -165,10 +165,12 @@ class _Session:
     def __init__(self, adapter: ModelAdapter, samples: Sequence[PreparedInput], request: CaptureRequest,
                  builders: Sequence[_Builder]):
         self.adapter, self.samples, self.request, self.builders = adapter, list(samples), request, list(builders)
-        # Several samples ride the batch axis one view each, right-padded (``stacked_inputs``): a
-        # sample's rows are its first ones, so its causal attention never reaches the padding.
+        # Several samples ride the batch axis, right-padded in the decoder (``stacked_inputs``): a
+        # sample's rows are its first ones, so its causal attention never reaches the padding; in
+        # the tower their views sit side by side, sample after sample.
         self.batched = len(self.samples) > 1
         self.lengths = [sample.inputs["input_ids"].shape[1] for sample in self.samples]
+        self.views = tower_views(self.samples[0].inputs) if self.batched else 1
         options = request.probe_options()
         single = [s for s in request.signals if not signal_spec(s).extra_pass]
         self.probes = [PROBES[name](wanted, options) for name, wanted in probes_for(single).items()]
@@ -189,9 +191,12 @@ class _Session:
             return TokenRoles.for_llm(prepared.layout.positions, length, None if mask is None else mask[0])
         return TokenRoles.for_tower(length, self.adapter.has_cls_token)
 
-    def owner(self, index: int) -> tuple[int, int]:
-        """(sample, view) of batch row ``index``: the sample's own tower views, or one sample each."""
-        return (index, 0) if self.batched else (0, index)
+    def owner(self, stack: str, index: int) -> tuple[int, int]:
+        """(sample, view) of batch row ``index`` of ``stack``: one sample's own tower views, or the
+        samples' (in the tower, each sample's views in turn)."""
+        if not self.batched:
+            return 0, index
+        return (index, 0) if stack == "llm" else divmod(index, self.views)
 
     def length(self, stack: str, sample: int) -> int | None:
         """The rows of ``sample`` in a batched decoder (its first ones; the rest are padding)."""
@@ -251,12 +256,16 @@ class _Session:
         views = 1
         if reading is not None:
             views = reading.batch
-        elif hidden_in is not None and hidden_in.dim() == 3:
-            views = hidden_in.shape[0]
+        else:
+            hidden = hidden_in if hidden_in is not None else hidden_out
+            views = hidden.shape[0] if hidden is not None and hidden.dim() == 3 else 1
         out_proj = output_projection(plan.attention[layer]) if "out_proj" in self.captures else None
         final_norm = self.adapter.final_norm() if "final_norm" in self.captures and plan.stack == "llm" else None
+        if self.batched and views != len(self.samples) * (self.views if plan.stack == "tower" else 1):
+            raise CaptureError(f"the {plan.stack} ran {views} sequences for {len(self.samples)} samples stacked "
+                               "together; record them one at a time")
         for index in range(views):
-            sample, view = self.owner(index)
+            sample, view = self.owner(plan.stack, index)
             builder, cut = self.builders[sample], self.length(plan.stack, sample)
             call = reading.call(index) if reading is not None else None
             h_in = _view(hidden_in, index, cut)
@@ -366,13 +375,13 @@ def batch_inputs(adapter: ModelAdapter, prepared: Sequence[PreparedInput]) -> Ba
 def recording_groups(adapter: ModelAdapter, prepared: Sequence[PreparedInput], request: CaptureRequest,
                      limit: int | None = DEFAULT_LIMIT) -> list[list[int]]:
     """Indices of ``prepared`` recorded together (``record_together``): samples whose inputs stack
-    as one tower view each (``one_view_key``), while their memory estimates add up within
+    (``views_key``), while their memory estimates add up within
     ``limit``; each must fit alone (``check_memory`` raises otherwise)."""
     groups: list[list[int]] = []
     filling: dict[tuple, list] = {}  # stack key -> [the group being filled, its estimate so far]
     for i, item in enumerate(prepared):
         size = check_memory(adapter, item, request, limit).total if limit is not None else 0
-        key = one_view_key(item.inputs)
+        key = views_key(item.inputs)
         current = filling.get(key) if key is not None else None
         if current is None or (limit is not None and current[1] + size > limit):
             current = [[], 0]

@@ -395,7 +395,8 @@ class ModelAdapter(ABC):
                 if "llm" not in item._decoder_inputs and call is not None:
                     item._decoder_inputs["llm"] = self._llm_call(call)
                 if seen is not None and seen.features is not None:  # the tower pass this forward just made
-                    item._decoder_inputs.setdefault("cls", seen.features if len(prepared) == 1 else seen.features[b:b + 1])
+                    views = len(seen.features) // len(prepared)  # each sample's, side by side
+                    item._decoder_inputs.setdefault("cls", seen.features[b * views:(b + 1) * views])
             # Not a second forward (it would extend the cache), nor one with a cache of its own (generation).
             if cache is None or cache.get_seq_length() > 0 or kwargs.get("cache") is not None:
                 return None
@@ -464,18 +465,31 @@ def _stack_key(inputs: BatchFeature) -> tuple | None:
     return tuple(key)
 
 
-ONE_VIEW_INPUTS = frozenset({"input_ids", "attention_mask", "pixel_values"})
-
-
-def one_view_key(inputs: BatchFeature) -> tuple | None:
-    """What must agree for samples to share a forward one tower view each, the batch axis being
-    the samples' in the tower as in the decoder: tokens, a padding-free mask and one image tensor
-    [1, C, H, W] of the same shape (None: multi-view or multi-tensor inputs, which record alone)."""
+def views_key(inputs: BatchFeature) -> tuple | None:
+    """What must agree for samples to share a forward with their tower views side by side, sample
+    after sample, the decoder's batch axis being the samples: tokens with a padding-free mask, and
+    one image tensor of one sample ([1, C, H, W], or [1, views, C, H, W] for tiles and crops) of the
+    same shape, with any other input one sample's ([1, ...]) of the same trailing shape. None: inputs
+    the tower takes otherwise (flattened patches of M-RoPE models), which record alone."""
     pixels, mask = inputs.get("pixel_values"), inputs.get("attention_mask")
-    if (set(inputs) - ONE_VIEW_INPUTS or not isinstance(pixels, torch.Tensor) or pixels.dim() != 4
-            or pixels.shape[0] != 1 or (mask is not None and not bool(mask.all()))):
+    if (not isinstance(pixels, torch.Tensor) or pixels.dim() not in (4, 5) or pixels.shape[0] != 1
+            or (mask is not None and not bool(mask.all()))):
         return None
-    return tuple(pixels.shape), pixels.dtype
+    others = []
+    for name, value in sorted(inputs.items()):
+        if name in ("input_ids", "attention_mask", "pixel_values"):
+            continue
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != 1 \
+                or value.shape == inputs["input_ids"].shape:
+            return None
+        others.append((name, tuple(value.shape[1:]), value.dtype))
+    return tuple(pixels.shape), pixels.dtype, tuple(others)
+
+
+def tower_views(inputs: BatchFeature) -> int:
+    """How many tower views one sample's image tensor holds (``views_key``'s inputs)."""
+    pixels = inputs["pixel_values"]
+    return 1 if pixels.dim() == 4 else pixels.shape[1]
 
 
 def stacked_inputs(inputs: Sequence[BatchFeature], pad_id: int, side: str = "left") -> BatchFeature:
@@ -487,7 +501,7 @@ def stacked_inputs(inputs: Sequence[BatchFeature], pad_id: int, side: str = "lef
     out = {}
     for name, first in inputs[0].items():
         if first.shape == inputs[0]["input_ids"].shape:
-            fill = pad_id if name == "input_ids" else int(side == "right")
+            fill = pad_id if name == "input_ids" else int(name == "attention_mask" and side == "right")
             out[name] = torch.cat([torch.nn.functional.pad(
                 item[name], (longest - item[name].shape[1], 0) if side == "left" else (0, longest - item[name].shape[1]),
                 value=fill) for item in inputs])
