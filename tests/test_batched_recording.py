@@ -6,6 +6,8 @@ the memory limit record one at a time."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from polars.testing import assert_frame_equal
@@ -19,9 +21,6 @@ from workbench.recorder import batch_inputs, record, record_together, recording_
 from workbench.recording import CaptureRequest
 
 REQUEST = CaptureRequest(rows=("last", "cls", "mean", "visual"))
-# The families whose image tensors stack, sample after sample: one view each, or tiles and crops.
-ONE_VIEW = (SHIPPED, "llava")
-STACKING = ONE_VIEW + ("llava_next", "llava_onevision", "idefics3", "smolvlm")
 TOLERANCE = 1e-4
 
 
@@ -58,18 +57,29 @@ def test_samples_recorded_together_equal_each_recorded_alone(model):
     lengths = {item.inputs["input_ids"].shape[1] for item in prepared}
     assert len(lengths) > 1, "the samples must differ in length, or no padding is tested"
     groups = recording_groups(adapter, prepared, REQUEST)
-    assert groups == ([[0, 1, 2]] if model in STACKING else [[0], [1], [2]])
+    assert groups == [[0, 1, 2]]
     together = [recording for group in groups
                 for recording in record_together(adapter, [prepared[i] for i in group],
                                                  batch_inputs(adapter, [prepared[i] for i in group]), REQUEST)]
     for i, (item, made) in enumerate(zip(prepared, together)):
         _assert_same_recording(made, record(adapter, item, REQUEST), f"{model} sample {i}")
-    if model in STACKING:  # every tower view of every sample was recorded
-        views = len(prepared[0].layout.tower_owner) or 1
-        assert {key.view for key in together[-1].tensors if key.stack == "tower"} == set(range(views))
+    views = len(prepared[0].layout.tower_owner) or 1  # every tower view of every sample was recorded
+    assert {key.view for key in together[-1].tensors if key.stack == "tower"} == set(range(views))
 
 
-@pytest.mark.parametrize("model", STACKING)
+@pytest.mark.parametrize("model", ["qwen2_vl", "qwen2_5_vl"])
+def test_flattened_patches_of_images_of_different_sizes_are_recorded_together(model):
+    """Towers that take every image's patches as one sequence (block-wise attention) record images
+    of different sizes together: each sample's span of the sequence is its own."""
+    adapter, prepared = _inputs(model)
+    assert len({item.inputs["pixel_values"].shape[0] for item in prepared}) > 1
+    assert recording_groups(adapter, prepared, REQUEST) == [[0, 1, 2]]
+    together = record_together(adapter, prepared, batch_inputs(adapter, prepared), REQUEST)
+    for i, (item, made) in enumerate(zip(prepared, together)):
+        _assert_same_recording(made, record(adapter, item, REQUEST), f"{model} sample {i}")
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
 def test_a_batch_recording_gives_each_sample_its_decoder_inputs_and_unpruned_prefill(model):
     """The recorded forward of several samples also leaves each one the decoder inputs and the
     begun unpruned prefill its own forward would: its rows of every layer's input, keys and values."""
@@ -129,3 +139,37 @@ def test_recording_groups_hold_to_the_memory_limit():
     assert recording_groups(adapter, prepared, REQUEST, limit=max(sizes)) == [[0], [1], [2]]
     assert recording_groups(adapter, prepared, REQUEST, limit=sizes[0] + sizes[1]) == [[0, 1], [2]]
     assert recording_groups(adapter, prepared, REQUEST, limit=None) == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_a_sweep_batch_gives_the_rows_of_one_sample_at_a_time(model, tmp_path):
+    """``run_tasks`` on three samples at once (one recording forward, batched runs) against each
+    alone: the same kept tokens, answers and counts for methods reading the recording before and
+    inside the LLM."""
+    from tests.tiny_models import QUESTION, TINY_SPECS, noise_image
+    from workbench.samples import Sample, sample_to_row
+    from workbench.sweep import MethodSpec, SweepTask, run_tasks
+
+    if model == SHIPPED:
+        adapter, image = shipped_architecture(), eval_sample().load_image()
+        images = [image.rotate(90 * i) for i in range(3)]
+    else:
+        adapter, _ = _same_shapes(model)
+        images = [noise_image(TINY_SPECS[model].image_size, seed=i) for i in range(3)]
+    specs = tuple(MethodSpec(name) for name in ("fastv", "cdpruner", "pyramiddrop"))
+    tasks = []
+    for i, (image, question) in enumerate(zip(images, [QUESTION, "what shape is it ?", QUESTION + " now"])):
+        image.save(tmp_path / f"{i}.png")
+        sample = Sample(f"s{i}", tmp_path / f"{i}.png", question, "red")
+        tasks.append(SweepTask(sample_to_row(sample, tmp_path), str(tmp_path), specs, (0.25,)))
+    together = run_tasks(adapter, tasks)
+    for task, rows in zip(tasks, together):
+        (alone,) = run_tasks(adapter, [task])
+        assert [(r["method"], r["status"]) for r in rows] == [(r["method"], r["status"]) for r in alone]
+        for mine, theirs in zip(rows, alone):
+            where = (model, mine["sample_id"], mine["method"])
+            if mine["stages"] is not None:
+                assert [s["kept"] for s in json.loads(mine["stages"])] == \
+                    [s["kept"] for s in json.loads(theirs["stages"])], where
+            assert mine["predicted_answer"] == theirs["predicted_answer"], where
+            assert mine["visual_tokens_per_layer"] == theirs["visual_tokens_per_layer"], where

@@ -41,7 +41,7 @@ from probes.interception import listening
 from probes.registry import PROBES, Observation, TableRows, probes_for, signal_spec
 from probes.sinks import massive_activations
 from workbench.memory import DEFAULT_LIMIT, check_memory
-from workbench.models.base import ModelAdapter, PreparedInput, RopeFreeQK, stacked_inputs, tower_views, views_key
+from workbench.models.base import ModelAdapter, PreparedInput, RopeFreeQK, stacked_inputs, tower_rows, views_key
 from workbench.recording import CaptureRequest, EntryKey, Identity, Recording
 
 _TRACED: "weakref.WeakKeyDictionary[torch.nn.Module, nnsight.NNsight]" = weakref.WeakKeyDictionary()
@@ -170,7 +170,13 @@ class _Session:
         # the tower their views sit side by side, sample after sample.
         self.batched = len(self.samples) > 1
         self.lengths = [sample.inputs["input_ids"].shape[1] for sample in self.samples]
-        self.views = tower_views(self.samples[0].inputs) if self.batched else 1
+        self.views, self.spans = 1, None
+        if self.batched:
+            self.views, patches = tower_rows(self.samples[0].inputs)
+            if patches is not None:  # one tower sequence: each sample's patches after the previous one's
+                ends = torch.tensor([tower_rows(s.inputs)[1] for s in self.samples]).cumsum(0).tolist()
+                self.spans = [slice(end - count, end) for end, count in
+                              zip(ends, [tower_rows(s.inputs)[1] for s in self.samples])]
         options = request.probe_options()
         single = [s for s in request.signals if not signal_spec(s).extra_pass]
         self.probes = [PROBES[name](wanted, options) for name, wanted in probes_for(single).items()]
@@ -191,16 +197,26 @@ class _Session:
             return TokenRoles.for_llm(prepared.layout.positions, length, None if mask is None else mask[0])
         return TokenRoles.for_tower(length, self.adapter.has_cls_token)
 
-    def owner(self, stack: str, index: int) -> tuple[int, int]:
-        """(sample, view) of batch row ``index`` of ``stack``: one sample's own tower views, or the
-        samples' (in the tower, each sample's views in turn)."""
+    def parts(self, stack: str, batch: int, length: int) -> list[tuple[int, int, int, slice | None]]:
+        """(batch row, sample, view, its rows there or None for all) of every sequence in ``stack``'s
+        batch of ``batch`` rows of ``length``: one sample's own tower views; or the samples' decoder
+        rows (each its first rows), tower views (each sample's in turn) or tower patches (each
+        sample's span of the one sequence)."""
         if not self.batched:
-            return 0, index
-        return (index, 0) if stack == "llm" else divmod(index, self.views)
-
-    def length(self, stack: str, sample: int) -> int | None:
-        """The rows of ``sample`` in a batched decoder (its first ones; the rest are padding)."""
-        return self.lengths[sample] if self.batched and stack == "llm" else None
+            return [(index, 0, index, None) for index in range(batch)]
+        if stack == "llm":
+            expected, parts = len(self.samples), [(b, b, 0, slice(0, n)) for b, n in enumerate(self.lengths)]
+        elif self.spans is not None:
+            expected, parts = 1, [(0, b, 0, span) for b, span in enumerate(self.spans)]
+            if self.spans[-1].stop != length:
+                expected = -1
+        else:
+            expected = len(self.samples) * self.views
+            parts = [(index, *divmod(index, self.views), None) for index in range(expected)]
+        if batch != expected:
+            raise CaptureError(f"the {stack}'s batch does not hold the {len(self.samples)} samples stacked together "
+                               f"as their inputs say ({batch} sequences of {length}); record them one at a time")
+        return parts
 
     def visit(self, plan: StackPlan, layer: int, envoys: dict) -> None:
         """Read one layer inside the trace, in execution order, and run the probes on it.
@@ -253,25 +269,22 @@ class _Session:
             pending.hidden_in = None
 
     def observe(self, plan: StackPlan, layer: int, probes: list, hidden_in, reading=None, hidden_out=None) -> None:
-        views = 1
         if reading is not None:
-            views = reading.batch
+            # query [B, H, S, d] of each call (several: the blocks of one sequence)
+            batch, length = reading.batch, sum(args[1].shape[2] for args, _ in reading.calls)
         else:
             hidden = hidden_in if hidden_in is not None else hidden_out
-            views = hidden.shape[0] if hidden is not None and hidden.dim() == 3 else 1
+            batch = hidden.shape[0] if hidden.dim() == 3 else 1
+            length = hidden.shape[-2]
         out_proj = output_projection(plan.attention[layer]) if "out_proj" in self.captures else None
         final_norm = self.adapter.final_norm() if "final_norm" in self.captures and plan.stack == "llm" else None
-        if self.batched and views != len(self.samples) * (self.views if plan.stack == "tower" else 1):
-            raise CaptureError(f"the {plan.stack} ran {views} sequences for {len(self.samples)} samples stacked "
-                               "together; record them one at a time")
-        for index in range(views):
-            sample, view = self.owner(plan.stack, index)
-            builder, cut = self.builders[sample], self.length(plan.stack, sample)
+        for key, (index, sample, view, span) in enumerate(self.parts(plan.stack, batch, length)):
+            builder = self.builders[sample]
             call = reading.call(index) if reading is not None else None
-            h_in = _view(hidden_in, index, cut)
-            h_out = _view(hidden_out, index, cut)
-            if call is not None and cut is not None:
-                call = call.part(slice(0, cut))
+            h_in = _view(hidden_in, index, span)
+            h_out = _view(hidden_out, index, span)
+            if call is not None and span is not None:
+                call = call.part(span)
             length = call.n_queries if call is not None else h_in.shape[0]
             roles = self.roles(plan.stack, length, sample)
             rows = {}
@@ -284,9 +297,9 @@ class _Session:
                 rows[kind] = positions
                 builder.rows[f"{plan.stack}/{kind}/{view}"] = positions
             # Sinks belong to the attention phase; the output phase has no use for them. Probes
-            # carrying state from layer to layer key it by the batch row, one per (sample, view).
-            sinks = self.sinks(plan.stack, index, h_in, roles) if hidden_out is None else {}
-            state = LayerCapture(plan.stack, layer, index, roles, rows, call, h_in, h_out, out_proj, final_norm, **sinks,
+            # carrying state from layer to layer key it by ``key``, one per (sample, view).
+            sinks = self.sinks(plan.stack, key, h_in, roles) if hidden_out is None else {}
+            state = LayerCapture(plan.stack, layer, key, roles, rows, call, h_in, h_out, out_proj, final_norm, **sinks,
                                recorded=layer in plan.recorded, sweep=self.sweep, weighted=self.weighted)
             for probe in probes:
                 for item in probe.observe(state):
@@ -306,12 +319,12 @@ class _Session:
         return {"sinks": found.tokens, "sink_dims": dims, "massive": found}
 
 
-def _view(hidden, index: int, rows: int | None = None):
-    """Batch row ``index`` of a layer's hidden state, its first ``rows`` rows when given."""
+def _view(hidden, index: int, rows: slice | None = None):
+    """Batch row ``index`` of a layer's hidden state, only ``rows`` of it when given."""
     if hidden is None:
         return None
     hidden = hidden[index] if hidden.dim() == 3 else hidden
-    return hidden if rows is None else hidden[:rows]
+    return hidden if rows is None else hidden[rows]
 
 
 @dataclass(frozen=True)

@@ -466,30 +466,38 @@ def _stack_key(inputs: BatchFeature) -> tuple | None:
 
 
 def views_key(inputs: BatchFeature) -> tuple | None:
-    """What must agree for samples to share a forward with their tower views side by side, sample
-    after sample, the decoder's batch axis being the samples: tokens with a padding-free mask, and
-    one image tensor of one sample ([1, C, H, W], or [1, views, C, H, W] for tiles and crops) of the
-    same shape, with any other input one sample's ([1, ...]) of the same trailing shape. None: inputs
-    the tower takes otherwise (flattened patches of M-RoPE models), which record alone."""
-    pixels, mask = inputs.get("pixel_values"), inputs.get("attention_mask")
-    if (not isinstance(pixels, torch.Tensor) or pixels.dim() not in (4, 5) or pixels.shape[0] != 1
-            or (mask is not None and not bool(mask.all()))):
+    """What must agree for samples to share a forward, the decoder's batch axis being the samples:
+    tokens with a padding-free mask, and one image whose tensor stacks with theirs: [1, C, H, W] or
+    [1, views, C, H, W] (tiles, crops) of the same shape, their views side by side in the tower,
+    sample after sample; or [patches, D] flattened patches of the same width, which the tower takes
+    one sample's after another's. Any other input is per token or one sample's ([1, ...]) of the
+    same trailing shape. None: this sample records alone."""
+    pixels, mask, ids = inputs.get("pixel_values"), inputs.get("attention_mask"), inputs["input_ids"]
+    if not isinstance(pixels, torch.Tensor) or (mask is not None and not bool(mask.all())):
+        return None
+    if pixels.dim() == 2:
+        shape = ("patches", pixels.shape[1])
+    elif pixels.dim() in (4, 5) and pixels.shape[0] == 1:
+        shape = tuple(pixels.shape)
+    else:
         return None
     others = []
     for name, value in sorted(inputs.items()):
         if name in ("input_ids", "attention_mask", "pixel_values"):
             continue
-        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != 1 \
-                or value.shape == inputs["input_ids"].shape:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != 1:
             return None
-        others.append((name, tuple(value.shape[1:]), value.dtype))
-    return tuple(pixels.shape), pixels.dtype, tuple(others)
+        others.append((name, "tokens" if value.shape == ids.shape else tuple(value.shape[1:]), value.dtype))
+    return shape, pixels.dtype, tuple(others)
 
 
-def tower_views(inputs: BatchFeature) -> int:
-    """How many tower views one sample's image tensor holds (``views_key``'s inputs)."""
+def tower_rows(inputs: BatchFeature) -> tuple[int, int | None]:
+    """(views, patches) of one sample's image tensor (``views_key``'s inputs): how many tower views
+    it holds, and how many patches of a flattened-patch tower's one sequence are its (else None)."""
     pixels = inputs["pixel_values"]
-    return 1 if pixels.dim() == 4 else pixels.shape[1]
+    if pixels.dim() == 2:
+        return 1, pixels.shape[0]
+    return (1 if pixels.dim() == 4 else pixels.shape[1]), None
 
 
 def stacked_inputs(inputs: Sequence[BatchFeature], pad_id: int, side: str = "left") -> BatchFeature:
