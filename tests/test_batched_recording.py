@@ -173,3 +173,24 @@ def test_a_sweep_batch_gives_the_rows_of_one_sample_at_a_time(model, tmp_path):
                     [s["kept"] for s in json.loads(theirs["stages"])], where
             assert mine["predicted_answer"] == theirs["predicted_answer"], where
             assert mine["visual_tokens_per_layer"] == theirs["visual_tokens_per_layer"], where
+
+
+def test_samples_a_model_does_not_run_as_stacked_are_recorded_one_at_a_time(monkeypatch):
+    """A forward whose tower batch is not the samples' views side by side (here: the inputs are made
+    to claim two views each) is refused inside the recording, and the pipeline records those
+    samples one at a time instead: the same recordings and prefills, nothing lost."""
+    from workbench import recorder
+    from workbench.pruning.registry import create_method
+
+    adapter, sample = shipped_architecture(), eval_sample()
+    method = create_method("fastervlm")  # it reads the tower, where the claim fails
+    items = [(sample, item) for item in _inputs(SHIPPED)[1]]
+    monkeypatch.setattr(recorder, "tower_rows", lambda inputs: (2, None))
+    with pytest.raises(recorder.UnstackedBatch):
+        prepared = [item for _, item in items]
+        record_together(adapter, prepared, batch_inputs(adapter, prepared), REQUEST)
+    together = pipeline.prepare_inputs(adapter, items, [method])
+    for i, (ready, item) in enumerate(zip(together, _inputs(SHIPPED)[1])):
+        alone = pipeline.prepare_inputs(adapter, [(sample, item)], [method])[0]
+        assert ready.recorded_prefill is not None
+        _assert_same_recording(ready.recording, alone.recording, f"sample {i}")

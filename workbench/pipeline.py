@@ -28,7 +28,7 @@ from workbench.pruning.method import ModelFacts, PruningMethod, SelectionContext
 from workbench.pruning.plan import KeepPlan, Stage, boxed
 from workbench.pruning.recorded_prefill import recorded_prefills
 from workbench.pruning.run import capture_request
-from workbench.recorder import batch_inputs, record_together, recording_groups
+from workbench.recorder import UnstackedBatch, batch_inputs, record_together, recording_groups
 from workbench.samples import Sample
 from workbench.scoring import normalize_answer, score
 
@@ -104,14 +104,22 @@ def prepare_inputs(adapter: ModelAdapter, items: Sequence[tuple[Sample, Prepared
     request = capture_request(need for m in methods if m.applicability(facts) is None for need in m.needs(facts))
     prepared = [p for _, p in items]
     recordings, prefills, seconds = [None] * len(items), [None] * len(items), [0.0] * len(items)
-    for group in ([] if request is None else recording_groups(adapter, prepared, request)):
+    groups = [] if request is None else recording_groups(adapter, prepared, request)
+    while groups:
+        group = groups.pop(0)
         members = [prepared[i] for i in group]
         inputs = batch_inputs(adapter, members)
         started = time.perf_counter()
         # The recorded forward runs the vision tower and the first decoder layers: the samples' plans
         # take their decoder inputs from it, and their unpruned runs go on from it.
-        with recorded_prefills(adapter, members, inputs) as begun:
-            made = record_together(adapter, members, inputs, request)
+        try:
+            with recorded_prefills(adapter, members, inputs) as begun:
+                made = record_together(adapter, members, inputs, request)
+        except UnstackedBatch:  # a model that ran them otherwise: one at a time, from scratch
+            for member in members:
+                member._decoder_inputs.clear()
+            groups[:0] = [[i] for i in group]
+            continue
         share = (time.perf_counter() - started) / len(group)
         for i, recording, prefill in zip(group, made, begun):
             recordings[i], prefills[i], seconds[i] = recording, prefill.prefill, share

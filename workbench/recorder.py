@@ -107,6 +107,11 @@ def plan_stacks(adapter: ModelAdapter, request: CaptureRequest, all_layers: bool
     return plans
 
 
+class UnstackedBatch(CaptureError):
+    """The model did not run samples recorded together as their inputs say (the tower's batch is not
+    their views side by side): they are to be recorded one at a time."""
+
+
 class _Builder:
     """Collects observations and table rows as the probes emit them."""
 
@@ -214,8 +219,8 @@ class _Session:
             expected = len(self.samples) * self.views
             parts = [(index, *divmod(index, self.views), None) for index in range(expected)]
         if batch != expected:
-            raise CaptureError(f"the {stack}'s batch does not hold the {len(self.samples)} samples stacked together "
-                               f"as their inputs say ({batch} sequences of {length}); record them one at a time")
+            raise UnstackedBatch(f"the {stack}'s batch does not hold the {len(self.samples)} samples stacked "
+                                 f"together as their inputs say ({batch} sequences of {length})")
         return parts
 
     def visit(self, plan: StackPlan, layer: int, envoys: dict) -> None:
