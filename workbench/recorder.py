@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import itertools
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -179,9 +180,9 @@ class _Session:
         if self.batched:
             self.views, patches = tower_rows(self.samples[0].inputs)
             if patches is not None:  # one tower sequence: each sample's patches after the previous one's
-                ends = torch.tensor([tower_rows(s.inputs)[1] for s in self.samples]).cumsum(0).tolist()
-                self.spans = [slice(end - count, end) for end, count in
-                              zip(ends, [tower_rows(s.inputs)[1] for s in self.samples])]
+                counts = [tower_rows(sample.inputs)[1] for sample in self.samples]
+                ends = list(itertools.accumulate(counts))
+                self.spans = [slice(end - count, end) for end, count in zip(ends, counts)]
         options = request.probe_options()
         single = [s for s in request.signals if not signal_spec(s).extra_pass]
         self.probes = [PROBES[name](wanted, options) for name, wanted in probes_for(single).items()]
@@ -210,15 +211,15 @@ class _Session:
         if not self.batched:
             return [(index, 0, index, None) for index in range(batch)]
         if stack == "llm":
-            expected, parts = len(self.samples), [(b, b, 0, slice(0, n)) for b, n in enumerate(self.lengths)]
+            holds = batch == len(self.samples)
+            parts = [(b, b, 0, slice(0, n)) for b, n in enumerate(self.lengths)]
         elif self.spans is not None:
-            expected, parts = 1, [(0, b, 0, span) for b, span in enumerate(self.spans)]
-            if self.spans[-1].stop != length:
-                expected = -1
+            holds = batch == 1 and length == self.spans[-1].stop
+            parts = [(0, b, 0, span) for b, span in enumerate(self.spans)]
         else:
-            expected = len(self.samples) * self.views
-            parts = [(index, *divmod(index, self.views), None) for index in range(expected)]
-        if batch != expected:
+            holds = batch == len(self.samples) * self.views
+            parts = [(index, *divmod(index, self.views), None) for index in range(batch)]
+        if not holds:
             raise UnstackedBatch(f"the {stack}'s batch does not hold the {len(self.samples)} samples stacked "
                                  f"together as their inputs say ({batch} sequences of {length})")
         return parts
