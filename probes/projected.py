@@ -42,7 +42,7 @@ def projected_patches(adapter, prepared) -> list[torch.Tensor]:
 @register_probe("projected")
 class ProjectedProbe(Probe):
     signals = (
-        SignalSpec(PROJECTED_PATCHES, ("tower",), "feature", "hidden", "none",
+        SignalSpec(PROJECTED_PATCHES, ("tower",), "feature", "llm_hidden", "none",
                    "each tower patch's feed-layer feature through the projector, padding patches included"),
     )
     needs = frozenset()  # it observes no layer: the recorder takes the signal from the cached tower pass

@@ -25,7 +25,8 @@ class SignalSpec:
     "feature" / "text_feature" (one row per visual / text token).
     ``keys``: what the last axis indexes: "visual" (visual tokens in layout order; a tower's patch
     tokens), "category" (``KEY_CATEGORIES``), "one" (a single value), "hidden" / "keys" (the
-    dimensions of the residual stream / of the heads' keys side by side).
+    dimensions of the residual stream / of the heads' keys side by side), "llm_hidden" (the
+    decoder's residual stream, whatever the stack: a tower's features through the projector).
     ``heads``: how the head axis is reduced when per-head values are not asked for: "mean",
     "sum" (parts that add up, like contributions), or "none" (no head axis exists).
     ``extra_pass``: needs passes beyond the one traced forward (a backward, occluded forwards).

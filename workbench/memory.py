@@ -35,6 +35,7 @@ class StackShape:
     visual: int  # visual keys per view
     views: int
     rows: dict  # row kind -> rows per view
+    llm_hidden: int  # the decoder's width: what the projector makes of a tower's features
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def stack_shapes(adapter, prepared, request) -> list[StackShape]:
     from workbench.recorder import resolve_layers
 
     shapes = []
+    llm_hidden = _attention_shape(adapter.decoder_attention(0))[2]
     for stack in request.stacks:
         layers = adapter.vision_layers() if stack == "tower" else adapter.decoder_layers()
         attention = adapter.vision_attention(0) if stack == "tower" else adapter.decoder_attention(0)
@@ -95,7 +97,8 @@ def stack_shapes(adapter, prepared, request) -> list[StackShape]:
             roles = TokenRoles.for_tower(length, adapter.has_cls_token)
         rows = {"last": 1, "text": len(roles.text), "cls": int(roles.cls is not None),
                 "visual": len(roles.visual), "mean": 1}
-        shapes.append(StackShape(stack, recorded, heads, head_dim, hidden, length, len(roles.visual), views, rows))
+        shapes.append(StackShape(stack, recorded, heads, head_dim, hidden, length, len(roles.visual), views, rows,
+                                 llm_hidden))
     return shapes
 
 
@@ -114,7 +117,7 @@ def estimate(adapter, prepared, request) -> MemoryEstimate:
             if shape.stack not in spec.stacks or spec.extra_pass or spec.rows == "table":
                 continue
             keys = {"visual": shape.visual, "category": len(KEY_CATEGORIES), "one": 1, "hidden": shape.hidden,
-                    "keys": shape.heads * shape.head_dim}[spec.keys]
+                    "keys": shape.heads * shape.head_dim, "llm_hidden": shape.llm_hidden}[spec.keys]
             heads = shape.heads if request.per_head and spec.heads != "none" else 1
             kinds = {"query": request.rows, "graph": request.graph_rows}.get(spec.rows, ("tokens",))
             for kind in kinds:

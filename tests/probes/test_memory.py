@@ -29,3 +29,26 @@ def test_estimate_grows_with_what_is_asked(shipped):
     heads, layers, n = text.num_attention_heads, text.num_hidden_layers, prepared.layout.n_tokens
     assert visual == heads * n * n * 4 * layers  # [H, N, N] float32 per layer
     assert check_memory(adapter, prepared, CaptureRequest(rows=("last",))).total == small.total
+
+
+def test_projected_patches_are_counted_at_the_decoders_width():
+    """Every tower patch through the projector is as wide as the decoder, not as the tower: the
+    estimate of that signal is the recording's size (on a tiny LLaVA whose decoder is wider)."""
+    import copy
+
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from probes.projected import PROJECTED_PATCHES, feed_tower_layer
+    from tests.tiny_models import QUESTION, TINY_SPECS, noise_image, tiny_adapter
+    from workbench.models.registry import adapter_for
+
+    config = copy.deepcopy(tiny_adapter("llava").model.config)
+    config.text_config.hidden_size, config.text_config.intermediate_size = 48, 96
+    torch.manual_seed(0)
+    adapter = adapter_for(LlavaForConditionalGeneration(config).eval(), tiny_adapter("llava").processor, name="wide")
+    prepared = adapter.prepare(noise_image(TINY_SPECS["llava"].image_size), QUESTION)
+    request = CaptureRequest(signals=(PROJECTED_PATCHES,), stacks=("tower",), tower_layers=(feed_tower_layer(adapter),))
+    recorded = sum(t.nelement() * t.element_size() for t in record(adapter, prepared, request).tensors.values())
+    estimated = sum(v for k, v in estimate(adapter, prepared, request).stored.items() if PROJECTED_PATCHES in k)
+    assert recorded > 0 and estimated == recorded
