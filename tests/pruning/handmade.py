@@ -11,9 +11,9 @@ from workbench.pruning.method import ModelFacts, SelectionContext, SignalNeed
 from workbench.recording import CaptureRequest, Identity, Recording
 
 # A LLaVA-1.5-7B-like model: 32 decoder layers, a 24-layer CLIP tower with [CLS] feeding from -2.
-LLAVA_FACTS = ModelFacts("LlavaAdapter", decoder_layers=32, vision_layers=24, has_cls_token=True,
+LLAVA_FACTS = ModelFacts("llava", decoder_layers=32, vision_layers=24, has_cls_token=True,
                          projector_feed_layer=23)
-NO_CLS_FACTS = ModelFacts("Qwen2VLAdapter", decoder_layers=28, vision_layers=32, has_cls_token=False,
+NO_CLS_FACTS = ModelFacts("qwen2_vl", decoder_layers=28, vision_layers=32, has_cls_token=False,
                           projector_feed_layer=32)
 
 

@@ -72,8 +72,8 @@ def model_input(model: str):
 
 
 def test_the_rule_reindexes_one_axis_positions_and_keeps_m_rope_ones():
-    one_axis = ModelFacts("LlavaAdapter", 4, 4, True, 3)
-    m_rope = ModelFacts("Qwen2VLAdapter", 4, 4, False, 4, mrope=True)
+    one_axis = ModelFacts("llava", 4, 4, True, 3)
+    m_rope = ModelFacts("qwen2_vl", 4, 4, False, 4, mrope=True)
     assert entry_position("reindex", one_axis) == "reindex"
     assert entry_position("original", one_axis) == "original"
     assert entry_position("reindex", m_rope) == entry_position("original", m_rope) == "original"

@@ -32,7 +32,7 @@ class MethodNotApplicable(UserError, ValueError):
 class ModelFacts:
     """What a method may know of the model besides its recording."""
 
-    family: str
+    family: str  # the adapter's family ("llava", "qwen2_vl", ...: ``ModelAdapter.family``)
     decoder_layers: int
     vision_layers: int
     has_cls_token: bool
@@ -40,16 +40,12 @@ class ModelFacts:
     vision_heads: int = 1  # attention heads of the tower (recorded keys hold them side by side)
     mrope: bool = False  # the decoder's position ids have several axes (M-RoPE): they cannot be re-indexed
     multi_view: bool = False  # images are seen as a low-resolution base view plus high-resolution crops
-    # The adapter's family name ("llava", "qwen2_vl", ...: ``ModelAdapter.family``), for a method whose
-    # official code takes a different path per family (MMTok); ``family`` above names the adapter class.
-    adapter_family: str = ""
 
     @staticmethod
     def of(adapter) -> "ModelFacts":
-        return ModelFacts(type(adapter).__name__, len(adapter.decoder_layers()), len(adapter.vision_layers()),
+        return ModelFacts(str(adapter.family), len(adapter.decoder_layers()), len(adapter.vision_layers()),
                           bool(adapter.has_cls_token), int(adapter.projector_feed_layer),
-                          int(adapter.vision_attention(0).num_heads), bool(adapter.mrope), bool(adapter.multi_view),
-                          str(adapter.family))
+                          int(adapter.vision_attention(0).num_heads), bool(adapter.mrope), bool(adapter.multi_view))
 
     @property
     def projector_feed_tower_layer(self) -> int:

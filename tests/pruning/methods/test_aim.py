@@ -56,7 +56,7 @@ def test_schedule():
     # 28-layer code: 12.5 % of the LLM's visual input dropped per layer from layer 14; here from 16 of 32
     assert aim_schedule(LLAVA_FACTS, 576, 16, 0.125) == tuple(
         (16 + j, 17 + j, int(576 * (1 - (j + 1) * 0.125))) for j in range(8))
-    shallow = ModelFacts("LlavaAdapter", 4, 3, True, 3)
+    shallow = ModelFacts("llava", 4, 3, True, 3)
     assert aim_schedule(shallow, 32, 16, 0.125) == ((2, 3, 0),)  # every reference layer folds onto layer 2
     context = SelectionContext(grid_layout((12, 12)), 32, None, shallow)
     assert AIM().kept_counts(context) == (32, 0)

@@ -12,7 +12,7 @@ from workbench.pruning.method import MethodNotApplicable, ModelFacts, SelectionC
 from workbench.pruning.methods.cls_attention import HiRED, VtcCls, FasterVLM, tower_layer, weighted_split
 from workbench.pruning.run import run_method
 
-SHALLOW = ModelFacts("LlavaAdapter", decoder_layers=3, vision_layers=3, has_cls_token=True, projector_feed_layer=3)
+SHALLOW = ModelFacts("llava", decoder_layers=3, vision_layers=3, has_cls_token=True, projector_feed_layer=3)
 
 
 def cls(layer: int) -> SignalNeed:
@@ -130,7 +130,7 @@ def test_invalid_hyper_parameters():
 def test_no_cls_tower_is_not_applicable(method):
     assert "no [CLS]" in method.applicability(NO_CLS_FACTS)
     assert method.needs(NO_CLS_FACTS) == ()
-    with pytest.raises(MethodNotApplicable, match=f"{method.name} does not apply to Qwen2VLAdapter: .*no \\[CLS\\]"):
+    with pytest.raises(MethodNotApplicable, match=f"{method.name} does not apply to qwen2_vl: .*no \\[CLS\\]"):
         method.check_applies(NO_CLS_FACTS)
     context = SelectionContext(grid_layout((2, 2)), 1, None, NO_CLS_FACTS)
     with pytest.raises(MethodNotApplicable):

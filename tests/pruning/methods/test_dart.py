@@ -81,7 +81,7 @@ def test_defaults_layers_and_validation():
     assert (method.layer, method.image_pivots, method.text_pivots, method.count, method.norm,
             method.pivot_order) == (2, 4, 4, "reference", "final", "set")
     assert method.prune_layer(LLAVA_FACTS) == 2
-    shallow = ModelFacts("LlavaAdapter", 3, 3, True, 3)
+    shallow = ModelFacts("llava", 3, 3, True, 3)
     assert method.prune_layer(shallow) == 1
     assert SignalNeed("visual_keys", "llm", 0) in method.needs(shallow)
     assert set(method.needs(LLAVA_FACTS)) == {
@@ -90,7 +90,7 @@ def test_defaults_layers_and_validation():
     assert set(DART(text_pivots=0, norm="off").needs(LLAVA_FACTS)) == {SignalNeed("visual_keys", "llm", 1),
                                                                        SignalNeed("visual_states", "llm", 2)}
     with pytest.raises(MethodNotApplicable, match="at least 2 decoder layers"):
-        method.check_applies(ModelFacts("LlavaAdapter", 1, 3, True, 3))
+        method.check_applies(ModelFacts("llava", 1, 3, True, 3))
     for bad, message in [(dict(layer=0), "layer"), (dict(image_pivots=-1), "image_pivots"),
                          (dict(image_pivots=0, text_pivots=0), "at least one pivot"), (dict(count="x"), "count"), (dict(norm="rms"), "norm"),
                          (dict(pivot_order="sorted"), "pivot_order")]:

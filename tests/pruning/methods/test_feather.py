@@ -61,7 +61,7 @@ def test_parameters_and_shallow_decoders():
 
 def test_not_applicable_on_a_two_layer_tiny_qwen2_vl():
     adapter, prepared = tiny_input("qwen2_vl")
-    with pytest.raises(MethodNotApplicable, match="feather does not apply to Qwen2VLAdapter: its two cuts"):
+    with pytest.raises(MethodNotApplicable, match="feather does not apply to qwen2_vl: its two cuts"):
         run_method(adapter, prepared, Feather(), 0.25)
 
 

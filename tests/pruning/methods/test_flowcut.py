@@ -18,7 +18,7 @@ from workbench.pruning.run import run_method
 
 # A 6-layer tower feeding the projector from layer 4 (hidden_states[5]): rpl = 3 - idx, so the
 # adaptive cut follows layer 1 (rpl 2) and the final cut layer 3 (rpl 0).
-SIX = ModelFacts("LlavaAdapter", decoder_layers=32, vision_layers=6, has_cls_token=True, projector_feed_layer=5)
+SIX = ModelFacts("llava", decoder_layers=32, vision_layers=6, has_cls_token=True, projector_feed_layer=5)
 SIMULATED = FlowCut(progression="simulated")
 
 
@@ -71,7 +71,7 @@ def test_flat_attention_drops_nothing_early():
 
 def test_tower_tokens_need_a_map_onto_the_layout():
     entries = {SignalNeed("flowcut", "tower", 0): np.arange(16, dtype=float)[None]}
-    shallow = ModelFacts("LlavaAdapter", 32, 3, True, 2)  # feeds from layer 1: one cut after layer 0
+    shallow = ModelFacts("llava", 32, 3, True, 2)  # feeds from layer 1: one cut after layer 0
     assert SIMULATED.select(handmade_context(grid_layout((4, 4)), 3, entries, shallow)).final_kept == (13, 14, 15)
     # A layout without a tower map whose tower patches are not its tokens: a clear error, no guess.
     with pytest.raises(ValueError, match="no map from tower patches to layout tokens"):

@@ -14,7 +14,7 @@ from workbench.pruning.method import MethodNotApplicable, ModelFacts, SelectionC
 from workbench.pruning.methods.globalcom2 import GlobalCom2, bilinear, crop_scales
 from workbench.recording import CaptureRequest, EntryKey, Identity, Recording
 
-NEXT_FACTS = ModelFacts("LlavaNextAdapter", decoder_layers=32, vision_layers=24, has_cls_token=True, multi_view=True,
+NEXT_FACTS = ModelFacts("llava_next", decoder_layers=32, vision_layers=24, has_cls_token=True, multi_view=True,
                         projector_feed_layer=23)
 CLS23 = SignalNeed("attention", "tower", 23, "cls")  # the LAST tower layer (attn_maps[-1])
 LOGITS23 = SignalNeed("attention_logits", "tower", 23, "cls")  # the default: the code's pre-softmax scores
@@ -91,7 +91,7 @@ def test_applicability_and_single_view_layouts():
     assert GlobalCom2().needs(LLAVA_FACTS) == ()
     assert GlobalCom2().needs(NEXT_FACTS) == (LOGITS23,)
     assert GlobalCom2(scores="probabilities").needs(NEXT_FACTS) == (CLS23,)
-    with pytest.raises(MethodNotApplicable, match="globalcom2 does not apply to LlavaAdapter: .*no thumbnail"):
+    with pytest.raises(MethodNotApplicable, match="globalcom2 does not apply to llava: .*no thumbnail"):
         GlobalCom2().select(SelectionContext(grid_layout((2, 2)), 1, None, LLAVA_FACTS))
     with pytest.raises(MethodNotApplicable, match="globalcom2: this sample's layout has no base view plus crops"):
         GlobalCom2().select(SelectionContext(grid_layout((2, 2)), 1, None, NEXT_FACTS))

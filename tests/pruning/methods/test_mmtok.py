@@ -62,12 +62,15 @@ def test_greedy_max_coverage_by_hand():
     assert gains.tolist() == [2.0, 5.0, 0.5]
 
 
+QUESTION = SignalNeed("question_text", "llm", 0)  # the Qwen path's text: "Question: " and the question
+
+
 def test_defaults_needs_and_validation():
     method = MMTok()
     assert (method.alpha, method.tv_temperature, method.vv_temperature, method.vision_space) == (0.5, None, 0.2, "tower")
     assert (method.text, method.count) == ("code", "code")
     assert set(method.needs(LLAVA_FACTS)) == {PROJECTED, TEXT, TOWER}
-    assert set(MMTok(vision_space="llm").needs(NO_CLS_FACTS)) == {PROJECTED, TEXT}
+    assert set(MMTok(vision_space="llm").needs(NO_CLS_FACTS)) == {PROJECTED, QUESTION}  # Qwen2-VL: the Qwen path
     assert set(MMTok(text="prompt").needs(LLAVA_FACTS)) == {PROMPT, PROJECTED, TOWER}
     for bad, message in [(dict(alpha=-1), "alpha"), (dict(tv_temperature=0), "temperatures"),
                          (dict(vision_space="clip"), "vision_space"), (dict(alpha=float("nan")), "alpha"),
@@ -77,13 +80,12 @@ def test_defaults_needs_and_validation():
             MMTok(**bad)
 
 
-QWEN_FACTS = dataclasses.replace(NO_CLS_FACTS, adapter_family="qwen2_vl")
-QUESTION = SignalNeed("question_text", "llm", 0)  # the Qwen path's text: "Question: " and the question
+QWEN_FACTS = dataclasses.replace(NO_CLS_FACTS, family="qwen2_vl")
 
 
 @pytest.mark.parametrize("family", ["", "llava", "llava_next", "llava_onevision", "idefics3"])
 def test_the_llava_path_is_taken_by_every_family_but_qwen(family):
-    facts = dataclasses.replace(LLAVA_FACTS, adapter_family=family)
+    facts = dataclasses.replace(LLAVA_FACTS, family=family)
     assert TEXT in MMTok().needs(facts) and QUESTION not in MMTok().needs(facts)
     assert MMTok().text_temperature(facts) == 0.02
     assert MMTok().kept_count(SelectionContext(grid_layout((1, 28)), 0.125, None, facts)) == 4  # half up

@@ -66,7 +66,7 @@ def test_defaults_needs_and_validation():
         Scope(combine="max")
     with pytest.raises(ValueError, match="scope: alpha must be a finite number >= 0, got -1"):
         Scope(alpha=-1)
-    with pytest.raises(MethodNotApplicable, match="scope does not apply to Qwen2VLAdapter"):
+    with pytest.raises(MethodNotApplicable, match="scope does not apply to qwen2_vl"):
         Scope().select(SelectionContext(grid_layout((2, 2)), 1, None, NO_CLS_FACTS))
 
 

@@ -107,7 +107,7 @@ def test_defaults_schedule_and_validation():
     assert method.needs(LLAVA_FACTS) == (SignalNeed("visual_states_out", "tower", 22),)
     assert SignalNeed("attention", "tower", 22, "cls") in ToDRE(first="cls").needs(LLAVA_FACTS)
     assert ToDRE(features="llm").needs(LLAVA_FACTS) == (SignalNeed("visual_states", "llm", 0),)
-    assert method.prune_layer(ModelFacts("LlavaAdapter", 3, 3, True, 3)) == 1
+    assert method.prune_layer(ModelFacts("llava", 3, 3, True, 3)) == 1
     assert diverse_count(64, 576, 0.5) == 128 and diverse_count(400, 576, 0.5) == 576
     assert diverse_count(5, 576, 1.0) == 5 and diverse_count(0, 576, 0.5) == 0
     assert ToDRE(relevance_keep=1).kept_counts(context(3)) == (3, 3)
@@ -115,7 +115,7 @@ def test_defaults_schedule_and_validation():
         ToDRE(first="cls").check_applies(NO_CLS_FACTS)
     assert ToDRE().applicability(NO_CLS_FACTS) is None
     with pytest.raises(MethodNotApplicable, match="at least 2 decoder layers"):
-        method.check_applies(ModelFacts("LlavaAdapter", 1, 3, True, 3))
+        method.check_applies(ModelFacts("llava", 1, 3, True, 3))
     for bad, message in [(dict(layer=0), "layer"), (dict(relevance_keep=0), "relevance_keep"),
                          (dict(relevance_keep=1.5), "relevance_keep"), (dict(features="x"), "features"),
                          (dict(first="x"), "first")]:

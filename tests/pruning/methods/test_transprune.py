@@ -110,7 +110,7 @@ def test_schedule():
     assert TransPrune().schedule(SelectionContext(grid_layout((24, 24)), 30, None, LLAVA_FACTS))[-1] == (12, 72)
     assert TransPrune(budget_mode="final").schedule(
         SelectionContext(grid_layout((24, 24)), 30, None, LLAVA_FACTS)) == [(7, 504), (9, 360), (12, 30)]
-    shipped = SelectionContext(grid_layout((12, 12)), 0.22, None, ModelFacts("LlavaAdapter", 3, 3, True, 3))
+    shipped = SelectionContext(grid_layout((12, 12)), 0.22, None, ModelFacts("llava", 3, 3, True, 3))
     assert TransPrune().schedule(shipped) == [(1, 18)]
     assert TransPrune(budget_mode="final").schedule(shipped) == [(1, 32)]
     assert TransPrune().accumulating(shipped.model) == (0,)
@@ -124,7 +124,7 @@ def test_validation_and_applicability():
     with pytest.raises(ValueError, match="budget_mode must be one of"):
         TransPrune(budget_mode="average")
     with pytest.raises(MethodNotApplicable, match="at least 2 layers"):
-        TransPrune().check_applies(ModelFacts("LlavaAdapter", 1, 3, True, 3))
+        TransPrune().check_applies(ModelFacts("llava", 1, 3, True, 3))
 
 
 def test_shipped_model():

@@ -91,7 +91,7 @@ def test_schedule_scales_the_reference():
     # the tower stage after the feed layer: 41 patches + the [CLS] (main.py: dominant - 1)
     assert VisionDrop().schedule(context) == [(f"tower:{FEED}", 41, 6), (8, 30, 5), (16, 22, 4), (24, 16, 3)]
     assert VisionDrop(progression="simulated", cls_slot="patch").schedule(context)[0] == (PRE_LLM, 42, 6)
-    shallow = SelectionContext(grid_layout((12, 12)), 64, None, ModelFacts("LlavaAdapter", 3, 3, True, 3))
+    shallow = SelectionContext(grid_layout((12, 12)), 64, None, ModelFacts("llava", 3, 3, True, 3))
     # x2; 8 -> 1, 16 and 24 -> 2 (the later counts win); the tower's tokens reordered before the LLM,
     # where the [CLS] joins them: 96 = the code's 84 + 12 tokens enter the LLM
     assert VisionDrop().kept_counts(shallow) == (95, 96, 70, 38)

@@ -133,7 +133,7 @@ def test_invalid_hyper_parameters():
 
 def test_no_cls_tower_is_not_applicable():
     assert VisionZip().needs(NO_CLS_FACTS) == ()
-    with pytest.raises(MethodNotApplicable, match="visionzip does not apply to Qwen2VLAdapter: .*no \\[CLS\\]"):
+    with pytest.raises(MethodNotApplicable, match="visionzip does not apply to qwen2_vl: .*no \\[CLS\\]"):
         VisionZip().select(SelectionContext(grid_layout((2, 2)), 1, None, NO_CLS_FACTS))
 
 

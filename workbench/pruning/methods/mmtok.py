@@ -39,7 +39,7 @@ LLAVA_PATH = CodePath(QUESTION_KEYWORDS, 0.02, floor_fraction=False)
 # qwen2_5_VLmodel_mmtok.py (``int(retain_ratio * N)`` tokens) and mmtok_core.py
 # ``apply_selection_preprocess_qwen`` ("Question: " + the question, unfiltered).
 QWEN_PATH = CodePath(QUESTION_TEXT, 0.01, floor_fraction=True)
-# Keyed by ``ModelFacts.adapter_family``. The code has paths for LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL;
+# Keyed by ``ModelFacts.family``. The code has paths for LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL;
 # Qwen2-VL shares the project's "qwen2_vl" family with Qwen2.5-VL and takes its path. The families
 # the code has no path for (LLaVA-OneVision, Idefics3 / SmolVLM) take the LLaVA path.
 CODE_PATHS: dict[str, CodePath] = {"llava": LLAVA_PATH, "llava_next": LLAVA_PATH, "qwen2_vl": QWEN_PATH}
@@ -47,7 +47,7 @@ CODE_PATHS: dict[str, CodePath] = {"llava": LLAVA_PATH, "llava_next": LLAVA_PATH
 
 def code_path(model: ModelFacts | None) -> CodePath:
     """The code's path for ``model`` (the LLaVA path without model facts or for a family it has none for)."""
-    return CODE_PATHS.get(model.adapter_family, LLAVA_PATH) if model is not None else LLAVA_PATH
+    return CODE_PATHS.get(model.family, LLAVA_PATH) if model is not None else LLAVA_PATH
 
 
 def _softmax_rows(x: np.ndarray) -> np.ndarray:
