@@ -56,7 +56,7 @@ def load_clip(path: str):
     return model, tokenizer
 
 
-def question_text(question: str) -> str:
+def clip_question(question: str) -> str:
     """The text the code embeds: the question with the answer-format sentence removed."""
     return question.replace(ANSWER_SENTENCE, "")
 
@@ -65,7 +65,7 @@ def question_text(question: str) -> str:
 def text_embeds(path: str, question: str) -> np.ndarray:
     """[segments, D_clip]: ``text_embeds`` of the question's 77-token (``max_position_embeddings``) segments."""
     model, tokenizer = load_clip(path)
-    inputs = tokenizer(text=question_text(question), return_tensors="pt")
+    inputs = tokenizer(text=clip_question(question), return_tensors="pt")
     width = model.config.text_config.max_position_embeddings
     length = inputs["input_ids"].shape[1]
     padding = width * ((length - 1) // width + 1) - length
