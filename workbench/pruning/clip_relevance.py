@@ -35,10 +35,12 @@ class ClipCheckpointError(UserError, ValueError):
 
 
 def check_checkpoint(method: str, path: str) -> None:
-    """One line unless ``path`` is a folder holding a saved model's config."""
+    """One line unless ``path`` is a folder from which a CLIP model and its tokenizer load: checked
+    when the method is made, before any model runs (the load is kept for the runs)."""
     if not isinstance(path, str) or not (Path(path).expanduser() / "config.json").is_file():
         raise ClipCheckpointError(f"{method}: clip={path!r} is no CLIP checkpoint folder (one saved with "
                                   "transformers' CLIPModel.save_pretrained, with its tokenizer)")
+    load_clip(path)
 
 
 @functools.lru_cache(maxsize=2)

@@ -137,6 +137,14 @@ def test_a_missing_checkpoint_is_one_clear_line(tmp_path):
         create_method("cdpruner", clip=missing)
 
 
+def test_a_folder_that_does_not_load_is_one_clear_line_when_the_method_is_made(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # a config, no weights, no tokenizer
+    with pytest.raises(InvalidMethodParameters, match=r"clip='.*broken': cannot load a CLIP model and tokenizer"):
+        create_method("cdpruner", clip=str(broken))
+
+
 def test_a_checkpoint_of_another_width_is_one_clear_line(clip_folder, tmp_path):
     from transformers import CLIPModel, CLIPTokenizer
 
