@@ -6,7 +6,7 @@ those projected features (CDPruner's similarity kernel). The model's own LLM inp
 the patches its packing keeps, so ``projected_patches`` ([P_v, D_llm] per tower view, the tower's
 patch order, [CLS] left out) is not read from a layer: the recorder takes it from the sample's cached
 tower pass (``ModelAdapter.tower_patches``, the same projected rows a plan's ``padded_patch`` enters
-the LLM with) and stores it under the tower layer that feeds the projector.
+the LLM with) and stores it under the tower layer that feeds the projector (``ModelAdapter.projector_feed_tower_layer``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,6 @@ import torch
 from probes.registry import Probe, SignalSpec, register_probe
 
 PROJECTED_PATCHES = "projected_patches"
-
-
-def feed_tower_layer(adapter) -> int:
-    """The tower layer the signal is stored under: the one whose output feeds the projector (the
-    recordings' index of ``hidden_states[projector_feed_layer]``, 0 when the embeddings feed it)."""
-    return max(int(adapter.projector_feed_layer) - 1, 0)
 
 
 @torch.no_grad()

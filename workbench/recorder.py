@@ -35,7 +35,7 @@ from transformers import BatchFeature
 
 from probes import saliency
 from probes.keywords import TEXT_RULES, text_embeddings
-from probes.projected import PROJECTED_PATCHES, feed_tower_layer, projected_patches
+from probes.projected import PROJECTED_PATCHES, projected_patches
 from probes.capture import (ROW_KINDS, STACKS, CaptureError, LayerCapture, SiteReading, TokenRoles,
                             output_projection, row_positions)
 from probes.interception import listening
@@ -438,7 +438,7 @@ def _record(adapter: ModelAdapter, prepared: list[PreparedInput], inputs, reques
                 builder.add(Observation(signal, "tokens", text_embeddings(adapter, signal, item.question)), "llm", 0, 0)
         if PROJECTED_PATCHES in request.signals and "tower" in request.stacks:  # from the cached tower pass
             for view, rows in enumerate(projected_patches(adapter, item)):
-                builder.add(Observation(PROJECTED_PATCHES, "tokens", rows), "tower", feed_tower_layer(adapter), view)
+                builder.add(Observation(PROJECTED_PATCHES, "tokens", rows), "tower", adapter.projector_feed_tower_layer, view)
         answer_text = _saliency(adapter, item, request, builder, plans, answer)
         # the question the sample was prepared with unless told otherwise: a method may read it (CDPruner's CLIP side)
         identity = Identity(adapter.name, sample_id, question or item.question, item.prompt, answer_text,

@@ -39,7 +39,7 @@ def test_projected_patches_are_counted_at_the_decoders_width():
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from probes.projected import PROJECTED_PATCHES, feed_tower_layer
+    from probes.projected import PROJECTED_PATCHES
     from tests.tiny_models import QUESTION, TINY_SPECS, noise_image, tiny_adapter
     from workbench.models.registry import adapter_for
 
@@ -48,7 +48,7 @@ def test_projected_patches_are_counted_at_the_decoders_width():
     torch.manual_seed(0)
     adapter = adapter_for(LlavaForConditionalGeneration(config).eval(), tiny_adapter("llava").processor, name="wide")
     prepared = adapter.prepare(noise_image(TINY_SPECS["llava"].image_size), QUESTION)
-    request = CaptureRequest(signals=(PROJECTED_PATCHES,), stacks=("tower",), tower_layers=(feed_tower_layer(adapter),))
+    request = CaptureRequest(signals=(PROJECTED_PATCHES,), stacks=("tower",), tower_layers=(adapter.projector_feed_tower_layer,))
     recorded = sum(t.nelement() * t.element_size() for t in record(adapter, prepared, request).tensors.values())
     estimated = sum(v for k, v in estimate(adapter, prepared, request).stored.items() if PROJECTED_PATCHES in k)
     assert recorded > 0 and estimated == recorded

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from probes.projected import PROJECTED_PATCHES, feed_tower_layer
+from probes.projected import PROJECTED_PATCHES
 from tests.pruning.shipped import tiny_input
 from workbench.recorder import record
 from workbench.recording import CaptureRequest
 
 
 def _request(adapter) -> CaptureRequest:
-    return CaptureRequest(signals=(PROJECTED_PATCHES,), tower_layers=(feed_tower_layer(adapter),), stacks=("tower",))
+    return CaptureRequest(signals=(PROJECTED_PATCHES,), tower_layers=(adapter.projector_feed_tower_layer,), stacks=("tower",))
 
 
 def test_every_view_holds_the_projector_on_its_feed_layer_patches_padding_included():
@@ -23,7 +23,7 @@ def test_every_view_holds_the_projector_on_its_feed_layer_patches_padding_includ
     sizes = [len(owner) for owner in prepared.layout.tower_owner]
     assert len(sizes) == expected.shape[0] > 1 and sum(sizes) > prepared.layout.n_tokens  # base + padded crops
     for view, size in enumerate(sizes):
-        got = recording.get(PROJECTED_PATCHES, feed_tower_layer(adapter), "tokens", "tower", view=view)
+        got = recording.get(PROJECTED_PATCHES, adapter.projector_feed_tower_layer, "tokens", "tower", view=view)
         assert got.shape == (size, adapter.language_model().config.hidden_size)
         torch.testing.assert_close(got, expected[view].float(), atol=1e-5, rtol=1e-5)
 

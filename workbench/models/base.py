@@ -182,6 +182,11 @@ class ModelAdapter(ABC):
         """Index into the tower's ``hidden_states`` (0 = embeddings, i = after layer i) that feeds
         the projector, normalised to be non-negative."""
 
+    @property
+    def projector_feed_tower_layer(self) -> int:
+        """The tower layer whose output feeds the projector (``tower_layer_of``)."""
+        return tower_layer_of(self.projector_feed_layer)
+
     def projector(self) -> torch.nn.Module:
         """The module that maps the tower's features at the feed layer to the decoder's width, token
         by token (the [CLS] is passed through it when a plan hands it to the LLM)."""
@@ -463,6 +468,12 @@ def _stack_key(inputs: BatchFeature) -> tuple | None:
         else:
             key.append((name, tuple(value.shape[1:]), value.dtype))
     return tuple(key)
+
+
+def tower_layer_of(hidden_state: int) -> int:
+    """The tower layer recordings store ``hidden_states[hidden_state]`` under: they index layers, so
+    the output of layer i - 1 (the embeddings entering layer 0 for index 0)."""
+    return max(hidden_state - 1, 0)
 
 
 def views_key(inputs: BatchFeature) -> tuple | None:

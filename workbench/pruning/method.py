@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from workbench.errors import UserError
 from workbench.layout import VisualLayout
+from workbench.models.base import tower_layer_of
 from workbench.pruning.budget import Budget, resolve_budget
 from workbench.pruning.executor import LayerCallback
 from workbench.pruning.plan import POSITION_POLICIES, KeepPlan
@@ -50,7 +51,7 @@ class ModelFacts:
     @property
     def projector_feed_tower_layer(self) -> int:
         """The tower layer whose output feeds the projector (recordings index layers, not hidden_states)."""
-        return max(self.projector_feed_layer - 1, 0)
+        return tower_layer_of(self.projector_feed_layer)
 
 
 @dataclass(frozen=True, order=True)
