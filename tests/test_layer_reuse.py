@@ -177,6 +177,22 @@ def test_a_sweep_of_methods_and_budgets_runs_the_layers_below_their_first_stage_
             {k: v for k, v in alone.row().items() if k not in timing}
 
 
+def test_a_run_no_other_starts_from_keeps_no_prefill():
+    """A control's unpruned run (``keep_prefill=False``) gives the row a kept one gives, without
+    holding every layer's inputs and cache for runs that will never come."""
+    from workbench.samples import read_dataset
+
+    adapter, _, _ = adapter_and_input("shipped")
+    sample = read_dataset("data/eval/samples.jsonl", limit=1)[0]
+    kept, dropped = (pipeline.prepare_sample(adapter, sample) for _ in range(2))
+    with_prefill = pipeline.run_batch(adapter, [kept], None)[0]
+    without = pipeline.run_batch(adapter, [dropped], None, keep_prefill=False)[0]
+    assert kept.unpruned_prefill is not None and dropped.unpruned_prefill is None
+    timing = {"select_time_s", "prefill_time_s", "wall_time_s"}
+    assert {k: v for k, v in with_prefill.row().items() if k not in timing} == \
+        {k: v for k, v in without.row().items() if k not in timing}
+
+
 IN_LLM = [name for name in ("fastv", "pyramiddrop", "sparsevlm", "feather", "dart", "transprune", "vscan",
                             "gprune", "topv", "todre", "aim")]
 

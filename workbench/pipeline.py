@@ -194,10 +194,11 @@ def run(adapter: ModelAdapter, ready: PreparedSample, method: PruningMethod | No
 
 def run_batch(adapter: ModelAdapter, readies: Sequence[PreparedSample], method: PruningMethod | None,
               budget: Budget | None = None, *, label: str | None = None, plans: Sequence[KeepPlan] | None = None,
-              max_new_tokens: int = 8) -> list[Result]:
+              max_new_tokens: int = 8, keep_prefill: bool = True) -> list[Result]:
     """``run`` on several prepared samples as one batch (each with its own plan, padding and
     masks): the same answers as one at a time. The unpruned run keeps each sample's prefill
-    (``PreparedSample.unpruned_prefill``); later runs on the sample start from it at the first
+    (``PreparedSample.unpruned_prefill``; not with ``keep_prefill`` False, for a sample no run
+    will start from, such as a control's); later runs on the sample start from it at the first
     layer they prune before, so no decoder layer is computed twice. In a batch, the prefill and
     wall times of a result are the batch's divided by its size."""
     results: list[Result | None] = [None] * len(readies)
@@ -232,7 +233,8 @@ def run_batch(adapter: ModelAdapter, readies: Sequence[PreparedSample], method: 
     if not todo:
         return results
     # The unpruned run (no method, no plan) keeps the prefill the others start from.
-    capture = method is None and plans is None and any(readies[i].unpruned_prefill is None for i, *_ in todo)
+    capture = keep_prefill and method is None and plans is None and \
+        any(readies[i].unpruned_prefill is None for i, *_ in todo)
     hooks = method is not None and method.hooks_layers
     jobs = [Job(readies[i].prepared, plan, callback, readies[i].sample.answer,
                 readies[i].recorded_prefill if capture else None if hooks else readies[i].prefill, tower_callback)

@@ -224,7 +224,8 @@ def _controls(adapter: ModelAdapter, readies: list, max_new_tokens: int) -> tupl
     blank = [prepare_sample(adapter, ready.sample, image=blank_image(ready.prepared.image_size)) for ready in readies]
     adapter.decoder_inputs_batch([ready.prepared for ready in blank])  # one tower pass on all blank images
     return (pipeline.run_batch(adapter, readies, None, plans=zero, label=CONTROLS[0], max_new_tokens=max_new_tokens),
-            pipeline.run_batch(adapter, blank, None, label=CONTROLS[1], max_new_tokens=max_new_tokens))
+            pipeline.run_batch(adapter, blank, None, label=CONTROLS[1], max_new_tokens=max_new_tokens,
+                               keep_prefill=False))
 
 
 def _error_rows(sample: Sample, task: SweepTask, message: str) -> list[dict]:

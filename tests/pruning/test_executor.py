@@ -247,6 +247,20 @@ def test_decode_steps_on_the_pruned_cache_equal_a_cache_free_forward(model):
             assert execution.answer_logprob == pytest.approx(float(logp), abs=1e-4)
 
 
+@pytest.mark.parametrize("gold", ["large red circle", "yes"])
+def test_teacher_forcing_a_gold_answer_leaves_the_greedy_answer_as_it_is_without_one(gold):
+    """Teacher forcing runs on the prefill's cache before greedy decoding does: a gold answer of
+    several tokens must be forced on a copy, and a one-token one needs no decoder step at all."""
+    adapter, prepared, _ = adapter_and_input(SHIPPED)
+    n = prepared.layout.n_tokens
+    for plan in (KeepPlan.keep_all(n), KeepPlan("half", n // 2, n, (Stage(1, every_other(n), position="reindex"),))):
+        alone = execute(adapter, prepared, plan, max_new_tokens=5)
+        forced = execute(adapter, prepared, plan, max_new_tokens=5, gold_answer=gold)
+        assert forced.answer_ids == alone.answer_ids
+        assert forced.answer_logprob == pytest.approx(alone.answer_logprob, abs=1e-5)
+        assert forced.gold_logprob is not None and alone.gold_logprob is None
+
+
 def test_keep_all_gold_logprob_matches_a_teacher_forced_full_forward(shipped):
     adapter, prepared, gold = shipped
     execution = execute(adapter, prepared, KeepPlan.keep_all(prepared.layout.n_tokens), max_new_tokens=0,

@@ -963,8 +963,7 @@ def execute_batch(adapter: ModelAdapter, jobs: list[Job], max_new_tokens: int = 
         prefills = _captured(batch, cache, [job.resume for job in jobs]) if capture else [None] * len(jobs)
         golds = [None if job.gold_answer is None else answer_tokens(adapter, job.prepared.prompt, job.gold_answer)
                  for job in jobs]
-        gold = (_teacher_forced(adapter, decoder, logits, copy.deepcopy(cache), golds)
-                if any(g is not None for g in golds) else [None] * len(jobs))
+        gold = _teacher_forced(adapter, decoder, logits, cache, golds)
         answers = _greedy(adapter, decoder, logits, cache, max_new_tokens)
     finally:
         for handle in handles:
@@ -1020,8 +1019,14 @@ def _greedy(adapter, decoder: _Decoder, logits, cache, max_new_tokens: int) -> l
 
 
 def _teacher_forced(adapter, decoder: _Decoder, logits, cache, answers: list) -> list[float | None]:
-    """Log-probability of each sample's gold tokens (None: no gold answer), teacher forced."""
+    """Log-probability of each sample's gold tokens (None: no gold answer), teacher forced on a
+    copy of ``cache`` (made only for a gold answer of more than one token: a first token's
+    log-probability is read off the prefill's logits)."""
+    if all(a is None for a in answers):
+        return [None] * len(answers)
     longest = max(len(a) for a in answers if a is not None)
+    if longest > 1:
+        cache = copy.deepcopy(cache)
     totals = [None if a is None else 0.0 for a in answers]
     pad = adapter.tokenizer.pad_token_id
     for step in range(longest):
