@@ -673,6 +673,11 @@ class _Run:
         self.record(index)
         return hidden, kwargs
 
+    def acts_at(self, index: int) -> bool:
+        """Whether a stage may apply before layer ``index``: planned there, chosen there already, or
+        the callback still to be asked."""
+        return index in self.planned or index in self.prechosen or self.asks(index)
+
     def asks(self, index: int) -> bool:
         """Whether the callback will be asked before layer ``index`` (and may read its attention)."""
         return self.callback is not None and index >= self.consulted and index not in self.prechosen
@@ -689,6 +694,7 @@ class _Batch:
         self.mode = "prefill"
         self.decode_step = 0
         self.repacked = False  # some sample pruned inside the LLM: layers get the batch's own tensors
+        self.layer_kwargs: dict | None = None  # those tensors (mask, rotary, positions) as the last packing made them
         self.valid: dict[int, torch.Tensor | None] = {}  # per layer: [B, S] real (not padding) rows
         self.captured: list[dict] | None = [{} for _ in runs] if capture else None
 
@@ -727,6 +733,13 @@ class _Batch:
         return pre_hook
 
     def prefill_layer(self, index: int, module, args, kwargs):
+        if self.captured is None and not any(run.acts_at(index) for run in self.runs):
+            # No sample changes before this layer: it gets the batch as the layer before did, with
+            # no per-sample slicing and packing (all but a few layers of a deep model).
+            for run in self.runs:
+                run.record(index)
+            self.valid[index] = self.valid[index - 1] if index else self.input_valid
+            return None if self.layer_kwargs is None else (args, {**kwargs, **self.layer_kwargs})
         hidden = _hidden(args, kwargs)
         entered = []
         for b, run in enumerate(self.runs):
@@ -742,6 +755,7 @@ class _Batch:
         packed = self._packed(index, outs, args, kwargs)
         if packed is not None:
             self.repacked = True
+            self.layer_kwargs = {k: packed[1][k] for k in _LAYER_KWARGS if k in packed[1]}
             self.valid[index] = _valid_rows([h.shape[1] for h, _ in outs], hidden.device,
                                             [run.records[index].hidden for run in self.runs])
         else:
@@ -864,12 +878,18 @@ def _resumed(adapter: ModelAdapter, batch: _Batch, prefills: list[UnprunedPrefil
 def answer_tokens(adapter: ModelAdapter, prompt: str, answer: str) -> list[int]:
     """The gold answer's tokens as they follow the prompt (joint tokenisation, so a tokenizer that
     folds the leading space into the word gets it right), falling back to the answer alone."""
-    tokenizer = adapter.tokenizer
+    return list(_answer_tokens(adapter.tokenizer, prompt, answer))
+
+
+@functools.lru_cache(maxsize=1024)
+def _answer_tokens(tokenizer, prompt: str, answer: str) -> tuple[int, ...]:
+    # Cached: every run of a sample (each method at each budget, the controls) asks again, and two
+    # tokenisations of the whole prompt were 7% of a batched run.
     base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full = tokenizer(prompt + " " + answer.strip(), add_special_tokens=False)["input_ids"]
     if full[: len(base)] == base and len(full) > len(base):
-        return full[len(base):]
-    return tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]
+        return tuple(full[len(base):])
+    return tuple(tokenizer(answer.strip(), add_special_tokens=False)["input_ids"])
 
 
 class _Decoder:
