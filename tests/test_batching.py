@@ -121,15 +121,22 @@ def test_methods_that_select_inside_the_llm_choose_the_same_tokens_in_a_batch(na
     _assert_same(single, execute_batch(adapter, [job(p, b) for p, b in zip(prepared, budgets)], 4))
 
 
-def test_callbacks_in_a_batch_read_one_attention_pass_per_layer_for_all_samples():
+@pytest.mark.parametrize("resumed", [False, True])
+def test_callbacks_in_a_batch_read_one_attention_pass_per_layer_for_all_samples(resumed):
     """Before a layer whose callbacks read its attention, the layer runs up to its attention once
-    for the batch (then once more, as the layer itself), not once per sample."""
+    for the batch (then once more, as the layer itself), not once per sample; resumed from the
+    unpruned prefills, the callbacks asked there before the first pruned layer share one pass too
+    (and that layer then runs once, its stages chosen)."""
     adapter, prepared = _inputs(SHIPPED)
     facts, method = ModelFacts.of(adapter), create_method("pyramiddrop")
+    prefills = [None] * len(prepared)
+    if resumed:
+        unpruned = [Job(p, KeepPlan.keep_all(p.layout.n_tokens, where=None)) for p in prepared]
+        prefills = [e.prefill for e in execute_batch(adapter, unpruned, 0, capture=True)]
     jobs = []
-    for p in prepared:
+    for p, prefill in zip(prepared, prefills):
         context = SelectionContext(p.layout, 0.25, record_needs(adapter, p, [method]), facts)
-        jobs.append(Job(p, method.select(context), method.layer_callback(context)))  # no gold: its pass
+        jobs.append(Job(p, method.select(context), method.layer_callback(context), resume=prefill))  # no gold: its pass
     calls = {}
     modules = [adapter.decoder_attention(i) for i in range(len(adapter.decoder_layers()))]
     handles = [m.register_forward_pre_hook(lambda m, *_, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
@@ -142,6 +149,7 @@ def test_callbacks_in_a_batch_read_one_attention_pass_per_layer_for_all_samples(
     asked = [i for i in range(len(modules)) if calls.get(i, 0) > 1]
     assert asked, "no layer's attention was read by the callbacks"
     assert all(calls[i] == 2 for i in asked), calls
+    assert (0 not in calls) == resumed, calls  # resumed: the layers below the first stage are not run
 
 
 def test_evaluate_answers_the_same_in_batches_as_one_at_a_time():

@@ -336,6 +336,20 @@ def _valid_rows(lengths: list[int], device, hidden: list[np.ndarray] | None = No
     return valid
 
 
+def _pack_layer_inputs(states: list[tuple[torch.Tensor, dict]], template: dict, device) -> tuple[torch.Tensor, dict]:
+    """Samples' (hidden [1, S_b, D], what the layer is called with) side by side for one layer call:
+    left-padded, per-sample masks, rotary embeddings and positions (each where ``template``, what
+    the model passes its layers, has one)."""
+    lengths = [h.shape[1] for h, _ in states]
+    kwargs = {"attention_mask": _pack_masks([k.get("attention_mask") for _, k in states], lengths, device)}
+    if template.get("position_embeddings") is not None:
+        rotary = [k["position_embeddings"] for _, k in states]
+        kwargs["position_embeddings"] = tuple(_pack([r[i] for r in rotary], -3, -2) for i in range(2))
+    if template.get("position_ids") is not None:
+        kwargs["position_ids"] = _pack([k["position_ids"] for _, k in states], -2, -1)
+    return _pack([h for h, _ in states], 0, 1), kwargs
+
+
 # --- the run ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -630,20 +644,8 @@ class _Run:
             raise PlanError(f"the callback before layer {index} returned a stage for {describe_where(chosen.where)}")
         return chosen
 
-    def first_pruned_layer(self, prefill: UnprunedPrefill) -> int:
-        """The first decoder layer this run prunes before, found on the unpruned prefill (asking the
-        callback there, as it would be asked live: nothing before that layer differs); 0 when the
-        plan prunes before the LLM."""
-        if self.tower_callback is not None or any(not s.in_llm for s in self.plan.stages):
-            return 0
-        for index, module in enumerate(self.layers):
-            if index in self.planned:
-                return index
-            chosen = self.consult(index, module, prefill.inputs[index], prefill.kwargs)
-            if chosen is not None:
-                self.prechosen[index] = chosen
-                return index
-        return len(self.layers)
+    def prunes_before_llm(self) -> bool:
+        return self.tower_callback is not None or any(not s.in_llm for s in self.plan.stages)
 
     def record(self, index: int) -> None:
         alive, hidden = self.kinds[self.rows.numpy()], self.hidden[self.rows.numpy()]
@@ -768,16 +770,8 @@ class _Batch:
         tensors serve the layer."""
         if not self.repacked and all(run.rotary is None for run in self.runs):
             return None
-        hidden = _hidden(args, kwargs)
-        lengths = [h.shape[1] for h, _ in outs]
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = _pack_masks([k.get("attention_mask") for _, k in outs], lengths, hidden.device)
-        if kwargs.get("position_embeddings") is not None:
-            rotary = [k["position_embeddings"] for _, k in outs]
-            kwargs["position_embeddings"] = tuple(_pack([r[i] for r in rotary], -3, -2) for i in range(2))
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = _pack([k["position_ids"] for _, k in outs], -2, -1)
-        return _with_hidden(args, kwargs, _pack([h for h, _ in outs], 0, 1))
+        hidden, packed = _pack_layer_inputs(outs, kwargs, _hidden(args, kwargs).device)
+        return _with_hidden(args, {**kwargs, **packed}, hidden)
 
     def _shared_attention(self, index: int, module, entered: list, args, kwargs):
         """``shared(b, state)``: sample ``b``'s rows of layer ``index``'s attention call made once on
@@ -785,21 +779,53 @@ class _Batch:
         executor made it; None when at most one callback is asked here, each making its own."""
         if sum(run.asks(index) for run in self.runs) < 2:
             return None
+
+        def packed():
+            made = self._packed(index, entered, args, kwargs)
+            return (args, kwargs) if made is None else made
+        return self._attention_pass(index, module, entered, packed)
+
+    def _attention_pass(self, index: int, module, states: list, packed: Callable[[], tuple]):
+        """``shared(b, state)`` over ``states`` (each sample's hidden and layer kwargs) whose batched
+        layer call ``packed()`` makes (called on the first ask); None for a state not made of them."""
         made: dict[str, object] = {}
 
         def shared(b: int, state: LayerState) -> AttentionCall | None:
-            hidden, given = entered[b]
+            hidden, given = states[b]
             if (state.hidden_states is not hidden or state.attention_mask is not given.get("attention_mask")
                     or state.position_embeddings is not given.get("position_embeddings")):
                 return None
             if "reading" not in made:
-                packed = self._packed(index, entered, args, kwargs)
-                call_args, call_kwargs = packed if packed is not None else (args, kwargs)
+                call_args, call_kwargs = packed()
                 made["length"] = _hidden(call_args, call_kwargs).shape[1]
                 made["reading"] = attention_inputs(module, self.adapter.decoder_attention(index),
                                                    _hidden(call_args, call_kwargs), call_kwargs, index)
             return made["reading"].call(b).part(slice(made["length"] - hidden.shape[1], made["length"]))
         return shared
+
+    def first_pruned_layer(self, prefills: list[UnprunedPrefill]) -> int:
+        """The first decoder layer a sample prunes before, found on the samples' unpruned prefills
+        (each callback asked there, layer by layer, as it would be asked live, until it chooses:
+        nothing before that layer differs; the callbacks asked at a layer share one attention
+        pass); 0 when a plan prunes before the LLM."""
+        first = [0 if run.prunes_before_llm() else None for run in self.runs]
+        for index, module in enumerate(self.layers):
+            for b, run in enumerate(self.runs):
+                if first[b] is None and index in run.planned:
+                    first[b] = index
+            asked = [b for b, run in enumerate(self.runs) if first[b] is None and run.asks(index)]
+            states = [(prefills[b].inputs[index], prefills[b].kwargs) for b in asked]
+            shared = None if len(asked) < 2 else self._attention_pass(
+                index, module, states, functools.partial(_packed_call, states))
+            for j, b in enumerate(asked):
+                chosen = self.runs[b].consult(index, module, *states[j],
+                                              None if shared is None else functools.partial(shared, j))
+                if chosen is not None:
+                    self.runs[b].prechosen[index] = chosen
+                    first[b] = index
+            if all(f is not None for f in first):
+                break
+        return min(len(self.layers) if f is None else f for f in first)
 
     def last_positions(self, index: int) -> torch.Tensor:
         return torch.cat([run.records[index].last_position for run in self.runs], dim=-2)
@@ -824,6 +850,12 @@ class _Batch:
 
 
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+
+
+def _packed_call(states: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, dict]:
+    """(args, kwargs) of one layer call on the samples' ``states`` (their unpruned prefill's)."""
+    hidden, kwargs = _pack_layer_inputs(states, states[0][1], states[0][0].device)
+    return (hidden,), kwargs
 
 
 def _hidden(args, kwargs) -> torch.Tensor:
@@ -971,7 +1003,7 @@ def execute_batch(adapter: ModelAdapter, jobs: list[Job], max_new_tokens: int = 
         if capture:  # the unpruned run goes on where a recorded forward of its input stopped
             start = min(job.resume.depth for job in jobs)
         else:
-            start = min(run.first_pruned_layer(job.resume) for run, job in zip(runs, jobs))
+            start = batch.first_pruned_layer([job.resume for job in jobs])
             start = min(start, len(runs[0].layers) - 1)  # the last layer always runs: its output is not kept
     resumed = _resumed(adapter, batch, [job.resume for job in jobs], start) if start else contextlib.nullcontext()
     handles = [layer.register_forward_pre_hook(batch.hook(i), with_kwargs=True) for i, layer in enumerate(batch.layers)]
