@@ -352,7 +352,7 @@ def _pack_layer_inputs(states: list[tuple[torch.Tensor, dict]], template: dict, 
 
 # --- the run ---------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class _LayerRecord:
     rows: torch.Tensor  # rows of the decoder-input sequence this layer processed (and caches)
     last_position: torch.Tensor  # position ids of its last row, [1, 1] or [A, 1, 1]
@@ -652,8 +652,12 @@ class _Run:
         self.records[index] = _LayerRecord(self.rows, self.positions[..., -1:], int(((alive >= 0) & ~hidden).sum()),
                                            hidden.copy())
 
-    def prefill_layer(self, index: int, module, hidden, kwargs):
-        return self.choose(index, module, *self.enter(index, hidden, kwargs))
+    def record_unchanged(self, index: int) -> None:
+        """``record`` of a layer no stage came before: the record of the layer before it."""
+        if index - 1 in self.records:
+            self.records[index] = self.records[index - 1]
+        else:
+            self.record(index)
 
     def enter(self, index: int, hidden, kwargs):
         """The sequence entering layer ``index`` and what the layer is called with, the plan's stage
@@ -739,7 +743,7 @@ class _Batch:
             # No sample changes before this layer: it gets the batch as the layer before did, with
             # no per-sample slicing and packing (all but a few layers of a deep model).
             for run in self.runs:
-                run.record(index)
+                run.record_unchanged(index)
             self.valid[index] = self.valid[index - 1] if index else self.input_valid
             return None if self.layer_kwargs is None else (args, {**kwargs, **self.layer_kwargs})
         hidden = _hidden(args, kwargs)
