@@ -130,3 +130,18 @@ def test_ray_missing_or_misused_is_one_clear_line(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "s").exists()
     assert main(["sweep", "--ray-workers", "2", "--limit", "1", "--out", str(tmp_path / "s")]) == 2
     assert "add --ray" in capsys.readouterr().err
+
+
+def test_a_cluster_address_where_nothing_answers_is_one_line_at_once(tmp_path, capsys):
+    """Ray would retry such an address for 20 s and end in a traceback."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address, expected in ((f"127.0.0.1:{port}", "nothing answers there"), ("nohost", "not a cluster address")):
+        assert main(["sweep", "--ray", address, "--limit", "1", "--methods", "random",
+                     "--out", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "s").exists()

@@ -19,6 +19,7 @@ Ray is an optional extra (``pip install -e '.[ray]'``); ``require_ray`` says so 
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,15 +155,36 @@ def _rows(ray, workers: list, tasks: Sequence[SweepTask], batch_size: int = 1) -
         yield from _get(ray, done)
 
 
+def check_address(address: str | None) -> None:
+    """``DistributedError`` in one line when ``address`` (HOST:PORT or ray://HOST:PORT) is no address
+    or nothing listens there: Ray itself would retry for 20 s and end in a traceback."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"--ray {address}: not a cluster address (HOST:PORT, ray://HOST:PORT or auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise DistributedError(f"--ray {address}: nothing answers there ({e.strerror or e}); start a cluster "
+                               "with `ray start --head` and pass the address it prints, or give --ray no "
+                               "address for a new local cluster") from None
+
+
 @contextmanager
 def _cluster(ray, address: str | None):
     """Connected to the cluster at ``address`` (a new local one when None), or to the one this
     process is already connected to; disconnected (a local cluster stopped) on leaving, unless it
     was connected before."""
+    check_address(address)
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    except (ConnectionError, RuntimeError) as e:  # something answers at the address, but no Ray cluster
+        where = f"the Ray cluster at {address}" if address else "a new local Ray cluster"
+        raise DistributedError(f"--ray: could not connect to {where}: {str(e).splitlines()[0]}") from None
     try:
         yield
     finally:
