@@ -274,12 +274,28 @@ def _reindexed(positions: torch.Tensor, count: int, where) -> torch.Tensor:
 # position ids [B, S] or [A, B, S] (M-RoPE), rotary cos/sin [B, S, d] or [A, B, S, d], keys/values
 # [B, H, S, d]; the batch axis sits just before the sequence axis except for masks and keys/values.
 
-def _sample_rows(tensor: torch.Tensor, b: int, start: int, batch_dim: int, seq_dims: tuple[int, ...]) -> torch.Tensor:
-    """Sample ``b`` of a batch tensor (kept as a batch of one), its sequence axes from ``start`` on."""
-    out = tensor.narrow(batch_dim % tensor.dim(), b, 1)
+def sample_rows(tensor: torch.Tensor, b: int, span: slice, batch_dim: int, seq_dims: tuple[int, ...]) -> torch.Tensor:
+    """Sample ``b`` of a batch tensor (kept as a batch of one; a batch axis of one is every
+    sample's), its positions ``span`` on the sequence axes: its rows of a left- or right-padded batch."""
+    batch_dim %= tensor.dim()
+    out = tensor.narrow(batch_dim, b if tensor.shape[batch_dim] > 1 else 0, 1)
     for dim in seq_dims:
         dim %= tensor.dim()
-        out = out.narrow(dim, start, out.shape[dim] - start)
+        start, stop, _ = span.indices(out.shape[dim])
+        out = out.narrow(dim, start, stop - start)
+    return out
+
+
+def sample_layer_kwargs(kwargs: dict, b: int, span: slice) -> dict:
+    """Sample ``b``'s part of what the model passes every decoder layer (``_LAYER_KWARGS``): its
+    positions ``span`` of the batch's mask, rotary embeddings and position ids."""
+    out = dict(kwargs)
+    if kwargs.get("attention_mask") is not None:
+        out["attention_mask"] = sample_rows(kwargs["attention_mask"], b, span, 0, (2, 3))
+    if kwargs.get("position_embeddings") is not None:
+        out["position_embeddings"] = tuple(sample_rows(t, b, span, -3, (-2,)) for t in kwargs["position_embeddings"])
+    if kwargs.get("position_ids") is not None:
+        out["position_ids"] = sample_rows(kwargs["position_ids"], b, span, -2, (-1,))
     return out
 
 
@@ -718,16 +734,7 @@ class _Batch:
 
     def _view(self, kwargs: dict, b: int) -> dict:
         """Sample ``b``'s part of what the model passes every layer (its rows of the input batch)."""
-        if len(self.runs) == 1:
-            return kwargs
-        start, out = self.offsets[b], dict(kwargs)
-        if kwargs.get("attention_mask") is not None:
-            out["attention_mask"] = _sample_rows(kwargs["attention_mask"], b, start, 0, (2, 3))
-        if kwargs.get("position_embeddings") is not None:
-            out["position_embeddings"] = tuple(_sample_rows(t, b, start, -3, (-2,)) for t in kwargs["position_embeddings"])
-        if kwargs.get("position_ids") is not None:
-            out["position_ids"] = _sample_rows(kwargs["position_ids"], b, start, -2, (-1,))
-        return out
+        return kwargs if len(self.runs) == 1 else sample_layer_kwargs(kwargs, b, slice(self.offsets[b], None))
 
     def hook(self, index: int):
         def pre_hook(module, args, kwargs):
@@ -1044,8 +1051,8 @@ def _captured(batch: _Batch, cache: DynamicCache, resumed: list[UnprunedPrefill 
     for b, (run, captured, begun) in enumerate(zip(batch.runs, batch.captured, resumed)):
         start = batch.offsets[b]
         layers = range(len(batch.layers))
-        keys = tuple(_sample_rows(cache.layers[i].keys, b, start, 0, (2,)) for i in layers)
-        values = tuple(_sample_rows(cache.layers[i].values, b, start, 0, (2,)) for i in layers)
+        keys = tuple(sample_rows(cache.layers[i].keys, b, slice(start, None), 0, (2,)) for i in layers)
+        values = tuple(sample_rows(cache.layers[i].values, b, slice(start, None), 0, (2,)) for i in layers)
         inputs = tuple(captured[i] if i in captured else begun.inputs[i] for i in layers)
         out.append(UnprunedPrefill(inputs, keys, values, captured.get("kwargs") or begun.kwargs))
     return out

@@ -10,7 +10,6 @@ recorded sample costs one unpruned forward, not a recording plus a forward.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -19,7 +18,7 @@ import torch
 from transformers import BatchFeature, DynamicCache
 
 from workbench.models.base import ModelAdapter, PreparedInput
-from workbench.pruning.executor import _LAYER_KWARGS, UnprunedPrefill, _hidden
+from workbench.pruning.executor import _LAYER_KWARGS, UnprunedPrefill, _hidden, sample_layer_kwargs, sample_rows
 from workbench.recorder import whole_forward
 
 
@@ -84,30 +83,8 @@ def recorded_prefills(adapter: ModelAdapter, prepared: Sequence[PreparedInput],
     if not (ran and seen):
         return
     for b, (item, begun) in enumerate(zip(prepared, out)):
-        rows = functools.partial(_first_rows, b=b, n=item.inputs["input_ids"].shape[1])
-        kwargs = _sample_kwargs(calls["kwargs"], rows)
-        begun.prefill = UnprunedPrefill(tuple(rows(inputs_of[i], 0, (1,)) for i in range(seen)),
-                                        tuple(rows(cache.layers[i].keys, 0, (2,)) for i in range(ran)),
-                                        tuple(rows(cache.layers[i].values, 0, (2,)) for i in range(ran)), kwargs)
-
-
-def _first_rows(tensor: torch.Tensor, batch_dim: int, seq_dims: tuple[int, ...], *, b: int, n: int) -> torch.Tensor:
-    """Sample ``b`` of a right-padded batch tensor (a batch of one), its first ``n`` positions on
-    the sequence axes; a batch axis of one is shared by every sample."""
-    batch_dim %= tensor.dim()
-    out = tensor.narrow(batch_dim, b if tensor.shape[batch_dim] > 1 else 0, 1)
-    for dim in seq_dims:
-        out = out.narrow(dim % tensor.dim(), 0, n)
-    return out
-
-
-def _sample_kwargs(kwargs: dict, rows) -> dict:
-    """A sample's part of what the decoder passed every layer (``executor._LAYER_KWARGS``)."""
-    out = dict(kwargs)
-    if kwargs.get("attention_mask") is not None:
-        out["attention_mask"] = rows(kwargs["attention_mask"], 0, (2, 3))
-    if kwargs.get("position_embeddings") is not None:
-        out["position_embeddings"] = tuple(rows(t, -3, (-2,)) for t in kwargs["position_embeddings"])
-    if kwargs.get("position_ids") is not None:
-        out["position_ids"] = rows(kwargs["position_ids"], -2, (-1,))
-    return out
+        mine = slice(0, item.inputs["input_ids"].shape[1])  # right-padded: the sample's rows come first
+        begun.prefill = UnprunedPrefill(tuple(sample_rows(inputs_of[i], b, mine, 0, (1,)) for i in range(seen)),
+                                        tuple(sample_rows(cache.layers[i].keys, b, mine, 0, (2,)) for i in range(ran)),
+                                        tuple(sample_rows(cache.layers[i].values, b, mine, 0, (2,)) for i in range(ran)),
+                                        sample_layer_kwargs(calls["kwargs"], b, mine))
