@@ -198,8 +198,9 @@ class CDPruner(PreLLMMethod):
         return relevance_scores(visual, text, self.negate_relevance, self.theta)
 
     def kept_counts(self, context: SelectionContext) -> tuple[int, ...]:
-        if self.code_grid(context) is not None:
-            return (len(self.select(context).final_kept),)
+        if self.code_grid(context) is not None:  # every view's own count T (``select_views``)
+            sizes = [len(owner) for owner in context.layout.tower_owner]
+            return (sum(min(per_view_count(context.layout, context.n_keep, size), size) for size in sizes),)
         return (context.n_keep,)
 
     def select_views(self, context: SelectionContext, grid: PaddedGrid) -> KeepPlan:
