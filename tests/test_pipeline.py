@@ -86,3 +86,23 @@ def test_the_data_set_names_its_scorer(ready, tmp_path):
         assert result["score"] == 0.5 and result["correct"] is False
     finally:
         del scoring.SCORERS["half"]
+
+
+def test_a_blank_control_is_the_sample_on_the_blank_image_without_reading_the_sample_again(ready, monkeypatch):
+    """``on_image``: the sample's question on another image of its size, its layout and evidence
+    tokens taken over (the sample's evidence is not read again), running as the sample prepared
+    on that image does."""
+    from workbench.images import blank_image
+    from workbench.samples import Sample
+
+    adapter, prepared = ready
+    blank = blank_image(prepared.prepared.image_size)
+    fresh = pipeline.prepare_sample(adapter, prepared.sample, image=blank)
+    monkeypatch.setattr(Sample, "evidence_mask", lambda self: pytest.fail("the evidence was read again"))
+    control = pipeline.on_image(adapter, prepared, blank)
+    assert control.evidence is prepared.evidence and control.recording is None
+    assert np.array_equal(control.prepared.layout.positions, prepared.prepared.layout.positions)
+    assert control.prepared.layout.sequence_length == prepared.prepared.layout.sequence_length
+    ours, theirs = pipeline.run(adapter, control, None), pipeline.run(adapter, fresh, None)
+    assert ours.generation == theirs.generation and ours.row()["evidence_recall"] == theirs.row()["evidence_recall"]
+    assert not np.array_equal(control.prepared.inputs["pixel_values"], prepared.prepared.inputs["pixel_values"])

@@ -88,10 +88,21 @@ class PreparedSample:
 def prepare_sample(adapter: ModelAdapter, sample: Sample, methods: Sequence[PruningMethod] = (),
                    image=None) -> PreparedSample:
     """Inputs, evidence and the one recording every applicable method in ``methods`` reads, scored
-    as the sample's data set says. ``image``: another image in place of the sample's (the
-    blank-image control). Raises ``ImageError`` when the sample's image cannot be decoded."""
+    as the sample's data set says. ``image``: another image in place of the sample's. Raises
+    ``ImageError`` when the sample's image cannot be decoded."""
     prepared = adapter.prepare(sample.load_image() if image is None else image, sample.question)
     return prepare_inputs(adapter, [(sample, prepared)], methods)[0]
+
+
+def on_image(adapter: ModelAdapter, ready: PreparedSample, image) -> PreparedSample:
+    """``ready``'s question on another image of the same size (the blank-image control), with no
+    recording: the layout is the sample's (it depends on the size alone), so are its evidence
+    tokens, which are not read again."""
+    prepared = adapter.prepare(image, ready.sample.question)
+    if prepared.layout.n_tokens != ready.n_visual:
+        raise ValueError(f"an image of size {image.size} gives {prepared.layout.n_tokens} visual tokens, "
+                         f"the sample's {ready.prepared.image_size} gave {ready.n_visual}")
+    return PreparedSample(ready.sample, prepared, ready.facts, ready.shape, ready.evidence, scorer=ready.scorer)
 
 
 def prepare_inputs(adapter: ModelAdapter, items: Sequence[tuple[Sample, PreparedInput]],

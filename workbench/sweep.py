@@ -41,7 +41,7 @@ from workbench.pruning.budget import Budget, check_budget, resolve_budget
 from workbench.pruning.method import PruningMethod
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.registry import create_method
-from workbench.pipeline import UNPRUNED, budget_label, prepare_sample
+from workbench.pipeline import UNPRUNED, budget_label
 from workbench.samples import Sample, sample_from_row, sample_to_row
 from workbench.sweep_identity import (SweepIdentityError, check_dataset, check_methods, dataset_fingerprint,
                                      method_version)
@@ -221,7 +221,7 @@ def _groups(readies: dict, tasks: Sequence[SweepTask], wanted: Callable[[SweepTa
 def _controls(adapter: ModelAdapter, readies: list, max_new_tokens: int) -> tuple[list, list]:
     """The zero-token and blank-image controls of each prepared sample, each run as one batch."""
     zero = [KeepPlan(CONTROLS[0], 0, ready.n_visual, (Stage(PRE_LLM, ()),)) for ready in readies]
-    blank = [prepare_sample(adapter, ready.sample, image=blank_image(ready.prepared.image_size)) for ready in readies]
+    blank = [pipeline.on_image(adapter, ready, blank_image(ready.prepared.image_size)) for ready in readies]
     adapter.decoder_inputs_batch([ready.prepared for ready in blank])  # one tower pass on all blank images
     return (pipeline.run_batch(adapter, readies, None, plans=zero, label=CONTROLS[0], max_new_tokens=max_new_tokens),
             pipeline.run_batch(adapter, blank, None, label=CONTROLS[1], max_new_tokens=max_new_tokens,
