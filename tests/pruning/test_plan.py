@@ -60,6 +60,9 @@ def test_appended_tokens_round_trip_losslessly():
     (lambda: KeepPlan("m", 9, 4), r"budget 9 is outside 0..4"),
     (lambda: KeepPlan("m", 1, 4, (Stage("pre_llm", (0, 1)), Stage(1, (0,), merges=(Merge(0, (2,), (.5, .5)),)))),
      r"uses sources \[2\] that were already dropped"),
+    (lambda: Stage("pre_llm", (0,), scores=((1.0, 2.0),)), "one number per visual token"),
+    (lambda: KeepPlan("m", 1, 4, (Stage("pre_llm", (0, 1)), Stage(1, (0, 1, 3)))),
+     r"keeps \[3\] which an earlier stage dropped"),
     (lambda: Stage("pre_llm", (2, 1)), "sorted and unique"),
     (lambda: Stage("pre_llm", (1, 1)), "sorted and unique"),
     (lambda: Stage(-1, (1,)), "non-negative layer index"),
@@ -89,6 +92,16 @@ def test_appended_tokens_round_trip_losslessly():
 def test_bad_plans_fail_with_clear_errors(build, message):
     with pytest.raises(PlanError, match=message):
         build()
+
+
+def test_a_stage_holds_its_kept_tokens_as_python_ints_and_a_read_only_array():
+    import numpy as np
+
+    stage = Stage(np.int64(2), np.array([1, 5, 9]), np.arange(12, dtype=np.float32))
+    assert stage.kept == (1, 5, 9) and all(type(i) is int for i in stage.kept)
+    assert all(type(s) is float for s in stage.scores) and stage.where == 2 and type(stage.where) is int
+    assert stage.kept_array.tolist() == [1, 5, 9] and not stage.kept_array.flags.writeable
+    assert Stage("pre_llm", ()).kept == () and Stage("pre_llm", (1.0, 2.0)).kept == (1, 2)
 
 
 def test_merge_mean():

@@ -67,7 +67,8 @@ from transformers import DynamicCache
 from probes.capture import AttentionCall
 from workbench.models.base import ModelAdapter, PreparedInput
 from workbench.pruning.layer_state import LayerState, attention_inputs, hooks_suspended
-from workbench.pruning.plan import PRE_LLM, Append, KeepPlan, PlanError, Stage, describe_where, padded_patch_at
+from workbench.pruning.plan import (PRE_LLM, Append, KeepPlan, PlanError, Stage, among, describe_where, missing,
+                                    padded_patch_at)
 
 LayerCallback = Callable[[int, LayerState], "Stage | None"]
 
@@ -131,22 +132,27 @@ def _slice_square_mask(mask, index: torch.Tensor):
     return _take(_take(mask, index, -2), index, -1)
 
 
-def check_alive(stage: Stage, alive: set[int], sequence: str) -> None:
-    """``PlanError`` when ``stage`` keeps or merges a visual token no longer in ``sequence``."""
+def check_alive(stage: Stage, alive: np.ndarray, sequence: str) -> None:
+    """``PlanError`` when ``stage`` keeps or merges a visual token not among ``alive`` (the
+    visual tokens still in ``sequence``)."""
     where = describe_where(stage.where)
-    dead = sorted(set(stage.kept) - alive)
+    dead = missing(stage.kept_array, alive)
     if dead:
         raise PlanError(f"stage {where}: keeps {dead[:5]} which are no longer in the {sequence}")
     for merge in stage.merges:
-        gone = sorted(set(merge.sources) - alive)
+        gone = missing(merge.sources, alive)
         if gone:
             raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} already dropped")
     for append in stage.appends:
-        gone = sorted(set(append.sources) - alive)
-        if append.place is not None and append.place not in alive:
-            gone.append(append.place)
+        gone = missing(append.sources + (() if append.place is None else (append.place,)), alive)
         if gone:
             raise PlanError(f"stage {where}: appended token {append.token} uses tokens {gone[:5]} already dropped")
+
+
+def token_rows(alive: np.ndarray) -> dict[int, int]:
+    """Row of each visual token in a sequence whose rows hold ``alive`` (visual index, or < 0)."""
+    rows = np.flatnonzero(alive >= 0)
+    return dict(zip(alive[rows].tolist(), rows.tolist()))
 
 
 def apply_merges(states: torch.Tensor, stage: Stage, row_of: dict[int, int]) -> torch.Tensor:
@@ -176,7 +182,7 @@ def arrange(stage: Stage, alive: np.ndarray) -> Arrangement:
     """Where every row goes under ``stage``; ``alive``: per row before it, the visual index or < 0."""
     moved = [append.token for append in stage.appends]
     other = (alive < 0) & ~((alive == _SEPARATOR) & (stage.separators == "dropped"))
-    keep = other | (np.isin(alive, stage.kept_array) & ~np.isin(alive, moved))
+    keep = other | (among(alive, stage.kept_array) & ~among(alive, moved))
     if not stage.appends:
         return Arrangement(torch.from_numpy(np.flatnonzero(keep)), ())
     visual = np.flatnonzero(alive >= 0)
@@ -305,15 +311,18 @@ def _pack(parts: list[torch.Tensor], batch_dim: int, seq_dim: int) -> torch.Tens
     if len(parts) == 1:
         return parts[0]
     longest = max(p.shape[seq_dim] for p in parts)
-    padded = []
+    if all(p.shape[seq_dim] == longest for p in parts):
+        return torch.cat(parts, dim=batch_dim)
+    # One allocation, each sample copied into its place (not a padded copy of each, then a concatenation).
+    shape = list(parts[0].shape)
+    shape[seq_dim], shape[batch_dim] = longest, sum(p.shape[batch_dim] for p in parts)
+    out = parts[0].new_zeros(shape)
+    start = 0
     for part in parts:
-        missing = longest - part.shape[seq_dim]
-        if missing:
-            shape = list(part.shape)
-            shape[seq_dim] = missing
-            part = torch.cat([part.new_zeros(shape), part], dim=seq_dim)
-        padded.append(part)
-    return torch.cat(padded, dim=batch_dim)
+        n, length = part.shape[batch_dim], part.shape[seq_dim]
+        out.narrow(batch_dim, start, n).narrow(seq_dim, longest - length, length).copy_(part)
+        start += n
+    return out
 
 
 def _allowed(mask: torch.Tensor) -> torch.Tensor:
@@ -446,7 +455,7 @@ class _Run:
         entry = stage if stage is not None else llm_entry(tower)  # what the tower dropped never enters
         if entry is not None:
             stage, planned_stage = entry, stage
-            row_of = {int(v): i for i, v in enumerate(kinds) if v >= 0}
+            row_of = token_rows(kinds)
             arrangement = arrange(stage, kinds)
             keep = arrangement.order
             embeds = apply_appends(embeds, _take(apply_merges(embeds, stage, row_of), keep, 1), arrangement, row_of,
@@ -584,17 +593,16 @@ class _Run:
     def _apply_stage(self, stage: Stage, hidden: torch.Tensor, kwargs: dict):
         alive = self.kinds[self.rows.numpy()]
         visible = (alive >= 0) & ~self.hidden[self.rows.numpy()]
-        alive_visual = set(int(v) for v in alive[visible])
         where = describe_where(stage.where)
         alive_cls = alive[alive >= self.layout.n_tokens]  # the tower's [CLS] tokens in the sequence
         if len(stage.kept) and ((stage.kept[-1] >= self.layout.n_tokens and stage.kept[-1] not in alive_cls)
                                 or stage.kept[0] < 0):
             raise PlanError(f"stage {where}: kept indices out of range 0..{self.layout.n_tokens - 1}")
-        check_alive(stage, alive_visual, "sequence")
-        row_of = {int(v): i for i, v in enumerate(alive) if v >= 0}
+        check_alive(stage, alive[visible], "sequence")
+        row_of = token_rows(alive) if stage.merges or stage.appends else {}
         if stage.dropped == "masked":
             # Every row stays; the visible tokens the stage drops only lose their keys.
-            self.hidden[self.rows.numpy()[visible & ~np.isin(alive, stage.kept_array)]] = True
+            self.hidden[self.rows.numpy()[visible & ~among(alive, stage.kept_array)]] = True
             arrangement = Arrangement(torch.arange(len(alive)), ())
         else:
             arrangement = arrange(stage, alive)
@@ -1032,11 +1040,12 @@ def execute_batch(adapter: ModelAdapter, jobs: list[Job], max_new_tokens: int = 
         for handle in handles:
             handle.remove()
     executions = []
+    host = logits.detach().float().cpu()  # one copy off the device for the batch
     for b, (run, (ids, logprob)) in enumerate(zip(runs, answers)):
         records = [run.records[i] for i in range(len(run.layers))]
         executions.append(Execution(
             answer=adapter.tokenizer.decode(ids, skip_special_tokens=True).strip(), answer_ids=tuple(ids),
-            answer_logprob=logprob, gold_logprob=gold[b], logits=logits[b].detach().float().cpu(),
+            answer_logprob=logprob, gold_logprob=gold[b], logits=host[b].clone(),
             plan=run.plan.with_stages(run.applied), tokens_per_layer=tuple(len(r.rows) for r in records),
             visual_tokens_per_layer=tuple(r.visual for r in records), prefill_seconds=prefill_seconds / len(jobs),
             first_layer=start, prefill=prefills[b], masked_tokens_per_layer=tuple(int(r.hidden.sum()) for r in records),
@@ -1064,8 +1073,10 @@ def _greedy(adapter, decoder: _Decoder, logits, cache, max_new_tokens: int) -> l
     count = logits.shape[0]
     ids, logprobs, done = [[] for _ in range(count)], [0.0] * count, [False] * count
     for step in range(max_new_tokens):
-        tokens = logits.argmax(-1).tolist()
-        logp = torch.log_softmax(logits.float(), -1)
+        chosen = logits.argmax(-1)
+        # Read off the device once per step, not once per sample.
+        tokens = chosen.tolist()
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, chosen[:, None])[:, 0].tolist()
         for b, token in enumerate(tokens):
             if done[b]:
                 continue
@@ -1073,7 +1084,7 @@ def _greedy(adapter, decoder: _Decoder, logits, cache, max_new_tokens: int) -> l
                 done[b] = True
                 continue
             ids[b].append(token)
-            logprobs[b] += float(logp[b, token])
+            logprobs[b] += logp[b]
         if all(done) or step + 1 >= max_new_tokens:
             break
         pad = adapter.tokenizer.pad_token_id
@@ -1093,11 +1104,12 @@ def _teacher_forced(adapter, decoder: _Decoder, logits, cache, answers: list) ->
     totals = [None if a is None else 0.0 for a in answers]
     pad = adapter.tokenizer.pad_token_id
     for step in range(longest):
-        logp = torch.log_softmax(logits.float(), -1)
+        feed = [tokens[step] if tokens is not None and step < len(tokens) else pad for tokens in answers]
+        index = torch.tensor([0 if token is None else token for token in feed], device=logits.device)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, index[:, None])[:, 0].tolist()  # read once per step
         for b, tokens in enumerate(answers):
             if tokens is not None and step < len(tokens):
-                totals[b] += float(logp[b, tokens[step]])
+                totals[b] += logp[b]
         if step + 1 < longest:
-            feed = [tokens[step] if tokens is not None and step < len(tokens) else pad for tokens in answers]
             logits = decoder.step(feed, cache, step)
     return totals

@@ -112,6 +112,33 @@ def describe_where(where: Where) -> str:
     return "before the LLM" if where == PRE_LLM else f"before decoder layer {where}"
 
 
+def among(values, members) -> np.ndarray:
+    """bool per entry of ``values``: it is one of ``members`` (non-negative ints; a negative value,
+    a row that is no visual token, never is). A lookup table: ``np.isin`` sorts, and plans and
+    stages ask this of every token once per stage and sample."""
+    members = np.asarray(members, dtype=np.int64)
+    values = np.asarray(values, dtype=np.int64)
+    if not len(members) or not len(values):
+        return np.zeros(len(values), dtype=bool)
+    table = np.zeros(max(int(members.max()), int(values.max())) + 1, dtype=bool)
+    table[members] = True
+    return (values >= 0) & table[np.maximum(values, 0)]
+
+
+def missing(tokens, alive) -> list[int]:
+    """The ``tokens`` not among ``alive``, sorted, each once."""
+    tokens = np.unique(np.asarray(tokens, dtype=np.int64))
+    return tokens[~among(tokens, alive)].tolist()
+
+
+def _int_array(values) -> np.ndarray:
+    """``values`` as a 1-D int64 array, each as ``int()`` takes it."""
+    array = np.asarray(values)
+    if array.ndim == 1 and array.dtype.kind in "iub":
+        return array.astype(np.int64)
+    return np.array([int(v) for v in values], dtype=np.int64)
+
+
 def check_weights(what: str, kept: str, sources: tuple, weights: tuple) -> None:
     """A fold's weights: one for the ``kept`` token, then one per source, all finite."""
     if len(weights) != len(sources) + 1:
@@ -292,17 +319,26 @@ class Stage:
             if self.where < 0:
                 raise PlanError(f"stage 'where' must be a non-negative layer index, got {self.where}")
             object.__setattr__(self, "where", int(self.where))
-        kept = tuple(int(i) for i in self.kept)
-        if any(b <= a for a, b in zip(kept, kept[1:])):
+        # As arrays: a stage holds up to thousands of indices and scores, and every run makes several.
+        kept_array = _int_array(self.kept)
+        if (np.diff(kept_array) <= 0).any():
             raise PlanError(f"stage {describe_where(self.where)}: kept indices must be sorted and unique")
-        object.__setattr__(self, "kept", kept)
+        kept_array.flags.writeable = False
+        object.__setattr__(self, "kept", tuple(kept_array.tolist()))
+        object.__setattr__(self, "_kept_array", kept_array)
         if self.scores is not None:
-            object.__setattr__(self, "scores", tuple(float(s) for s in self.scores))
+            scores = np.asarray(self.scores, dtype=np.float64)
+            if scores.ndim != 1:
+                raise PlanError(f"stage {describe_where(self.where)}: scores must be one number per visual token")
+            values = scores.tolist()
+            for i in np.flatnonzero(np.isnan(scores)).tolist():
+                values[i] = math.nan  # one NaN object: stages with NaN in the same places compare equal
+            object.__setattr__(self, "scores", tuple(values))
         object.__setattr__(self, "merges", tuple(self.merges))
         if self.position not in POSITION_POLICIES:
             raise PlanError(f"stage {describe_where(self.where)}: position policy must be one of "
                             f"{POSITION_POLICIES}, got {self.position!r}")
-        kept_set = set(kept)
+        kept_set = set(self.kept) if self.merges or self.appends else set()  # for the folds' checks
         where = describe_where(self.where)
         if self.dropped not in DROP_POLICIES:
             raise PlanError(f"stage {where}: dropped must be one of {DROP_POLICIES}, got {self.dropped!r}")
@@ -350,7 +386,8 @@ class Stage:
 
     @property
     def kept_array(self) -> np.ndarray:
-        return np.asarray(self.kept, dtype=np.int64)
+        """``kept`` as a read-only int64 array."""
+        return self._kept_array
 
     @property
     def folds(self) -> tuple[Merge, ...]:
@@ -413,39 +450,41 @@ class KeepPlan:
             raise PlanError(f"n_visual must be >= 0, got {n}")
         if not 0 <= self.budget <= n:
             raise PlanError(f"budget {self.budget} is outside 0..{n} visual tokens")
-        alive = set(range(n))
+        alive = np.arange(n, dtype=np.int64)
         previous = None
         for stage in self.stages:
             where = describe_where(stage.where)
             if previous is not None and _stage_order(stage.where) <= _stage_order(previous.where):
                 raise PlanError(f"stage {where} comes after stage {describe_where(previous.where)}; "
                                 "stages must be in strictly increasing order (pre_llm first, then layers)")
-            entering = {a.token for a in stage.appends if a.token >= n and a.token not in alive}
-            for token in sorted(entering):
+            entering = missing([a.token for a in stage.appends if a.token >= n], alive)
+            for token in entering:
                 append = next(a for a in stage.appends if a.token == token)
                 if stage.where != PRE_LLM or append.sources:
                     raise PlanError(f"stage {where}: reserved token {token} (the tower's [CLS] or a padded patch) "
                                     "enters the sequence in the 'pre_llm' stage, made of no other token")
-            bad = [i for i in stage.kept if not (0 <= i < n or i in entering or i in alive)]
+            kept = stage.kept_array
+            known = among(kept, alive) | among(kept, entering)
+            bad = kept[~(known | ((kept >= 0) & (kept < n)))].tolist()
             if bad:
                 raise PlanError(f"stage {where}: kept indices {bad[:5]} are out of range 0..{n - 1}")
-            extra = sorted(set(stage.kept) - alive - entering)
+            extra = kept[~known].tolist()
             if extra:
                 raise PlanError(f"stage {where}: keeps {extra[:5]} which an earlier stage dropped "
                                 "(each stage must keep a subset of the previous one)")
             if stage.scores is not None and len(stage.scores) != n:
                 raise PlanError(f"stage {where}: {len(stage.scores)} scores for {n} visual tokens")
             for merge in stage.merges:
-                gone = sorted(set(merge.sources) - alive)
+                gone = missing(merge.sources, alive)
                 if gone:
                     raise PlanError(f"stage {where}: merge into {merge.target} uses sources {gone[:5]} "
                                     "that were already dropped (or are out of range)")
             for append in stage.appends:
-                gone = sorted(set(append.sources) - alive)
-                if gone or (append.place is not None and append.place not in alive):
+                gone = missing(append.sources, alive)
+                if gone or (append.place is not None and not among([append.place], alive)[0]):
                     raise PlanError(f"stage {where}: appended token {append.token} uses tokens "
                                     f"{(gone or [append.place])[:5]} that were already dropped (or are out of range)")
-            alive = set(stage.kept)
+            alive = kept
             previous = stage
 
     # --- views ---------------------------------------------------------------------------------

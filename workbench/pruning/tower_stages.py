@@ -30,8 +30,8 @@ import torch
 
 from probes.capture import AttentionCall, attention_call
 from probes.interception import listening
-from workbench.pruning.executor import apply_merges, check_alive
-from workbench.pruning.plan import PRE_LLM, KeepPlan, PlanError, Stage, describe_where, tower_layer
+from workbench.pruning.executor import apply_merges, check_alive, token_rows
+from workbench.pruning.plan import PRE_LLM, KeepPlan, PlanError, Stage, among, describe_where, tower_layer
 
 
 # How a method's tower-side stages run: inside the tower on its live state (the released code), or
@@ -171,9 +171,9 @@ class _TowerRun:
                           torch.from_numpy(np.flatnonzero(alive >= 0)), int(np.flatnonzero(alive < 0)[0]))
 
     def _apply(self, stage: Stage, out: torch.Tensor, alive: np.ndarray, before: torch.Tensor) -> torch.Tensor:
-        check_alive(stage, set(int(v) for v in alive[alive >= 0]), "tower's sequence")
-        out = apply_merges(out, stage, {int(v): i for i, v in enumerate(alive) if v >= 0})
-        keep = np.flatnonzero((alive < 0) | np.isin(alive, stage.kept_array))
+        check_alive(stage, alive[alive >= 0], "tower's sequence")
+        out = apply_merges(out, stage, token_rows(alive))
+        keep = np.flatnonzero((alive < 0) | among(alive, stage.kept_array))
         self.alive = before[torch.from_numpy(keep)]
         self.applied.append(stage)
         return out
