@@ -18,6 +18,7 @@ Ray is an optional extra (``pip install -e '.[ray]'``); ``require_ray`` says so 
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from workbench.errors import UserError
 from workbench.models.base import ModelAdapter
 from workbench.pruning.budget import Budget
 from workbench.samples import Sample
-from workbench.sweep import MethodSpec, Runner, SweepResult, SweepTask, sweep_with
+from workbench.sweep import MethodSpec, Runner, SweepResult, SweepTask, sweep_with, task_fitting
 
 IN_FLIGHT = 2  # tasks queued per worker: the next one is there when the last finishes
 
@@ -95,6 +96,7 @@ class SweepWorker:
 
         single_threaded_blas()  # as the command line does
         self.adapter, self.error = None, None
+        self.fitting = task_fitting(None)  # each call's tasks as one batch while they fit
         try:
             self.adapter = load(device)
         except Exception as e:  # noqa: BLE001  (re-raised by ``ready`` on the driver's call)
@@ -115,10 +117,12 @@ class SweepWorker:
             return None
 
     def run(self, tasks: list[str]) -> list[list[dict]]:
-        """Each task's rows, the tasks run as one batch."""
+        """Each task's rows, the tasks run as one batch (in smaller ones, for good, once a batch
+        runs out of device memory)."""
         from workbench.sweep import run_tasks
 
-        return run_tasks(self.adapter, [SweepTask.from_json(task) for task in tasks])
+        work = functools.partial(run_tasks, self.adapter)
+        return [rows for chunk in self.fitting.run(work, [SweepTask.from_json(task) for task in tasks]) for rows in chunk]
 
 
 def _get(ray, refs):

@@ -4,12 +4,14 @@ control, and how strongly the answer position attends to the ground-truth eviden
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import polars as pl
 from PIL import Image
 from tqdm import tqdm
 
+from workbench.fitting import Fitting
 from workbench.images import blank_image
 from workbench.models.base import ModelAdapter
 from workbench.samples import Sample
@@ -26,18 +28,21 @@ def answer_dataset(adapter: ModelAdapter, samples: list[Sample], batch_size: int
     too), whether they match, the prediction's log-prob."""
     rows = []
     desc = "answering (blank images)" if blank else "answering"
+
+    def answer(chunk: Sequence[Sample]) -> list[tuple[Sample, object]]:
+        images = [s.load_image() for s in chunk]
+        if blank:
+            images = [blank_like(im) for im in images]
+        return list(zip(chunk, adapter.answer_batch(images, [s.question for s in chunk], max_new_tokens)))
+
+    fitting = Fitting(batch_size, desc, lambda s: f"sample {s.id}")
     with tqdm(total=len(samples), desc=desc, disable=not progress) as bar:
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start: start + batch_size]
-            images = [s.load_image() for s in chunk]
-            if blank:
-                images = [blank_like(im) for im in images]
-            answers = adapter.answer_batch(images, [s.question for s in chunk], max_new_tokens)
-            for s, a in zip(chunk, answers):
+        for answered in fitting.run(answer, samples):
+            for s, a in answered:
                 rows.append({"id": s.id, "question_type": s.question_type or "all", "gold_answer": s.answer,
                              "predicted_answer": a.text, "logprob": a.logprob,
                              "correct": s.answer is not None and s.score(a.text).value == 1.0})
-            bar.update(len(chunk))
+            bar.update(len(answered))
     return pl.DataFrame(rows)
 
 

@@ -20,6 +20,7 @@ and the sweep goes on.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -41,6 +42,7 @@ from workbench.pruning.budget import Budget, check_budget, resolve_budget
 from workbench.pruning.method import PruningMethod
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Stage
 from workbench.pruning.registry import create_method
+from workbench.fitting import Fitting
 from workbench.pipeline import UNPRUNED, budget_label
 from workbench.samples import Sample, sample_from_row, sample_to_row
 from workbench.sweep_identity import (SweepIdentityError, check_dataset, check_methods, dataset_fingerprint,
@@ -439,9 +441,15 @@ def local_runner(adapter: ModelAdapter, batch_size: int = 1) -> Runner:
         except ImageError:
             return None
 
+    fitting = task_fitting(batch_size)
     return Runner(adapter.name, adapter.fingerprint, visual_tokens,
-                  lambda tasks: (rows for start in range(0, len(tasks), batch_size)
-                                 for rows in run_tasks(adapter, tasks[start: start + batch_size])))
+                  lambda tasks: (rows for chunk in fitting.run(functools.partial(run_tasks, adapter), tasks)
+                                 for rows in chunk))
+
+
+def task_fitting(batch_size: int | None) -> Fitting:
+    """Sweep tasks run ``batch_size`` at a time, fewer for good once a batch runs out of device memory."""
+    return Fitting(batch_size, "sweep", lambda task: f"sample {task.sample.get('id')}")
 
 
 def run_sweep(adapter: ModelAdapter, samples: Sequence[Sample], dataset: str, methods: Sequence[MethodSpec],
