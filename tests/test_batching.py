@@ -15,7 +15,7 @@ import torch
 from tests.pruning.conftest import ALL_MODELS, SHIPPED, eval_sample, shipped_architecture
 from workbench.pruning.executor import Job, execute, execute_batch
 from workbench.pruning.method import ModelFacts, SelectionContext
-from workbench.pruning.plan import Append, KeepPlan, Merge, Stage
+from workbench.pruning.plan import Append, KeepPlan, Merge, Stage, decode_scores
 from workbench.pruning.registry import create_method
 from workbench.pruning.run import record_needs
 
@@ -193,7 +193,7 @@ def test_a_pipeline_batch_gives_every_method_the_rows_of_one_sample_at_a_time(na
         for a, b in zip(mine, theirs):  # the scores to float rounding (batched kernels)
             assert (a["scores"] is None) == (b["scores"] is None)
             if a["scores"] is not None:
-                np.testing.assert_allclose(np.array(a["scores"], dtype=float), np.array(b["scores"], dtype=float),
+                np.testing.assert_allclose(np.array(decode_scores(a["scores"])), np.array(decode_scores(b["scores"])),
                                            rtol=1e-4, atol=1e-6)
         assert one.generation == other.generation
 

@@ -27,10 +27,32 @@ def test_plan_round_trips_through_json_with_nan_scores():
     plan = KeepPlan("m", 1, 4, (Stage("pre_llm", (0, 2), scores, (Merge(0, (1,), (0.5, 0.5)),)),
                                 Stage(1, (2,), position="reindex")))
     row = json.loads(json.dumps(plan.to_dict(), allow_nan=False))
-    assert row["stages"][0]["scores"] == [0.5, None, 2.0, None]
+    assert list(row["stages"][0]["scores"]) == ["float32"]  # all four are float32 values
     back = KeepPlan.from_dict(row)
-    assert back.to_dict() == plan.to_dict()
+    assert back.to_dict() == plan.to_dict() and back == plan
     assert math.isnan(back.stages[0].scores[1])
+    # a plan written by hand (or stored before the encoding) gives its scores as a list, null for NaN
+    row["stages"][0]["scores"] = [0.5, None, 2.0, None]
+    assert KeepPlan.from_dict(row) == plan
+
+
+def test_stored_scores_are_exact_and_compact():
+    import numpy as np
+
+    from workbench.pruning.plan import decode_scores, encode_scores
+
+    attention = np.random.default_rng(0).random(576).astype(np.float32) / 100
+    stored = json.dumps(encode_scores(attention.astype(np.float64)))
+    assert decode_scores(json.loads(stored)) == tuple(attention.astype(np.float64).tolist())
+    assert len(stored) * 4 < len(json.dumps(attention.astype(np.float64).tolist()))
+    doubles = (0.1, math.nan, 1e300, -math.inf, 5e-324)  # no float32 holds these: stored as float64
+    assert list(encode_scores(doubles)) == ["float64"]
+    back = decode_scores(json.loads(json.dumps(encode_scores(doubles))))
+    assert back[0] == 0.1 and math.isnan(back[1]) and back[2:] == (1e300, -math.inf, 5e-324)
+    for bad in ({"float16": ""}, {"float32": "not base64!"}, {"float32": "AAA="}, {"float32": "", "float64": ""}):
+        with pytest.raises((PlanError, ValueError)):
+            KeepPlan.from_dict({"method": "m", "budget": 0, "n_visual": 0, "stages": [
+                {"where": "pre_llm", "kept": [], "scores": bad}]})
 
 
 def test_appended_tokens_round_trip_losslessly():
