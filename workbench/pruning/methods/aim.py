@@ -20,7 +20,7 @@ import torch
 
 from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
-from workbench.pruning.plan import DROP_POLICIES, PRE_LLM, Append, KeepPlan, Merge, Stage
+from workbench.pruning.plan import DROP_POLICIES, PRE_LLM, Append, KeepPlan, Merge, Stage, among
 from workbench.pruning.ranking import normalized, top_k
 from workbench.pruning.registry import register_method
 
@@ -327,7 +327,7 @@ class AIM(PreLLMMethod):
                 visible = np.ones(state.n_rows, dtype=bool)
                 visual_rows = np.asarray(state.visual_rows, dtype=np.int64)
                 if stage is not None:
-                    visible[visual_rows[~np.isin(alive, stage.kept_array)]] = False
+                    visible[visual_rows[~among(alive, stage.kept_array)]] = False
                 nodes = np.arange(state.n_rows) if self.dropped == "masked" else np.flatnonzero(visible)
                 probs = state.attention(torch.from_numpy(nodes))[:, :, nodes].double().cpu().numpy()  # [H, S', S']
                 probs[:, :, ~visible[nodes]] = 0.0
