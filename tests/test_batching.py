@@ -152,6 +152,89 @@ def test_callbacks_in_a_batch_read_one_attention_pass_per_layer_for_all_samples(
     assert (0 not in calls) == resumed, calls  # resumed: the layers below the first stage are not run
 
 
+def _one_image_inputs(model: str):
+    """Three questions of different lengths on one image."""
+    if model == SHIPPED:
+        adapter, sample = shipped_architecture(), eval_sample()
+        image, questions = sample.load_image(), [sample.question, "what shape is it ?", sample.question + " now"]
+    else:
+        from tests.tiny_models import QUESTION, TINY_SPECS, noise_image, tiny_adapter
+
+        adapter = tiny_adapter(model)
+        image, questions = noise_image(TINY_SPECS[model].image_size, seed=0), [QUESTION, "what shape is it ?", QUESTION + " now"]
+    prepared = [adapter.prepare(image, q) for q in questions]
+    adapter.decoder_inputs_batch(prepared)  # one tower pass: the image's rows alike in every sample
+    return adapter, prepared
+
+
+def _rows_entering_first_layer(adapter):
+    """(batch, rows) of every call of decoder layer 0, and the hook's handle."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]))
+    return seen, adapter.decoder_layers()[0].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("kind", ["unpruned", "pre_llm", "in_llm", "callback"])
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_questions_on_one_image_prefill_the_rows_they_begin_with_once(model, kind):
+    """Samples on one image (the blank-image controls) with no stage inside the LLM: the rows they
+    all begin with (the prompt up to the image's last kept token) are prefilled once for the batch,
+    each sample getting what it gets alone. A stage or a callback inside the LLM cuts or reads
+    every sample's rows: there each sample runs all of them."""
+    adapter, prepared = _one_image_inputs(model)
+    n = prepared[0].layout.n_tokens
+    kept = tuple(range(0, n, 3))
+    callback = None
+    if kind == "unpruned":
+        plan = KeepPlan.keep_all(n, where=None)
+    elif kind == "pre_llm":
+        plan = KeepPlan("pre", len(kept), n, (Stage("pre_llm", kept),))
+    elif kind == "in_llm":
+        plan = KeepPlan("in", len(kept), n, (Stage(1, kept, position="original"),))
+    else:
+        method = create_method("pyramiddrop")
+        context = SelectionContext(prepared[0].layout, 0.25, None, ModelFacts.of(adapter))
+        plan, callback = method.select(context), method.layer_callback(context)
+    jobs = [Job(p, plan, callback, GOLD) for p in prepared]
+    single = [execute(adapter, p, plan, 4, gold_answer=GOLD, callback=callback) for p in prepared]
+    seen, handle = _rows_entering_first_layer(adapter)
+    try:
+        batched = execute_batch(adapter, jobs, 4)
+    finally:
+        handle.remove()
+    _assert_same(single, batched)
+    lengths = [one.tokens_per_layer[0] for one in single]
+    prefill = [(b, rows) for b, rows in seen if rows > 1]  # decoding steps feed one row per sample
+    if kind in ("unpruned", "pre_llm"):
+        assert prefill[0][0] == 1 and prefill[1][0] == len(jobs), prefill  # the prefix alone, then the batch
+        assert sum(b * rows for b, rows in prefill) < len(jobs) * min(lengths), (prefill, lengths)
+    else:
+        assert prefill == [(len(jobs), max(lengths))], prefill
+
+
+def test_samples_on_different_images_share_no_prefill():
+    """The rows before the image are alike in every sample, but a prefill of them alone would not
+    pay: on different images each sample runs all its rows, and gets what it gets alone."""
+    from workbench.samples import read_dataset
+
+    adapter = shipped_architecture()
+    samples = read_dataset("data/eval/samples.jsonl", limit=13)[::6]  # six questions per scene
+    assert len({s.image_path for s in samples}) == len(samples)
+    prepared = [adapter.prepare(s.load_image(), samples[0].question) for s in samples]
+    assert len({p.image_size for p in prepared}) == 1  # the same size: only the pixels differ
+    plan = KeepPlan.keep_all(prepared[0].layout.n_tokens, where=None)
+    single = [execute(adapter, p, plan, 4, gold_answer=GOLD) for p in prepared]
+    seen, handle = _rows_entering_first_layer(adapter)
+    try:
+        batched = execute_batch(adapter, [Job(p, plan, gold_answer=GOLD) for p in prepared], 4)
+    finally:
+        handle.remove()
+    _assert_same(single, batched)
+    assert [(b, rows) for b, rows in seen if rows > 1] == [(len(prepared), max(e.tokens_per_layer[0] for e in single))]
+
+
 def test_evaluate_answers_the_same_in_batches_as_one_at_a_time():
     import dataclasses
 

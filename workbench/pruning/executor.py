@@ -46,6 +46,11 @@ How it works, for a batch of samples (each under its own plan; a batch of one is
   with ``capture=True``) starts at the first layer it prunes before. Layers below it are stood in
   for by ``_Replay`` modules that put the unpruned keys/values into the cache and hand over the
   unpruned hidden states, so the result is exactly that of running from the first layer.
+* No row computed twice in a batch: samples that run no stage inside the LLM and whose decoder
+  inputs begin with the same rows, bit for bit (the blank-image controls: one image, many
+  questions), get those rows' keys and values from one prefill of them (``_shared_prefix``), and
+  the batch's prefill runs the rest of each sample on that cache. The same answers, logits within
+  float rounding; each sample still counts (``tokens_per_layer``) the rows it has.
 
 Not supported: sliding-window attention layers (the cache-aware mask slicing assumes full
 attention), "reindex" with multi-axis (M-RoPE) position ids, and sampling.
@@ -727,17 +732,31 @@ class _Batch:
         self.layer_kwargs: dict | None = None  # those tensors (mask, rotary, positions) as the last packing made them
         self.valid: dict[int, torch.Tensor | None] = {}  # per layer: [B, S] real (not padding) rows
         self.captured: list[dict] | None = [{} for _ in runs] if capture else None
+        # The rows every sample begins with, prefilled once (``_shared_prefix``): their embeddings
+        # and positions; None when the samples share none.
+        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def decoder_inputs(self):
+    def decoder_inputs(self, share_prefix: bool = False):
+        """The samples' decoder inputs, left-padded to one length; with ``share_prefix``, those past
+        the rows they all begin with (``self.prefix``), the mask covering those rows too."""
         parts = [run.decoder_inputs() for run in self.runs]
         if len(parts) > 1 and any(extra for *_, extra in parts):
             raise ExecutionError("this model passes its decoder extra inputs; it runs one sample at a time")
+        shared = _shared_prefix(parts) if share_prefix else 0
+        if shared:
+            self.prefix = (parts[0][0][:, :shared], parts[0][2][..., :shared])
+            parts = [(embeds[:, shared:], mask[:, shared:], positions[..., shared:], extra)
+                     for embeds, mask, positions, extra in parts]
         lengths = [embeds.shape[1] for embeds, *_ in parts]
         self.offsets = [max(lengths) - n for n in lengths]
         embeds = _pack([p[0] for p in parts], 0, 1)
         mask = _pack([p[1] for p in parts], 0, 1)
         positions = _pack([p[2] for p in parts], -2, -1)
         self.input_valid = _valid_rows(lengths, embeds.device)
+        if shared:
+            mask = torch.cat([mask.new_ones(len(parts), shared), mask], 1)
+            if self.input_valid is not None:
+                self.input_valid = torch.cat([self.input_valid.new_ones(len(parts), shared), self.input_valid], 1)
         return embeds, mask, positions, parts[0][3]
 
     def _view(self, kwargs: dict, b: int) -> dict:
@@ -871,6 +890,23 @@ class _Batch:
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
 
 
+def _shared_prefix(parts: list[tuple]) -> int:
+    """How many rows every sample's decoder input (embeddings, padding mask, position ids) begins
+    with, bit for bit, short of each sample's last row (its logits are read off it); 0 for fewer
+    than half the shortest sample's rows, which would not pay for a prefill call of their own."""
+    if len(parts) < 2:
+        return 0
+    first_embeds, first_mask, first_positions, _ = parts[0]
+    shortest = min(embeds.shape[1] for embeds, *_ in parts)
+    n = shortest - 1
+    same = first_mask[0, :n].bool()
+    for embeds, mask, positions, _ in parts[1:]:
+        same &= mask[0, :n].bool() & (embeds[0, :n] == first_embeds[0, :n]).all(-1)
+        same &= (positions[..., :n] == first_positions[..., :n]).reshape(-1, n).all(0)
+    shared = int(same.long().cumprod(0).sum())  # the leading run of rows that agree
+    return shared if 2 * shared >= shortest else 0
+
+
 def _packed_call(states: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, dict]:
     """(args, kwargs) of one layer call on the samples' ``states`` (their unpruned prefill's)."""
     hidden, kwargs = _pack_layer_inputs(states, states[0][1], states[0][0].device)
@@ -957,10 +993,26 @@ class _Decoder:
 
     def prefill(self, embeds, mask, positions) -> tuple[torch.Tensor, DynamicCache]:
         cache = DynamicCache(config=self.stack.config)
+        if self.batch.prefix is not None:
+            self._prefill_prefix(cache, len(embeds))
         self.batch.mode = "prefill"
         out = self.stack(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                          cache=cache, use_cache=True, **self.extra)
         return self.logits(out.last_hidden_state), cache
+
+    def _prefill_prefix(self, cache: DynamicCache, count: int) -> None:
+        """The batch's shared prefix prefilled once into ``cache``, then repeated for its ``count``
+        samples. The runs' hooks stay out of it: they record the batch's prefill, where every
+        sample's rows (the prefix's included, through the cache) are seen."""
+        embeds, positions = self.batch.prefix
+        mask = torch.ones(1, embeds.shape[1], dtype=torch.long, device=embeds.device)
+        token = hooks_suspended.set(True)
+        try:
+            self.stack(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, **self.extra)
+        finally:
+            hooks_suspended.reset(token)
+        cache.batch_repeat_interleave(count)
 
     def step(self, tokens: list[int], cache: DynamicCache, step: int) -> torch.Tensor:
         """Logits [B, V] after feeding ``tokens`` (one per sample) as the ``step``-th token after the prompt."""
@@ -1015,7 +1067,11 @@ def execute_batch(adapter: ModelAdapter, jobs: list[Job], max_new_tokens: int = 
                             f"{job.prepared.layout.n_tokens}")
     runs = [_Run(adapter, job.prepared, job.plan, job.callback, job.tower_callback) for job in jobs]
     batch = _Batch(adapter, runs, capture)
-    embeds, mask, positions, extra = batch.decoder_inputs()
+    # A shared prefix is prefilled before any layer sees the batch: only for samples no layer
+    # hook cuts or reads (no stage or callback inside the LLM), all run from the first layer.
+    share = not capture and all(job.resume is None for job in jobs) and \
+        not any(run.planned or run.callback is not None for run in runs)
+    embeds, mask, positions, extra = batch.decoder_inputs(share_prefix=share)
     decoder = _Decoder(adapter, batch, extra)
     start = 0
     if all(job.resume is not None for job in jobs):
