@@ -152,18 +152,22 @@ def test_callbacks_in_a_batch_read_one_attention_pass_per_layer_for_all_samples(
     assert (0 not in calls) == resumed, calls  # resumed: the layers below the first stage are not run
 
 
-def _one_image_inputs(model: str):
-    """Three questions of different lengths on one image."""
+def _questions_on_images(model: str, images: int):
+    """Three questions of different lengths on each of ``images`` images."""
     if model == SHIPPED:
+        from workbench.samples import read_dataset
+
         adapter, sample = shipped_architecture(), eval_sample()
-        image, questions = sample.load_image(), [sample.question, "what shape is it ?", sample.question + " now"]
+        pictures = [s.load_image() for s in read_dataset("data/eval/samples.jsonl", limit=13)[::6]]  # six questions a scene
+        questions = [sample.question, "what shape is it ?", sample.question + " now"]
     else:
         from tests.tiny_models import QUESTION, TINY_SPECS, noise_image, tiny_adapter
 
         adapter = tiny_adapter(model)
-        image, questions = noise_image(TINY_SPECS[model].image_size, seed=0), [QUESTION, "what shape is it ?", QUESTION + " now"]
-    prepared = [adapter.prepare(image, q) for q in questions]
-    adapter.decoder_inputs_batch(prepared)  # one tower pass: the image's rows alike in every sample
+        pictures = [noise_image(TINY_SPECS[model].image_size, seed=i) for i in range(images)]
+        questions = [QUESTION, "what shape is it ?", QUESTION + " now"]
+    prepared = [adapter.prepare(picture, q) for picture in pictures[:images] for q in questions]
+    adapter.decoder_inputs_batch(prepared)  # one tower pass: an image's rows alike in each of its samples
     return adapter, prepared
 
 
@@ -177,13 +181,15 @@ def _rows_entering_first_layer(adapter):
 
 
 @pytest.mark.parametrize("kind", ["unpruned", "pre_llm", "in_llm", "callback"])
+@pytest.mark.parametrize("images", [1, 2])
 @pytest.mark.parametrize("model", ALL_MODELS)
-def test_questions_on_one_image_prefill_the_rows_they_begin_with_once(model, kind):
-    """Samples on one image (the blank-image controls) with no stage inside the LLM: the rows they
-    all begin with (the prompt up to the image's last kept token) are prefilled once for the batch,
-    each sample getting what it gets alone. A stage or a callback inside the LLM cuts or reads
-    every sample's rows: there each sample runs all of them."""
-    adapter, prepared = _one_image_inputs(model)
+def test_questions_on_one_image_prefill_the_rows_they_begin_with_once(model, images, kind):
+    """Samples on one image (the blank-image controls; a benchmark's questions per image) with no
+    stage inside the LLM: the rows they begin with alike (the prompt up to the image's last kept
+    token) are prefilled once per image for the batch, each sample getting what it gets alone. A
+    stage or a callback inside the LLM cuts or reads every sample's rows: there each sample runs
+    all of them."""
+    adapter, prepared = _questions_on_images(model, images)
     n = prepared[0].layout.n_tokens
     kept = tuple(range(0, n, 3))
     callback = None
@@ -208,10 +214,57 @@ def test_questions_on_one_image_prefill_the_rows_they_begin_with_once(model, kin
     lengths = [one.tokens_per_layer[0] for one in single]
     prefill = [(b, rows) for b, rows in seen if rows > 1]  # decoding steps feed one row per sample
     if kind in ("unpruned", "pre_llm"):
-        assert prefill[0][0] == 1 and prefill[1][0] == len(jobs), prefill  # the prefix alone, then the batch
+        assert prefill[0][0] == images and prefill[1][0] == len(jobs), prefill  # each image's rows, then the batch
         assert sum(b * rows for b, rows in prefill) < len(jobs) * min(lengths), (prefill, lengths)
     else:
         assert prefill == [(len(jobs), max(lengths))], prefill
+
+
+def test_groups_sharing_rows_of_different_lengths_are_prefilled_side_by_side():
+    """Two questions that begin alike on one image share their rows up to where the questions
+    part; two others on another image only up to the image's end: the two groups' rows go through
+    one prefill call, the shorter left-padded, and each sample gets what it gets alone."""
+    from workbench.samples import read_dataset
+
+    adapter, question = shipped_architecture(), eval_sample().question
+    first, second = (s.load_image() for s in read_dataset("data/eval/samples.jsonl", limit=7)[::6])
+    prepared = [adapter.prepare(first, question), adapter.prepare(first, question + " now"),
+                adapter.prepare(second, "what shape is it ?"), adapter.prepare(second, question)]
+    adapter.decoder_inputs_batch(prepared)
+    plan = KeepPlan.keep_all(prepared[0].layout.n_tokens, where=None)
+    single = [execute(adapter, p, plan, 4, gold_answer=GOLD) for p in prepared]
+    seen, handle = _rows_entering_first_layer(adapter)
+    try:
+        batched = execute_batch(adapter, [Job(p, plan, gold_answer=GOLD) for p in prepared], 4)
+    finally:
+        handle.remove()
+    _assert_same(single, batched)
+    image_end = int(prepared[0].layout.positions.max()) + 1
+    groups, rest = [(b, rows) for b, rows in seen if rows > 1]
+    assert groups[0] == 2 and groups[1] > image_end, groups  # the first group's rows reach into its questions
+    assert rest[0] == len(prepared) and rest[1] < max(e.tokens_per_layer[0] for e in single) - image_end, rest
+
+
+def test_runs_given_their_unpruned_prefill_share_rows_only_where_they_prune_before_the_llm():
+    """The sweep's runs come with each sample's unpruned prefill: a plan pruning before the LLM
+    cannot start from it, so its samples on one image still share their rows; an unpruned run
+    takes every layer but the last from it instead, and shares nothing."""
+    adapter, prepared = _questions_on_images(SHIPPED, 2)
+    n = prepared[0].layout.n_tokens
+    unpruned = KeepPlan.keep_all(n, where=None)
+    prefills = [e.prefill for e in execute_batch(adapter, [Job(p, unpruned) for p in prepared], 0, capture=True)]
+    kept = tuple(range(0, n, 3))
+    for plan, shared in ((KeepPlan("pre", len(kept), n, (Stage("pre_llm", kept),)), True), (unpruned, False)):
+        jobs = [Job(p, plan, gold_answer=GOLD, resume=prefill) for p, prefill in zip(prepared, prefills)]
+        single = [execute(adapter, p, plan, 4, gold_answer=GOLD) for p in prepared]
+        seen, handle = _rows_entering_first_layer(adapter)
+        try:
+            batched = execute_batch(adapter, jobs, 4)
+        finally:
+            handle.remove()
+        _assert_same(single, batched)
+        prefill = [(b, rows) for b, rows in seen if rows > 1]
+        assert prefill[:1] == ([(2, prefill[0][1])] if shared else []), prefill
 
 
 def test_samples_on_different_images_share_no_prefill():

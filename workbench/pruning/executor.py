@@ -47,10 +47,12 @@ How it works, for a batch of samples (each under its own plan; a batch of one is
   for by ``_Replay`` modules that put the unpruned keys/values into the cache and hand over the
   unpruned hidden states, so the result is exactly that of running from the first layer.
 * No row computed twice in a batch: samples that run no stage inside the LLM and whose decoder
-  inputs begin with the same rows, bit for bit (the blank-image controls: one image, many
-  questions), get those rows' keys and values from one prefill of them (``_shared_prefix``), and
-  the batch's prefill runs the rest of each sample on that cache. The same answers, logits within
-  float rounding; each sample still counts (``tokens_per_layer``) the rows it has.
+  inputs begin with the same rows, bit for bit (questions on one image: the blank-image controls,
+  a benchmark's several questions per image under a plan that does not read the question), get
+  those rows' keys and values from one prefill of them per group of alike samples
+  (``_prefix_groups``), and the batch's prefill runs the rest of each sample on that cache. The
+  same answers, logits within float rounding; each sample still counts (``tokens_per_layer``) the
+  rows it has.
 
 Not supported: sliding-window attention layers (the cache-aware mask slicing assumes full
 attention), "reindex" with multi-axis (M-RoPE) position ids, and sampling.
@@ -732,31 +734,41 @@ class _Batch:
         self.layer_kwargs: dict | None = None  # those tensors (mask, rotary, positions) as the last packing made them
         self.valid: dict[int, torch.Tensor | None] = {}  # per layer: [B, S] real (not padding) rows
         self.captured: list[dict] | None = [{} for _ in runs] if capture else None
-        # The rows every sample begins with, prefilled once (``_shared_prefix``): their embeddings
-        # and positions; None when the samples share none.
-        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.prefix: _Prefixes | None = None  # the rows groups of samples begin with alike, prefilled once
 
-    def decoder_inputs(self, share_prefix: bool = False):
-        """The samples' decoder inputs, left-padded to one length; with ``share_prefix``, those past
-        the rows they all begin with (``self.prefix``), the mask covering those rows too."""
+    def sample_inputs(self) -> list[tuple]:
+        """Each sample's decoder inputs (embeddings, mask, positions, extra), its pre-LLM stage applied."""
         parts = [run.decoder_inputs() for run in self.runs]
         if len(parts) > 1 and any(extra for *_, extra in parts):
             raise ExecutionError("this model passes its decoder extra inputs; it runs one sample at a time")
-        shared = _shared_prefix(parts) if share_prefix else 0
-        if shared:
-            self.prefix = (parts[0][0][:, :shared], parts[0][2][..., :shared])
-            parts = [(embeds[:, shared:], mask[:, shared:], positions[..., shared:], extra)
-                     for embeds, mask, positions, extra in parts]
+        return parts
+
+    def decoder_inputs(self, parts: list[tuple], share_prefix: bool = False):
+        """The samples' decoder inputs (``sample_inputs``) left-padded to one length; with
+        ``share_prefix``, those past the rows each begins with alike others (``self.prefix``), the
+        mask covering those rows too."""
+        groups = _prefix_groups(parts) if share_prefix else None
+        if groups is not None:
+            group, shared = groups
+            heads = [parts[group.index(g)] for g in range(len(shared))]  # a group's first sample
+            self.prefix = _Prefixes(_pack([h[0][:, :n] for h, n in zip(heads, shared)], 0, 1),
+                                    _pack([h[1][:, :n] for h, n in zip(heads, shared)], 0, 1),
+                                    _pack([h[2][..., :n] for h, n in zip(heads, shared)], -2, -1),
+                                    torch.tensor(group))
+            parts = [(embeds[:, shared[g]:], mask[:, shared[g]:], positions[..., shared[g]:], extra)
+                     for (embeds, mask, positions, extra), g in zip(parts, group)]
         lengths = [embeds.shape[1] for embeds, *_ in parts]
         self.offsets = [max(lengths) - n for n in lengths]
         embeds = _pack([p[0] for p in parts], 0, 1)
         mask = _pack([p[1] for p in parts], 0, 1)
         positions = _pack([p[2] for p in parts], -2, -1)
         self.input_valid = _valid_rows(lengths, embeds.device)
-        if shared:
-            mask = torch.cat([mask.new_ones(len(parts), shared), mask], 1)
-            if self.input_valid is not None:
-                self.input_valid = torch.cat([self.input_valid.new_ones(len(parts), shared), self.input_valid], 1)
+        if self.prefix is not None:
+            # Each sample's cache rows: its group's (left-padded among the groups), then its own.
+            head = self.prefix.mask[self.prefix.group].to(mask.device)
+            rest = self.input_valid if self.input_valid is not None else torch.ones_like(mask, dtype=torch.bool)
+            mask = torch.cat([head.to(mask.dtype), mask], 1)
+            self.input_valid = torch.cat([head.bool(), rest], 1)
         return embeds, mask, positions, parts[0][3]
 
     def _view(self, kwargs: dict, b: int) -> dict:
@@ -890,21 +902,52 @@ class _Batch:
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
 
 
-def _shared_prefix(parts: list[tuple]) -> int:
-    """How many rows every sample's decoder input (embeddings, padding mask, position ids) begins
-    with, bit for bit, short of each sample's last row (its logits are read off it); 0 for fewer
-    than half the shortest sample's rows, which would not pay for a prefill call of their own."""
-    if len(parts) < 2:
-        return 0
-    first_embeds, first_mask, first_positions, _ = parts[0]
-    shortest = min(embeds.shape[1] for embeds, *_ in parts)
-    n = shortest - 1
-    same = first_mask[0, :n].bool()
-    for embeds, mask, positions, _ in parts[1:]:
-        same &= mask[0, :n].bool() & (embeds[0, :n] == first_embeds[0, :n]).all(-1)
-        same &= (positions[..., :n] == first_positions[..., :n]).reshape(-1, n).all(0)
-    shared = int(same.long().cumprod(0).sum())  # the leading run of rows that agree
-    return shared if 2 * shared >= shortest else 0
+@dataclass(frozen=True)
+class _Prefixes:
+    """The rows each group of a batch's samples begins with alike (``_prefix_groups``), the groups
+    side by side, left-padded: what one prefill call makes every sample's first cache rows of."""
+
+    embeds: torch.Tensor  # [G, P, D]
+    mask: torch.Tensor  # [G, P]: 0 on the padding
+    positions: torch.Tensor  # [G, P], or [A, G, P] (M-RoPE)
+    group: torch.Tensor  # [B]: each sample's group
+
+
+def _rows_alike(a: tuple, b: tuple) -> int:
+    """How many rows two samples' decoder inputs (embeddings, padding mask, position ids) begin
+    with, bit for bit, short of either's last row (its logits are read off it)."""
+    (a_embeds, a_mask, a_positions, _), (b_embeds, b_mask, b_positions, _) = a, b
+    n = min(a_embeds.shape[1], b_embeds.shape[1]) - 1
+    same = a_mask[0, :n].bool() & b_mask[0, :n].bool() & (a_embeds[0, :n] == b_embeds[0, :n]).all(-1)
+    same &= (a_positions[..., :n] == b_positions[..., :n]).reshape(-1, n).all(0)
+    return int(same.long().cumprod(0).sum())  # the leading run of rows that agree
+
+
+def _prefix_groups(parts: list[tuple]) -> tuple[list[int], list[int]] | None:
+    """The samples grouped by the rows they begin with alike: each sample's group and each group's
+    shared rows (all but the last of a group of one). A sample alike a group's first in fewer than
+    half its rows (the prompt before the image, on another image) starts its own: joining would cut
+    the group's rows to those few. None where one prefill of the groups' rows and one of every
+    sample's rest would not process fewer rows than the samples whole: no two samples alike, or
+    rests the padding makes long."""
+    firsts: list[int] = []
+    shared: list[int] = []
+    group: list[int] = []
+    for b, part in enumerate(parts):
+        rows, g = max(((_rows_alike(parts[first], part), g) for g, first in enumerate(firsts)), default=(0, -1))
+        if 2 * rows >= part[0].shape[1]:
+            shared[g] = min(shared[g], rows)
+        else:
+            g = len(firsts)
+            firsts.append(b)
+            shared.append(part[0].shape[1] - 1)
+        group.append(g)
+    lengths = [part[0].shape[1] for part in parts]
+    rests = [n - shared[g] for n, g in zip(lengths, group)]
+    if len(firsts) == len(parts) or \
+            len(firsts) * max(shared) + len(parts) * max(rests) >= len(parts) * max(lengths):
+        return None
+    return group, shared
 
 
 def _packed_call(states: list[tuple[torch.Tensor, dict]]) -> tuple[tuple, dict]:
@@ -994,25 +1037,24 @@ class _Decoder:
     def prefill(self, embeds, mask, positions) -> tuple[torch.Tensor, DynamicCache]:
         cache = DynamicCache(config=self.stack.config)
         if self.batch.prefix is not None:
-            self._prefill_prefix(cache, len(embeds))
+            self._prefill_prefix(cache)
         self.batch.mode = "prefill"
         out = self.stack(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                          cache=cache, use_cache=True, **self.extra)
         return self.logits(out.last_hidden_state), cache
 
-    def _prefill_prefix(self, cache: DynamicCache, count: int) -> None:
-        """The batch's shared prefix prefilled once into ``cache``, then repeated for its ``count``
-        samples. The runs' hooks stay out of it: they record the batch's prefill, where every
-        sample's rows (the prefix's included, through the cache) are seen."""
-        embeds, positions = self.batch.prefix
-        mask = torch.ones(1, embeds.shape[1], dtype=torch.long, device=embeds.device)
+    def _prefill_prefix(self, cache: DynamicCache) -> None:
+        """The batch's groups' shared rows prefilled once into ``cache``, then each group's given to
+        each of its samples. The runs' hooks stay out of it: they record the batch's prefill, where
+        every sample's rows (the shared ones through the cache) are seen."""
+        prefix = self.batch.prefix
         token = hooks_suspended.set(True)
         try:
-            self.stack(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=True, **self.extra)
+            self.stack(inputs_embeds=prefix.embeds, attention_mask=prefix.mask, position_ids=prefix.positions,
+                       cache=cache, use_cache=True, **self.extra)
         finally:
             hooks_suspended.reset(token)
-        cache.batch_repeat_interleave(count)
+        cache.batch_select_indices(prefix.group.to(prefix.embeds.device))
 
     def step(self, tokens: list[int], cache: DynamicCache, step: int) -> torch.Tensor:
         """Logits [B, V] after feeding ``tokens`` (one per sample) as the ``step``-th token after the prompt."""
@@ -1067,12 +1109,7 @@ def execute_batch(adapter: ModelAdapter, jobs: list[Job], max_new_tokens: int = 
                             f"{job.prepared.layout.n_tokens}")
     runs = [_Run(adapter, job.prepared, job.plan, job.callback, job.tower_callback) for job in jobs]
     batch = _Batch(adapter, runs, capture)
-    # A shared prefix is prefilled before any layer sees the batch: only for samples no layer
-    # hook cuts or reads (no stage or callback inside the LLM), all run from the first layer.
-    share = not capture and all(job.resume is None for job in jobs) and \
-        not any(run.planned or run.callback is not None for run in runs)
-    embeds, mask, positions, extra = batch.decoder_inputs(share_prefix=share)
-    decoder = _Decoder(adapter, batch, extra)
+    parts = batch.sample_inputs()
     start = 0
     if all(job.resume is not None for job in jobs):
         if capture:  # the unpruned run goes on where a recorded forward of its input stopped
@@ -1080,6 +1117,11 @@ def execute_batch(adapter: ModelAdapter, jobs: list[Job], max_new_tokens: int = 
         else:
             start = batch.first_pruned_layer([job.resume for job in jobs])
             start = min(start, len(runs[0].layers) - 1)  # the last layer always runs: its output is not kept
+    # Shared rows are prefilled before any layer sees the batch: only for samples run from the
+    # first layer that no layer hook cuts or reads (no stage or callback inside the LLM).
+    share = start == 0 and not capture and not any(run.planned or run.callback is not None for run in runs)
+    embeds, mask, positions, extra = batch.decoder_inputs(parts, share_prefix=share)
+    decoder = _Decoder(adapter, batch, extra)
     resumed = _resumed(adapter, batch, [job.resume for job in jobs], start) if start else contextlib.nullcontext()
     handles = [layer.register_forward_pre_hook(batch.hook(i), with_kwargs=True) for i, layer in enumerate(batch.layers)]
     try:
