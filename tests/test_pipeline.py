@@ -2,6 +2,7 @@
 
 
 import numpy as np
+import torch
 import pytest
 
 from workbench import pipeline
@@ -89,17 +90,22 @@ def test_the_data_set_names_its_scorer(ready, tmp_path):
 
 
 def test_a_blank_control_is_the_sample_on_the_blank_image_without_reading_the_sample_again(ready, monkeypatch):
-    """``on_image``: the sample's question on another image of its size, its layout and evidence
-    tokens taken over (the sample's evidence is not read again), running as the sample prepared
-    on that image does."""
+    """``on_image``: the sample's question on another image of its size (processed once, for
+    another question), its layout and evidence tokens taken over (the sample's evidence is not read
+    again), with the inputs and run of the sample prepared on that image."""
     from workbench.images import blank_image
     from workbench.samples import Sample
 
     adapter, prepared = ready
     blank = blank_image(prepared.prepared.image_size)
     fresh = pipeline.prepare_sample(adapter, prepared.sample, image=blank)
+    other = adapter.prepare(blank, "what colour is it , and how large ?")
     monkeypatch.setattr(Sample, "evidence_mask", lambda self: pytest.fail("the evidence was read again"))
-    control = pipeline.on_image(adapter, prepared, blank)
+    monkeypatch.setattr(type(adapter), "processor_inputs", lambda *_: pytest.fail("the processor ran again"))
+    control = pipeline.on_image(adapter, prepared, other)
+    assert sorted(control.prepared.inputs) == sorted(fresh.prepared.inputs)
+    for name, tensor in fresh.prepared.inputs.items():
+        assert torch.equal(control.prepared.inputs[name], tensor), name
     assert control.evidence is prepared.evidence and control.recording is None
     assert np.array_equal(control.prepared.layout.positions, prepared.prepared.layout.positions)
     assert control.prepared.layout.sequence_length == prepared.prepared.layout.sequence_length

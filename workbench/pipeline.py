@@ -94,15 +94,12 @@ def prepare_sample(adapter: ModelAdapter, sample: Sample, methods: Sequence[Prun
     return prepare_inputs(adapter, [(sample, prepared)], methods)[0]
 
 
-def on_image(adapter: ModelAdapter, ready: PreparedSample, image) -> PreparedSample:
-    """``ready``'s question on another image of the same size (the blank-image control), with no
+def on_image(adapter: ModelAdapter, ready: PreparedSample, other: PreparedInput) -> PreparedSample:
+    """``ready``'s question on ``other``'s image, of the same size (the blank-image control), with no
     recording: the layout is the sample's (it depends on the size alone), so are its evidence
-    tokens, which are not read again."""
-    prepared = adapter.prepare(image, ready.sample.question)
-    if prepared.layout.n_tokens != ready.n_visual:
-        raise ValueError(f"an image of size {image.size} gives {prepared.layout.n_tokens} visual tokens, "
-                         f"the sample's {ready.prepared.image_size} gave {ready.n_visual}")
-    return PreparedSample(ready.sample, prepared, ready.facts, ready.shape, ready.evidence, scorer=ready.scorer)
+    tokens, which are not read again (``ModelAdapter.with_image_of``)."""
+    return PreparedSample(ready.sample, adapter.with_image_of(ready.prepared, other), ready.facts, ready.shape,
+                          ready.evidence, scorer=ready.scorer)
 
 
 def prepare_inputs(adapter: ModelAdapter, items: Sequence[tuple[Sample, PreparedInput]],

@@ -223,7 +223,12 @@ def _groups(readies: dict, tasks: Sequence[SweepTask], wanted: Callable[[SweepTa
 def _controls(adapter: ModelAdapter, readies: list, max_new_tokens: int) -> tuple[list, list]:
     """The zero-token and blank-image controls of each prepared sample, each run as one batch."""
     zero = [KeepPlan(CONTROLS[0], 0, ready.n_visual, (Stage(PRE_LLM, ()),)) for ready in readies]
-    blank = [pipeline.on_image(adapter, ready, blank_image(ready.prepared.image_size)) for ready in readies]
+    blanks: dict[tuple[int, int], PreparedInput] = {}  # one processed blank image per size, for all its samples
+    for ready in readies:
+        size = ready.prepared.image_size
+        if size not in blanks:
+            blanks[size] = adapter.prepare(blank_image(size), ready.sample.question)
+    blank = [pipeline.on_image(adapter, ready, blanks[ready.prepared.image_size]) for ready in readies]
     adapter.decoder_inputs_batch([ready.prepared for ready in blank])  # one tower pass on all blank images
     return (pipeline.run_batch(adapter, readies, None, plans=zero, label=CONTROLS[0], max_new_tokens=max_new_tokens),
             pipeline.run_batch(adapter, blank, None, label=CONTROLS[1], max_new_tokens=max_new_tokens,

@@ -73,6 +73,24 @@ def test_layout_matches_the_placeholders(family):
             raise AssertionError(f"{family} at {size}: {error}") from error
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_a_prompt_on_another_image_of_its_size_is_what_the_processor_makes_of_them(family):
+    """``with_image_of``: a prepared prompt given another processed image of the same size (made
+    for another question) has the processor's tensors and layout for that prompt on that image, at
+    every size tried: the text tensors and the layout depend on the image's size alone."""
+    adapter = tiny_adapter(family)
+    for size in [TINY_SPECS[family].image_size, *EXTRA_SIZES]:
+        mine, other = adapter.prepare(noise_image(size, seed=1), QUESTION), adapter.prepare(noise_image(size, seed=2), "why ?")
+        swapped, fresh = adapter.with_image_of(mine, other), adapter.prepare(noise_image(size, seed=2), QUESTION)
+        assert sorted(swapped.inputs) == sorted(fresh.inputs), (family, size)
+        for name, tensor in fresh.inputs.items():
+            assert torch.equal(swapped.inputs[name], tensor), (family, size, name)
+        assert swapped.layout.n_tokens == fresh.layout.n_tokens and swapped.prompt == fresh.prompt
+        assert np.array_equal(swapped.layout.positions, fresh.layout.positions), (family, size)
+    with pytest.raises(ValueError, match="same size"):
+        adapter.with_image_of(mine, adapter.prepare(noise_image((40, 90)), QUESTION))
+
+
 @contextlib.contextmanager
 def position_independent_tower(adapter):
     """Zero every vision layer's attention output projection, so that no token sees another (the

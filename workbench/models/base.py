@@ -261,6 +261,20 @@ class ModelAdapter(ABC):
         inputs = self.processor_inputs([image], [prompt]).to(self.device)
         return PreparedInput(inputs, self.layout(inputs, [image.size]), prompt, image.size, question)
 
+    def with_image_of(self, prepared: PreparedInput, other: PreparedInput) -> PreparedInput:
+        """``prepared``'s prompt on ``other``'s image, of the same size, without a processor call:
+        ``other``'s image tensors (what the image processor made) in place of ``prepared``'s. Its
+        text tensors and layout are kept: the processor expands the image's placeholder by the
+        image's size alone, on every supported family. Every blank-image control of a size reuses
+        one processed blank image this way."""
+        if other.image_size != prepared.image_size:
+            raise ValueError(f"an image of size {other.image_size} in place of one of {prepared.image_size}: "
+                             "only one of the same size keeps the layout")
+        names = set(self.processor.image_processor.model_input_names)
+        inputs = BatchFeature({name: other.inputs[name] if name in names else tensor
+                               for name, tensor in prepared.inputs.items()})
+        return PreparedInput(inputs, prepared.layout, prepared.prompt, prepared.image_size, prepared.question)
+
     @abstractmethod
     def layout(self, inputs: BatchFeature, image_sizes: list[tuple[int, int]]) -> VisualLayout:
         """Layout of the first sequence in ``inputs``; ``image_sizes`` are (width, height)."""
