@@ -1045,15 +1045,11 @@ class _Decoder:
 
     def _prefill_prefix(self, cache: DynamicCache) -> None:
         """The batch's groups' shared rows prefilled once into ``cache``, then each group's given to
-        each of its samples. The runs' hooks stay out of it: they record the batch's prefill, where
-        every sample's rows (the shared ones through the cache) are seen."""
+        each of its samples. (No sample's layer hook acts on it: sharing is only for samples no
+        stage or callback inside the LLM cuts or reads.)"""
         prefix = self.batch.prefix
-        token = hooks_suspended.set(True)
-        try:
-            self.stack(inputs_embeds=prefix.embeds, attention_mask=prefix.mask, position_ids=prefix.positions,
-                       cache=cache, use_cache=True, **self.extra)
-        finally:
-            hooks_suspended.reset(token)
+        self.stack(inputs_embeds=prefix.embeds, attention_mask=prefix.mask, position_ids=prefix.positions,
+                   cache=cache, use_cache=True, **self.extra)
         cache.batch_select_indices(prefix.group.to(prefix.embeds.device))
 
     def step(self, tokens: list[int], cache: DynamicCache, step: int) -> torch.Tensor:
