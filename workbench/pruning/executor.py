@@ -913,39 +913,36 @@ class _Prefixes:
     group: torch.Tensor  # [B]: each sample's group
 
 
-def _rows_alike(a: tuple, b: tuple) -> int:
-    """How many rows two samples' decoder inputs (embeddings, padding mask, position ids) begin
-    with, bit for bit, short of either's last row (its logits are read off it)."""
-    (a_embeds, a_mask, a_positions, _), (b_embeds, b_mask, b_positions, _) = a, b
-    n = min(a_embeds.shape[1], b_embeds.shape[1]) - 1
-    same = a_mask[0, :n].bool() & b_mask[0, :n].bool() & (a_embeds[0, :n] == b_embeds[0, :n]).all(-1)
-    same &= (a_positions[..., :n] == b_positions[..., :n]).reshape(-1, n).all(0)
-    return int(same.long().cumprod(0).sum())  # the leading run of rows that agree
-
-
 def _prefix_groups(parts: list[tuple]) -> tuple[list[int], list[int]] | None:
-    """The samples grouped by the rows they begin with alike: each sample's group and each group's
-    shared rows (all but the last of a group of one). A sample alike a group's first in fewer than
-    half its rows (the prompt before the image, on another image) starts its own: joining would cut
-    the group's rows to those few. None where one prefill of the groups' rows and one of every
-    sample's rest would not process fewer rows than the samples whole: no two samples alike, or
-    rests the padding makes long."""
-    firsts: list[int] = []
-    shared: list[int] = []
-    group: list[int] = []
-    for b, part in enumerate(parts):
-        rows, g = max(((_rows_alike(parts[first], part), g) for g, first in enumerate(firsts)), default=(0, -1))
-        if 2 * rows >= part[0].shape[1]:
-            shared[g] = min(shared[g], rows)
-        else:
-            g = len(firsts)
-            firsts.append(b)
-            shared.append(part[0].shape[1] - 1)
-        group.append(g)
+    """The samples grouped by the rows they begin with alike, bit for bit (embedding, padding flag
+    and position ids; short of the shortest sample's last row, whose logits are read off it): each
+    sample's group and each group's shared rows (all but the last of a group of one). A sample
+    alike a group's first in fewer than half its rows (the prompt before the image, on another
+    image) starts its own: joining would cut the group's rows to those few. None where one prefill
+    of the groups' rows and one of every sample's rest would not process fewer rows than the
+    samples whole: no two samples alike, or rests the padding makes long."""
+    if len(parts) < 2:
+        return None
     lengths = [part[0].shape[1] for part in parts]
-    rests = [n - shared[g] for n, g in zip(lengths, group)]
-    if len(firsts) == len(parts) or \
-            len(firsts) * max(shared) + len(parts) * max(rests) >= len(parts) * max(lengths):
+    n = min(lengths) - 1
+    # The samples' first n rows side by side: each group's first is compared with all at once.
+    embeds = torch.cat([part[0][:, :n] for part in parts])  # [B, n, D]
+    valid = torch.cat([part[1][:, :n] for part in parts]).bool()  # [B, n]
+    positions = torch.stack([part[2][..., :n].reshape(-1, n) for part in parts])  # [B, axes, n]
+    group: list[int | None] = [None] * len(parts)
+    shared: list[int] = []
+    for first in range(len(parts)):
+        if group[first] is not None:
+            continue
+        same = (embeds == embeds[first]).all(-1) & valid & valid[first] & (positions == positions[first]).all(1)
+        alike = same.long().cumprod(1).sum(1).tolist()  # the leading run of rows that agree
+        joined = [b for b in range(first + 1, len(parts)) if group[b] is None and 2 * alike[b] >= lengths[b]]
+        for b in [first, *joined]:
+            group[b] = len(shared)
+        shared.append(min(alike[b] for b in joined) if joined else lengths[first] - 1)
+    rests = [length - shared[g] for length, g in zip(lengths, group)]
+    if len(shared) == len(parts) or \
+            len(shared) * max(shared) + len(parts) * max(rests) >= len(parts) * max(lengths):
         return None
     return group, shared
 
