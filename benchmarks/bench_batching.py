@@ -1,9 +1,9 @@
 """Sweep throughput with ``--batch-size 16`` against one sample at a time, on the shipped model.
 
 Sixteen evaluation samples (three scenes: six questions each), their questions made of different
-lengths (so every batch is padded),
-go through the sweep's unit of work (``workbench.sweep.run_tasks``: recording, the unpruned run,
-the two controls, then each method at each budget) with a pre-LLM, an in-LLM and a callback
+lengths (so every batch is padded), go through the sweep's unit of work
+(``workbench.sweep.run_tasks``: recording, the unpruned run, the two controls, then each method at
+each budget) with a pre-LLM, an in-LLM and a callback
 method (uniform_grid, fastv, pyramiddrop) at two budgets: once as 16 batches of one sample, once
 as one batch of 16. Both take turns in each round (after a warm-up on two samples), so a drift in
 the machine's speed reaches both alike. Printed: the least seconds per sample of each over the
