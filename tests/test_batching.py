@@ -171,13 +171,22 @@ def _questions_on_images(model: str, images: int):
     return adapter, prepared
 
 
-def _rows_entering_first_layer(adapter):
-    """(batch, rows) of every call of decoder layer 0, and the hook's handle."""
+def _prefills_beside_alone(adapter, jobs: list[Job]):
+    """The jobs run alone and as one batch, checked alike: the runs alone, and the (batch, rows) of
+    every prefill call of the batch's first decoder layer (its decoding steps, a row per sample, left out)."""
+    single = [execute(adapter, job.prepared, job.plan, 4, gold_answer=job.gold_answer, callback=job.callback)
+              for job in jobs]
     seen = []
 
     def hook(module, args, kwargs):
         seen.append(tuple((args[0] if args else kwargs["hidden_states"]).shape[:2]))
-    return seen, adapter.decoder_layers()[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = adapter.decoder_layers()[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        batched = execute_batch(adapter, jobs, 4)
+    finally:
+        handle.remove()
+    _assert_same(single, batched)
+    return single, [(b, rows) for b, rows in seen if rows > 1]
 
 
 @pytest.mark.parametrize("kind", ["unpruned", "pre_llm", "in_llm", "callback"])
@@ -204,15 +213,8 @@ def test_questions_on_one_image_prefill_the_rows_they_begin_with_once(model, ima
         context = SelectionContext(prepared[0].layout, 0.25, None, ModelFacts.of(adapter))
         plan, callback = method.select(context), method.layer_callback(context)
     jobs = [Job(p, plan, callback, GOLD) for p in prepared]
-    single = [execute(adapter, p, plan, 4, gold_answer=GOLD, callback=callback) for p in prepared]
-    seen, handle = _rows_entering_first_layer(adapter)
-    try:
-        batched = execute_batch(adapter, jobs, 4)
-    finally:
-        handle.remove()
-    _assert_same(single, batched)
+    single, prefill = _prefills_beside_alone(adapter, jobs)
     lengths = [one.tokens_per_layer[0] for one in single]
-    prefill = [(b, rows) for b, rows in seen if rows > 1]  # decoding steps feed one row per sample
     if kind in ("unpruned", "pre_llm"):
         assert prefill[0][0] == images and prefill[1][0] == len(jobs), prefill  # each image's rows, then the batch
         assert sum(b * rows for b, rows in prefill) < len(jobs) * min(lengths), (prefill, lengths)
@@ -232,15 +234,8 @@ def test_groups_sharing_rows_of_different_lengths_are_prefilled_side_by_side():
                 adapter.prepare(second, "what shape is it ?"), adapter.prepare(second, question)]
     adapter.decoder_inputs_batch(prepared)
     plan = KeepPlan.keep_all(prepared[0].layout.n_tokens, where=None)
-    single = [execute(adapter, p, plan, 4, gold_answer=GOLD) for p in prepared]
-    seen, handle = _rows_entering_first_layer(adapter)
-    try:
-        batched = execute_batch(adapter, [Job(p, plan, gold_answer=GOLD) for p in prepared], 4)
-    finally:
-        handle.remove()
-    _assert_same(single, batched)
+    single, (groups, rest) = _prefills_beside_alone(adapter, [Job(p, plan, gold_answer=GOLD) for p in prepared])
     image_end = int(prepared[0].layout.positions.max()) + 1
-    groups, rest = [(b, rows) for b, rows in seen if rows > 1]
     assert groups[0] == 2 and groups[1] > image_end, groups  # the first group's rows reach into its questions
     assert rest[0] == len(prepared) and rest[1] < max(e.tokens_per_layer[0] for e in single) - image_end, rest
 
@@ -256,14 +251,7 @@ def test_runs_given_their_unpruned_prefill_share_rows_only_where_they_prune_befo
     kept = tuple(range(0, n, 3))
     for plan, shared in ((KeepPlan("pre", len(kept), n, (Stage("pre_llm", kept),)), True), (unpruned, False)):
         jobs = [Job(p, plan, gold_answer=GOLD, resume=prefill) for p, prefill in zip(prepared, prefills)]
-        single = [execute(adapter, p, plan, 4, gold_answer=GOLD) for p in prepared]
-        seen, handle = _rows_entering_first_layer(adapter)
-        try:
-            batched = execute_batch(adapter, jobs, 4)
-        finally:
-            handle.remove()
-        _assert_same(single, batched)
-        prefill = [(b, rows) for b, rows in seen if rows > 1]
+        _, prefill = _prefills_beside_alone(adapter, jobs)
         assert prefill[:1] == ([(2, prefill[0][1])] if shared else []), prefill
 
 
@@ -278,14 +266,8 @@ def test_samples_on_different_images_share_no_prefill():
     prepared = [adapter.prepare(s.load_image(), samples[0].question) for s in samples]
     assert len({p.image_size for p in prepared}) == 1  # the same size: only the pixels differ
     plan = KeepPlan.keep_all(prepared[0].layout.n_tokens, where=None)
-    single = [execute(adapter, p, plan, 4, gold_answer=GOLD) for p in prepared]
-    seen, handle = _rows_entering_first_layer(adapter)
-    try:
-        batched = execute_batch(adapter, [Job(p, plan, gold_answer=GOLD) for p in prepared], 4)
-    finally:
-        handle.remove()
-    _assert_same(single, batched)
-    assert [(b, rows) for b, rows in seen if rows > 1] == [(len(prepared), max(e.tokens_per_layer[0] for e in single))]
+    single, prefill = _prefills_beside_alone(adapter, [Job(p, plan, gold_answer=GOLD) for p in prepared])
+    assert prefill == [(len(prepared), max(e.tokens_per_layer[0] for e in single))]
 
 
 def test_evaluate_answers_the_same_in_batches_as_one_at_a_time():
