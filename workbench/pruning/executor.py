@@ -754,7 +754,7 @@ class _Batch:
             self.prefix = _Prefixes(_pack([h[0][:, :n] for h, n in zip(heads, shared)], 0, 1),
                                     _pack([h[1][:, :n] for h, n in zip(heads, shared)], 0, 1),
                                     _pack([h[2][..., :n] for h, n in zip(heads, shared)], -2, -1),
-                                    torch.tensor(group))
+                                    torch.tensor(group, device=heads[0][0].device))
             parts = [(embeds[:, shared[g]:], mask[:, shared[g]:], positions[..., shared[g]:], extra)
                      for (embeds, mask, positions, extra), g in zip(parts, group)]
         lengths = [embeds.shape[1] for embeds, *_ in parts]
