@@ -47,7 +47,7 @@ How it works, for a batch of samples (each under its own plan; a batch of one is
   for by ``_Replay`` modules that put the unpruned keys/values into the cache and hand over the
   unpruned hidden states, so the result is exactly that of running from the first layer.
 * No row computed twice in a batch: samples that run no stage inside the LLM and whose decoder
-  inputs begin with the same rows, bit for bit (questions on one image: the blank-image controls,
+  inputs begin with exactly equal rows (questions on one image: the blank-image controls,
   a benchmark's several questions per image under a plan that does not read the question), get
   those rows' keys and values from one prefill of them per group of alike samples
   (``_prefix_groups``), and the batch's prefill runs the rest of each sample on that cache. The
@@ -914,7 +914,7 @@ class _Prefixes:
 
 
 def _prefix_groups(parts: list[tuple]) -> tuple[list[int], list[int]] | None:
-    """The samples grouped by the rows they begin with alike, bit for bit (embedding, padding flag
+    """The samples grouped by the rows they begin with alike, exactly equal (embedding, padding flag
     and position ids; short of the shortest sample's last row, whose logits are read off it): each
     sample's group and each group's shared rows (all but the last of a group of one). A sample
     alike a group's first in fewer than half its rows (the prompt before the image, on another
