@@ -251,8 +251,14 @@ def test_runs_given_their_unpruned_prefill_share_rows_only_where_they_prune_befo
     kept = tuple(range(0, n, 3))
     for plan, shared in ((KeepPlan("pre", len(kept), n, (Stage("pre_llm", kept),)), True), (unpruned, False)):
         jobs = [Job(p, plan, gold_answer=GOLD, resume=prefill) for p, prefill in zip(prepared, prefills)]
-        _, prefill = _prefills_beside_alone(adapter, jobs)
-        assert prefill[:1] == ([(2, prefill[0][1])] if shared else []), prefill
+        single, prefill = _prefills_beside_alone(adapter, jobs)
+        if shared:  # each image's rows, through its kept tokens, once; then every sample's rest
+            image_start = int(prepared[0].layout.positions.min())
+            assert prefill[0][0] == 2 and prefill[0][1] >= image_start + len(kept), prefill
+            # the same questions on both images: every sample's rest is its rows past those shared
+            assert prefill[1] == (len(jobs), max(e.tokens_per_layer[0] for e in single) - prefill[0][1]), prefill
+        else:  # every layer but the last taken from the prefill: the first is not run at all
+            assert prefill == [], prefill
 
 
 def test_samples_on_different_images_share_no_prefill():
