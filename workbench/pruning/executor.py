@@ -758,6 +758,8 @@ class _Batch:
             parts = [(embeds[:, shared[g]:], mask[:, shared[g]:], positions[..., shared[g]:], extra)
                      for (embeds, mask, positions, extra), g in zip(parts, group)]
         lengths = [embeds.shape[1] for embeds, *_ in parts]
+        # Each sample's first row in the packed batch; read only by hooks that cut or capture a
+        # sample's rows, which never run beside shared rows.
         self.offsets = [max(lengths) - n for n in lengths]
         embeds = _pack([p[0] for p in parts], 0, 1)
         mask = _pack([p[1] for p in parts], 0, 1)
