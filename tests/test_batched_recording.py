@@ -13,6 +13,7 @@ import torch
 from polars.testing import assert_frame_equal
 
 from tests.pruning.conftest import ALL_MODELS, SHIPPED, eval_sample, shipped_architecture
+from tests.models.test_distinct_views import tower_batches
 from tests.test_batching import _inputs
 from workbench import pipeline
 from workbench.memory import estimate
@@ -79,40 +80,87 @@ def test_flattened_patches_of_images_of_different_sizes_are_recorded_together(mo
         _assert_same_recording(made, record(adapter, item, REQUEST), f"{model} sample {i}")
 
 
+def _alone(adapter, item, request: CaptureRequest = REQUEST):
+    """A fresh sample's own recording, with the decoder inputs, [CLS] and begun unpruned prefill its
+    recorded forward leaves."""
+    with recorded_prefill(adapter, item) as begun:
+        recording = record(adapter, item, request)
+    return recording, adapter.decoder_inputs(item), begun.prefill, item._decoder_inputs.get("cls")
+
+
+def _assert_left_as_alone(adapter, item, prefill, alone, where: str) -> None:
+    """What a batch's recorded forward left a sample (its decoder inputs, [CLS] and begun prefill
+    ``prefill``) equals what its own left (``_alone``)."""
+    _, decoder_inputs, own_prefill, cls = alone
+    assert "llm" in item._decoder_inputs, f"{where}: the batch forward made no decoder inputs"
+    assert (cls is not None) == adapter.has_cls_token
+    if cls is not None:  # the tower's [CLS] of each view, projected, is the sample's own
+        torch.testing.assert_close(item._decoder_inputs["cls"], cls, atol=TOLERANCE, rtol=TOLERANCE)
+    mine = adapter.decoder_inputs(item)
+    torch.testing.assert_close(mine.inputs_embeds, decoder_inputs.inputs_embeds, atol=TOLERANCE, rtol=TOLERANCE)
+    assert torch.equal(mine.attention_mask, decoder_inputs.attention_mask)
+    assert torch.equal(mine.position_ids, decoder_inputs.position_ids)
+    assert prefill is not None and prefill.depth == own_prefill.depth
+    for part in ("inputs", "keys", "values"):
+        for layer, (a, b) in enumerate(zip(getattr(prefill, part), getattr(own_prefill, part))):
+            assert a.shape == b.shape, f"{where} {part} {layer}"
+            torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=TOLERANCE)
+    for name, value in own_prefill.kwargs.items():
+        theirs = prefill.kwargs[name]
+        for a, b in zip(value if isinstance(value, tuple) else (value,),
+                        theirs if isinstance(theirs, tuple) else (theirs,)):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(b, a, atol=TOLERANCE, rtol=TOLERANCE)
+
+
 @pytest.mark.parametrize("model", ALL_MODELS)
 def test_a_batch_recording_gives_each_sample_its_decoder_inputs_and_unpruned_prefill(model):
     """The recorded forward of several samples also leaves each one the decoder inputs and the
     begun unpruned prefill its own forward would: its rows of every layer's input, keys and values."""
     adapter, prepared = _same_shapes(model)
-    alone = []
-    for copy in _same_shapes(model)[1]:  # the same inputs, made anew: nothing cached on them
-        with recorded_prefill(adapter, copy) as begun:
-            record(adapter, copy, REQUEST)
-        alone.append((adapter.decoder_inputs(copy), begun.prefill, copy._decoder_inputs.get("cls")))
+    alone = [_alone(adapter, copy) for copy in _same_shapes(model)[1]]  # the same inputs made anew: nothing cached
     inputs = batch_inputs(adapter, prepared)
     with recorded_prefills(adapter, prepared, inputs) as begun:
         record_together(adapter, prepared, inputs, REQUEST)
-    for i, (item, made, (decoder_inputs, prefill, cls)) in enumerate(zip(prepared, begun, alone)):
-        assert "llm" in item._decoder_inputs, f"sample {i}: the batch forward made no decoder inputs"
-        assert (cls is not None) == adapter.has_cls_token
-        if cls is not None:  # the tower's [CLS] of each view, projected, is the sample's own
-            torch.testing.assert_close(item._decoder_inputs["cls"], cls, atol=TOLERANCE, rtol=TOLERANCE)
-        mine = adapter.decoder_inputs(item)
-        torch.testing.assert_close(mine.inputs_embeds, decoder_inputs.inputs_embeds, atol=TOLERANCE, rtol=TOLERANCE)
-        assert torch.equal(mine.attention_mask, decoder_inputs.attention_mask)
-        assert torch.equal(mine.position_ids, decoder_inputs.position_ids)
-        assert made.prefill is not None and made.prefill.depth == prefill.depth
-        for part in ("inputs", "keys", "values"):
-            for layer, (a, b) in enumerate(zip(getattr(made.prefill, part), getattr(prefill, part))):
-                assert a.shape == b.shape, f"sample {i} {part} {layer}"
-                torch.testing.assert_close(a, b, atol=TOLERANCE, rtol=TOLERANCE)
-        for name, value in prefill.kwargs.items():
-            theirs = made.prefill.kwargs[name]
-            for a, b in zip(value if isinstance(value, tuple) else (value,),
-                            theirs if isinstance(theirs, tuple) else (theirs,)):
-                assert (a is None) == (b is None), name
-                if a is not None:
-                    torch.testing.assert_close(b, a, atol=TOLERANCE, rtol=TOLERANCE)
+    for i, (item, made, own) in enumerate(zip(prepared, begun, alone)):
+        _assert_left_as_alone(adapter, item, made.prefill, own, f"{model} sample {i}")
+
+
+def _two_images_twice(model: str):
+    """Four inputs: two images, each under two questions of different lengths."""
+    if model == SHIPPED:
+        adapter, sample = shipped_architecture(), eval_sample()
+        images, questions = [sample.load_image().rotate(90 * i) for i in range(2)], [sample.question, "what shape is it ?"]
+    else:
+        from tests.tiny_models import QUESTION, TINY_SPECS, noise_image, tiny_adapter
+
+        adapter = tiny_adapter(model)
+        images = [noise_image(TINY_SPECS[model].image_size, seed=i) for i in range(2)]
+        questions = [QUESTION, "what shape is it ?"]
+    return adapter, [adapter.prepare(image, q) for image in images for q in questions]
+
+
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_questions_on_one_image_recorded_together_share_its_tower_pass_unless_the_tower_is_recorded(model):
+    """Samples on one image recorded together share its tower pass where the request records the
+    decoder alone; each recording, decoder input, [CLS] and begun prefill is still the sample's own.
+    A request that records the tower reads every view's pass: none is shared."""
+    passes = {}
+    for request in (REQUEST, CaptureRequest(rows=("last", "mean", "visual"), stacks=("llm",))):
+        adapter, prepared = _two_images_twice(model)
+        alone = [_alone(adapter, copy, request) for copy in _two_images_twice(model)[1]]
+        inputs = batch_inputs(adapter, prepared)
+        with tower_batches(adapter) as seen, recorded_prefills(adapter, prepared, inputs) as begun:
+            together = record_together(adapter, prepared, inputs, request)
+        passes[request.stacks] = seen
+        for i, (item, recording, made, own) in enumerate(zip(prepared, together, begun, alone)):
+            where = f"{model} {request.stacks} sample {i}"
+            _assert_same_recording(recording, own[0], where)
+            _assert_left_as_alone(adapter, item, made.prefill, own, where)
+    (every, images), = passes[("tower", "llm")]
+    (computed, _), = passes[("llm",)]
+    assert computed == (every // 2 if images else every), model
 
 
 def test_prepared_together_runs_give_the_answers_of_samples_prepared_alone():

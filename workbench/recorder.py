@@ -425,7 +425,9 @@ def _record(adapter: ModelAdapter, prepared: list[PreparedInput], inputs, reques
         envoys = {plan.stack: _envoys(root, adapter, plan) for plan in plans}
         whole = _WHOLE_FORWARD.get()
         extra = {"logits_to_keep": 1} if whole else {}  # the head's output is never read
-        with torch.no_grad(), listening(session), root.trace(**inputs, use_cache=False, **extra) as tracer:
+        # The tower's views are read one by one where its stack is recorded; else they may share a pass.
+        views = contextlib.nullcontext() if any(plan.stack == "tower" for plan in plans) else adapter.distinct_views()
+        with torch.no_grad(), views, listening(session), root.trace(**inputs, use_cache=False, **extra) as tracer:
             for plan in plans:
                 for layer in plan.visit:
                     session.visit(plan, layer, envoys[plan.stack])

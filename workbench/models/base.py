@@ -19,6 +19,7 @@ from PIL import Image
 from transformers import BatchFeature, Cache
 
 from probes.interception import install
+from workbench.models.distinct_views import ViewSharing
 from workbench.layout import VisualLayout
 
 
@@ -148,6 +149,16 @@ class ModelAdapter(ABC):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @functools.cached_property
+    def _view_sharing(self) -> ViewSharing:
+        return ViewSharing(self.vision_tower())
+
+    def distinct_views(self):
+        """Within it, each pass of the vision tower on a batch of image views runs once per distinct
+        view (``workbench.models.distinct_views``): what reads the tower's layers meanwhile sees
+        those views only."""
+        return self._view_sharing.active()
+
     @abstractmethod
     def language_model(self) -> torch.nn.Module:
         """The decoder stack (embeddings, layers, final norm) that receives ``inputs_embeds``."""
@@ -205,6 +216,7 @@ class ModelAdapter(ABC):
         projector, first = self.projector(), int(self.has_cls_token)
 
         def keep(states: torch.Tensor) -> None:  # [views, S, D_tower]: each view's [CLS] (its first row), patches
+            states = self._view_sharing.spread(states)  # a pass on the distinct views: every view's
             if self.has_cls_token:
                 seen.features = projector(states[:, :1])[:, 0]
             if patches:
@@ -379,7 +391,8 @@ class ModelAdapter(ABC):
             if key is None or len(group) == 1:
                 continue
             lengths = [item.inputs["input_ids"].shape[1] for item in group]
-            captured = self._decoder_call(stacked_inputs([item.inputs for item in group], self.tokenizer.pad_token_id))
+            with self.distinct_views():  # several questions on one image: one tower pass for it
+                captured = self._decoder_call(stacked_inputs([item.inputs for item in group], self.tokenizer.pad_token_id))
             for item, parts in zip(group, _split_call(captured, lengths)):
                 if parts is not None:
                     item._decoder_inputs["llm"] = self._llm_call(parts)
