@@ -27,7 +27,7 @@ import math
 import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 
@@ -206,7 +206,8 @@ def _batched_shape(calls, index: int, length: int) -> torch.Size:
     return torch.Size((shape[0], shape[1], length, shape[3]))
 
 
-def _call_parts(module, args, kwargs, view):
+def _batch_parts(module, args, kwargs):
+    """(query, key, value [B, H|Hkv, S, d], mask, scaling, is_causal, GQA groups) of one call, its batch whole."""
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise CaptureError(f"{type(module).__name__} passes {name!r} to its attention; "
@@ -218,6 +219,11 @@ def _call_parts(module, args, kwargs, view):
     scaling = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    return query, key, value, mask, scaling, is_causal, groups
+
+
+def _call_parts(module, args, kwargs, view):
+    query, key, value, mask, scaling, is_causal, groups = _batch_parts(module, args, kwargs)
     q = query[view].detach()
     k = repeat_kv_heads(key[view].detach(), groups)
     v = repeat_kv_heads(value[view].detach(), groups)
@@ -494,6 +500,30 @@ class SiteReading:
 
     def call(self, view: int = 0) -> AttentionCall:
         return attention_call(self.module, self.calls, view, self.pre_rope)
+
+    def row_probs(self, views: Sequence[int], rows: Sequence[int]) -> torch.Tensor:
+        """Attention probabilities [n, H, Sk] (float32) of query row ``rows[i]`` of batch row
+        ``views[i]``, for every i in one product: row i is ``call(views[i]).probs(rows[i:i + 1])[:, 0]``
+        up to float rounding. A single call (not the blocks of a tower) with a 4-D mask or none."""
+        args, kwargs = self.calls[0]
+        query, key, _, mask, scaling, is_causal, groups = _batch_parts(self.module, args, kwargs)
+        if len(self.calls) != 1 or (mask is not None and mask.dim() != 4):
+            raise CaptureError(f"{type(self.module).__name__}: rows of a batch are read from one call with a 4-D mask")
+        views = torch.as_tensor(views, dtype=torch.long).to(query.device)
+        rows = torch.as_tensor(rows, dtype=torch.long).to(query.device)
+        keys = key.detach().index_select(0, views).repeat_interleave(groups, dim=1)  # [n, H, Sk, d]
+        picked = query.detach()[views, :, rows].unsqueeze(2)  # [n, H, 1, d]
+        scores = torch.matmul(picked, keys.transpose(-1, -2))[:, :, 0].mul_(scaling).float()
+        if mask is not None:
+            batch_rows = (views if mask.shape[0] > 1 else torch.zeros_like(views)).to(mask.device)
+            rows_mask = mask[batch_rows, :, rows.to(mask.device)]
+            if rows_mask.dtype == torch.bool:
+                rows_mask = torch.where(rows_mask, 0.0, -math.inf)
+            return torch.softmax(scores.add_(rows_mask[..., :keys.shape[2]].to(scores.device)), -1).nan_to_num_(0.0)
+        if is_causal and query.shape[2] > 1:
+            above = torch.arange(keys.shape[2], device=scores.device)[None, None, :] > rows[:, None, None]
+            scores.masked_fill_(above, -math.inf)
+        return torch.softmax(scores, -1)
 
 
 class CallCollector:

@@ -152,6 +152,49 @@ def test_callbacks_in_a_batch_read_one_attention_pass_per_layer_for_all_samples(
     assert (0 not in calls) == resumed, calls  # resumed: the layers below the first stage are not run
 
 
+@pytest.mark.parametrize("resumed", [False, True])
+def test_last_token_rankings_of_a_batch_are_asked_once_per_layer_and_read_one_product(resumed, monkeypatch):
+    """PyramidDrop's callbacks at a layer are asked in one call for all the batch's samples, which
+    reads their last rows' attention in one product of the batch's pass: each row is the sample's
+    own state's attention, and each sample's tokens are those it keeps alone."""
+    from workbench.pruning.layer_state import BatchAttention, row_attention
+    from workbench.pruning.methods.pyramiddrop import LastTokenRanking
+
+    adapter, prepared = _inputs(SHIPPED)
+    facts, method = ModelFacts.of(adapter), create_method("pyramiddrop")
+    prefills = [None] * len(prepared)
+    if resumed:
+        unpruned = [Job(p, KeepPlan.keep_all(p.layout.n_tokens, where=None)) for p in prepared]
+        prefills = [e.prefill for e in execute_batch(adapter, unpruned, 0, capture=True)]
+    jobs = []
+    for p, prefill in zip(prepared, prefills):
+        context = SelectionContext(p.layout, 0.25, record_needs(adapter, p, [method]), facts)
+        jobs.append(Job(p, method.select(context), method.layer_callback(context), GOLD, resume=prefill))
+    asked, products = [], []
+    answer, product = LastTokenRanking.answer_together, BatchAttention.row_probs
+
+    def answer_spy(layer, pairs):
+        asked.append((layer, len(pairs)))
+        states = [state for _, state in pairs]
+        rows = [int(state.text_rows[-1]) for state in states]
+        for state, row, together in zip(states, rows, row_attention(states, rows)):
+            torch.testing.assert_close(together, state.attention(torch.tensor([row]))[:, 0], atol=1e-5, rtol=1e-5)
+        return answer(layer, pairs)
+
+    def product_spy(self, samples, rows):
+        products.append(len(samples))
+        return product(self, samples, rows)
+    monkeypatch.setattr(LastTokenRanking, "answer_together", staticmethod(answer_spy))
+    monkeypatch.setattr(BatchAttention, "row_probs", product_spy)
+    batched = execute_batch(adapter, jobs, 4)
+    schedule = sorted(jobs[0].callback.schedule)
+    assert [layer for layer, _ in asked if layer in schedule] == schedule, asked  # each scheduled layer asked once
+    assert all(count == len(jobs) for _, count in asked), asked
+    assert products and all(count == len(jobs) for count in products), products
+    monkeypatch.undo()
+    _assert_same([execute_batch(adapter, [job], 4)[0] for job in jobs], batched)
+
+
 def _questions_on_images(model: str, images: int):
     """Three questions of different lengths on each of ``images`` images."""
     if model == SHIPPED:

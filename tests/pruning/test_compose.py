@@ -15,7 +15,7 @@ from workbench.pruning.compose import Composed, SurvivorRecording, _to_original,
 from workbench.pruning.executor import execute
 from workbench.pruning.method import ModelFacts, SignalNeed
 from workbench.pruning.methods.fopru import FoPru
-from workbench.pruning.methods.pyramiddrop import PyramidDrop, last_token_callback
+from workbench.pruning.methods.pyramiddrop import LastTokenRanking, PyramidDrop
 from workbench.pruning.plan import PRE_LLM, Append, Merge, Stage, tower_where
 from workbench.pruning.registry import InvalidMethodParameters, create_method
 from workbench.sweep import MethodSpec
@@ -116,7 +116,7 @@ def test_on_the_shipped_model_the_plan_holds_both_stages_and_replays_exactly():
     assert replay.visual_tokens_per_layer == execution.visual_tokens_per_layer == (32, 16, 8, 4)
     # and it is PyramidDrop's own rule on the survivors: its callback with their schedule, after FoPru's stage
     plain = execute(adapter, prepared, execution.plan.with_stages([first]), gold_answer=gold,
-                    callback=last_token_callback("pyramiddrop", {1: 16, 2: 8, 3: 4}, 144, "reindex"))
+                    callback=LastTokenRanking("pyramiddrop", {1: 16, 2: 8, 3: 4}, 144, "reindex"))
     for ours, theirs in zip(execution.plan.stages, plain.plan.stages, strict=True):
         assert (ours.where, ours.kept, ours.position) == (theirs.where, theirs.kept, theirs.position)
         np.testing.assert_array_equal(ours.score_array, theirs.score_array)  # NaN where unranked, on both

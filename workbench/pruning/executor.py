@@ -41,7 +41,9 @@ How it works, for a batch of samples (each under its own plan; a batch of one is
   drop never enter the decoder.
 * ``callback(layer, LayerState) -> Stage | None`` is consulted before every decoder layer during
   the prefill (after that layer's planned stage, if any), per sample, for methods that select
-  inside the LLM after earlier pruning. Every stage applied ends up in ``Execution.plan``.
+  inside the LLM after earlier pruning. Every stage applied ends up in ``Execution.plan``. In a
+  batch, the callbacks asked at a layer read one attention pass of it on all their samples, and
+  callbacks of a class with ``answer_together`` are asked in one call (``consult``).
 * No layer computed twice: a run given the sample's ``UnprunedPrefill`` (kept by the unpruned run
   with ``capture=True``) starts at the first layer it prunes before. Layers below it are stood in
   for by ``_Replay`` modules that put the unpruned keys/values into the cache and hand over the
@@ -65,15 +67,14 @@ import functools
 import copy
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
-from probes.capture import AttentionCall
 from workbench.models.base import ModelAdapter, PreparedInput
-from workbench.pruning.layer_state import LayerState, attention_inputs, hooks_suspended
+from workbench.pruning.layer_state import BatchAttention, BatchPlace, LayerState, hooks_suspended
 from workbench.pruning.plan import (PRE_LLM, Append, KeepPlan, PlanError, Stage, among, describe_where, missing,
                                     padded_patch_at)
 
@@ -647,7 +648,7 @@ class _Run:
         self.applied.append(stage)
         return hidden, kwargs
 
-    def _state(self, index: int, module, hidden, kwargs, shared=None) -> LayerState:
+    def layer_state(self, index: int, module, hidden, kwargs, shared: BatchPlace | None = None) -> LayerState:
         alive = self.kinds[self.rows.numpy()]
         masked = self.hidden[self.rows.numpy()]
         after_image = self.sequence_index[self.rows.numpy()] > (self.layout.positions.max() if self.layout.n_tokens else -1)
@@ -663,14 +664,7 @@ class _Run:
             attention_module=self.adapter.decoder_attention(index), layout=self.layout, shared=shared,
         )
 
-    def consult(self, index: int, module, hidden, kwargs, shared=None) -> Stage | None:
-        """The callback's stage before layer ``index`` (each layer is asked once)."""
-        if index in self.prechosen:
-            return self.prechosen.pop(index)
-        if self.callback is None or index < self.consulted:
-            return None
-        self.consulted = index + 1
-        chosen = self.callback(index, self._state(index, module, hidden, kwargs, shared))
+    def check_chosen(self, index: int, chosen: Stage | None) -> Stage | None:
         if chosen is not None and chosen.where != index:
             raise PlanError(f"the callback before layer {index} returned a stage for {describe_where(chosen.where)}")
         return chosen
@@ -699,10 +693,9 @@ class _Run:
             hidden, kwargs = self._apply_stage(planned, hidden, kwargs)
         return hidden, kwargs
 
-    def choose(self, index: int, module, hidden, kwargs, shared=None):
-        """The callback's stage before layer ``index`` applied to what ``enter`` gave (``shared``:
-        as ``LayerState.shared``), the layer recorded."""
-        chosen = self.consult(index, module, hidden, kwargs, shared)
+    def choose(self, index: int, chosen: Stage | None, hidden, kwargs):
+        """The callback's stage before layer ``index`` (``consult``) applied to what ``enter`` gave,
+        the layer recorded."""
         if chosen is not None:
             if index in self.planned:
                 raise PlanError(f"both the plan and the callback prune before layer {index}; a layer takes one stage")
@@ -804,8 +797,8 @@ class _Batch:
                 self.captured[b].setdefault("kwargs", {k: view.get(k) for k in _LAYER_KWARGS})
             entered.append(run.enter(index, mine, view))
         shared = self._shared_attention(index, module, entered, args, kwargs)
-        outs = [run.choose(index, module, *state, None if shared is None else functools.partial(shared, b))
-                for b, (run, state) in enumerate(zip(self.runs, entered))]
+        chosen = consult(index, module, self.runs, entered, shared)
+        outs = [run.choose(index, stage, *state) for run, stage, state in zip(self.runs, chosen, entered)]
         packed = self._packed(index, outs, args, kwargs)
         if packed is not None:
             self.repacked = True
@@ -825,35 +818,16 @@ class _Batch:
         hidden, packed = _pack_layer_inputs(outs, kwargs, _hidden(args, kwargs).device)
         return _with_hidden(args, {**kwargs, **packed}, hidden)
 
-    def _shared_attention(self, index: int, module, entered: list, args, kwargs):
-        """``shared(b, state)``: sample ``b``'s rows of layer ``index``'s attention call made once on
-        the samples the callbacks see side by side (made on the first ask) for ``state`` as the
-        executor made it; None when at most one callback is asked here, each making its own."""
+    def _shared_attention(self, index: int, module, entered: list, args, kwargs) -> BatchAttention | None:
+        """Layer ``index``'s attention call on the samples the callbacks see, side by side (made on
+        the first read); None when at most one callback is asked here, each making its own."""
         if sum(run.asks(index) for run in self.runs) < 2:
             return None
 
         def packed():
             made = self._packed(index, entered, args, kwargs)
             return (args, kwargs) if made is None else made
-        return self._attention_pass(index, module, entered, packed)
-
-    def _attention_pass(self, index: int, module, states: list, packed: Callable[[], tuple]):
-        """``shared(b, state)`` over ``states`` (each sample's hidden and layer kwargs) whose batched
-        layer call ``packed()`` makes (called on the first ask); None for a state not made of them."""
-        made: dict[str, object] = {}
-
-        def shared(b: int, state: LayerState) -> AttentionCall | None:
-            hidden, given = states[b]
-            if (state.hidden_states is not hidden or state.attention_mask is not given.get("attention_mask")
-                    or state.position_embeddings is not given.get("position_embeddings")):
-                return None
-            if "reading" not in made:
-                call_args, call_kwargs = packed()
-                made["length"] = _hidden(call_args, call_kwargs).shape[1]
-                made["reading"] = attention_inputs(module, self.adapter.decoder_attention(index),
-                                                   _hidden(call_args, call_kwargs), call_kwargs, index)
-            return made["reading"].call(b).part(slice(made["length"] - hidden.shape[1], made["length"]))
-        return shared
+        return BatchAttention(index, module, self.adapter.decoder_attention(index), entered, packed)
 
     def first_pruned_layer(self, prefills: list[UnprunedPrefill]) -> int:
         """The first decoder layer a sample prunes before, found on the samples' unpruned prefills
@@ -867,11 +841,9 @@ class _Batch:
                     first[b] = index
             asked = [b for b, run in enumerate(self.runs) if first[b] is None and run.asks(index)]
             states = [(prefills[b].inputs[index], prefills[b].kwargs) for b in asked]
-            shared = None if len(asked) < 2 else self._attention_pass(
-                index, module, states, functools.partial(_packed_call, states))
-            for j, b in enumerate(asked):
-                chosen = self.runs[b].consult(index, module, *states[j],
-                                              None if shared is None else functools.partial(shared, j))
+            shared = None if len(asked) < 2 else BatchAttention(
+                index, module, self.adapter.decoder_attention(index), states, functools.partial(_packed_call, states))
+            for b, chosen in zip(asked, consult(index, module, [self.runs[b] for b in asked], states, shared)):
                 if chosen is not None:
                     self.runs[b].prechosen[index] = chosen
                     first[b] = index
@@ -902,6 +874,33 @@ class _Batch:
 
 
 _LAYER_KWARGS = ("attention_mask", "position_embeddings", "position_ids")
+
+
+def consult(index: int, module, runs: Sequence[_Run], states: Sequence[tuple[torch.Tensor, dict]],
+            shared: BatchAttention | None = None) -> list[Stage | None]:
+    """Each run's stage from its callback before layer ``index`` (a callback is asked once per
+    layer; a stage it chose while the resume layer was found is that stage), given the sequence
+    ``states`` (hidden, layer kwargs) entering the layer and, for several runs, their batch's
+    attention pass there. Callbacks of one class that answer together (``answer_together``:
+    ``(layer, [(callback, state), ...]) -> stages``) are asked in one call, so they can read
+    their samples' attention in one product."""
+    chosen: list[Stage | None] = [None] * len(runs)
+    alone: list[tuple[int, LayerState]] = []
+    together: dict[Callable, list[tuple[int, LayerState]]] = {}
+    for b, (run, (hidden, kwargs)) in enumerate(zip(runs, states)):
+        if index in run.prechosen:
+            chosen[b] = run.prechosen.pop(index)
+        elif run.asks(index):
+            run.consulted = index + 1
+            state = run.layer_state(index, module, hidden, kwargs, None if shared is None else BatchPlace(shared, b))
+            answer = getattr(type(run.callback), "answer_together", None)
+            (alone if answer is None else together.setdefault(answer, [])).append((b, state))
+    for b, state in alone:
+        chosen[b] = runs[b].check_chosen(index, runs[b].callback(index, state))
+    for answer, members in together.items():
+        for (b, _), stage in zip(members, answer(index, [(runs[b].callback, state) for b, state in members])):
+            chosen[b] = runs[b].check_chosen(index, stage)
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +63,73 @@ def attention_inputs(layer: torch.nn.Module, attention: torch.nn.Module, hidden:
     raise RuntimeError(f"layer {index} did not call its attention function")
 
 
+class BatchAttention:
+    """Decoder layer ``index``'s attention call made once on several samples' ``states`` (each its
+    hidden states [1, S_b, D] and what the layer is called with) side by side, left-padded, as the
+    batched layer runs them: ``packed()`` gives that layer call's (args, kwargs), and is called on
+    the first read. Each sample's part of it is its ``LayerState``'s (``BatchPlace``)."""
+
+    def __init__(self, index: int, module: torch.nn.Module, attention: torch.nn.Module,
+                 states: list[tuple[torch.Tensor, dict]], packed: Callable[[], tuple[tuple, dict]]):
+        self.index, self.module, self.attention, self.states, self.packed = index, module, attention, states, packed
+        self._reading: tuple[SiteReading, int] | None = None
+
+    def _made(self) -> tuple[SiteReading, int]:
+        """The call, and the batch's length."""
+        if self._reading is None:
+            args, kwargs = self.packed()
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._reading = attention_inputs(self.module, self.attention, hidden, kwargs, self.index), hidden.shape[1]
+        return self._reading
+
+    def holds(self, b: int, state: "LayerState") -> bool:
+        """Whether ``state`` has the inputs the batch gave sample ``b`` (not a method's changed copy)."""
+        hidden, given = self.states[b]
+        return (state.hidden_states is hidden and state.attention_mask is given.get("attention_mask")
+                and state.position_embeddings is given.get("position_embeddings"))
+
+    def call(self, b: int) -> AttentionCall:
+        reading, length = self._made()
+        return reading.call(b).part(slice(length - self.states[b][0].shape[1], length))
+
+    def row_probs(self, samples: Sequence[int], rows: Sequence[int]) -> list[torch.Tensor]:
+        """[H, S_b] attention probabilities of row ``rows[i]`` of sample ``samples[i]``, in one product."""
+        reading, length = self._made()
+        starts = [length - self.states[b][0].shape[1] for b in samples]
+        probs = reading.row_probs(samples, [start + row for start, row in zip(starts, rows)])
+        return [p[:, start:] for p, start in zip(probs, starts)]
+
+
+@dataclass(frozen=True)
+class BatchPlace:
+    """A sample's place (``sample``) in its batch's attention pass at one layer."""
+
+    batch: BatchAttention
+    sample: int
+
+    def call(self, state: "LayerState") -> AttentionCall | None:
+        """The sample's part of the call; None for a state whose inputs are not those the batch gave it."""
+        return self.batch.call(self.sample) if self.batch.holds(self.sample, state) else None
+
+
+def row_attention(states: Sequence["LayerState"], rows: Sequence[int]) -> list[torch.Tensor]:
+    """``states[i].attention([rows[i]])[:, 0]`` of each state ([H, S], float32); those of the states
+    in one batch pass of the executor's (``LayerState.shared``) in one product, up to float rounding."""
+    out: list[torch.Tensor | None] = [None] * len(states)
+    passes: dict[int, list[int]] = {}
+    for i, state in enumerate(states):
+        if state.shared is not None and state.shared.batch.holds(state.shared.sample, state):
+            passes.setdefault(id(state.shared.batch), []).append(i)
+    for members in passes.values():
+        if len(members) > 1:
+            batch = states[members[0]].shared.batch
+            probs = batch.row_probs([states[i].shared.sample for i in members], [int(rows[i]) for i in members])
+            for i, p in zip(members, probs):
+                out[i] = p
+    return [p if p is not None else state.attention(torch.tensor([int(row)]))[:, 0]
+            for state, row, p in zip(states, rows, out)]
+
+
 @dataclass(frozen=True)
 class LayerState:
     """The sequence entering decoder layer ``layer`` (batch size 1).
@@ -93,10 +160,10 @@ class LayerState:
     attention_module: torch.nn.Module  # its self-attention (q/k/v/o projections)
     layout: VisualLayout
     masked_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [K'] int64
-    # This sample's part of the layer's attention call made once on the whole batch (its samples
-    # side by side, as the batched layer will run them); it gives None for a state whose inputs are
-    # not those the executor made (a method's changed copy), which makes its own call.
-    shared: Callable[["LayerState"], AttentionCall | None] | None = field(default=None, compare=False, repr=False)
+    # This sample's place in the layer's attention call made once on the whole batch (its samples
+    # side by side, as the batched layer will run them); a state whose inputs are not those the
+    # executor made (a method's changed copy) makes its own call.
+    shared: BatchPlace | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_rows(self) -> int:
@@ -110,7 +177,7 @@ class LayerState:
         """The layer's attention call on the current, already pruned sequence: this sample's rows
         of the batch's call where the executor made one for all its samples (``shared``), else
         the layer run up to its attention on this sample's state alone."""
-        call = None if self.shared is None else self.shared(self)
+        call = None if self.shared is None else self.shared.call(self)
         if call is not None:
             return call
         kwargs = {"attention_mask": self.attention_mask, "position_embeddings": self.position_embeddings,

@@ -70,7 +70,7 @@ def test_middle_layer_ranks_by_the_last_instruction_token():
     other = torch.zeros(2, 1, 7)
     other[:, 0, 1:5] = torch.tensor([0.0, 0.9, 0.1, 0.0])
     state = SimpleNamespace(text_rows=torch.tensor([5, 6]), visual_rows=torch.tensor([1, 2, 3, 4]),
-                            visual_indices=np.array([1, 4, 6, 9]), position_ids=torch.arange(7)[None],
+                            visual_indices=np.array([1, 4, 6, 9]), position_ids=torch.arange(7)[None], shared=None,
                             attention=lambda rows: probs if rows.tolist() == [6] else torch.cat([other, probs], 1))
     method = VScan(tower_tokens=4, reference_budget=4, llm_layers=(16,), llm_tokens=(2,))
     callback = method.layer_callback(SelectionContext(grid_layout((4, 4)), 4, None, LLAVA_FACTS))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import numpy as np
 
+from workbench.pruning.layer_state import LayerState, row_attention
 from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import MethodNotApplicable, ModelFacts, PruningMethod, SelectionContext, check_choice
 from workbench.pruning.plan import KeepPlan, Stage
@@ -46,23 +47,35 @@ def rank_stage(layer: int, alive: np.ndarray, alive_scores: np.ndarray, count: i
     return Stage(layer, tuple(kept), tuple(scores), position=position)
 
 
-def last_token_callback(method: str, schedule: dict[int, int], n_visual: int, position: str):
-    """A layer callback that, before each scheduled layer, keeps ``schedule[layer]`` of the live visual
-    tokens by the last instruction token's head-mean attention in that layer, on the pruned
-    sequence (PyramidDrop's rule; VScan's LLM stage). M-RoPE models keep their original positions."""
-    def callback(layer, state):
-        count = schedule.get(layer)
-        if count is None:
-            return None
-        if len(state.text_rows) == 0:
-            raise MethodNotApplicable(f"{method}: no text token after the image to rank with")
-        probs = state.attention(state.text_rows[-1:])  # [H, 1, S]
-        visual = probs.mean(0)[0, state.visual_rows.to(probs.device)]
-        kept_position = position if state.position_ids.dim() == 2 else "original"
-        return rank_stage(layer, np.asarray(state.visual_indices), visual.double().cpu().numpy(),
-                          count, n_visual, kept_position)
+@dataclass(frozen=True)
+class LastTokenRanking:
+    """A layer callback that, before each scheduled layer, keeps ``schedule[layer]`` of the live
+    visual tokens by the last instruction token's head-mean attention in that layer, on the pruned
+    sequence (PyramidDrop's rule; VScan's LLM stage). M-RoPE models keep their original positions.
+    The samples of a batch are answered together: their attention rows in one product."""
 
-    return callback
+    method: str
+    schedule: dict
+    n_visual: int
+    position: str
+
+    def __call__(self, layer: int, state: LayerState) -> Stage | None:
+        return self.answer_together(layer, [(self, state)])[0]
+
+    @staticmethod
+    def answer_together(layer: int, asked: Sequence[tuple["LastTokenRanking", LayerState]]) -> list[Stage | None]:
+        due = [(ranking, state) for ranking, state in asked if layer in ranking.schedule]
+        for ranking, state in due:
+            if len(state.text_rows) == 0:
+                raise MethodNotApplicable(f"{ranking.method}: no text token after the image to rank with")
+        rows = row_attention([state for _, state in due], [int(state.text_rows[-1]) for _, state in due])
+        stages = {}
+        for (ranking, state), probs in zip(due, rows):
+            visual = probs.mean(0)[state.visual_rows.to(probs.device)]
+            position = ranking.position if state.position_ids.dim() == 2 else "original"
+            stages[id(state)] = rank_stage(layer, np.asarray(state.visual_indices), visual.double().cpu().numpy(),
+                                           ranking.schedule[layer], ranking.n_visual, position)
+        return [stages.get(id(state)) for _, state in asked]
 
 
 @register_method("pyramiddrop")
@@ -136,4 +149,4 @@ class PyramidDrop(PruningMethod):
         return self.plan(context, [])  # every stage is chosen on the live state by the callback
 
     def layer_callback(self, context: SelectionContext):
-        return last_token_callback("pyramiddrop", dict(self.schedule(context)), context.n_visual, self.position)
+        return LastTokenRanking("pyramiddrop", dict(self.schedule(context)), context.n_visual, self.position)

@@ -19,7 +19,7 @@ from workbench.layout import VisualLayout
 from workbench.pruning.budget import split_budget
 from workbench.pruning.layers import check_reference_layers, scaled_layer
 from workbench.pruning.method import ModelFacts, PreLLMMethod, SelectionContext, SignalNeed
-from workbench.pruning.methods.pyramiddrop import last_token_callback
+from workbench.pruning.methods.pyramiddrop import LastTokenRanking
 from workbench.pruning.plan import PRE_LLM, KeepPlan, Merge, Stage
 from workbench.pruning.ranking import cosine_matrix, top_k
 from workbench.pruning.registry import register_method
@@ -239,4 +239,4 @@ class VScan(PreLLMMethod):
 
     def layer_callback(self, context: SelectionContext):
         stages = dict(self.counts(context)[1])
-        return last_token_callback("vscan", stages, context.n_visual, self.position) if stages else None
+        return LastTokenRanking("vscan", stages, context.n_visual, self.position) if stages else None
