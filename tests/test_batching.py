@@ -121,12 +121,8 @@ def test_methods_that_select_inside_the_llm_choose_the_same_tokens_in_a_batch(na
     _assert_same(single, execute_batch(adapter, [job(p, b) for p, b in zip(prepared, budgets)], 4))
 
 
-@pytest.mark.parametrize("resumed", [False, True])
-def test_callbacks_in_a_batch_read_one_attention_pass_per_layer_for_all_samples(resumed):
-    """Before a layer whose callbacks read its attention, the layer runs up to its attention once
-    for the batch (then once more, as the layer itself), not once per sample; resumed from the
-    unpruned prefills, the callbacks asked there before the first pruned layer share one pass too
-    (and that layer then runs once, its stages chosen)."""
+def _pyramiddrop_jobs(resumed: bool, gold: str | None):
+    """PyramidDrop at 0.25 on the three inputs, from their unpruned prefills when ``resumed``."""
     adapter, prepared = _inputs(SHIPPED)
     facts, method = ModelFacts.of(adapter), create_method("pyramiddrop")
     prefills = [None] * len(prepared)
@@ -136,7 +132,17 @@ def test_callbacks_in_a_batch_read_one_attention_pass_per_layer_for_all_samples(
     jobs = []
     for p, prefill in zip(prepared, prefills):
         context = SelectionContext(p.layout, 0.25, record_needs(adapter, p, [method]), facts)
-        jobs.append(Job(p, method.select(context), method.layer_callback(context), resume=prefill))  # no gold: its pass
+        jobs.append(Job(p, method.select(context), method.layer_callback(context), gold, resume=prefill))
+    return adapter, jobs
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_callbacks_in_a_batch_read_one_attention_pass_per_layer_for_all_samples(resumed):
+    """Before a layer whose callbacks read its attention, the layer runs up to its attention once
+    for the batch (then once more, as the layer itself), not once per sample; resumed from the
+    unpruned prefills, the callbacks asked there before the first pruned layer share one pass too
+    (and that layer then runs once, its stages chosen)."""
+    adapter, jobs = _pyramiddrop_jobs(resumed, None)  # no gold: its pass would call the layers again
     calls = {}
     modules = [adapter.decoder_attention(i) for i in range(len(adapter.decoder_layers()))]
     handles = [m.register_forward_pre_hook(lambda m, *_, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
@@ -160,16 +166,7 @@ def test_last_token_rankings_of_a_batch_are_asked_once_per_layer_and_read_one_pr
     from workbench.pruning.layer_state import BatchAttention, row_attention
     from workbench.pruning.methods.pyramiddrop import LastTokenRanking
 
-    adapter, prepared = _inputs(SHIPPED)
-    facts, method = ModelFacts.of(adapter), create_method("pyramiddrop")
-    prefills = [None] * len(prepared)
-    if resumed:
-        unpruned = [Job(p, KeepPlan.keep_all(p.layout.n_tokens, where=None)) for p in prepared]
-        prefills = [e.prefill for e in execute_batch(adapter, unpruned, 0, capture=True)]
-    jobs = []
-    for p, prefill in zip(prepared, prefills):
-        context = SelectionContext(p.layout, 0.25, record_needs(adapter, p, [method]), facts)
-        jobs.append(Job(p, method.select(context), method.layer_callback(context), GOLD, resume=prefill))
+    adapter, jobs = _pyramiddrop_jobs(resumed, GOLD)
     asked, products = [], []
     answer, product = LastTokenRanking.answer_together, BatchAttention.row_probs
 
