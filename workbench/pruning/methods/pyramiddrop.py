@@ -55,7 +55,7 @@ class LastTokenRanking:
     The samples of a batch are answered together: their attention rows in one product."""
 
     method: str
-    schedule: dict
+    schedule: dict[int, int]  # decoder layer -> visual tokens kept before it
     n_visual: int
     position: str
 
