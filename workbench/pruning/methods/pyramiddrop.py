@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import numpy as np
+import torch
 
 from workbench.pruning.layer_state import LayerState, row_attention
 from workbench.pruning.layers import check_reference_layers, scaled_layer
@@ -64,18 +65,23 @@ class LastTokenRanking:
 
     @staticmethod
     def answer_together(layer: int, asked: Sequence[tuple["LastTokenRanking", LayerState]]) -> list[Stage | None]:
-        due = [(ranking, state) for ranking, state in asked if layer in ranking.schedule]
-        for ranking, state in due:
+        due = [i for i, (ranking, _) in enumerate(asked) if layer in ranking.schedule]
+        states = [asked[i][1] for i in due]
+        for i, state in zip(due, states):
             if len(state.text_rows) == 0:
-                raise MethodNotApplicable(f"{ranking.method}: no text token after the image to rank with")
-        rows = row_attention([state for _, state in due], [int(state.text_rows[-1]) for _, state in due])
-        stages = {}
-        for (ranking, state), probs in zip(due, rows):
-            visual = probs.mean(0)[state.visual_rows.to(probs.device)]
+                raise MethodNotApplicable(f"{asked[i][0].method}: no text token after the image to rank with")
+        rows = row_attention(states, [int(state.text_rows[-1]) for state in states])
+        visual = [probs.mean(0)[state.visual_rows.to(probs.device)] for probs, state in zip(rows, states)]
+        # One copy to the host for all samples (on a GPU, one synchronisation per layer).
+        scores = np.split(torch.cat(visual).double().cpu().numpy(), np.cumsum([len(v) for v in visual])[:-1]) \
+            if visual else []
+        out: list[Stage | None] = [None] * len(asked)
+        for i, state, alive_scores in zip(due, states, scores):
+            ranking = asked[i][0]
             position = ranking.position if state.position_ids.dim() == 2 else "original"
-            stages[id(state)] = rank_stage(layer, np.asarray(state.visual_indices), visual.double().cpu().numpy(),
-                                           ranking.schedule[layer], ranking.n_visual, position)
-        return [stages.get(id(state)) for _, state in asked]
+            out[i] = rank_stage(layer, np.asarray(state.visual_indices), alive_scores, ranking.schedule[layer],
+                                ranking.n_visual, position)
+        return out
 
 
 @register_method("pyramiddrop")
