@@ -504,11 +504,13 @@ class SiteReading:
     def row_probs(self, views: Sequence[int], rows: Sequence[int]) -> torch.Tensor:
         """Attention probabilities [n, H, Sk] (float32) of query row ``rows[i]`` of batch row
         ``views[i]``, for every i in one product: row i is ``call(views[i]).probs(rows[i:i + 1])[:, 0]``
-        up to float rounding. A single call (not the blocks of a tower) with a 4-D mask or none."""
+        up to float rounding: in one product for a single call with a 4-D mask or none (a decoder
+        layer's under SDPA or eager attention), else row by row."""
         args, kwargs = self.calls[0]
         query, key, _, mask, scaling, is_causal, groups = _batch_parts(self.module, args, kwargs)
         if len(self.calls) != 1 or (mask is not None and mask.dim() != 4):
-            raise CaptureError(f"{type(self.module).__name__}: rows of a batch are read from one call with a 4-D mask")
+            return torch.stack([self.call(int(view)).probs(torch.tensor([int(row)]))[:, 0]
+                                for view, row in zip(views, rows)])
         views = torch.as_tensor(views, dtype=torch.long).to(query.device)
         rows = torch.as_tensor(rows, dtype=torch.long).to(query.device)
         keys = key.detach().index_select(0, views).repeat_interleave(groups, dim=1)  # [n, H, Sk, d]

@@ -1,6 +1,6 @@
 """One query row of each of several batch rows in one product (``SiteReading.row_probs``): each is
 that batch row's own call's probabilities of the row, under a boolean or additive 4-D mask, a
-mask shared by the batch, or none (causal), with grouped key heads."""
+mask shared by the batch, or none (causal), with grouped key heads; other calls row by row."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from probes.capture import CaptureError, SiteReading
+from probes.capture import SiteReading
 
 
 def _reading(mask, heads: int = 4, kv_heads: int = 2, batch: int = 3, length: int = 7) -> SiteReading:
@@ -54,8 +54,14 @@ def test_each_row_is_its_batch_rows_own_probabilities(kind):
         assert torch.all(probs[2, :, 4:] == 0) and torch.all(probs[2, :, :4] > 0)
 
 
-def test_blocks_of_a_tower_are_refused():
-    reading = _reading(None)
-    blocks = SiteReading(reading.module, reading.calls * 2)
-    with pytest.raises(CaptureError, match="one call"):
-        blocks.row_probs([0], [1])
+def test_rows_of_a_towers_blocks_or_under_a_2d_mask_are_each_their_calls_own():
+    """What one product does not take (the blocks of a tower; a 2-D mask) is read row by row."""
+    tower = _reading(None)
+    tower.module.is_causal = False  # a tower's blocks attend both ways, each within itself
+    blocks = SiteReading(tower.module, tower.calls * 2)
+    (module, query, key, value, _), kwargs = _reading(None).calls[0]
+    square = SiteReading(module, [((module, query, key, value, torch.ones(7, 7, dtype=torch.bool).tril()), kwargs)])
+    for made in (blocks, square):
+        probs = made.row_probs([1, 2], [3, 6])
+        for i, (view, row) in enumerate(([1, 3], [2, 6])):
+            torch.testing.assert_close(probs[i], made.call(view).probs(torch.tensor([row]))[:, 0])

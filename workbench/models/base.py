@@ -380,7 +380,7 @@ class ModelAdapter(ABC):
     @torch.no_grad()
     def decoder_inputs_batch(self, prepared: Sequence[PreparedInput]) -> list[LLMInputs]:
         """``decoder_inputs`` of several prepared inputs, the missing ones made by one forward of
-        the vision tower on all their images where their processor tensors stack (same image
+        the vision tower on all their distinct images where their processor tensors stack (same image
         shapes; AnyRes inputs with different tilings, or a wrapper passing the decoder extra
         inputs, go one at a time). Each equals its own ``llm_inputs`` up to float rounding."""
         groups: dict[tuple, list[PreparedInput]] = {}

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 
 
-def distinct_views(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+def view_groups(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(first, inverse) over views given as the rows of ``tensors`` (each [N, ...], read together):
     the first view of each distinct one, in order, and each view's place among them; None when
     no two views are exactly equal."""
     n = tensors[0].shape[0]
     # Each tensor's distinct rows, then the distinct combinations of them.
-    labels = torch.stack([torch.unique(t.reshape(n, -1), dim=0, return_inverse=True)[1] for t in tensors], 1)
+    labels = torch.stack([torch.unique(t.reshape(n, -1), dim=0, return_inverse=True)[1].to(tensors[0].device)
+                          for t in tensors], 1)
     _, inverse = torch.unique(labels, dim=0, return_inverse=True)
     count = int(inverse.max()) + 1
     if count == n:
@@ -44,7 +45,8 @@ def spread(value, inverse: torch.Tensor):
             value[key] = spread(value[key], inverse)
         return value
     if isinstance(value, (tuple, list)):
-        return type(value)(spread(item, inverse) for item in value)
+        items = [spread(item, inverse) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # a namedtuple, or not
     return value
 
 
@@ -56,6 +58,7 @@ class ViewSharing:
 
     tower: torch.nn.Module
     inverse: torch.Tensor | None = None
+    depth: int = 0  # ``active`` contexts entered: the hooks are registered by the outermost only
 
     def spread(self, value):
         return value if self.inverse is None else spread(value, self.inverse)
@@ -68,7 +71,7 @@ class ViewSharing:
         n = images.shape[0]
         per_view = [(i, a) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == n]
         named = [(k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n]
-        found = distinct_views([t for _, t in per_view + named])
+        found = view_groups([t for _, t in per_view + named])
         if found is None:
             return None
         first, self.inverse = found
@@ -85,12 +88,21 @@ class ViewSharing:
 
     @contextlib.contextmanager
     def active(self):
-        """Within it, every pass of the tower runs on its batch's distinct views."""
+        """Within it, every pass of the tower runs on its batch's distinct views (entered again
+        inside, it changes nothing: a pass is deduplicated once)."""
+        if self.depth:
+            self.depth += 1
+            try:
+                yield
+            finally:
+                self.depth -= 1
+            return
         handles = [self.tower.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True),
                    self.tower.register_forward_hook(self._leave, with_kwargs=True, prepend=True)]
+        self.depth = 1
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            self.inverse = None
+            self.depth, self.inverse = 0, None

@@ -78,6 +78,9 @@ from workbench.pruning.layer_state import BatchAttention, BatchPlace, LayerState
 from workbench.pruning.plan import (PRE_LLM, Append, KeepPlan, PlanError, Stage, among, describe_where, missing,
                                     padded_patch_at)
 
+# A callback's class may also have a static ``answer_together(layer, [(callback, state), ...])``
+# giving each pair's stage as each callback would alone: a batch's samples are then asked in one
+# call (``consult``), so they can read their attention in one product.
 LayerCallback = Callable[[int, LayerState], "Stage | None"]
 
 _OTHER, _SEPARATOR = -1, -2  # row kinds besides a visual index 0..N-1
@@ -898,7 +901,8 @@ def consult(index: int, module, runs: Sequence[_Run], states: Sequence[tuple[tor
     for b, state in alone:
         chosen[b] = runs[b].check_chosen(index, runs[b].callback(index, state))
     for answer, members in together.items():
-        for (b, _), stage in zip(members, answer(index, [(runs[b].callback, state) for b, state in members])):
+        stages = answer(index, [(runs[b].callback, state) for b, state in members])
+        for (b, _), stage in zip(members, stages, strict=True):  # a stage (or None) for each sample asked
             chosen[b] = runs[b].check_chosen(index, stage)
     return chosen
 

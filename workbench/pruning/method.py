@@ -148,7 +148,8 @@ class PruningMethod(ABC):
             raise MethodNotApplicable(f"{self.name} does not apply to {model.family}: {reason}")
 
     def layer_callback(self, context: SelectionContext) -> LayerCallback | None:
-        """For methods that select inside the LLM on the live pruned state; None for the others."""
+        """For methods that select inside the LLM on the live pruned state; None for the others
+        (the executor's ``LayerCallback``, which may answer a batch's samples together)."""
         return None
 
     def tower_callback(self, context: SelectionContext):

@@ -48,7 +48,7 @@ def rank_stage(layer: int, alive: np.ndarray, alive_scores: np.ndarray, count: i
     return Stage(layer, tuple(kept), tuple(scores), position=position)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LastTokenRanking:
     """A layer callback that, before each scheduled layer, keeps ``schedule[layer]`` of the live
     visual tokens by the last instruction token's head-mean attention in that layer, on the pruned
