@@ -157,7 +157,11 @@ def additive_mask(mask: torch.Tensor | None, view: int, n_keys: int) -> torch.Te
     mask = mask[min(view, mask.shape[0] - 1)] if mask.dim() == 4 else mask
     if mask.dim() == 2:
         mask = mask[None]
-    mask = mask[..., :n_keys]
+    return as_additive(mask[..., :n_keys])
+
+
+def as_additive(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as additive float32: a boolean one 0 where it lets a query see a key, ``-inf`` elsewhere."""
     if mask.dtype == torch.bool:
         zero = torch.zeros((), dtype=torch.float32, device=mask.device)
         return torch.where(mask, zero, torch.tensor(-math.inf, device=mask.device))
@@ -518,10 +522,8 @@ class SiteReading:
         scores = torch.matmul(picked, keys.transpose(-1, -2))[:, :, 0].mul_(scaling).float()
         if mask is not None:
             batch_rows = (views if mask.shape[0] > 1 else torch.zeros_like(views)).to(mask.device)
-            rows_mask = mask[batch_rows, :, rows.to(mask.device)]
-            if rows_mask.dtype == torch.bool:
-                rows_mask = torch.where(rows_mask, 0.0, -math.inf)
-            return torch.softmax(scores.add_(rows_mask[..., :keys.shape[2]].to(scores.device)), -1).nan_to_num_(0.0)
+            rows_mask = as_additive(mask[batch_rows, :, rows.to(mask.device), :keys.shape[2]])  # [n, 1|H, Sk]
+            return torch.softmax(scores.add_(rows_mask.to(scores.device)), -1).nan_to_num_(0.0)
         if is_causal and query.shape[2] > 1:
             above = torch.arange(keys.shape[2], device=scores.device)[None, None, :] > rows[:, None, None]
             scores.masked_fill_(above, -math.inf)

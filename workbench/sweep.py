@@ -229,7 +229,7 @@ def _controls(adapter: ModelAdapter, readies: list, max_new_tokens: int) -> tupl
         if size not in blanks:
             blanks[size] = adapter.prepare(blank_image(size), ready.sample.question)
     blank = [pipeline.on_image(adapter, ready, blanks[ready.prepared.image_size]) for ready in readies]
-    adapter.decoder_inputs_batch([ready.prepared for ready in blank])  # one tower pass on all blank images
+    adapter.decoder_inputs_batch([ready.prepared for ready in blank])  # one tower pass, on the distinct blank images
     return (pipeline.run_batch(adapter, readies, None, plans=zero, label=CONTROLS[0], max_new_tokens=max_new_tokens),
             pipeline.run_batch(adapter, blank, None, label=CONTROLS[1], max_new_tokens=max_new_tokens,
                                keep_prefill=False))

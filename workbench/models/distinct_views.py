@@ -1,7 +1,7 @@
 """One vision-tower pass per distinct image view of a batch.
 
 A batch often holds one image several times: the questions a benchmark asks of each image (POPE
-asks eighteen), or every sample's blank-image control. A tower's outputs for a view depend on that
+asks six per image in each of its three splits), or every sample's blank-image control. A tower's outputs for a view depend on that
 view alone, so within ``ViewSharing.active`` each tower pass runs on the distinct views only and
 every view of the batch gets its own copy of its outputs. Towers that take every image's patches as
 one flattened sequence (Qwen2-VL) are passed as they are.
